@@ -1,0 +1,630 @@
+//! The decoder: a pre-norm transformer whose residual stream can be read between blocks and whose
+//! blocks can be removed.
+//!
+//! Adapted in shape from candle-transformers `models/llama.rs` (huggingface/candle) and checked term
+//! for term against HF transformers' `modeling_{llama,mistral,qwen2,phi3,phi}.py`.
+//!
+//! # Index convention (Gromov et al. 2024, eq. 1–2)
+//!
+//! `x^(l+1) = x^(l) + f(x^(l), θ^(l))`, blocks 0-indexed `l = 0 .. L-1`:
+//! - `x^(0)` is the token embedding (the input to block 0);
+//! - `x^(l)` is the residual stream **entering** block `l`;
+//! - `x^(L)` is the output of the last block **before** the final norm and the LM head.
+//!
+//! [`Decoder::run`] reports exactly these `L'+1` tensors (`L'` = blocks kept) to its observer, in
+//! order; the scoring stage compares `x^(l)` with `x^(l+n)`. HF's `output_hidden_states` differs in
+//! its last entry (it is post-norm there), which is why states are captured here directly.
+//!
+//! # Batches
+//!
+//! Sequences of different lengths are **right-padded**. With a causal mask a real token never sees a
+//! later position, so padding changes nothing for real tokens and no padding mask is needed; callers
+//! read each sequence at its own last real position.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use super::config::{Activation, Config, NormKind};
+use super::weights::WeightMap;
+use super::ModelError;
+
+/// A dense projection `y = x Wᵀ (+ b)`, with `W` stored `[out, in]` as in HF checkpoints.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, when the checkpoint has one.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(w: &mut WeightMap, name: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self, ModelError> {
+        let weight = w.take(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias { Some(w.take(&format!("{name}.bias"), &[out_dim])?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    fn save(&self, name: &str, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{name}.weight"), self.weight.clone()));
+        if let Some(b) = &self.bias {
+            out.push((format!("{name}.bias"), b.clone()));
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Flatten leading dims so that one GEMM does the whole batch; `Wᵀ` is a strided view.
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("a tensor fed to Linear has at least one dim") = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// RMSNorm or LayerNorm, over the last dimension.
+#[derive(Debug, Clone)]
+pub enum Norm {
+    /// `x / sqrt(mean(x²) + eps) · w`.
+    Rms {
+        /// Scale.
+        weight: Tensor,
+        /// Epsilon.
+        eps: f32,
+    },
+    /// `(x − mean) / sqrt(var + eps) · w + b`.
+    Layer {
+        /// Scale.
+        weight: Tensor,
+        /// Shift.
+        bias: Tensor,
+        /// Epsilon.
+        eps: f32,
+    },
+}
+
+impl Norm {
+    fn load(w: &mut WeightMap, name: &str, cfg: &Config) -> Result<Self, ModelError> {
+        let h = cfg.hidden_size;
+        let eps = cfg.norm_eps as f32;
+        Ok(match cfg.norm {
+            NormKind::Rms => Norm::Rms { weight: w.take(&format!("{name}.weight"), &[h])?, eps },
+            NormKind::Layer => Norm::Layer {
+                weight: w.take(&format!("{name}.weight"), &[h])?,
+                bias: w.take(&format!("{name}.bias"), &[h])?,
+                eps,
+            },
+        })
+    }
+
+    fn save(&self, name: &str, out: &mut Vec<(String, Tensor)>) {
+        match self {
+            Norm::Rms { weight, .. } => out.push((format!("{name}.weight"), weight.clone())),
+            Norm::Layer { weight, bias, .. } => {
+                out.push((format!("{name}.weight"), weight.clone()));
+                out.push((format!("{name}.bias"), bias.clone()));
+            }
+        }
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps),
+            Norm::Layer { weight, bias, eps } => candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, *eps),
+        }
+    }
+}
+
+/// Rotary position tables for one forward call: `cos`, `sin` of shape `[T, rotary_dim / 2]`.
+#[derive(Debug)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// Tables for positions `offset .. offset + len`.
+    pub fn new(cfg: &Config, offset: usize, len: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let inv_freq = cfg.inv_freq();
+        let half = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let pos: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (len, 1), device)?;
+        let freqs = pos.matmul(&inv_freq)?;
+        Ok(Rotary { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+
+    /// Rotates the first `rotary_dim` features of each head (`x`: `[B, heads, T, head_dim]`), HF's
+    /// `rotate_half` layout; the rest pass through (partial rotary, Phi-2).
+    fn apply(&self, x: &Tensor, rotary_dim: usize) -> candle_core::Result<Tensor> {
+        let head_dim = x.dim(D::Minus1)?;
+        if rotary_dim == head_dim {
+            return candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin);
+        }
+        let rot = x.narrow(D::Minus1, 0, rotary_dim)?.contiguous()?;
+        let pass = x.narrow(D::Minus1, rotary_dim, head_dim - rotary_dim)?;
+        let rot = candle_nn::rotary_emb::rope(&rot, &self.cos, &self.sin)?;
+        Tensor::cat(&[&rot, &pass], D::Minus1)
+    }
+}
+
+/// Keys and values of a prompt prefix, per block, computed once and reused by every sequence of a
+/// batch that starts with that prefix (MMLU's shared few-shot header).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Per kept block: keys (after rotary) and values, each `[1, kv_heads, P, head_dim]`.
+    pub layers: Vec<(Tensor, Tensor)>,
+    /// Prefix length P.
+    pub len: usize,
+}
+
+/// Multi-head attention with grouped-query heads, rotary positions and an optional sliding window.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+    sliding_window: Option<usize>,
+}
+
+impl Attention {
+    fn load(w: &mut WeightMap, prefix: &str, cfg: &Config) -> Result<Self, ModelError> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let o_name = if cfg.parallel_block { "dense" } else { "o_proj" };
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q_out, h, cfg.qkv_bias)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv_out, h, cfg.qkv_bias)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv_out, h, cfg.qkv_bias)?,
+            o_proj: Linear::load(w, &format!("{prefix}.{o_name}"), h, q_out, cfg.o_bias)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            rotary_dim: cfg.rotary_dim,
+            sliding_window: cfg.sliding_window,
+        })
+    }
+
+    fn save(&self, prefix: &str, parallel: bool, out: &mut Vec<(String, Tensor)>) {
+        self.q_proj.save(&format!("{prefix}.q_proj"), out);
+        self.k_proj.save(&format!("{prefix}.k_proj"), out);
+        self.v_proj.save(&format!("{prefix}.v_proj"), out);
+        let o_name = if parallel { "dense" } else { "o_proj" };
+        self.o_proj.save(&format!("{prefix}.{o_name}"), out);
+    }
+
+    /// `x`: `[B, T, H]` (already normed). `prefix`: cached keys/values the tokens also attend to.
+    /// `record`: where to store this call's keys/values (building a prefix cache).
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        prefix: Option<&(Tensor, Tensor)>,
+        record: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rotary.apply(&q, self.rotary_dim)?;
+        let k = rotary.apply(&k, self.rotary_dim)?;
+        if let Some(rec) = record {
+            rec.push((k.clone(), v.clone()));
+        }
+        let p = prefix.map(|(pk, _)| pk.dim(2)).transpose()?.unwrap_or(0);
+        let (k, v) = match prefix {
+            Some((pk, pv)) => {
+                let shape = (b, nkv, p, hd);
+                (Tensor::cat(&[&pk.broadcast_as(shape)?, &k], 2)?, Tensor::cat(&[&pv.broadcast_as(shape)?, &v], 2)?)
+            }
+            None => (k, v),
+        };
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let s = p + t;
+        // Grouped-query attention without copying K/V: the `rep` query heads that share a KV head
+        // are laid out next to each other, so [B, nh, T, hd] views as [B, nkv, rep·T, hd].
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q * scale)?.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+        let mask = causal_mask(t, p, self.sliding_window, x.device())?;
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// `[T, P+T]` additive mask: query `i` (absolute position `P+i`) sees key `j` when `j ≤ P+i` and,
+/// with a window `W`, when `(P+i) − j < W`.
+fn causal_mask(t: usize, p: usize, window: Option<usize>, device: &Device) -> candle_core::Result<Tensor> {
+    let s = p + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                let qi = p + i;
+                let visible = j <= qi && window.is_none_or(|w| qi - j < w);
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, s), device)
+}
+
+/// The feed-forward network: gated (`down(act(gate x) · up x)`) or plain (`fc2(act(fc1 x))`).
+#[derive(Debug, Clone)]
+pub enum Mlp {
+    /// Llama, Mistral, Qwen2, Phi-3.
+    Gated {
+        /// `gate_proj`.
+        gate: Linear,
+        /// `up_proj`.
+        up: Linear,
+        /// `down_proj`.
+        down: Linear,
+        /// Applied to the gate.
+        act: Activation,
+    },
+    /// Phi-2.
+    Plain {
+        /// `fc1`.
+        fc1: Linear,
+        /// `fc2`.
+        fc2: Linear,
+        /// Applied after `fc1`.
+        act: Activation,
+    },
+}
+
+impl Mlp {
+    fn load(w: &mut WeightMap, prefix: &str, cfg: &Config) -> Result<Self, ModelError> {
+        let (h, i, bias, act) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.activation);
+        Ok(if cfg.gated_mlp {
+            Mlp::Gated {
+                gate: Linear::load(w, &format!("{prefix}.gate_proj"), i, h, bias)?,
+                up: Linear::load(w, &format!("{prefix}.up_proj"), i, h, bias)?,
+                down: Linear::load(w, &format!("{prefix}.down_proj"), h, i, bias)?,
+                act,
+            }
+        } else {
+            Mlp::Plain {
+                fc1: Linear::load(w, &format!("{prefix}.fc1"), i, h, bias)?,
+                fc2: Linear::load(w, &format!("{prefix}.fc2"), h, i, bias)?,
+                act,
+            }
+        })
+    }
+
+    fn save(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        match self {
+            Mlp::Gated { gate, up, down, .. } => {
+                gate.save(&format!("{prefix}.gate_proj"), out);
+                up.save(&format!("{prefix}.up_proj"), out);
+                down.save(&format!("{prefix}.down_proj"), out);
+            }
+            Mlp::Plain { fc1, fc2, .. } => {
+                fc1.save(&format!("{prefix}.fc1"), out);
+                fc2.save(&format!("{prefix}.fc2"), out);
+            }
+        }
+    }
+}
+
+fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Silu => candle_nn::ops::silu(x),
+        Activation::GeluErf => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+        Activation::Relu => x.relu(),
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Mlp::Gated { gate, up, down, act } => {
+                let g = activate(&gate.forward(x)?, *act)?;
+                down.forward(&(g * up.forward(x)?)?)
+            }
+            Mlp::Plain { fc1, fc2, act } => fc2.forward(&activate(&fc1.forward(x)?, *act)?),
+        }
+    }
+}
+
+/// One decoder block `f(x^(l), θ^(l))`, remembering which layer of the original checkpoint it was.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Index of this block in the unpruned checkpoint.
+    pub original_index: usize,
+    input_layernorm: Norm,
+    /// `None` for Phi-2's parallel block, which norms once.
+    post_attention_layernorm: Option<Norm>,
+    self_attn: Attention,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(w: &mut WeightMap, index: usize, cfg: &Config) -> Result<Self, ModelError> {
+        let p = format!("model.layers.{index}");
+        Ok(Block {
+            original_index: index,
+            input_layernorm: Norm::load(w, &format!("{p}.input_layernorm"), cfg)?,
+            post_attention_layernorm: if cfg.parallel_block {
+                None
+            } else {
+                Some(Norm::load(w, &format!("{p}.post_attention_layernorm"), cfg)?)
+            },
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+        })
+    }
+
+    fn save(&self, new_index: usize, out: &mut Vec<(String, Tensor)>) {
+        let p = format!("model.layers.{new_index}");
+        self.input_layernorm.save(&format!("{p}.input_layernorm"), out);
+        if let Some(n) = &self.post_attention_layernorm {
+            n.save(&format!("{p}.post_attention_layernorm"), out);
+        }
+        self.self_attn.save(&format!("{p}.self_attn"), self.post_attention_layernorm.is_none(), out);
+        self.mlp.save(&format!("{p}.mlp"), out);
+    }
+
+    /// `x^(l+1) = x^(l) + f(x^(l))`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        prefix: Option<&(Tensor, Tensor)>,
+        record: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let attn = self.self_attn.forward(&h, rotary, prefix, record)?;
+        match &self.post_attention_layernorm {
+            // Phi-2: x + attn(ln x) + mlp(ln x).
+            None => (x + attn)? + self.mlp.forward(&h)?,
+            // Pre-norm: x' = x + attn(norm₁ x); x'' = x' + mlp(norm₂ x').
+            Some(norm2) => {
+                let x = (x + attn)?;
+                let m = self.mlp.forward(&norm2.forward(&x)?)?;
+                x + m
+            }
+        }
+    }
+}
+
+/// The whole decoder: embedding, the kept blocks, final norm and LM head.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    /// The configuration of the checkpoint as loaded (its `num_layers` is the unpruned depth).
+    pub cfg: Config,
+    embed_tokens: Tensor,
+    blocks: Vec<Block>,
+    norm: Norm,
+    lm_head: Linear,
+    device: Device,
+    dtype: DType,
+}
+
+impl Decoder {
+    /// Builds the decoder from HF-named weights (`model.layers.{i}...`), checking every shape
+    /// against `cfg`. Every tensor must be used: leftovers mean the config and checkpoint disagree.
+    pub fn load(cfg: Config, mut w: WeightMap) -> Result<Self, ModelError> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = w.take("model.embed_tokens.weight", &[v, h])?;
+        let blocks = (0..cfg.num_layers).map(|i| Block::load(&mut w, i, &cfg)).collect::<Result<Vec<_>, _>>()?;
+        let norm_name = if cfg.parallel_block { "model.final_layernorm" } else { "model.norm" };
+        let norm = Norm::load(&mut w, norm_name, &cfg)?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            Linear { weight: embed_tokens.clone(), bias: None }
+        } else {
+            Linear::load(&mut w, "lm_head", v, h, cfg.lm_head_bias)?
+        };
+        w.finish(cfg.num_layers)?;
+        let (device, dtype) = (embed_tokens.device().clone(), embed_tokens.dtype());
+        Ok(Decoder { cfg, embed_tokens, blocks, norm, lm_head, device, dtype })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype (f32 on CPU, bf16 on CUDA).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Original indices of the blocks still in the model, in order.
+    pub fn kept_layers(&self) -> Vec<usize> {
+        self.blocks.iter().map(|b| b.original_index).collect()
+    }
+
+    /// Number of blocks currently in the model (L').
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Removes the blocks whose **original** indices are in `drop` (any order, no duplicates).
+    /// Fails without changing anything when an index is not a kept block or nothing would remain.
+    pub fn remove_layers(&mut self, drop: &[usize]) -> Result<(), ModelError> {
+        let kept = self.kept_layers();
+        let mut seen = std::collections::BTreeSet::new();
+        for &d in drop {
+            if !kept.contains(&d) {
+                return Err(ModelError::InvalidDrop(format!(
+                    "layer {d} is not in the model (kept layers: {})",
+                    format_ranges(&kept)
+                )));
+            }
+            if !seen.insert(d) {
+                return Err(ModelError::InvalidDrop(format!("layer {d} is listed twice")));
+            }
+        }
+        if seen.len() >= kept.len() {
+            return Err(ModelError::InvalidDrop(format!(
+                "dropping {} of {} layers would leave none; keep at least one",
+                seen.len(),
+                kept.len()
+            )));
+        }
+        self.blocks.retain(|b| !seen.contains(&b.original_index));
+        Ok(())
+    }
+
+    /// Runs the blocks over `ids` (`[B, T]`, u32), calling `observe(l, x^(l))` for every residual
+    /// state `l = 0 ..= L'` (see the module's index convention), and returns `x^(L')`, pre-norm.
+    ///
+    /// `prefix` makes every sequence continue a cached prompt prefix (positions start after it);
+    /// `record` stores this call's keys/values, so a `[1, P]` call builds a [`KvCache`].
+    pub fn run(
+        &self,
+        ids: &Tensor,
+        prefix: Option<&KvCache>,
+        mut record: Option<&mut KvCache>,
+        observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = prefix.map_or(0, |p| p.len);
+        if let Some(p) = prefix {
+            if p.layers.len() != self.blocks.len() {
+                candle_core::bail!("prefix cache has {} layers, model has {}", p.layers.len(), self.blocks.len());
+            }
+        }
+        let rotary = Rotary::new(&self.cfg, offset, t, self.dtype, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut recorded = Vec::new();
+        for (l, block) in self.blocks.iter().enumerate() {
+            observe(l, &x)?;
+            let rec = record.as_ref().map(|_| &mut recorded);
+            x = block.forward(&x, &rotary, prefix.map(|p| &p.layers[l]), rec)?;
+        }
+        observe(self.blocks.len(), &x)?;
+        if let Some(r) = record.as_deref_mut() {
+            r.layers = recorded;
+            r.len = offset + t;
+        }
+        Ok(x)
+    }
+
+    /// Final norm + LM head over pre-norm states `[..., H]` → logits `[..., V]` in f32.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward(hidden)?)?.to_dtype(DType::F32)
+    }
+
+    /// Logits for every position: `[B, T, V]`.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.run(ids, None, None, &mut |_, _| Ok(()))?;
+        self.logits(&x)
+    }
+
+    /// Logits at one position per sequence (`positions[b]`, e.g. the last real token): `[B, V]`.
+    /// Only those rows go through the final norm and the LM head.
+    pub fn logits_at(&self, hidden: &Tensor, positions: &[usize]) -> candle_core::Result<Tensor> {
+        let rows = gather_rows(hidden, positions)?;
+        self.logits(&rows)
+    }
+
+    /// Every residual state `x^(0) ..= x^(L')`, each `[B, T, H]`, and the logits `[B, T, V]`.
+    pub fn forward_with_states(&self, ids: &Tensor) -> candle_core::Result<(Vec<Tensor>, Tensor)> {
+        let mut states = Vec::with_capacity(self.blocks.len() + 1);
+        let x = self.run(ids, None, None, &mut |_, s| {
+            states.push(s.clone());
+            Ok(())
+        })?;
+        Ok((states, self.logits(&x)?))
+    }
+
+    /// Keys/values of a shared prompt prefix (`ids`: `[1, P]`), plus its pre-norm last state.
+    pub fn prefill(&self, ids: &Tensor) -> candle_core::Result<(KvCache, Tensor)> {
+        let mut cache = KvCache { layers: Vec::new(), len: 0 };
+        let x = self.run(ids, None, Some(&mut cache), &mut |_, _| Ok(()))?;
+        Ok((cache, x))
+    }
+
+    /// The weights under HF names, blocks renumbered densely `0 .. L'-1` (what a pruned checkpoint
+    /// stores). A tied LM head is not listed.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (i, block) in self.blocks.iter().enumerate() {
+            block.save(i, &mut out);
+        }
+        let norm_name = if self.cfg.parallel_block { "model.final_layernorm" } else { "model.norm" };
+        self.norm.save(norm_name, &mut out);
+        if !self.cfg.tie_word_embeddings {
+            self.lm_head.save("lm_head", &mut out);
+        }
+        out
+    }
+}
+
+/// Picks row `positions[b]` of sequence `b` from `[B, T, H]` → `[B, H]`.
+pub fn gather_rows(hidden: &Tensor, positions: &[usize]) -> candle_core::Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    if positions.len() != b {
+        candle_core::bail!("gather_rows: {} positions for a batch of {b}", positions.len());
+    }
+    if let Some(&bad) = positions.iter().find(|&&p| p >= t) {
+        candle_core::bail!("gather_rows: position {bad} is past the sequence length {t}");
+    }
+    let flat: Vec<u32> = positions.iter().enumerate().map(|(i, &p)| (i * t + p) as u32).collect();
+    let idx = Tensor::from_vec(flat, b, hidden.device())?;
+    hidden.reshape((b * t, h))?.index_select(&idx, 0)
+}
+
+/// `[0,1,2,5,6]` → `"0-2, 5-6"`.
+pub fn format_ranges(xs: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < xs.len() {
+        let start = xs[i];
+        let mut end = start;
+        while i + 1 < xs.len() && xs[i + 1] == end + 1 {
+            i += 1;
+            end = xs[i];
+        }
+        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+        i += 1;
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_is_causal_with_prefix_and_window() {
+        let m = causal_mask(2, 3, None, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(m[1], vec![0.0; 5]);
+        let m = causal_mask(4, 0, Some(2), &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let visible: Vec<Vec<bool>> = m.iter().map(|r| r.iter().map(|v| *v == 0.0).collect()).collect();
+        assert_eq!(visible[3], vec![false, false, true, true]);
+        assert_eq!(visible[1], vec![true, true, false, false]);
+    }
+
+    #[test]
+    fn ranges_are_compact() {
+        assert_eq!(format_ranges(&[0, 1, 2, 5, 6, 9]), "0-2, 5-6, 9");
+        assert_eq!(format_ranges(&[]), "");
+    }
+}

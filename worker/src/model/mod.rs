@@ -1,0 +1,252 @@
+//! The model core: load a checkpoint, run it with its residual stream exposed, cut blocks out of it,
+//! and write it back as an HF directory.
+//!
+//! - [`config`]: `config.json` / GGUF metadata → [`Config`] (five families).
+//! - [`decoder`]: the transformer itself ([`Decoder`]); the index convention of the residual
+//!   states is written at its top.
+//! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors.
+//! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
+//! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
+
+pub mod config;
+pub mod decoder;
+pub mod tokenizer;
+pub mod weights;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde_json::Value;
+
+pub use config::{Config, Family};
+pub use decoder::{Decoder, KvCache};
+pub use tokenizer::Tokenizer;
+pub use weights::ModelSource;
+
+/// Everything that can go wrong loading, running or saving a model. Each message names the file
+/// (or tensor) and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A JSON file does not parse.
+    #[error("{}: invalid JSON: {message}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// `config.json` parses but cannot be used.
+    #[error("{}: {message}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required file is absent.
+    #[error("{} is missing: {hint}", path.display())]
+    MissingFile {
+        /// The file that was expected.
+        path: PathBuf,
+        /// What it is for and how to get it.
+        hint: String,
+    },
+    /// `--model` points at something that is no model.
+    #[error("{} is not a model: {why}", path.display())]
+    NotAModel {
+        /// What was passed.
+        path: PathBuf,
+        /// Why it was rejected.
+        why: String,
+    },
+    /// The checkpoint's architecture is not one we implement.
+    #[error("{origin}: {found} is not supported; supported: {supported}")]
+    UnsupportedArchitecture {
+        /// The file.
+        origin: String,
+        /// What the file says.
+        found: String,
+        /// What would work.
+        supported: String,
+    },
+    /// A tensor the config requires is not in the checkpoint.
+    #[error("{origin}: tensor `{name}` is missing (does config.json match this checkpoint?)")]
+    MissingTensor {
+        /// The file(s).
+        origin: String,
+        /// The HF tensor name.
+        name: String,
+    },
+    /// A tensor's shape disagrees with the config.
+    #[error("{origin}: tensor `{name}` has shape {found:?}, but config.json implies {expected:?}")]
+    ShapeMismatch {
+        /// The file(s).
+        origin: String,
+        /// The HF tensor name.
+        name: String,
+        /// Shape in the file.
+        found: Vec<usize>,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+    },
+    /// Checkpoint and config disagree in another way.
+    #[error("{origin}: {message}")]
+    Mismatch {
+        /// The file(s).
+        origin: String,
+        /// What disagrees.
+        message: String,
+    },
+    /// A file is truncated or not of the format its name says.
+    #[error("{}: corrupt or unreadable: {message}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What the reader said.
+        message: String,
+    },
+    /// The tokenizer cannot be built or used.
+    #[error("tokenizer {}: {message}", path.display())]
+    Tokenizer {
+        /// `tokenizer.json` or the `.gguf`.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A requested layer removal is impossible.
+    #[error("cannot drop layers: {0}")]
+    InvalidDrop(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        ModelError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// A loaded model: decoder, tokenizer, and what is needed to write it back.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The transformer.
+    pub decoder: Decoder,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Where it was loaded from.
+    pub source: ModelSource,
+    /// The HF `config.json` (read, or synthesized from GGUF metadata), before pruning.
+    pub config_json: Value,
+}
+
+impl Model {
+    /// Loads a model from anything [`ModelSource::resolve`] accepts. Weights are f32 on CPU and
+    /// bf16 on CUDA; GGUF weights are dequantized.
+    pub fn load(path: &Path, device: &Device) -> Result<Model, ModelError> {
+        let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+        let source = ModelSource::resolve(path)?;
+        let (decoder, tokenizer, config_json) = match &source {
+            ModelSource::HfDir(dir) => {
+                let (cfg, raw) = Config::from_file(&dir.join("config.json")).map_err(|e| match e {
+                    ModelError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
+                        ModelError::MissingFile { path, hint: "an HF model directory needs config.json".into() }
+                    }
+                    other => other,
+                })?;
+                let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+                let (mut tensors, origin) = weights::read_hf_tensors(dir)?;
+                if cfg.family == Family::Phi3 {
+                    weights::unfuse_phi3(&mut tensors, &cfg, &origin)?;
+                }
+                let decoder = Decoder::load(cfg, weights::WeightMap::new(tensors, origin, dtype, device))?;
+                (decoder, tokenizer, raw)
+            }
+            ModelSource::Gguf(file) => {
+                let g = weights::read_gguf(file)?;
+                let tokenizer = Tokenizer::from_gguf(file, &g.metadata)?;
+                let origin = file.display().to_string();
+                let decoder = Decoder::load(g.config, weights::WeightMap::new(g.tensors, origin, dtype, device))?;
+                (decoder, tokenizer, g.config_json)
+            }
+        };
+        Ok(Model { decoder, tokenizer, source, config_json })
+    }
+
+    /// A short description for logs: `llama, 30/30 layers, <path>`.
+    pub fn describe(&self) -> String {
+        let path = match &self.source {
+            ModelSource::HfDir(p) | ModelSource::Gguf(p) => p.display().to_string(),
+        };
+        format!(
+            "{}, {}/{} layers, {path}",
+            self.decoder.cfg.family.model_type(),
+            self.decoder.num_blocks(),
+            self.decoder.cfg.num_layers
+        )
+    }
+}
+
+/// The compute device named on the command line: `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(name: &str) -> Result<Device, String> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        _ if name == "cuda" || name.starts_with("cuda:") => {
+            let ordinal = name
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), |n| n.parse::<usize>())
+                .map_err(|_| format!("device `{name}`: expected cuda:N with N a GPU index"))?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(format!(
+                    "device `{name}`: this worker was built without CUDA; rebuild with `cargo build --release --features cuda`"
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| format!("device `{name}`: {e}"))
+        }
+        other => Err(format!("device `{other}` is not known; use cpu, cuda or cuda:N")),
+    }
+}
+
+/// A block of consecutive layers `start .. start + n` (0-based, half-open, like mergekit's
+/// `layer_range`), written `START:N` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerBlock {
+    /// First layer of the block.
+    pub start: usize,
+    /// Number of layers.
+    pub n: usize,
+}
+
+impl LayerBlock {
+    /// The layer indices in the block.
+    pub fn indices(&self) -> Vec<usize> {
+        (self.start..self.start + self.n).collect()
+    }
+}
+
+impl std::str::FromStr for LayerBlock {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, b) =
+            s.split_once(':').ok_or_else(|| format!("`{s}`: expected START:N, e.g. 20:6 drops layers 20..25"))?;
+        let start = a.trim().parse().map_err(|_| format!("`{s}`: START `{a}` is not a layer index"))?;
+        let n = b.trim().parse().map_err(|_| format!("`{s}`: N `{b}` is not a layer count"))?;
+        Ok(LayerBlock { start, n })
+    }
+}
+
+impl std::fmt::Display for LayerBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.start, self.n)
+    }
+}

@@ -1,0 +1,410 @@
+//! Checkpoint files → HF-named tensors on the compute device.
+//!
+//! Three layouts are read:
+//! - an HF directory: `config.json` + `model.safetensors`, or shards listed in
+//!   `model.safetensors.index.json`;
+//! - the HF hub cache: `models--org--name/` (the snapshot `refs/main` points at), or an HF id
+//!   `org/name` looked up in `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`;
+//! - a GGUF file (llama and qwen2 architectures). Its tensors are dequantized at load (candle has no
+//!   fast CPU kernels for most GGUF block types), renamed to HF names, and llama.cpp's q/k row
+//!   permutation for interleaved rotary is undone, so that GGUF and HF checkpoints run the same code.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use super::config::{Config, Family};
+use super::ModelError;
+
+/// Tensors by HF name, consumed one by one while the decoder is built.
+#[derive(Debug)]
+pub struct WeightMap {
+    tensors: HashMap<String, Tensor>,
+    /// Which file(s) the tensors came from, for error messages.
+    origin: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl WeightMap {
+    /// Wraps already-read tensors; [`WeightMap::take`] converts them to `dtype` on `device`.
+    pub fn new(tensors: HashMap<String, Tensor>, origin: impl Into<String>, dtype: DType, device: &Device) -> Self {
+        WeightMap { tensors, origin: origin.into(), dtype, device: device.clone() }
+    }
+
+    /// Whether a tensor of that name is present (and not yet taken).
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Removes a tensor, checking its shape against what the config implies.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor { origin: self.origin.clone(), name: name.to_string() })?;
+        if t.dims() != shape {
+            return Err(ModelError::ShapeMismatch {
+                origin: self.origin.clone(),
+                name: name.to_string(),
+                found: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    /// Fails if block tensors beyond the configured depth are left over (a config that says fewer
+    /// layers than the checkpoint has). Other leftovers (rotary caches, unused buffers) are ignored.
+    pub fn finish(self, num_layers: usize) -> Result<(), ModelError> {
+        let extra = self.tensors.keys().find(|k| {
+            k.strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i >= num_layers)
+        });
+        match extra {
+            Some(name) => Err(ModelError::Mismatch {
+                message: format!("the checkpoint has `{name}` but config.json says num_hidden_layers = {num_layers}"),
+                origin: self.origin,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a model's files are, after resolving hub ids and cache folders.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A folder with `config.json` and safetensors.
+    HfDir(PathBuf),
+    /// A single GGUF file.
+    Gguf(PathBuf),
+}
+
+impl ModelSource {
+    /// Resolves what the user passed as `--model`: a `.gguf` file, an HF directory, an HF hub cache
+    /// folder (`models--org--name`), a folder holding exactly one `.gguf`, or an HF id (`org/name`)
+    /// present in the local hub cache.
+    pub fn resolve(path: &Path) -> Result<ModelSource, ModelError> {
+        if path.is_file() {
+            return if path.extension().is_some_and(|e| e == "gguf") {
+                Ok(ModelSource::Gguf(path.to_path_buf()))
+            } else {
+                Err(ModelError::NotAModel {
+                    path: path.to_path_buf(),
+                    why: "it is a file without the .gguf extension".into(),
+                })
+            };
+        }
+        if path.is_dir() {
+            if path.join("config.json").is_file() {
+                return Ok(ModelSource::HfDir(path.to_path_buf()));
+            }
+            if path.join("snapshots").is_dir() {
+                return snapshot_dir(path).map(ModelSource::HfDir);
+            }
+            let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| ModelError::io(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+                .collect();
+            return match ggufs.as_slice() {
+                [one] => Ok(ModelSource::Gguf(one.clone())),
+                [] => Err(ModelError::NotAModel {
+                    path: path.to_path_buf(),
+                    why: "the folder has no config.json, no snapshots/ (HF hub cache) and no .gguf file".into(),
+                }),
+                many => Err(ModelError::NotAModel {
+                    path: path.to_path_buf(),
+                    why: format!("the folder holds {} .gguf files; pass one of them", many.len()),
+                }),
+            };
+        }
+        let text = path.to_string_lossy();
+        if let Some((org, name)) =
+            text.split_once('/').filter(|(o, n)| !o.is_empty() && !n.contains('/') && !text.starts_with('.'))
+        {
+            for cache in hub_cache_roots() {
+                let dir = cache.join(format!("models--{org}--{name}"));
+                if dir.is_dir() {
+                    return snapshot_dir(&dir).map(ModelSource::HfDir);
+                }
+            }
+            return Err(ModelError::NotAModel {
+                path: path.to_path_buf(),
+                why: format!(
+                    "no such file, and no HF hub cache holds `{org}/{name}` (looked in {}); download it first, e.g. `huggingface-cli download {org}/{name}`",
+                    hub_cache_roots().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        Err(ModelError::NotAModel { path: path.to_path_buf(), why: "no such file or directory".into() })
+    }
+}
+
+fn hub_cache_roots() -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
+        roots.push(PathBuf::from(p));
+    }
+    if let Ok(p) = std::env::var("HF_HOME") {
+        roots.push(PathBuf::from(p).join("hub"));
+    }
+    if let Ok(home) = std::env::var("HOME") {
+        roots.push(PathBuf::from(home).join(".cache/huggingface/hub"));
+    }
+    roots
+}
+
+/// `models--org--name/` → `snapshots/<rev>/`, the revision named by `refs/main` or else the only one.
+fn snapshot_dir(cache: &Path) -> Result<PathBuf, ModelError> {
+    let snapshots = cache.join("snapshots");
+    if let Ok(rev) = std::fs::read_to_string(cache.join("refs/main")) {
+        let dir = snapshots.join(rev.trim());
+        if dir.join("config.json").is_file() {
+            return Ok(dir);
+        }
+    }
+    let revs: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .map_err(|e| ModelError::io(&snapshots, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").is_file())
+        .collect();
+    match revs.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(ModelError::NotAModel {
+            path: cache.to_path_buf(),
+            why: "HF hub cache folder without a complete snapshot (no snapshots/<rev>/config.json)".into(),
+        }),
+        _ => Err(ModelError::NotAModel {
+            path: cache.to_path_buf(),
+            why: "several snapshots and no refs/main; pass the snapshots/<rev> folder you want".into(),
+        }),
+    }
+}
+
+/// Reads every safetensors file of an HF directory (single file or shards).
+pub fn read_hf_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, String), ModelError> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if single.is_file() {
+        vec![single]
+    } else if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Json { path: index.clone(), message: e.to_string() })?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| ModelError::Json { path: index.clone(), message: "no `weight_map` object".into() })?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        files
+    } else {
+        return Err(ModelError::MissingFile {
+            path: single,
+            hint: "an HF directory needs model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not read; convert them with `safetensors`)".into(),
+        });
+    };
+    let mut all = HashMap::new();
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|e| ModelError::io(f, e))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| ModelError::Corrupt {
+            path: f.clone(),
+            message: format!("{e} (truncated or not a safetensors file?)"),
+        })?;
+        all.extend(tensors);
+    }
+    let origin = if files.len() == 1 {
+        files[0].display().to_string()
+    } else {
+        format!("{} ({} shards)", index.display(), files.len())
+    };
+    Ok((all, origin))
+}
+
+/// Splits Phi-3's fused `qkv_proj` and `gate_up_proj` into the separate projections the decoder
+/// uses (the writer fuses them back).
+pub fn unfuse_phi3(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin: &str) -> Result<(), ModelError> {
+    let (q, kv, i) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        if let Some(qkv) = tensors.remove(&format!("{p}.self_attn.qkv_proj.weight")) {
+            if qkv.dim(0)? != q + 2 * kv {
+                return Err(ModelError::Mismatch {
+                    origin: origin.to_string(),
+                    message: format!(
+                        "{p}.self_attn.qkv_proj.weight has {} rows, heads imply {}",
+                        qkv.dim(0)?,
+                        q + 2 * kv
+                    ),
+                });
+            }
+            tensors.insert(format!("{p}.self_attn.q_proj.weight"), qkv.narrow(0, 0, q)?);
+            tensors.insert(format!("{p}.self_attn.k_proj.weight"), qkv.narrow(0, q, kv)?);
+            tensors.insert(format!("{p}.self_attn.v_proj.weight"), qkv.narrow(0, q + kv, kv)?);
+        }
+        if let Some(gu) = tensors.remove(&format!("{p}.mlp.gate_up_proj.weight")) {
+            if gu.dim(0)? != 2 * i {
+                return Err(ModelError::Mismatch {
+                    origin: origin.to_string(),
+                    message: format!(
+                        "{p}.mlp.gate_up_proj.weight has {} rows, intermediate_size implies {}",
+                        gu.dim(0)?,
+                        2 * i
+                    ),
+                });
+            }
+            tensors.insert(format!("{p}.mlp.gate_proj.weight"), gu.narrow(0, 0, i)?);
+            tensors.insert(format!("{p}.mlp.up_proj.weight"), gu.narrow(0, i, i)?);
+        }
+    }
+    Ok(())
+}
+
+/// A parsed GGUF file: its metadata and dequantized, HF-named tensors.
+#[derive(Debug)]
+pub struct GgufModel {
+    /// The resolved configuration.
+    pub config: Config,
+    /// An HF `config.json` equivalent to the GGUF metadata (written with a saved model).
+    pub config_json: Value,
+    /// Tensors under HF names, f32 on CPU.
+    pub tensors: HashMap<String, Tensor>,
+    /// The GGUF metadata, for the tokenizer.
+    pub metadata: HashMap<String, gguf_file::Value>,
+}
+
+/// Reads a GGUF file (llama or qwen2 architecture).
+pub fn read_gguf(path: &Path) -> Result<GgufModel, ModelError> {
+    let corrupt = |message: String| ModelError::Corrupt { path: path.to_path_buf(), message };
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| corrupt(format!("not a readable GGUF file: {e}")))?;
+    let md = &content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| corrupt("no general.architecture".into()))?;
+    let family = match arch.as_str() {
+        "llama" => Family::Llama,
+        "qwen2" => Family::Qwen2,
+        other => {
+            return Err(ModelError::UnsupportedArchitecture {
+                origin: path.display().to_string(),
+                found: format!("GGUF architecture `{other}`"),
+                supported: "GGUF: llama, qwen2 (HF directories: ".to_string() + Family::SUPPORTED + ")",
+            })
+        }
+    };
+    let get_u = |key: &str| -> Result<usize, ModelError> {
+        md.get(&format!("{arch}.{key}"))
+            .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+            .map(|v| v as usize)
+            .ok_or_else(|| corrupt(format!("metadata `{arch}.{key}` is missing")))
+    };
+    let get_f = |key: &str| md.get(&format!("{arch}.{key}")).and_then(|v| v.to_f32().ok());
+    let n_layers = get_u("block_count")?;
+    let hidden = get_u("embedding_length")?;
+    let n_heads = get_u("attention.head_count")?;
+    let n_kv = get_u("attention.head_count_kv").unwrap_or(n_heads);
+    let vocab = match get_u("vocab_size") {
+        Ok(v) => v,
+        Err(_) => md
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.len())
+            .ok_or_else(|| corrupt("neither vocab_size nor tokenizer.ggml.tokens".into()))?,
+    };
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let token_id = |key: &str| md.get(&format!("tokenizer.ggml.{key}")).and_then(|v| v.to_u32().ok());
+    let mut cfg_json = json!({
+        "architectures": [family.architecture()],
+        "model_type": family.model_type(),
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": get_u("feed_forward_length")?,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "max_position_embeddings": get_u("context_length").unwrap_or(4096),
+        "rms_norm_eps": get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+        "rope_theta": get_f("rope.freq_base").unwrap_or(10_000.0),
+        "hidden_act": "silu",
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+    });
+    if let Some(b) = token_id("bos_token_id") {
+        cfg_json["bos_token_id"] = json!(b);
+    }
+    if let Some(e) = token_id("eos_token_id") {
+        cfg_json["eos_token_id"] = json!(e);
+    }
+    let rope_dim = get_u("rope.dimension_count").ok();
+    if let Some(rd) = rope_dim.filter(|&rd| rd != hidden / n_heads) {
+        return Err(corrupt(format!(
+            "rope.dimension_count {rd} differs from head_dim {}: partial rotary GGUF is not supported",
+            hidden / n_heads
+        )));
+    }
+    if let Some(kind) = md.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.to_string().ok()) {
+        if kind != "none" {
+            return Err(corrupt(format!("rope scaling `{kind}` in GGUF is not supported; use the HF directory")));
+        }
+    }
+    let config = Config::from_json(&cfg_json).map_err(corrupt)?;
+    let head_dim = config.head_dim;
+    let mut tensors = HashMap::new();
+    for (name, _) in content.tensor_infos.iter() {
+        let Some(hf) = gguf_to_hf_name(name) else { continue };
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| corrupt(format!("tensor `{name}`: {e} (truncated file?)")))?;
+        let mut t = q.dequantize(&Device::Cpu)?;
+        // llama.cpp's converter permutes q/k rows for its interleaved rotary (llama arch only):
+        // HF rows (head, half, j) are stored as (head, j, half). Undo it.
+        if family == Family::Llama && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight")) {
+            let heads = if name.ends_with("attn_q.weight") { n_heads } else { n_kv };
+            let (rows, cols) = t.dims2()?;
+            t = t.reshape((heads, head_dim / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?;
+        }
+        tensors.insert(hf, t);
+    }
+    Ok(GgufModel { config, config_json: cfg_json, tensors, metadata: content.metadata })
+}
+
+/// llama.cpp tensor names → HF names.
+fn gguf_to_hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}

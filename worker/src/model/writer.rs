@@ -1,0 +1,144 @@
+//! A (pruned) model → an HF directory: `config.json` with `num_hidden_layers` updated,
+//! `model.safetensors` with blocks renumbered `model.layers.{0..L'-1}`, and the tokenizer files.
+//! HF transformers loads the result with `AutoModelForCausalLM.from_pretrained(dir)`.
+//!
+//! Files are written to a temporary folder next to `dir` and renamed into place, so a crash never
+//! leaves a half-written model where a complete one is expected.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use super::config::Family;
+use super::{Model, ModelError, ModelSource};
+
+/// Tokenizer side files copied verbatim from an HF source directory when present.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+];
+
+impl Model {
+    /// The `config.json` of the model as it is now (pruned layers gone).
+    pub fn current_config_json(&self) -> Value {
+        let mut cfg = self.config_json.clone();
+        let kept = self.decoder.kept_layers();
+        cfg["num_hidden_layers"] = json!(kept.len());
+        // Per-layer lists (transformers 5 `layer_types`) keep the entries of the kept layers.
+        if let Some(types) = cfg.get("layer_types").and_then(Value::as_array).cloned() {
+            if types.len() == self.decoder.cfg.num_layers {
+                cfg["layer_types"] = Value::Array(kept.iter().map(|&i| types[i].clone()).collect());
+            }
+        }
+        if let Some(obj) = cfg.as_object_mut() {
+            obj.remove("quantization_config");
+            obj.remove("_name_or_path");
+            obj.insert("torch_dtype".into(), json!("float32"));
+            if obj.contains_key("dtype") {
+                obj.insert("dtype".into(), json!("float32"));
+            }
+        }
+        cfg
+    }
+
+    /// Writes the model as an HF directory at `dir` (replacing what is there). `extra` files
+    /// (name, JSON) are written alongside, e.g. `prunesweep.json` describing the cut.
+    pub fn save_hf(&self, dir: &Path, extra: &[(&str, Value)]) -> Result<(), ModelError> {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+
+        write_json(&tmp.join("config.json"), &self.current_config_json())?;
+        self.write_safetensors(&tmp.join("model.safetensors"))?;
+        match &self.source {
+            ModelSource::HfDir(src) => {
+                for f in TOKENIZER_FILES {
+                    let from = src.join(f);
+                    if from.is_file() {
+                        std::fs::copy(&from, tmp.join(f)).map_err(|e| ModelError::io(&from, e))?;
+                    }
+                }
+            }
+            ModelSource::Gguf(_) => {
+                self.tokenizer.save(&tmp)?;
+                let cfg = &self.config_json;
+                let token = |key: &str| {
+                    cfg.get(key).and_then(Value::as_u64).and_then(|id| self.tokenizer.decode(&[id as u32]).ok())
+                };
+                let mut tc =
+                    json!({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false});
+                if let Some(b) = token("bos_token_id") {
+                    tc["bos_token"] = json!(b);
+                }
+                if let Some(e) = token("eos_token_id") {
+                    tc["eos_token"] = json!(e);
+                }
+                write_json(&tmp.join("tokenizer_config.json"), &tc)?;
+            }
+        }
+        for (file, value) in extra {
+            write_json(&tmp.join(file), value)?;
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        Ok(())
+    }
+
+    fn write_safetensors(&self, path: &Path) -> Result<(), ModelError> {
+        let mut tensors: Vec<(String, Tensor)> = self.decoder.named_tensors();
+        if self.decoder.cfg.family == Family::Phi3 {
+            tensors = fuse_phi3(tensors)?;
+        }
+        let tensors: Vec<(String, Tensor)> = tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)))
+            .collect::<Result<_, candle_core::Error>>()?;
+        // transformers rejects safetensors files whose metadata lacks `format: pt`.
+        let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        safetensors::serialize_to_file(tensors, Some(metadata), path)
+            .map_err(|e| ModelError::Corrupt { path: path.to_path_buf(), message: format!("writing: {e}") })
+    }
+}
+
+/// Phi-3 checkpoints store `qkv_proj` and `gate_up_proj` fused; put them back together.
+fn fuse_phi3(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, ModelError> {
+    let mut map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
+    let mut out = Vec::new();
+    for (name, t) in tensors {
+        if let Some(p) = name.strip_suffix(".self_attn.q_proj.weight") {
+            let k = map.remove(&format!("{p}.self_attn.k_proj.weight")).expect("q_proj comes with k_proj");
+            let v = map.remove(&format!("{p}.self_attn.v_proj.weight")).expect("q_proj comes with v_proj");
+            out.push((format!("{p}.self_attn.qkv_proj.weight"), Tensor::cat(&[&t, &k, &v], 0)?));
+        } else if let Some(p) = name.strip_suffix(".mlp.gate_proj.weight") {
+            let up = map.remove(&format!("{p}.mlp.up_proj.weight")).expect("gate_proj comes with up_proj");
+            out.push((format!("{p}.mlp.gate_up_proj.weight"), Tensor::cat(&[&t, &up], 0)?));
+        } else if !(name.ends_with(".self_attn.k_proj.weight")
+            || name.ends_with(".self_attn.v_proj.weight")
+            || name.ends_with(".mlp.up_proj.weight"))
+        {
+            out.push((name, t));
+        }
+    }
+    Ok(out)
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), ModelError> {
+    let text = serde_json::to_string_pretty(value).expect("a serde_json::Value always serializes");
+    std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
+}
