@@ -21,7 +21,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 
 import torch
 from torch import nn
@@ -422,7 +421,6 @@ def make_smollm2(gguf_path, out_root):
     cases = []
     for text in TOKENIZER_CASES:
         cases.append({"text": text, "ids": tok(text)["input_ids"]})
-        # round trip sanity (skip special-token cases)
     with open(os.path.join(d, "tokenizer_cases.json"), "w") as f:
         json.dump(cases, f, ensure_ascii=False, indent=1)
         f.write("\n")

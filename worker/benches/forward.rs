@@ -1,0 +1,72 @@
+//! Prefill throughput of the decoder on SmolLM2-135M (GGUF dequantized to f32, CPU).
+//!
+//! `cargo bench -p prunesweep-worker --bench forward` (or `scripts/bench-forward.sh`, which adds
+//! HF transformers on the same token ids). Prints one `BENCH` line per case:
+//! `BENCH <case> tokens=<T> seconds=<median> tok_s=<T/median>`.
+//!
+//! Environment: `PRUNESWEEP_SMOLLM2` (the .gguf; default `.cache/models/...`), `BENCH_TOKENS`
+//! (default 256), `BENCH_REPEATS` (default 5), `BENCH_IDS_OUT` (write the ids used, one per line).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use prunesweep_worker::model::Model;
+
+const TEXT: &str = "The Unreasonable Ineffectiveness of the Deeper Layers. We empirically study a simple \
+layer-pruning strategy for popular families of open-weight pretrained LLMs, finding minimal degradation of \
+performance on different question-answering benchmarks until after a large fraction of the layers are removed. ";
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).expect("timings are finite"));
+    xs[xs.len() / 2]
+}
+
+fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    median(
+        (0..repeats)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let path = std::env::var_os("PRUNESWEEP_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    let tokens: usize = std::env::var("BENCH_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let repeats: usize = std::env::var("BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let model = Model::load(&path, &Device::Cpu)?;
+    let mut ids = Vec::new();
+    while ids.len() < tokens {
+        ids.extend(model.tokenizer.encode(TEXT)?);
+    }
+    ids.truncate(tokens);
+    if let Some(out) = std::env::var_os("BENCH_IDS_OUT") {
+        std::fs::write(out, ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("\n"))?;
+    }
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let d = &model.decoder;
+    let report = |case: &str, secs: f64| {
+        println!("BENCH {case} tokens={tokens} seconds={secs:.4} tok_s={:.1}", tokens as f64 / secs);
+    };
+    report(
+        "prunesweep-forward-all-logits",
+        time(repeats, || {
+            d.forward(&input).expect("forward");
+        }),
+    );
+    report(
+        "prunesweep-forward-last-logits",
+        time(repeats, || {
+            let h = d.run(&input, None, None, &mut |_, _| Ok(())).expect("run");
+            d.logits_at(&h, &[tokens - 1]).expect("logits");
+        }),
+    );
+    Ok(())
+}
