@@ -6,8 +6,15 @@
 //!
 //! - [`model`]: the decoder (five families), checkpoint loading (HF, hub cache, GGUF), tokenizer,
 //!   layer removal and the HF writer. Every later stage stands on it.
-//! - [`forward`]: the `worker forward` command: one prompt's ids, logits and residual states to a
-//!   safetensors file, for inspection and parity checks against HF transformers.
+//! - [`data`]: calibration / healing / loss documents (JSON lines, json.gz, Parquet, text).
+//! - [`score`]: angular distances d(l, n) and Block Influence from one forward pass.
+//! - [`prune`]: which layers to drop (angular, deepest, block-influence).
+//! - [`plot`]: the d(l, n) heatmap.
+//! - [`forward`]: one prompt's ids, logits and residual states, for inspection and parity checks.
 
+pub mod data;
 pub mod forward;
 pub mod model;
+pub mod plot;
+pub mod prune;
+pub mod score;

@@ -159,7 +159,8 @@ fn cli_reports_errors_without_panicking() {
         run(&["forward", "--model", tiny.to_str().unwrap(), "--drop", "x", "--prompt-file", prompt, "--out", out]);
     assert_eq!(code, Some(2), "clap rejects a malformed --drop");
     assert!(err.contains("START:N"), "{err}");
-    let (code, _) = run(&["forward", "--model", tiny.to_str().unwrap(), "--drop", "1:2", "--prompt-file", prompt, "--out", out]);
+    let (code, _) =
+        run(&["forward", "--model", tiny.to_str().unwrap(), "--drop", "1:2", "--prompt-file", prompt, "--out", out]);
     assert_eq!(code, Some(0));
     let t = candle_core::safetensors::load(out, &Device::Cpu).unwrap();
     assert_eq!(t["states"].dims(), &[3, 5, 64]);

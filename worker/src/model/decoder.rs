@@ -499,7 +499,7 @@ impl Decoder {
         &self,
         ids: &Tensor,
         prefix: Option<&KvCache>,
-        mut record: Option<&mut KvCache>,
+        record: Option<&mut KvCache>,
         observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -518,7 +518,7 @@ impl Decoder {
             x = block.forward(&x, &rotary, prefix.map(|p| &p.layers[l]), rec)?;
         }
         observe(self.blocks.len(), &x)?;
-        if let Some(r) = record.as_deref_mut() {
+        if let Some(r) = record {
             r.layers = recorded;
             r.len = offset + t;
         }

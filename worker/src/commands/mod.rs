@@ -1,0 +1,87 @@
+//! Command-line definitions and one module per subcommand. Errors become `anyhow` here, at the
+//! binary's edge; the library returns typed errors.
+
+mod forward;
+mod prune;
+mod score;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use prunesweep_worker::model::{parse_device, LayerBlock, Model};
+
+/// prunesweep worker: score, prune, heal and evaluate LLM layers.
+#[derive(Parser)]
+#[command(name = "worker", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one prompt and write its token ids, logits and residual states (safetensors).
+    Forward(forward::ForwardArgs),
+    /// Angular distance d(l, n) between the residual stream entering layer l and layer l+n, for
+    /// every block (Gromov et al. 2024, §3.2), plus ShortGPT Block Influence, from one pass.
+    Score(score::ScoreArgs),
+    /// Drop layers (chosen by method, or given) and write the pruned model as an HF directory.
+    Prune(prune::PruneArgs),
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Forward(a) => forward::run(a),
+            Command::Score(a) => score::run(a),
+            Command::Prune(a) => prune::run(a),
+        }
+    }
+}
+
+/// `--model`, `--drop`, `--device`: shared by every command that loads a model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a .gguf file, an HF directory, an HF hub cache folder (models--org--name), or an HF
+    /// id (org/name) in the local hub cache.
+    #[arg(long, env = "PRUNESWEEP_MODEL")]
+    pub model: PathBuf,
+    /// Drop layers START..START+N-1 first (0-based, half-open like mergekit's layer_range), e.g. 20:6.
+    #[arg(long, value_name = "START:N")]
+    pub drop: Option<LayerBlock>,
+    /// cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, default_value = "cpu", env = "PRUNESWEEP_DEVICE")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    /// Loads the model and applies `--drop`.
+    pub fn load(&self) -> anyhow::Result<Model> {
+        let device = parse_device(&self.device).map_err(anyhow::Error::msg)?;
+        let mut model = Model::load(&self.model, &device)?;
+        if let Some(block) = self.drop {
+            model.decoder.remove_layers(&block.indices())?;
+        }
+        tracing::info!(model = %model.describe(), "loaded");
+        Ok(model)
+    }
+}
+
+/// Calibration data for a scoring pass.
+#[derive(Args, Clone)]
+pub struct CalibrationArgs {
+    /// Calibration text: JSON lines / json.gz with a `text` field (C4), Parquet with a `text`
+    /// column, or plain text.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Use the first N documents (the paper averaged over 10k C4 validation samples).
+    #[arg(long, default_value_t = 512)]
+    pub samples: usize,
+    /// Truncate each document to its first T tokens; the distance is taken at the last one.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Sequences per forward pass (right-padded).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+}

@@ -1,0 +1,101 @@
+//! `worker score`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use prunesweep_worker::data::read_documents;
+use prunesweep_worker::model::Model;
+use prunesweep_worker::plot::write_heatmap;
+use prunesweep_worker::score::{score_layers, Calibration, Scores};
+use serde_json::json;
+
+use super::{CalibrationArgs, ModelArgs};
+
+/// Arguments of `worker score`.
+#[derive(Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    calibration: CalibrationArgs,
+    /// Distances CSV (`n,l,distance`, every pair); Block Influence goes to `<stem>.block-influence.csv`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also draw the d(l, n) heatmap as FILE.svg and FILE.png.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+    /// Print the summary as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where the Block Influence CSV of a distances file lives.
+pub fn influence_path(distances: &Path) -> PathBuf {
+    distances.with_extension("block-influence.csv")
+}
+
+/// Tokenizes the calibration data and runs the scoring pass with a progress bar.
+pub fn score_with_progress(model: &Model, cal: &CalibrationArgs) -> anyhow::Result<(Calibration, Scores)> {
+    let data = cal.data.as_ref().context("--data is required to score (a calibration text file)")?;
+    let docs = read_documents(data, Some(cal.samples))?;
+    let calibration = Calibration::from_documents(&model.tokenizer, &docs, cal.seq_len)?;
+    if calibration.skipped_short > 0 {
+        tracing::warn!(skipped = calibration.skipped_short, "documents shorter than 2 tokens were skipped");
+    }
+    let bar = ProgressBar::new(calibration.tokens() as u64).with_style(
+        ProgressStyle::with_template("scoring {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})")
+            .expect("the template is valid"),
+    );
+    let scores = score_layers(&model.decoder, &calibration, cal.batch, &mut |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    Ok((calibration, scores))
+}
+
+/// Scores, writes the CSVs (and plot), prints the summary.
+pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let (calibration, scores) = score_with_progress(&model, &args.calibration)?;
+    let d = &scores.distances;
+    std::fs::write(&args.out, d.to_csv()).with_context(|| format!("writing {}", args.out.display()))?;
+    let bi_path = influence_path(&args.out);
+    let bi_csv: String = std::iter::once("layer,score".to_string())
+        .chain(scores.influence.scores.iter().enumerate().map(|(l, s)| format!("{l},{s:?}")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&bi_path, bi_csv + "\n").with_context(|| format!("writing {}", bi_path.display()))?;
+    if let Some(plot) = &args.plot {
+        let title = format!("d(l, n), {} ({} samples)", model.decoder.cfg.family.model_type(), d.samples);
+        let (svg, png) = write_heatmap(d, &title, plot).map_err(anyhow::Error::msg)?;
+        tracing::info!(svg = %svg.display(), png = %png.display(), "wrote heatmap");
+    }
+    let tok_s = scores.tokens as f64 / scores.seconds;
+    let best: Vec<(usize, usize, f64)> =
+        (1..=d.num_layers).map(|n| d.best_start(n).map(|(l, v)| (n, l, v))).collect::<Result<_, _>>()?;
+    if args.json {
+        let summary = json!({
+            "model": model.describe(),
+            "layers": d.num_layers,
+            "samples": d.samples,
+            "skipped_short": calibration.skipped_short,
+            "tokens": scores.tokens,
+            "seconds": scores.seconds,
+            "tokens_per_second": tok_s,
+            "best": best.iter().map(|(n, l, v)| json!({"n": n, "start": l, "distance": v})).collect::<Vec<_>>(),
+            "block_influence": scores.influence.scores,
+            "distances_csv": args.out,
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{:>3}  {:>4}  {:>9}  dropped layers", "n", "l*", "d(l*,n)");
+        for (n, l, v) in &best {
+            println!("{n:>3}  {l:>4}  {v:>9.5}  {l}..={}", l + n - 1);
+        }
+        println!(
+            "{} samples ({} skipped as too short), {} tokens in {:.1}s: {:.0} tokens/s",
+            d.samples, calibration.skipped_short, scores.tokens, scores.seconds, tok_s
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Layer scoring and pruning: the distance's geometry and index convention, agreement with a
+//! transformers reference on SmolLM2, and pruned checkpoints written by `worker prune`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use common::{fixture, rel_err, smollm2_gguf};
+use prunesweep_worker::data::read_documents;
+use prunesweep_worker::forward::forward_ids;
+use prunesweep_worker::model::Model;
+use prunesweep_worker::score::{angular_distance, score_layers, AngularDistances, Calibration};
+
+fn c4() -> std::path::PathBuf {
+    let data = std::env::var_os("PRUNESWEEP_DATA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    let path = data.join("c4/c4-en-train.00000-of-01024.first1000.jsonl");
+    assert!(path.is_file(), "C4 sample not at {}; set PRUNESWEEP_DATA to the shared data folder", path.display());
+    path
+}
+
+fn worker(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_worker")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// d(l, n) from a scoring pass equals the angle between `worker forward`'s states l and l+n at the
+/// last token: the index convention (x^(l) enters block l; x^(L) is pre-norm) is the same in both.
+#[test]
+fn scoring_uses_the_forward_states_convention() {
+    let model = Model::load(&fixture("tiny-llama"), &Device::Cpu).unwrap();
+    let seqs: Vec<Vec<u32>> =
+        vec![vec![5, 9, 40, 41, 42, 100, 7], vec![8, 200, 201], vec![3, 4, 5, 6, 7, 8, 9, 10, 11]];
+    let cal = Calibration { sequences: seqs.clone(), skipped_short: 0 };
+    let batched = score_layers(&model.decoder, &cal, 2, &mut |_| {}).unwrap();
+    let one_by_one = score_layers(&model.decoder, &cal, 1, &mut |_| {}).unwrap();
+    let layers = 4;
+    let states: Vec<Vec<Vec<f32>>> = seqs
+        .iter()
+        .map(|s| {
+            let st = forward_ids(&model, s).unwrap().states; // [L+1, T, H]
+            (0..=layers).map(|l| st.get(l).unwrap().get(s.len() - 1).unwrap().to_vec1::<f32>().unwrap()).collect()
+        })
+        .collect();
+    for n in 1..=layers {
+        for l in 0..=layers - n {
+            let want: f64 = states.iter().map(|s| angular_distance(&s[l], &s[l + n])).sum::<f64>() / 3.0;
+            for (what, d) in [("batched", &batched.distances), ("unbatched", &one_by_one.distances)] {
+                let got = d.get(n, l);
+                assert!((got - want).abs() < 1e-6, "{what} d({l},{n}) = {got}, from forward states {want}");
+            }
+        }
+    }
+    // Right padding does not leak into Block Influence either.
+    for (a, b) in batched.influence.scores.iter().zip(&one_by_one.influence.scores) {
+        assert!((a - b).abs() < 1e-6, "block influence {a} vs {b}");
+    }
+}
+
+/// SmolLM2, first 16 C4 documents × 64 tokens, against `scripts/reference/make_score_reference.py`
+/// (transformers, f32 states, f64 distances). Tolerance: |Δd| ≤ 1e-4 (measured ~3e-8), and the same
+/// l*(n) for every n (the closest runner-up is 4.4e-5 behind, at n = 13).
+#[test]
+fn smollm2_distances_match_transformers() {
+    let model = Model::load(&smollm2_gguf(), &Device::Cpu).unwrap();
+    let docs = read_documents(&c4(), Some(16)).unwrap();
+    let cal = Calibration::from_documents(&model.tokenizer, &docs, 64).unwrap();
+    assert_eq!((cal.sequences.len(), cal.skipped_short, cal.tokens()), (16, 0, 984));
+    let scores = score_layers(&model.decoder, &cal, 4, &mut |_| {}).unwrap();
+    let reference = AngularDistances::read_csv(&fixture("smollm2/distances_c4_16x64.csv"), Some(30)).unwrap();
+    for n in 1..=30 {
+        for l in 0..=30 - n {
+            let (got, want) = (scores.distances.get(n, l), reference.get(n, l));
+            assert!((got - want).abs() <= 1e-4, "d({l},{n}): {got} vs transformers {want}");
+        }
+        assert_eq!(scores.distances.best_start(n).unwrap().0, reference.best_start(n).unwrap().0, "l*({n})");
+    }
+    let bi = std::fs::read_to_string(fixture("smollm2/block_influence_c4_16x64.csv")).unwrap();
+    for (line, got) in bi.lines().skip(1).zip(&scores.influence.scores) {
+        let want: f64 = line.split(',').nth(1).unwrap().parse().unwrap();
+        assert!((got - want).abs() <= 1e-4, "block influence {got} vs {want}");
+    }
+}
+
+fn last_logits(model: &Model, ids: &[u32]) -> Tensor {
+    let out = forward_ids(model, ids).unwrap();
+    out.logits.get(ids.len() - 1).unwrap()
+}
+
+/// `worker prune` picks the block from the distances, writes an HF dir that reloads with exactly
+/// the kept layers, and that model computes what an in-memory `--drop` computes.
+#[test]
+fn pruned_smollm2_reloads_with_the_expected_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pruned");
+    let gguf = smollm2_gguf();
+    let distances = fixture("smollm2/distances_c4_16x64.csv");
+    let (ok, stdout, stderr) = worker(&[
+        "prune",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--fraction",
+        "0.2",
+        "--method",
+        "angular",
+        "--distances",
+        distances.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("prunesweep.json")).unwrap()).unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap(), meta, "stdout echoes prunesweep.json");
+    assert_eq!(meta["n"], 6);
+    assert_eq!(meta["dropped_layers"], serde_json::json!([13, 14, 15, 16, 17, 18]), "l*(6) = 13");
+    assert_eq!(meta["method"], "angular");
+    assert!((meta["score"].as_f64().unwrap() - 0.14002161384830514).abs() < 1e-12);
+    assert_eq!(meta["calibration"]["sha256"].as_str().unwrap().len(), 64);
+
+    let pruned = Model::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(pruned.decoder.num_blocks(), 24);
+    let mut cut = Model::load(&gguf, &Device::Cpu).unwrap();
+    cut.decoder.remove_layers(&[13, 14, 15, 16, 17, 18]).unwrap();
+    let ids = cut.tokenizer.encode("The capital of France is Paris. The capital of Germany is").unwrap();
+    let e = rel_err(&last_logits(&pruned, &ids), &last_logits(&cut, &ids));
+    assert!(e <= 1e-6, "reloaded pruned model vs in-memory drop: rel err {e}");
+}
+
+#[test]
+fn dropping_nothing_writes_an_identical_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("same");
+    let tiny = fixture("tiny-phi3");
+    let (ok, _, stderr) = worker(&[
+        "prune",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--n",
+        "0",
+        "--method",
+        "deepest",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let (a, b) = (Model::load(&tiny, &Device::Cpu).unwrap(), Model::load(&out, &Device::Cpu).unwrap());
+    let ids = [5u32, 6, 7, 8, 9, 10];
+    assert_eq!(
+        last_logits(&a, &ids).to_vec1::<f32>().unwrap(),
+        last_logits(&b, &ids).to_vec1::<f32>().unwrap(),
+        "bit-identical output"
+    );
+}
+
+#[test]
+fn score_cli_writes_csvs_plot_and_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("docs.txt");
+    // Three usable paragraphs and one that is a single token.
+    std::fs::write(&data, "the cat sat on the mat\n\nsome more text here\n\nx\n\nand a third document of text\n")
+        .unwrap();
+    let csv = tmp.path().join("d.csv");
+    let plot = tmp.path().join("heat");
+    let tiny = fixture("tiny-llama");
+    let (ok, stdout, stderr) = worker(&[
+        "score",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--seq-len",
+        "8",
+        "--out",
+        csv.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["samples"], 3);
+    assert_eq!(summary["skipped_short"], 1, "the one-byte document is skipped and counted");
+    assert_eq!(summary["best"].as_array().unwrap().len(), 4);
+    let d = AngularDistances::read_csv(&csv, Some(4)).unwrap();
+    assert_eq!(summary["best"][1]["start"], d.best_start(2).unwrap().0);
+    assert!(std::fs::read_to_string(tmp.path().join("d.block-influence.csv")).unwrap().starts_with("layer,score\n0,"));
+    assert!(std::fs::read_to_string(plot.with_extension("svg")).unwrap().contains("<svg"));
+    assert!(std::fs::read(plot.with_extension("png")).unwrap().starts_with(b"\x89PNG"));
+}
+
+#[test]
+fn bad_requests_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = fixture("tiny-llama");
+    let tiny = tiny.to_str().unwrap();
+    let out = tmp.path().join("o");
+    let out = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--n", "4", "--method", "deepest"], "cannot drop 4 of 4 layers"),
+        (vec!["--fraction", "1.0", "--method", "deepest"], "outside [0, 1)"),
+        (vec!["--fraction", "-0.5", "--method", "deepest"], "outside [0, 1)"),
+        (vec!["--n", "1", "--method", "angular"], "needs --distances FILE or --data FILE"),
+        (vec!["--layers", "3:2"], "cannot drop 5 of 4"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["prune", "--model", tiny, "--out", out];
+        args.extend(extra.iter());
+        let (ok, _, stderr) = worker(&args);
+        assert!(!ok && stderr.contains(want) && !stderr.contains("panicked"), "{extra:?}: {stderr}");
+    }
+    // A distances file from another model.
+    let smol = fixture("smollm2/distances_c4_16x64.csv");
+    let (ok, _, stderr) =
+        worker(&["prune", "--model", tiny, "--n", "1", "--distances", smol.to_str().unwrap(), "--out", out]);
+    assert!(!ok && stderr.contains("30-layer model") && stderr.contains("4 layers"), "{stderr}");
+    // Empty, unreadable and all-too-short data.
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let short = tmp.path().join("short.txt");
+    std::fs::write(&short, "a\nb\n").unwrap();
+    for (data, want) in [
+        (empty.to_str().unwrap(), "no documents"),
+        ("/no/such/file.jsonl", "/no/such/file.jsonl"),
+        (short.to_str().unwrap(), "shorter than 2 tokens"),
+    ] {
+        let (ok, _, stderr) = worker(&["score", "--model", tiny, "--data", data, "--out", out]);
+        assert!(!ok && stderr.contains(want) && !stderr.contains("panicked"), "{data}: {stderr}");
+    }
+}
