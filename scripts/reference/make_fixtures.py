@@ -50,6 +50,10 @@ TOKENIZER_CASES = [
     "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
     "A. 0\nB. 4\nC. 2\nD. 6\nAnswer: B\n\n",
     "I'm can't won't they'll we've HELLO Hello hELLO",
+    # Runs of spaces before digits (C4 box scores): transformers' GGUF tokenizer applies no
+    # digit pre-split, so these spaces are tokenized by the GPT-2 regex alone.
+    "1:57 Pit Bleier 0             Bas Draw/SI              4-3 sZ Run-Harris, F.",
+    "x  1  22   333    4444\t 5\n  6",
 ]
 
 

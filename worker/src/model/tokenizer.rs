@@ -3,7 +3,9 @@
 //! GGUF stores a byte-level BPE as `tokenizer.ggml.tokens` + `tokenizer.ggml.merges`. We rebuild it
 //! with the `tokenizers` crate and **no** added prefix space, which reproduces transformers' ids on
 //! SmolLM2 (candle's `TokenizerFromGguf` adds a prefix space and does not). The pre-tokenizer follows
-//! `tokenizer.ggml.pre` as llama.cpp names it.
+//! `tokenizer.ggml.pre` as llama.cpp names it, except where transformers (our reference) differs:
+//! for `smollm` it applies the plain GPT-2 byte-level regex with no digit pre-split, and so do we
+//! (a run of spaces before a digit tokenizes differently otherwise).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +13,6 @@ use candle_core::quantized::gguf_file;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -100,8 +101,7 @@ impl Tokenizer {
             Ok(s.into())
         };
         let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-            "default" | "gpt2" | "gpt-2" => byte_level.into(),
-            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "default" | "gpt2" | "gpt-2" | "smollm" => byte_level.into(),
             "llama-bpe" | "llama3" => {
                 Sequence::new(vec![split(LLAMA3_SPLIT)?, ByteLevel::new(false, true, false).into()]).into()
             }
