@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Scoring throughput on SmolLM2-135M (f32, CPU): prunesweep `score_layers` and, when a Python with
 # transformers is available (REF_PYTHON, default `python3`), transformers with output_hidden_states
-# over the same documents (first 64 C4 docs × 128 tokens, batches of 8), in one table.
+# over the same documents (first 64 C4 docs × 128 tokens, batches of 8), in one table. Two
+# transformers rows: the bare decoder (`base`, the ratio's reference) and the CausalLM (`causal-lm`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh >/dev/null
@@ -14,14 +15,16 @@ cargo bench -q -p prunesweep-worker --bench score 2>/dev/null | grep '^BENCH' >"
 py=${REF_PYTHON:-python3}
 if "$py" -c 'import transformers, torch, gguf' 2>/dev/null; then
   "$py" scripts/bench_score.py "$PRUNESWEEP_SMOLLM2" "$PRUNESWEEP_DATA/c4/c4-en-train.00000-of-01024.first1000.jsonl" \
-    "$docs" "$seq" "$batch" "${BENCH_REPEATS:-3}" 2>/dev/null | grep '^BENCH' >>"$out"
+    "$docs" "$seq" "$batch" "${BENCH_REPEATS:-3}" base 2>/dev/null | grep '^BENCH' >>"$out"
+  "$py" scripts/bench_score.py "$PRUNESWEEP_SMOLLM2" "$PRUNESWEEP_DATA/c4/c4-en-train.00000-of-01024.first1000.jsonl" \
+    "$docs" "$seq" "$batch" "${BENCH_REPEATS:-3}" causal-lm 2>/dev/null | grep '^BENCH' >>"$out"
 else
   echo "(no transformers in $py: set REF_PYTHON to compare)" >&2
 fi
-ref=$(awk '/transformers-score/ { sub("tok_s=", "", $5); print $5 }' "$out")
-printf '%-24s %8s %10s %10s %8s\n' case tokens seconds tok/s "vs HF"
+ref=$(awk '/transformers-score-base/ { sub("tok_s=", "", $5); print $5 }' "$out")
+printf '%-28s %8s %10s %10s %8s\n' case tokens seconds tok/s "vs HF"
 awk -v ref="$ref" '{
   sub("tokens=", "", $3); sub("seconds=", "", $4); sub("tok_s=", "", $5);
   ratio = (ref != "") ? sprintf("%.2fx", $5 / ref) : "-";
-  printf "%-24s %8s %10s %10s %8s\n", $2, $3, $4, $5, ratio
+  printf "%-28s %8s %10s %10s %8s\n", $2, $3, $4, $5, ratio
 }' "$out"

@@ -9,7 +9,7 @@ with an attention mask through the decoder (base model, no lm_head: scoring need
 logits) with output_hidden_states=True, gathering the last-real-token state of every layer.
 One warm-up pass over the first batch, then the median wall time of REPEATS (default 3)
 full passes. Tokenization is done once, outside the timed region.
-Prints `BENCH transformers-score tokens=<real tokens> seconds=S tok_s=X`.
+Prints `BENCH transformers-score-<mode> tokens=<real tokens> seconds=S tok_s=X`.
 """
 import json
 import os
@@ -25,6 +25,9 @@ def main() -> None:
     gguf, data = sys.argv[1], sys.argv[2]
     n_docs, seq_len, batch = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     repeats = int(sys.argv[6]) if len(sys.argv) > 6 else 3
+    # `base`: the decoder only (no LM head), the leanest transformers call. `causal-lm`: the
+    # CausalLM with output_hidden_states, as PruneMe and short-transformers call it (logits too).
+    mode = sys.argv[7] if len(sys.argv) > 7 else "base"
     torch.set_num_threads(os.cpu_count() or 1)
 
     gdir, gname = os.path.dirname(os.path.abspath(gguf)), os.path.basename(gguf)
@@ -59,7 +62,7 @@ def main() -> None:
         lens = torch.tensor([len(s) for s in chunk])
         batches.append((ids, mask, lens))
 
-    base = model.model
+    base = model.model if mode == "base" else model
 
     def run(b):
         ids, mask, lens = b
@@ -76,7 +79,7 @@ def main() -> None:
             times.append(time.perf_counter() - t)
     assert sum(x.shape[1] for x in last) == len(seqs)
     s = statistics.median(times)
-    print(f"BENCH transformers-score tokens={total} seconds={s:.4f} tok_s={total / s:.1f}")
+    print(f"BENCH transformers-score-{mode} tokens={total} seconds={s:.4f} tok_s={total / s:.1f}")
 
 
 if __name__ == "__main__":

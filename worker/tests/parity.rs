@@ -200,3 +200,34 @@ fn smollm2_gguf_tokenizer_matches_transformers() {
         assert_eq!(model.tokenizer.encode(text).unwrap(), want, "text {text:?}");
     }
 }
+
+/// Sharded checkpoints (`model.safetensors.index.json` + shards) load like the single file.
+#[test]
+fn sharded_safetensors_load_like_a_single_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-llama");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let tensors = load_tensors(&src.join("model.safetensors"));
+    let (mut a, mut b) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, t)) in tensors.into_iter().enumerate() {
+        let shard = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        weight_map.insert(name.clone(), shard.into());
+        if i % 2 == 0 {
+            a.insert(name, t)
+        } else {
+            b.insert(name, t)
+        };
+    }
+    candle_core::safetensors::save(&a, tmp.path().join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&b, tmp.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let reference = load_tensors(&src.join("reference.safetensors"));
+    let model = Model::load(tmp.path(), &Device::Cpu).unwrap();
+    let out = forward_ids(&model, &ids_of(&reference["ids"])).unwrap();
+    let e = rel_err(&out.logits, &reference["logits"]);
+    assert!(e <= TOL, "sharded: logits rel err {e}");
+}
