@@ -17,10 +17,4 @@ if "$py" -c 'import transformers, torch, gguf' 2>/dev/null; then
 else
   echo "(no transformers in $py: set REF_PYTHON to compare)" >&2
 fi
-ref=$(awk '/transformers-forward-all-logits/ { sub("tok_s=", "", $5); print $5 }' "$out")
-printf '%-34s %8s %10s %10s %12s\n' case tokens seconds tok/s "vs HF"
-awk -v ref="$ref" '{
-  sub("tokens=", "", $3); sub("seconds=", "", $4); sub("tok_s=", "", $5);
-  ratio = (ref != "") ? sprintf("%.2fx", $5 / ref) : "-";
-  printf "%-34s %8s %10s %10s %12s\n", $2, $3, $4, $5, ratio
-}' "$out"
+scripts/bench-table.sh "$out" transformers-forward-all-logits

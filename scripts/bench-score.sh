@@ -21,10 +21,4 @@ if "$py" -c 'import transformers, torch, gguf' 2>/dev/null; then
 else
   echo "(no transformers in $py: set REF_PYTHON to compare)" >&2
 fi
-ref=$(awk '/transformers-score-base/ { sub("tok_s=", "", $5); print $5 }' "$out")
-printf '%-28s %8s %10s %10s %8s\n' case tokens seconds tok/s "vs HF"
-awk -v ref="$ref" '{
-  sub("tokens=", "", $3); sub("seconds=", "", $4); sub("tok_s=", "", $5);
-  ratio = (ref != "") ? sprintf("%.2fx", $5 / ref) : "-";
-  printf "%-28s %8s %10s %10s %8s\n", $2, $3, $4, $5, ratio
-}' "$out"
+scripts/bench-table.sh "$out" transformers-score-base

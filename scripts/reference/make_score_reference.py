@@ -37,45 +37,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def final_norm(model):
-    inner = model.model
-    for name in ("norm", "final_layernorm"):
-        if hasattr(inner, name):
-            return getattr(inner, name)
-    raise AttributeError("no final norm found")
+from make_fixtures import run_with_states  # same folder: the hooks that capture x^(0..L)
 
 
-@torch.no_grad()
 def states_for(model, ids):
-    """ids: list[int]. Returns float32 numpy [L+1, T, H] (entering each layer + pre-norm output)."""
-    layers = model.model.layers
-    L = len(layers)
-    pre, post = [], []
-
-    def pre_hook(mod, args, kwargs):
-        hs = args[0] if len(args) > 0 else kwargs["hidden_states"]
-        pre.append(hs.detach().clone())
-
-    def post_hook(mod, args, kwargs, output):
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        post.append(out.detach().clone())
-
-    handles = [l.register_forward_pre_hook(pre_hook, with_kwargs=True) for l in layers]
-    handles.append(layers[-1].register_forward_hook(post_hook, with_kwargs=True))
-    x = torch.tensor([ids], dtype=torch.long)
-    try:
-        out = model(input_ids=x, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    assert len(pre) == L and len(post) == 1, (len(pre), len(post), L)
-    states = torch.stack([p[0] for p in pre] + [post[0][0]], dim=0).float()
-    # sanity: states[L] is pre-norm, i.e. lm_head(norm(states[L])) reproduces the logits
-    logits = out.logits[0].float()
-    re = model.lm_head(final_norm(model)(states[L][None]))[0]
-    d = (re - logits).abs().max().item()
-    assert d < 1e-4 * max(1.0, logits.abs().max().item()), f"pre-norm check failed: {d}"
+    """ids: list[int]. Returns float32 numpy [L+1, T, H] (entering each layer + pre-norm output),
+    captured by the same hooks as the parity fixtures (which also check the pre-norm convention)."""
+    _, states = run_with_states(model, torch.tensor(ids, dtype=torch.long), check_hidden=False)
     return states.numpy()
 
 
