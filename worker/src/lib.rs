@@ -13,6 +13,7 @@
 //! - [`forward`]: one prompt's ids, logits and residual states, for inspection and parity checks.
 
 pub mod data;
+pub mod eval;
 pub mod forward;
 pub mod model;
 pub mod plot;

@@ -1,6 +1,7 @@
 //! Command-line definitions and one module per subcommand. Errors become `anyhow` here, at the
 //! binary's edge; the library returns typed errors.
 
+mod eval;
 mod forward;
 mod prune;
 mod score;
@@ -27,6 +28,8 @@ enum Command {
     Score(score::ScoreArgs),
     /// Drop layers (chosen by method, or given) and write the pruned model as an HF directory.
     Prune(prune::PruneArgs),
+    /// Evaluate: MMLU (letter k-shot or cloze), BoolQ 0-shot, or C4 loss; writes a result JSON.
+    Eval(eval::EvalArgs),
 }
 
 impl Cli {
@@ -36,6 +39,7 @@ impl Cli {
             Command::Forward(a) => forward::run(a),
             Command::Score(a) => score::run(a),
             Command::Prune(a) => prune::run(a),
+            Command::Eval(a) => eval::run(a),
         }
     }
 }

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Throughput of a plain HF-transformers evaluation loop (as lm-eval-harness runs it).
+
+Usage:
+    python scripts/bench_eval.py GGUF DATA_DIR mmlu [--per-subject 5] [--shots 5]
+    python scripts/bench_eval.py GGUF DATA_DIR boolq [--limit 200]
+
+DATA_DIR is shared/data. Prompts are exactly those of scripts/reference/make_eval_reference.py
+(imported from there):
+  * mmlu: k-shot letter prompts (first k dev rows as shots) for the first --per-subject test
+    questions of every subject (all mmlu/test/*_test.csv, alphabetical by file name);
+    prediction = argmax of the last-position logits over " A"/" B"/" C"/" D".
+  * boolq: the first --limit lines of boolq/val.jsonl; prediction = logit(" yes") > logit(" no").
+Every prompt is tokenized first (tok(text)["input_ids"], defaults), then the timed loop runs one
+full forward per prompt (batch 1, no padding, no KV-cache reuse) under torch.inference_mode(),
+float32, attn_implementation="sdpa", torch.set_num_threads(os.cpu_count()). One untimed
+warm-up forward on the first prompt precedes the loop.
+Prints
+  BENCH transformers-<task> questions=N tokens=<total prompt tokens> seconds=S q_s=X tok_s=Y
+  ACC transformers-<task> accuracy=A
+with <task> = mmlu<k> (e.g. mmlu5) or boolq.
+"""
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference"))
+from make_eval_reference import (  # noqa: E402
+    LETTERS, boolq_prompt, mmlu_letter_prompt, read_csv, single_token)
+
+
+def mmlu_prompts(data, per_subject, shots):
+    out = []  # (prompt, answer letter)
+    files = sorted(glob.glob(os.path.join(data, "mmlu", "test", "*_test.csv")))
+    assert files, f"no mmlu/test/*_test.csv under {data}"
+    for f in files:
+        subj = os.path.basename(f)[: -len("_test.csv")]
+        dev = read_csv(os.path.join(data, "mmlu", "dev", f"{subj}_dev.csv"))
+        for row in read_csv(f)[:per_subject]:
+            out.append((mmlu_letter_prompt(subj, dev, row, shots), row[5]))
+    return out
+
+
+def boolq_prompts(data, limit):
+    out = []  # (prompt, bool label)
+    with open(os.path.join(data, "boolq", "val.jsonl"), encoding="utf-8") as f:
+        for _, line in zip(range(limit), f):
+            ex = json.loads(line)
+            out.append((boolq_prompt(ex["passage"], ex["question"]), ex["label"] == "true"))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("gguf")
+    ap.add_argument("data")
+    ap.add_argument("task", choices=["mmlu", "boolq"])
+    ap.add_argument("--per-subject", type=int, default=5)
+    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--limit", type=int, default=200)
+    args = ap.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    gdir, gname = os.path.dirname(os.path.abspath(args.gguf)), os.path.basename(args.gguf)
+    tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
+    model = AutoModelForCausalLM.from_pretrained(
+        gdir, gguf_file=gname, torch_dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+
+    if args.task == "mmlu":
+        name = f"mmlu{args.shots}"
+        prompts = mmlu_prompts(args.data, args.per_subject, args.shots)
+        cand = [single_token(tok, " " + L) for L in LETTERS]
+    else:
+        name = "boolq"
+        prompts = boolq_prompts(args.data, args.limit)
+        cand = [single_token(tok, " yes"), single_token(tok, " no")]
+
+    encoded = [torch.tensor([tok(p)["input_ids"]], dtype=torch.long) for p, _ in prompts]
+    n_tokens = sum(x.shape[1] for x in encoded)
+    cand_t = torch.tensor(cand, dtype=torch.long)
+
+    picked = []
+    with torch.inference_mode():
+        model(input_ids=encoded[0], use_cache=False)  # warm-up, untimed
+        t0 = time.perf_counter()
+        for ids in encoded:
+            last = model(input_ids=ids, use_cache=False).logits[0, -1]
+            picked.append(last[cand_t].clone())
+        secs = time.perf_counter() - t0
+
+    correct = 0
+    for (_, gold), v in zip(prompts, picked):
+        if args.task == "mmlu":
+            j = max(range(4), key=lambda i: (float(v[i]), -i))  # ties -> first letter
+            correct += LETTERS[j] == gold
+        else:
+            correct += bool(v[0] > v[1]) == gold
+    n = len(prompts)
+    print(f"BENCH transformers-{name} questions={n} tokens={n_tokens} seconds={secs:.3f} "
+          f"q_s={n / secs:.3f} tok_s={n_tokens / secs:.1f}")
+    print(f"ACC transformers-{name} accuracy={correct / n:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+//! Held-out language-modelling loss (the paper's C4 validation loss, §4.2): the token-weighted mean
+//! next-token negative log-likelihood over N documents truncated to T tokens, and that loss divided
+//! by `ln V` (1.0 = guessing uniformly over the vocabulary).
+
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::{scored_positions, EvalError, EvalReport, Task};
+use crate::model::Model;
+
+/// Scores `docs` (already chosen: keep them disjoint from calibration and healing data). Documents
+/// under 2 tokens after truncation are skipped and listed.
+pub fn evaluate(
+    model: &Model,
+    docs: &[String],
+    seq_len: usize,
+    batch: usize,
+    on_progress: &mut dyn FnMut(usize),
+) -> Result<EvalReport, EvalError> {
+    let mut report = EvalReport::new(Task::C4Loss);
+    let started = Instant::now();
+    let mut seqs = Vec::new();
+    let mut doc_index = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        let mut ids = model.tokenizer.encode(d)?;
+        ids.truncate(seq_len);
+        if ids.len() < 2 {
+            report.skipped.push(format!("document {i}: fewer than 2 tokens"));
+        } else {
+            seqs.push(ids);
+            doc_index.push(i);
+        }
+    }
+    if seqs.is_empty() {
+        return Err(EvalError::Invalid("no document has 2 or more tokens".into()));
+    }
+    let (mut nll, mut count) = (0f64, 0usize);
+    for (c, chunk) in seqs.chunks(batch.max(1)).enumerate() {
+        let positions: Vec<Vec<usize>> = chunk.iter().map(|s| (0..s.len() - 1).collect()).collect();
+        let rows = scored_positions(&model.decoder, None, chunk, &positions, chunk.len(), false)?;
+        for (j, (seq, rows)) in chunk.iter().zip(rows).enumerate() {
+            let mut doc_nll = 0f64;
+            for (row, &target) in rows.iter().zip(&seq[1..]) {
+                doc_nll -= f64::from(row.get(target as usize)?.to_scalar::<f32>()?);
+            }
+            let k = c * batch.max(1) + j;
+            report.predictions.push(json!({
+                "index": doc_index[k], "tokens": seq.len() - 1, "loss": doc_nll / (seq.len() - 1) as f64,
+            }));
+            nll += doc_nll;
+            count += seq.len() - 1;
+        }
+        on_progress(((c + 1) * batch.max(1)).min(seqs.len()));
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.n = seqs.len();
+    report.tokens = seqs.iter().map(Vec::len).sum();
+    report.computed_tokens = report.tokens;
+    let loss = nll / count as f64;
+    report.loss = Some(loss);
+    report.normalized_loss = Some(loss / (model.decoder.cfg.vocab_size as f64).ln());
+    Ok(report)
+}

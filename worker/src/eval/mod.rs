@@ -1,0 +1,229 @@
+//! Evaluation after a cut: what the sweep measures (Gromov et al. 2024, §4 and App. A.2).
+//!
+//! - [`mmlu`]: MMLU in the original Hendrycks letter format (k-shot, default 5) and the cloze form
+//!   small-model papers use;
+//! - [`boolq`]: BoolQ 0-shot, `" yes"` vs `" no"`;
+//! - [`c4_loss`]: token-weighted next-token loss on held-out C4 documents, also divided by `ln V`.
+//!
+//! Speed comes from doing less work than a plain loop, never from changing the answer: prompts are
+//! tokenized whole (exactly as the plain path), the longest common token prefix of a group of
+//! prompts (MMLU's few-shot header) is run once and its keys/values shared across a batch, and only
+//! the positions that are scored go through the final norm and the LM head.
+
+pub mod boolq;
+pub mod c4_loss;
+pub mod mmlu;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{Tensor, D};
+use serde::Serialize;
+
+use crate::data::DataError;
+use crate::model::{Decoder, KvCache, ModelError, Tokenizer};
+
+/// Why an evaluation could not run. Messages name the file (and line) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// A data file could not be read.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A row of a data file is malformed.
+    #[error("{}:{line}: {message}", path.display())]
+    Row {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (CSV: the line the record starts on).
+        line: u64,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file the task needs is absent.
+    #[error("{} is missing: {hint}", path.display())]
+    MissingFile {
+        /// The file.
+        path: PathBuf,
+        /// Why it is needed.
+        hint: String,
+    },
+    /// The task was asked for in a way it cannot run.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The tasks `worker eval` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// MMLU, Hendrycks letter format, k-shot (default 5).
+    Mmlu,
+    /// MMLU cloze: length-normalised log-likelihood of each answer text, 0-shot.
+    MmluCloze,
+    /// BoolQ, 0-shot.
+    Boolq,
+    /// Next-token loss on C4 documents.
+    C4Loss,
+}
+
+impl Task {
+    /// The name used on the command line and in result files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Mmlu => "mmlu",
+            Task::MmluCloze => "mmlu-cloze",
+            Task::Boolq => "boolq",
+            Task::C4Loss => "c4-loss",
+        }
+    }
+}
+
+/// Accuracy over one MMLU subject.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SubjectScore {
+    /// Questions.
+    pub n: usize,
+    /// Share answered correctly.
+    pub accuracy: f64,
+}
+
+/// What an evaluation produced; serialized as the `--out` JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Task name.
+    pub task: &'static str,
+    /// Share correct (accuracy tasks; per question, i.e. weighted by subject size for MMLU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Mean of the per-subject accuracies (MMLU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_mean_accuracy: Option<f64>,
+    /// Token-weighted mean next-token loss in nats (c4-loss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// `loss / ln V`: 1.0 is uniform guessing (the paper's normalisation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalized_loss: Option<f64>,
+    /// Items scored (questions, or documents for c4-loss).
+    pub n: usize,
+    /// Tokens a plain loop would run (every prompt in full).
+    pub tokens: usize,
+    /// Tokens actually run (shared prefixes counted once).
+    pub computed_tokens: usize,
+    /// Wall time of the model work.
+    pub seconds: f64,
+    /// Per-subject accuracy (MMLU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_subject: Option<BTreeMap<String, SubjectScore>>,
+    /// Data rows skipped, with why (e.g. an answer that is not A–D in a JSON lines file).
+    pub skipped: Vec<String>,
+    /// Things the user should know (e.g. a choice token that is not a single token).
+    pub warnings: Vec<String>,
+    /// Per item, in data order.
+    pub predictions: Vec<serde_json::Value>,
+}
+
+impl EvalReport {
+    /// An empty report for `task`, to be filled in.
+    pub fn new(task: Task) -> Self {
+        EvalReport {
+            task: task.name(),
+            accuracy: None,
+            subject_mean_accuracy: None,
+            loss: None,
+            normalized_loss: None,
+            n: 0,
+            tokens: 0,
+            computed_tokens: 0,
+            seconds: 0.0,
+            per_subject: None,
+            skipped: Vec::new(),
+            warnings: Vec::new(),
+            predictions: Vec::new(),
+        }
+    }
+}
+
+/// The id of a one-token continuation such as `" A"`. When the tokenizer splits it, the first token
+/// is used and a warning says so (the plain loop would score the first token too).
+pub fn choice_token(tokenizer: &Tokenizer, text: &str, warnings: &mut Vec<String>) -> Result<u32, EvalError> {
+    let ids = tokenizer.encode_plain(text)?;
+    match ids.as_slice() {
+        [one] => Ok(*one),
+        [first, ..] => {
+            warnings.push(format!(
+                "{text:?} is {} tokens for this tokenizer ({ids:?}); scoring its first token {first}",
+                ids.len()
+            ));
+            Ok(*first)
+        }
+        [] => Err(EvalError::Invalid(format!("{text:?} tokenizes to nothing"))),
+    }
+}
+
+/// Length of the longest common prefix of all sequences, capped so that every sequence keeps at
+/// least `keep` tokens after it.
+pub fn common_prefix_len(seqs: &[Vec<u32>], keep: usize) -> usize {
+    let Some(first) = seqs.first() else { return 0 };
+    let mut len = first.len();
+    for s in &seqs[1..] {
+        len = len.min(first.iter().zip(s).take_while(|(a, b)| a == b).count());
+    }
+    let shortest = seqs.iter().map(Vec::len).min().unwrap_or(0);
+    len.min(shortest.saturating_sub(keep))
+}
+
+/// Runs `suffixes` (each continuing `prefix`, if any) in right-padded batches and returns, for each
+/// suffix and each requested position (indices into the suffix), the log-softmax over the
+/// vocabulary restricted to `pick` token ids — or, with `pick` empty, the full log-softmax row.
+pub fn scored_positions(
+    decoder: &Decoder,
+    prefix: Option<&KvCache>,
+    suffixes: &[Vec<u32>],
+    positions: &[Vec<usize>],
+    batch: usize,
+    raw_logits: bool,
+) -> Result<Vec<Vec<Tensor>>, EvalError> {
+    let mut out = Vec::with_capacity(suffixes.len());
+    for (chunk, pos_chunk) in suffixes.chunks(batch.max(1)).zip(positions.chunks(batch.max(1))) {
+        let width = chunk.iter().map(Vec::len).max().expect("chunks are non-empty");
+        let padded: Vec<u32> =
+            chunk.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(width)).collect();
+        let ids = Tensor::from_vec(padded, (chunk.len(), width), decoder.device())?;
+        let hidden = decoder.run(&ids, prefix, None, &mut |_, _| Ok(()))?;
+        // Gather all requested rows of the batch, then one norm + LM head.
+        let (b, t, h) = hidden.dims3()?;
+        let flat: Vec<u32> =
+            pos_chunk.iter().enumerate().flat_map(|(i, ps)| ps.iter().map(move |&p| (i * t + p) as u32)).collect();
+        let rows = hidden.reshape((b * t, h))?.index_select(&Tensor::new(flat.as_slice(), decoder.device())?, 0)?;
+        let logits = decoder.logits(&rows)?;
+        let scored = if raw_logits { logits } else { candle_nn::ops::log_softmax(&logits, D::Minus1)? };
+        let mut offset = 0;
+        for ps in pos_chunk {
+            out.push((0..ps.len()).map(|j| scored.get(offset + j)).collect::<candle_core::Result<Vec<_>>>()?);
+            offset += ps.len();
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefix_keeps_a_suffix() {
+        let seqs = vec![vec![1, 2, 3, 4], vec![1, 2, 3, 5, 6], vec![1, 2, 3, 4, 7]];
+        assert_eq!(common_prefix_len(&seqs, 1), 3);
+        let same = vec![vec![1, 2, 3], vec![1, 2, 3]];
+        assert_eq!(common_prefix_len(&same, 1), 2, "at least one token stays in each suffix");
+        assert_eq!(common_prefix_len(&same, 2), 1);
+        assert_eq!(common_prefix_len(&[], 1), 0);
+    }
+}
