@@ -536,7 +536,7 @@ mod tests {
             "choices".into(),
             [Series::new("".into(), ["w", "x", "y", "z"]), Series::new("".into(), ["1", "2", "3", "4"])],
         );
-        let mut df = DataFrame::new(vec![
+        let mut df = DataFrame::new_infer_height(vec![
             Series::new("question".into(), ["q1", "q2"]).into(),
             Series::new("subject".into(), ["anatomy", "anatomy"]).into(),
             choices.into(),

@@ -1,0 +1,198 @@
+//! Results → a table. This is the client edge: it reads the `ListResults` reply (protobuf) and
+//! writes a table (one row per job × result: model, method, heal, fraction, layers dropped,
+//! task, metric, value, timings) → CSV or Parquet with polars.
+
+use std::path::Path;
+
+use polars::prelude::*;
+use prunesweep_proto::v1 as pb;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Comma-separated values with a header.
+    Csv,
+    /// Apache Parquet.
+    Parquet,
+}
+
+/// One exported row.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExportRow {
+    /// Sweep name.
+    pub sweep: String,
+    /// Job id.
+    pub job_id: i64,
+    /// `baseline` or `cell`.
+    pub kind: String,
+    /// Model name.
+    pub model: String,
+    /// Method (`none` for the baseline).
+    pub method: String,
+    /// Heal variant.
+    pub heal: String,
+    /// Requested fraction (0 for the baseline; unset for explicit `n`).
+    pub fraction: Option<f64>,
+    /// Requested n (explicit `n` cells).
+    pub n: Option<u32>,
+    /// Layers actually dropped.
+    pub n_dropped: Option<u32>,
+    /// The dropped layers, comma-separated.
+    pub layers_dropped: String,
+    /// Decoder layers of the unpruned model.
+    pub num_layers: Option<u32>,
+    /// Fraction actually dropped (`n_dropped / num_layers`).
+    pub fraction_dropped: Option<f64>,
+    /// Task.
+    pub task: String,
+    /// Metric.
+    pub metric: String,
+    /// Value.
+    pub value: f64,
+    /// Seconds the job took (sum of its phase timings).
+    pub seconds: Option<f64>,
+}
+
+/// Errors writing an export.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// polars failed to build or write the table.
+    #[error("building the table: {0}")]
+    Polars(#[from] PolarsError),
+    /// The output file could not be created.
+    #[error("creating {path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Rows from a `ListResults` reply: one per (job, result) for baseline and cell jobs (score jobs
+/// have no results; their distance tables are exported by the worker's `score` command).
+pub fn rows_from_pb(sweep: &str, jobs: &[pb::JobResult]) -> Vec<ExportRow> {
+    let mut rows = Vec::new();
+    for job in jobs {
+        let Some(spec) = &job.spec else { continue };
+        let kind = spec.kind();
+        if kind == pb::JobKind::Score {
+            continue;
+        }
+        let baseline = kind == pb::JobKind::Baseline;
+        let (fraction, n) = match spec.amount {
+            Some(pb::job_spec::Amount::Fraction(f)) => (Some(f), None),
+            Some(pb::job_spec::Amount::N(n)) => (None, Some(n)),
+            None => (baseline.then_some(0.0), baseline.then_some(0)),
+        };
+        let n_dropped = if baseline {
+            Some(0)
+        } else if job.layers_dropped.is_empty() && job.num_layers.is_none() {
+            None
+        } else {
+            Some(job.layers_dropped.len() as u32)
+        };
+        let method = match spec.method() {
+            pb::PruneMethod::Unspecified => "none",
+            pb::PruneMethod::Angular => "angular",
+            pb::PruneMethod::Deepest => "deepest",
+            pb::PruneMethod::BlockInfluence => "block-influence",
+        };
+        let seconds = (!job.timings.is_empty()).then(|| job.timings.iter().map(|t| t.seconds).sum());
+        for r in &job.results {
+            rows.push(ExportRow {
+                sweep: sweep.to_string(),
+                job_id: job.job_id,
+                kind: if baseline { "baseline" } else { "cell" }.to_string(),
+                model: spec.model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+                method: method.to_string(),
+                heal: spec.heal.as_ref().map_or("none", |h| h.name.as_str()).to_string(),
+                fraction,
+                n,
+                n_dropped,
+                layers_dropped: job.layers_dropped.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+                num_layers: job.num_layers,
+                fraction_dropped: match (n_dropped, job.num_layers) {
+                    (Some(d), Some(l)) if l > 0 => Some(f64::from(d) / f64::from(l)),
+                    _ => None,
+                },
+                task: r.task.clone(),
+                metric: r.metric.clone(),
+                value: r.value,
+                seconds,
+            });
+        }
+    }
+    rows
+}
+
+/// Build the table.
+pub fn to_dataframe(rows: &[ExportRow]) -> Result<DataFrame, ExportError> {
+    fn col<T, F: Fn(&ExportRow) -> T>(rows: &[ExportRow], _name: &str, f: F) -> Vec<T> {
+        rows.iter().map(f).collect()
+    }
+    let columns = vec![
+        Column::new("sweep".into(), col(rows, "sweep", |r| r.sweep.clone())),
+        Column::new("job_id".into(), col(rows, "job_id", |r| r.job_id)),
+        Column::new("kind".into(), col(rows, "kind", |r| r.kind.clone())),
+        Column::new("model".into(), col(rows, "model", |r| r.model.clone())),
+        Column::new("method".into(), col(rows, "method", |r| r.method.clone())),
+        Column::new("heal".into(), col(rows, "heal", |r| r.heal.clone())),
+        Column::new("fraction".into(), col(rows, "fraction", |r| r.fraction)),
+        Column::new("n".into(), col(rows, "n", |r| r.n)),
+        Column::new("n_dropped".into(), col(rows, "n_dropped", |r| r.n_dropped)),
+        Column::new("layers_dropped".into(), col(rows, "layers_dropped", |r| r.layers_dropped.clone())),
+        Column::new("num_layers".into(), col(rows, "num_layers", |r| r.num_layers)),
+        Column::new("fraction_dropped".into(), col(rows, "fraction_dropped", |r| r.fraction_dropped)),
+        Column::new("task".into(), col(rows, "task", |r| r.task.clone())),
+        Column::new("metric".into(), col(rows, "metric", |r| r.metric.clone())),
+        Column::new("value".into(), col(rows, "value", |r| r.value)),
+        Column::new("seconds".into(), col(rows, "seconds", |r| r.seconds)),
+    ];
+    Ok(DataFrame::new_infer_height(columns)?)
+}
+
+/// Write the table to `path`.
+pub fn write(rows: &[ExportRow], format: Format, path: &Path) -> Result<(), ExportError> {
+    let mut df = to_dataframe(rows)?;
+    let io = |source| ExportError::Io { path: path.display().to_string(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let file = std::fs::File::create(path).map_err(io)?;
+    match format {
+        Format::Csv => CsvWriter::new(file).finish(&mut df)?,
+        Format::Parquet => {
+            ParquetWriter::new(file).finish(&mut df)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_has_one_line_per_row() {
+        let rows = vec![
+            ExportRow {
+                sweep: "s".into(),
+                job_id: 1,
+                task: "mmlu".into(),
+                metric: "accuracy".into(),
+                value: 0.5,
+                ..Default::default()
+            },
+            ExportRow { sweep: "s".into(), job_id: 2, fraction: Some(0.25), n_dropped: Some(2), ..Default::default() },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.csv");
+        write(&rows, Format::Csv, &path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.starts_with("sweep,job_id,kind,model,method,heal,fraction,n,n_dropped"), "{text}");
+        write(&rows, Format::Parquet, &dir.path().join("out.parquet")).unwrap();
+    }
+}

@@ -1,0 +1,21 @@
+//! The prunesweep coordinator: sweep files in, jobs leased to GPU workers over gRPC, results out.
+//!
+//! # Layout
+//!
+//! - [`sweep`]: sweep files (`experiments/*.yaml`) → validated [`sweep::SweepSpec`] → jobs with
+//!   content keys.
+//! - [`job`]: the job state machine, pure.
+//! - [`store`]: the durable store (one trait; SQLite and Postgres backends).
+//! - [`service`]: the tonic services; protobuf ↔ domain conversion happens only there.
+//! - [`server`]: [`server::run`] serves both services on a bound listener until a shutdown future
+//!   resolves, with the lease reaper alongside.
+//! - [`export`]: results → CSV / Parquet (polars).
+
+pub mod export;
+pub mod job;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod sweep;
+
+pub use server::{run, Config};

@@ -1,0 +1,243 @@
+//! `coordinator`: serve the job store over gRPC, and the client commands that talk to it.
+//!
+//! ```sh
+//! coordinator serve                                   # SQLite at results/coordinator.sqlite, :50051
+//! coordinator serve --database postgres://postgres@127.0.0.1:5432/test --listen 0.0.0.0:50051
+//! coordinator submit experiments/tiny-test.yaml
+//! coordinator status                                  # every sweep
+//! coordinator status tiny-test --watch                # counts + progress bar until done
+//! coordinator cancel tiny-test
+//! coordinator retry tiny-test --failed
+//! coordinator export tiny-test --format csv --out results/tiny-test/results.csv
+//! ```
+//!
+//! Every flag also reads an environment variable (`PRUNESWEEP_LISTEN`, `PRUNESWEEP_DATABASE`,
+//! `PRUNESWEEP_COORDINATOR`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use pb::sweep_service_client::SweepServiceClient;
+use prunesweep_coordinator::export::{self, Format};
+use prunesweep_coordinator::store::{self, DEFAULT_DATABASE_URL};
+use prunesweep_coordinator::sweep::SweepSpec;
+use prunesweep_coordinator::Config;
+use prunesweep_proto::v1 as pb;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "coordinator", version, about = "prunesweep coordinator: sweeps, job store, leases over gRPC")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The coordinator's URL.
+    #[arg(long, env = "PRUNESWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Csv,
+    Parquet,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the job store over gRPC until Ctrl-C.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "PRUNESWEEP_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: String,
+        /// `sqlite://PATH`, a path, or `postgres://...`.
+        #[arg(long, env = "PRUNESWEEP_DATABASE", default_value = DEFAULT_DATABASE_URL)]
+        database: String,
+        /// Lease length without a heartbeat, in seconds.
+        #[arg(long, default_value_t = 60)]
+        lease_ttl_secs: u64,
+    },
+    /// Submit a sweep file (adds only the cells the sweep does not have yet).
+    Submit {
+        /// The sweep file (YAML).
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Job counts per state, for one sweep or all.
+    Status {
+        /// The sweep (default: all).
+        sweep: Option<String>,
+        /// Follow the sweep with a progress bar until it is done.
+        #[arg(long, requires = "sweep")]
+        watch: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a sweep: no more leases; running workers are told to stop.
+    Cancel {
+        /// The sweep.
+        sweep: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Requeue a sweep's failed jobs (and cancelled ones, without `--failed`).
+    Retry {
+        /// The sweep.
+        sweep: String,
+        /// Only failed jobs.
+        #[arg(long)]
+        failed: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Write a sweep's results, one row per cell × metric.
+    Export {
+        /// The sweep.
+        sweep: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: FormatArg,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+async fn connect(args: &ClientArgs) -> Result<SweepServiceClient<Channel>> {
+    SweepServiceClient::connect(args.coordinator.clone())
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", args.coordinator))
+}
+
+fn print_table(sweeps: &[pb::SweepStatus]) {
+    println!(
+        "{:<24} {:<9} {:>7} {:>7} {:>6} {:>9} {:>6} {:>9} {:>6}",
+        "SWEEP", "STATE", "BLOCKED", "PENDING", "LEASED", "SUCCEEDED", "FAILED", "CANCELLED", "TOTAL"
+    );
+    for s in sweeps {
+        let total = s.blocked + s.pending + s.leased + s.succeeded + s.failed + s.cancelled;
+        println!(
+            "{:<24} {:<9} {:>7} {:>7} {:>6} {:>9} {:>6} {:>9} {:>6}",
+            s.name, s.state, s.blocked, s.pending, s.leased, s.succeeded, s.failed, s.cancelled, total
+        );
+    }
+}
+
+async fn watch(client: &mut SweepServiceClient<Channel>, sweep: &str) -> Result<()> {
+    let status = client.get_sweep(pb::GetSweepRequest { sweep: sweep.to_string() }).await?.into_inner();
+    let total =
+        |s: &pb::SweepStatus| u64::from(s.blocked + s.pending + s.leased + s.succeeded + s.failed + s.cancelled);
+    let done = |s: &pb::SweepStatus| u64::from(s.succeeded + s.failed + s.cancelled);
+    let bar = ProgressBar::new(total(&status));
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} jobs {msg}").expect("the template is valid"));
+    let show = |s: &pb::SweepStatus| {
+        bar.set_length(total(s));
+        bar.set_position(done(s));
+        bar.set_message(format!(
+            "blocked {} pending {} leased {} succeeded {} failed {} cancelled {}",
+            s.blocked, s.pending, s.leased, s.succeeded, s.failed, s.cancelled
+        ));
+    };
+    show(&status);
+    let mut stream =
+        client.watch_sweep(pb::WatchSweepRequest { sweep: sweep.to_string(), after_seq: 0 }).await?.into_inner();
+    while let Some(event) = stream.message().await? {
+        if let Some(s) = &event.status {
+            show(s);
+        }
+        if event.state() == pb::JobState::Failed {
+            bar.println(format!("job {} failed: {}", event.job_id, event.message.unwrap_or_default()));
+        }
+    }
+    bar.finish();
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<()> {
+    match args.command {
+        Command::Serve { listen, database, lease_ttl_secs } => {
+            let store = store::open(&database).await.with_context(|| format!("opening {database}"))?;
+            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+            let lease_ttl = Duration::from_secs(lease_ttl_secs.max(1));
+            let config = Config {
+                lease_ttl,
+                heartbeat_interval: lease_ttl / 4,
+                reap_interval: (lease_ttl / 4).min(Duration::from_secs(5)),
+                ..Config::default()
+            };
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+                tracing::info!("Ctrl-C: shutting down");
+            };
+            prunesweep_coordinator::run(listener, store, config, shutdown).await?;
+        }
+        Command::Submit { file, client } => {
+            let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = file.display().to_string();
+            // Validate here first: the same checks as the coordinator, without a round trip.
+            SweepSpec::parse(&yaml, &name)?;
+            let reply = connect(&client)
+                .await?
+                .submit_sweep(pb::SubmitSweepRequest { yaml, file_name: Some(name) })
+                .await?
+                .into_inner();
+            println!(
+                "sweep {}: {} ({} jobs added, {} in total)",
+                reply.sweep,
+                if reply.created { "created" } else { "extended" },
+                reply.jobs_added,
+                reply.jobs_total
+            );
+        }
+        Command::Status { sweep, watch: follow, client } => {
+            let mut c = connect(&client).await?;
+            match sweep {
+                Some(sweep) if follow => watch(&mut c, &sweep).await?,
+                Some(sweep) => print_table(&[c.get_sweep(pb::GetSweepRequest { sweep }).await?.into_inner()]),
+                None => print_table(&c.list_sweeps(pb::ListSweepsRequest {}).await?.into_inner().sweeps),
+            }
+        }
+        Command::Cancel { sweep, client } => {
+            let reply = connect(&client).await?.cancel_sweep(pb::CancelSweepRequest { sweep: sweep.clone() }).await?;
+            println!("sweep {sweep}: {} jobs cancelled", reply.into_inner().jobs_cancelled);
+        }
+        Command::Retry { sweep, failed, client } => {
+            let req = pb::RetrySweepRequest { sweep: sweep.clone(), include_cancelled: !failed };
+            let reply = connect(&client).await?.retry_sweep(req).await?;
+            println!("sweep {sweep}: {} jobs requeued", reply.into_inner().jobs_requeued);
+        }
+        Command::Export { sweep, format, out, client } => {
+            let reply = connect(&client).await?.list_results(pb::ListResultsRequest { sweep: sweep.clone() }).await?;
+            let rows = export::rows_from_pb(&sweep, &reply.into_inner().jobs);
+            if rows.is_empty() {
+                bail!("sweep {sweep} has no results yet");
+            }
+            let format = match format {
+                FormatArg::Csv => Format::Csv,
+                FormatArg::Parquet => Format::Parquet,
+            };
+            export::write(&rows, format, &out)?;
+            println!("wrote {} rows to {}", rows.len(), out.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}

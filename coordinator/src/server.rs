@@ -1,0 +1,98 @@
+//! Serving: both gRPC services on one listener, plus the lease reaper, until shutdown.
+//!
+//! [`run`] takes a bound listener (tests bind `127.0.0.1:0`), the store and a shutdown future, as
+//! mini-redis's `server::run` does. When the future resolves the server stops accepting, lets
+//! in-flight calls finish, and stops the reaper.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prunesweep_proto::v1::sweep_service_server::SweepServiceServer;
+use prunesweep_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::service::Coordinator;
+use crate::store::{now_ms, JobStore};
+
+/// Lease timing and polling limits.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// How often workers should heartbeat (told to them at registration).
+    pub heartbeat_interval: Duration,
+    /// How often the reaper looks for expired leases.
+    pub reap_interval: Duration,
+    /// The longest a `LeaseJob` long-poll waits.
+    pub max_wait: Duration,
+    /// How often `WatchSweep` polls the event log.
+    pub watch_poll: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(15),
+            reap_interval: Duration::from_secs(5),
+            max_wait: Duration::from_secs(30),
+            watch_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The gRPC transport failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    store: Arc<dyn JobStore>,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let wake = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reaper = tokio::spawn(reap(store.clone(), config.reap_interval, wake.clone(), stop_rx));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "coordinator listening");
+    }
+    let coordinator = Coordinator::new(store, config, wake);
+    let result = tonic::transport::Server::builder()
+        .add_service(SweepServiceServer::new(coordinator.clone()))
+        .add_service(WorkerServiceServer::new(coordinator))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = reaper.await;
+    tracing::info!("coordinator stopped");
+    Ok(result?)
+}
+
+/// Return expired leases to the queue every `interval` until `stop` turns true.
+async fn reap(store: Arc<dyn JobStore>, interval: Duration, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match store.reclaim_expired(now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(jobs = n, "reclaimed expired leases");
+                wake.notify_waiters();
+            }
+            Err(e) => tracing::error!("reaper: {e}"),
+        }
+    }
+}

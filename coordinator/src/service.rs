@@ -1,0 +1,417 @@
+//! The tonic services: `SweepService` (clients) and `WorkerService` (workers).
+//!
+//! This is the only place that sees protobuf types: requests become domain values, the store does
+//! the work, and results become protobuf again. Store errors become gRPC statuses through one
+//! `From<StoreError> for Status` that names every variant.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use prunesweep_proto::v1 as pb;
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::job::{JobKind, JobState};
+use crate::server::Config;
+use crate::store::{
+    now_ms, Completion, DistanceRow, Failure, HeartbeatOutcome, JobRow, JobStore, ResultValue, StoreError, SweepCounts,
+    Timing, WorkerInfo,
+};
+use crate::sweep::{Amount, CellSpec, Method, SweepSpec};
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            StoreError::SweepNotFound(_) | StoreError::JobNotFound(_) => Status::not_found(msg),
+            StoreError::StaleLease { .. } | StoreError::Transition(_) => Status::failed_precondition(msg),
+            StoreError::BadUrl(_) => Status::invalid_argument(msg),
+            StoreError::Corrupt(_) | StoreError::Migrate(_) => Status::internal(msg),
+            StoreError::Database(_) => Status::unavailable(msg),
+        }
+    }
+}
+
+/// Both services over one store.
+#[derive(Clone)]
+pub struct Coordinator {
+    /// The job store.
+    store: Arc<dyn JobStore>,
+    /// Lease timing and long-poll limits.
+    config: Config,
+    /// Woken when jobs may have become runnable (submit, complete, fail, retry, reclaim), so that
+    /// long-polling `LeaseJob` calls retry at once.
+    wake: Arc<Notify>,
+}
+
+impl Coordinator {
+    /// Services over `store`. `wake` is shared with the reaper.
+    pub fn new(store: Arc<dyn JobStore>, config: Config, wake: Arc<Notify>) -> Self {
+        Self { store, config, wake }
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn pb_state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Blocked => pb::JobState::Blocked,
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Leased => pb::JobState::Leased,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn pb_kind(k: JobKind) -> pb::JobKind {
+    match k {
+        JobKind::Score => pb::JobKind::Score,
+        JobKind::Baseline => pb::JobKind::Baseline,
+        JobKind::Cell => pb::JobKind::Cell,
+    }
+}
+
+fn pb_method(m: Option<Method>) -> pb::PruneMethod {
+    match m {
+        None => pb::PruneMethod::Unspecified,
+        Some(Method::Angular) => pb::PruneMethod::Angular,
+        Some(Method::Deepest) => pb::PruneMethod::Deepest,
+        Some(Method::BlockInfluence) => pb::PruneMethod::BlockInfluence,
+    }
+}
+
+fn pb_status(c: &SweepCounts) -> pb::SweepStatus {
+    let n = |s| c.count(s);
+    pb::SweepStatus {
+        name: c.name.clone(),
+        state: c.state.clone(),
+        blocked: n(JobState::Blocked),
+        pending: n(JobState::Pending),
+        leased: n(JobState::Leased),
+        succeeded: n(JobState::Succeeded),
+        failed: n(JobState::Failed),
+        cancelled: n(JobState::Cancelled),
+        created_at_ms: c.created_at,
+        priority: c.priority,
+    }
+}
+
+fn pb_distance(d: &DistanceRow) -> pb::Distance {
+    pb::Distance { metric: d.metric.clone(), n: d.n, l: d.l, value: d.value }
+}
+
+/// The job spec a worker runs.
+fn pb_spec(job: &JobRow, distances: &[DistanceRow]) -> pb::JobSpec {
+    let s: &CellSpec = &job.spec;
+    pb::JobSpec {
+        job_id: job.id,
+        sweep: job.sweep.clone(),
+        key: job.key.clone(),
+        kind: pb_kind(job.kind) as i32,
+        model: Some(pb::ModelRef {
+            name: s.model.name.clone(),
+            source: s.model.source.clone(),
+            revision: s.model.revision.clone(),
+        }),
+        calibration: s.calibration.as_ref().map(|c| pb::CalibrationData {
+            path: c.path.clone(),
+            samples: c.samples,
+            seq_len: c.seq_len,
+        }),
+        method: pb_method(s.method) as i32,
+        amount: s.amount.map(|a| match a {
+            Amount::Fraction(f) => pb::job_spec::Amount::Fraction(f),
+            Amount::N(n) => pb::job_spec::Amount::N(n),
+        }),
+        heal: s.heal.as_ref().map(|h| pb::HealSpec {
+            name: h.name.clone(),
+            qlora: h.qlora.as_ref().map(|q| pb::QLoraSettings {
+                rank: q.rank,
+                alpha: q.alpha,
+                dropout: q.dropout,
+                steps: q.steps,
+                learning_rate: q.learning_rate,
+                batch_size: q.batch_size,
+                seq_len: q.seq_len,
+                data_path: q.data.clone(),
+                target_modules: q.target_modules.clone(),
+                quantize_base: q.quantize_base,
+            }),
+        }),
+        eval: s
+            .eval
+            .iter()
+            .map(|e| pb::EvalTask {
+                task: e.task.as_str().to_string(),
+                path: e.path.clone(),
+                limit: e.limit,
+                shots: e.shots,
+                seq_len: e.seq_len,
+            })
+            .collect(),
+        seed: s.seed.unwrap_or_default(),
+        distances: distances.iter().map(pb_distance).collect(),
+        spec_json: s.canonical_json(),
+    }
+}
+
+fn pb_timings(t: &[Timing]) -> Vec<pb::PhaseTiming> {
+    t.iter().map(|t| pb::PhaseTiming { phase: t.phase.clone(), seconds: t.seconds }).collect()
+}
+
+#[tonic::async_trait]
+impl pb::sweep_service_server::SweepService for Coordinator {
+    async fn submit_sweep(
+        &self,
+        request: Request<pb::SubmitSweepRequest>,
+    ) -> Result<Response<pb::SubmitSweepResponse>, Status> {
+        let req = request.into_inner();
+        let file = req.file_name.as_deref().unwrap_or("<sweep>");
+        let spec = SweepSpec::parse(&req.yaml, file).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let jobs = spec.expand();
+        let out = self.store.submit(&spec, &jobs, now_ms()).await?;
+        self.wake.notify_waiters();
+        tracing::info!(sweep = %spec.name, added = out.jobs_added, total = out.jobs_total, "submitted");
+        Ok(Response::new(pb::SubmitSweepResponse {
+            sweep: spec.name.to_string(),
+            created: out.created,
+            jobs_added: out.jobs_added,
+            jobs_total: out.jobs_total,
+        }))
+    }
+
+    async fn get_sweep(&self, request: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepStatus>, Status> {
+        let counts = self.store.sweep(&request.into_inner().sweep).await?;
+        Ok(Response::new(pb_status(&counts)))
+    }
+
+    async fn list_sweeps(
+        &self,
+        _request: Request<pb::ListSweepsRequest>,
+    ) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        let sweeps = self.store.sweeps().await?;
+        Ok(Response::new(pb::ListSweepsResponse { sweeps: sweeps.iter().map(pb_status).collect() }))
+    }
+
+    async fn cancel_sweep(
+        &self,
+        request: Request<pb::CancelSweepRequest>,
+    ) -> Result<Response<pb::CancelSweepResponse>, Status> {
+        let sweep = request.into_inner().sweep;
+        let n = self.store.cancel(&sweep, now_ms()).await?;
+        tracing::info!(%sweep, cancelled = n, "cancelled");
+        Ok(Response::new(pb::CancelSweepResponse { jobs_cancelled: n }))
+    }
+
+    async fn retry_sweep(
+        &self,
+        request: Request<pb::RetrySweepRequest>,
+    ) -> Result<Response<pb::RetrySweepResponse>, Status> {
+        let req = request.into_inner();
+        let n = self.store.retry(&req.sweep, req.include_cancelled, now_ms()).await?;
+        self.wake.notify_waiters();
+        Ok(Response::new(pb::RetrySweepResponse { jobs_requeued: n }))
+    }
+
+    type WatchSweepStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send + 'static>>;
+
+    async fn watch_sweep(
+        &self,
+        request: Request<pb::WatchSweepRequest>,
+    ) -> Result<Response<Self::WatchSweepStream>, Status> {
+        let req = request.into_inner();
+        self.store.sweep(&req.sweep).await?; // NOT_FOUND before the stream starts
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.store.clone();
+        let poll = self.config.watch_poll;
+        tokio::spawn(async move {
+            let mut after = req.after_seq;
+            loop {
+                let result = async {
+                    let events = store.events(&req.sweep, after, 256).await?;
+                    let counts = store.sweep(&req.sweep).await?;
+                    Ok::<_, StoreError>((events, counts))
+                }
+                .await;
+                let (events, counts) = match result {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let caught_up = events.len() < 256;
+                for e in events {
+                    after = e.seq;
+                    let event = pb::JobEvent {
+                        seq: e.seq,
+                        job_id: e.job_id,
+                        kind: pb_kind(e.kind) as i32,
+                        state: pb_state(e.state) as i32,
+                        worker_id: e.worker_id,
+                        message: e.message,
+                        at_ms: e.at,
+                        status: Some(pb_status(&counts)),
+                    };
+                    if tx.send(Ok(event)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                if caught_up && counts.is_done() {
+                    return;
+                }
+                if caught_up {
+                    tokio::select! {
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_results(
+        &self,
+        request: Request<pb::ListResultsRequest>,
+    ) -> Result<Response<pb::ListResultsResponse>, Status> {
+        let jobs = self.store.results(&request.into_inner().sweep).await?;
+        let jobs = jobs
+            .into_iter()
+            .map(|j| pb::JobResult {
+                job_id: j.job.id,
+                kind: pb_kind(j.job.kind) as i32,
+                state: pb_state(j.job.state) as i32,
+                spec: Some(pb_spec(&j.job, &[])),
+                layers_dropped: j.job.layers_dropped.clone(),
+                num_layers: j.job.num_layers,
+                timings: pb_timings(&j.job.timings),
+                results: j
+                    .results
+                    .into_iter()
+                    .map(|r| pb::ResultRow { task: r.task, metric: r.metric, value: r.value })
+                    .collect(),
+                error: j.job.error,
+                attempts: j.job.attempts,
+            })
+            .collect();
+        Ok(Response::new(pb::ListResultsResponse { jobs }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for Coordinator {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let info =
+            WorkerInfo { name: req.name, device: req.device, memory_bytes: req.memory_bytes, version: req.version };
+        let worker_id = self.store.register_worker(&info, now_ms()).await?;
+        tracing::info!(%worker_id, name = %info.name, device = %info.device, "worker registered");
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id,
+            lease_ttl_ms: self.config.lease_ttl.as_millis() as u64,
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    async fn lease_job(&self, request: Request<pb::LeaseJobRequest>) -> Result<Response<pb::LeaseJobResponse>, Status> {
+        let req = request.into_inner();
+        if req.worker_id.is_empty() {
+            return Err(Status::invalid_argument("`worker_id` is required: call Register first"));
+        }
+        let wait = Duration::from_millis(req.wait_ms).min(self.config.max_wait);
+        let deadline = tokio::time::Instant::now() + wait;
+        let ttl = ms(self.config.lease_ttl);
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(leased) = self.store.lease_next(&req.worker_id, &req.held_models, ttl, now_ms()).await? {
+                tracing::debug!(job = leased.job.id, worker = %req.worker_id, "leased");
+                let lease = pb::Lease {
+                    lease_id: leased.lease_id,
+                    job: Some(pb_spec(&leased.job, &leased.distances)),
+                    expires_at_ms: leased.expires_at,
+                    attempt: leased.job.attempts + 1,
+                };
+                return Ok(Response::new(pb::LeaseJobResponse { lease: Some(lease) }));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(Response::new(pb::LeaseJobResponse { lease: None }));
+            }
+            // Also re-poll now and then: another coordinator on the same Postgres may add jobs.
+            let nap = (deadline - now).min(Duration::from_millis(500));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let ttl = ms(self.config.lease_ttl);
+        let outcome = self
+            .store
+            .heartbeat(&req.worker_id, &req.lease_id, req.job_id, req.phase.as_deref(), ttl, now_ms())
+            .await?;
+        let (action, expires_at_ms) = match outcome {
+            HeartbeatOutcome::Renewed(t) => (pb::HeartbeatAction::Continue, t),
+            HeartbeatOutcome::Cancelled => (pb::HeartbeatAction::Cancel, 0),
+            HeartbeatOutcome::Lost => (pb::HeartbeatAction::Lost, 0),
+        };
+        Ok(Response::new(pb::HeartbeatResponse { action: action as i32, expires_at_ms }))
+    }
+
+    async fn complete_job(
+        &self,
+        request: Request<pb::CompleteJobRequest>,
+    ) -> Result<Response<pb::CompleteJobResponse>, Status> {
+        let req = request.into_inner();
+        let completion = Completion {
+            job_id: req.job_id,
+            lease_id: req.lease_id,
+            results: req
+                .results
+                .into_iter()
+                .map(|r| ResultValue { task: r.task, metric: r.metric, value: r.value })
+                .collect(),
+            distances: req
+                .distances
+                .into_iter()
+                .map(|d| DistanceRow { metric: d.metric, n: d.n, l: d.l, value: d.value })
+                .collect(),
+            layers_dropped: req.layers_dropped,
+            num_layers: req.num_layers,
+            timings: req.timings.into_iter().map(|t| Timing { phase: t.phase, seconds: t.seconds }).collect(),
+        };
+        self.store.complete(&completion, now_ms()).await?;
+        self.wake.notify_waiters();
+        Ok(Response::new(pb::CompleteJobResponse {}))
+    }
+
+    async fn fail_job(&self, request: Request<pb::FailJobRequest>) -> Result<Response<pb::FailJobResponse>, Status> {
+        let req = request.into_inner();
+        let failure = Failure {
+            job_id: req.job_id,
+            lease_id: req.lease_id,
+            message: req.message,
+            error_kind: if req.error_kind.is_empty() { "unknown".into() } else { req.error_kind },
+            retryable: req.retryable,
+        };
+        let state = self.store.fail(&failure, now_ms()).await?;
+        tracing::warn!(job = failure.job_id, kind = %failure.error_kind, %state, "job failed: {}", failure.message);
+        self.wake.notify_waiters();
+        Ok(Response::new(pb::FailJobResponse { state: pb_state(state) as i32 }))
+    }
+}

@@ -1,0 +1,780 @@
+//! The store logic shared by both backends, as a macro that implements [`super::JobStore`] for a
+//! backend type.
+//!
+//! The SQL is the same for SQLite and Postgres (both accept `$1` parameters, `RETURNING` and
+//! `ON CONFLICT ... DO NOTHING`). Each backend type provides:
+//! - `pool: sqlx::Pool<DB>`;
+//! - `async fn begin_write(&self)`: a transaction that may write (`BEGIN IMMEDIATE` on SQLite);
+//! - `const LOCK: &str`: the row-lock suffix for reads inside a write transaction (`FOR UPDATE` on
+//!   Postgres, nothing on SQLite, whose write transactions are already exclusive);
+//! - `const CLAIM_HELD`, `CLAIM_ANY`, `SELECT_EXPIRED`: the claim and reaper queries, which differ
+//!   in locking (`FOR UPDATE SKIP LOCKED`) and in how a JSON list is expanded.
+
+use crate::job::{JobKind, JobState};
+use crate::store::{StoreError, Timing};
+
+/// The columns [`job_from_row`] reads, from `jobs j JOIN sweeps s`.
+pub(crate) const JOB_COLUMNS: &str = "j.id, s.name AS sweep, j.key, j.kind, j.spec, j.state, j.attempts, \
+     j.max_attempts, j.depends_on, j.lease_id, j.worker_id, j.error, j.error_kind, j.layers_dropped, \
+     j.num_layers, j.timings";
+
+pub(crate) fn parse_state(s: &str) -> Result<JobState, StoreError> {
+    s.parse().map_err(|e| StoreError::Corrupt(format!("{e}")))
+}
+
+pub(crate) fn parse_kind(s: &str) -> Result<JobKind, StoreError> {
+    s.parse().map_err(|e| StoreError::Corrupt(format!("{e}")))
+}
+
+pub(crate) fn to_u32(v: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} = {v} out of range")))
+}
+
+pub(crate) fn parse_layers(s: Option<String>) -> Result<Vec<u32>, StoreError> {
+    s.map_or(Ok(Vec::new()), |s| {
+        serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("layers_dropped: {e}")))
+    })
+}
+
+pub(crate) fn parse_timings(s: Option<String>) -> Result<Vec<Timing>, StoreError> {
+    s.map_or(Ok(Vec::new()), |s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("timings: {e}"))))
+}
+
+/// The `RETURNING` clause of the claim queries: the columns [`job_from_row`] reads, so that a
+/// lease is one statement.
+macro_rules! returning_job {
+    () => {
+        " RETURNING id, sweep_id, (SELECT name FROM sweeps WHERE sweeps.id = jobs.sweep_id) AS sweep, key, kind, \
+         spec, state, attempts, max_attempts, depends_on, lease_id, worker_id, error, error_kind, layers_dropped, \
+         num_layers, timings"
+    };
+}
+pub(crate) use returning_job;
+
+/// Implements `JobStore` for `$store` over database `$db`.
+macro_rules! impl_store {
+    ($store:ty, $db:ty) => {
+        impl $store {
+            fn job_from_row(row: &<$db as sqlx::Database>::Row) -> Result<$crate::store::JobRow, $crate::store::StoreError> {
+                use sqlx::Row;
+                use $crate::store::common::*;
+                let spec: String = row.try_get("spec")?;
+                let num_layers: Option<i64> = row.try_get("num_layers")?;
+                Ok($crate::store::JobRow {
+                    id: row.try_get("id")?,
+                    sweep: row.try_get("sweep")?,
+                    key: row.try_get("key")?,
+                    kind: parse_kind(&row.try_get::<String, _>("kind")?)?,
+                    spec: serde_json::from_str(&spec)
+                        .map_err(|e| $crate::store::StoreError::Corrupt(format!("job spec: {e}")))?,
+                    state: parse_state(&row.try_get::<String, _>("state")?)?,
+                    attempts: to_u32(row.try_get("attempts")?, "attempts")?,
+                    max_attempts: to_u32(row.try_get("max_attempts")?, "max_attempts")?,
+                    depends_on: row.try_get("depends_on")?,
+                    lease_id: row.try_get("lease_id")?,
+                    worker_id: row.try_get("worker_id")?,
+                    error: row.try_get("error")?,
+                    error_kind: row.try_get("error_kind")?,
+                    layers_dropped: parse_layers(row.try_get("layers_dropped")?)?,
+                    num_layers: num_layers.map(|n| to_u32(n, "num_layers")).transpose()?,
+                    timings: parse_timings(row.try_get("timings")?)?,
+                })
+            }
+
+            async fn insert_event(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                sweep_id: i64,
+                job_id: i64,
+                state: $crate::job::JobState,
+                worker_id: Option<&str>,
+                message: Option<&str>,
+                now: i64,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO events (sweep_id, job_id, state, worker_id, message, at) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(sweep_id)
+                .bind(job_id)
+                .bind(state.as_str())
+                .bind(worker_id)
+                .bind(message)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+
+            async fn sweep_id(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                name: &str,
+            ) -> Result<i64, $crate::store::StoreError> {
+                use sqlx::Row;
+                let row = sqlx::query("SELECT id FROM sweeps WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .ok_or_else(|| $crate::store::StoreError::SweepNotFound(name.to_string()))?;
+                Ok(row.try_get("id")?)
+            }
+
+            /// Apply a dependency outcome to the blocked jobs that wait for `job_id`.
+            async fn settle_dependents(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                job_id: i64,
+                event: $crate::job::JobEvent,
+                message: Option<&str>,
+                now: i64,
+            ) -> Result<(), $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT id, sweep_id, attempts, max_attempts FROM jobs WHERE depends_on = $1 AND state = 'blocked'",
+                )
+                .bind(job_id)
+                .fetch_all(&mut **tx)
+                .await?;
+                for row in rows {
+                    let id: i64 = row.try_get("id")?;
+                    let sweep_id: i64 = row.try_get("sweep_id")?;
+                    let status = $crate::job::JobStatus {
+                        state: $crate::job::JobState::Blocked,
+                        attempts: $crate::store::common::to_u32(row.try_get("attempts")?, "attempts")?,
+                        max_attempts: $crate::store::common::to_u32(row.try_get("max_attempts")?, "max_attempts")?,
+                    };
+                    let next = $crate::job::transition(status, event)?;
+                    let (error, kind) = if next.state == $crate::job::JobState::Failed {
+                        (message.map(|m| format!("dependency job {job_id} failed: {m}")), Some("dependency"))
+                    } else {
+                        (None, None)
+                    };
+                    sqlx::query("UPDATE jobs SET state = $1, error = $2, error_kind = $3, updated_at = $4, finished_at = $5 WHERE id = $6")
+                        .bind(next.state.as_str())
+                        .bind(error.as_deref())
+                        .bind(kind)
+                        .bind(now)
+                        .bind(next.state.is_terminal().then_some(now))
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await?;
+                    Self::insert_event(tx, sweep_id, id, next.state, None, error.as_deref(), now).await?;
+                }
+                Ok(())
+            }
+
+            /// Lock and read a leased job's row for complete/fail, checking the lease.
+            async fn current_lease(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                job_id: i64,
+                lease_id: &str,
+            ) -> Result<(i64, $crate::job::JobStatus, Option<String>, $crate::job::JobKind), $crate::store::StoreError> {
+                use sqlx::Row;
+                let sql = format!(
+                    "SELECT sweep_id, kind, state, attempts, max_attempts, lease_id, worker_id FROM jobs WHERE id = $1{}",
+                    Self::LOCK
+                );
+                let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(job_id)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .ok_or($crate::store::StoreError::JobNotFound(job_id))?;
+                let state = $crate::store::common::parse_state(&row.try_get::<String, _>("state")?)?;
+                let current: Option<String> = row.try_get("lease_id")?;
+                if state != $crate::job::JobState::Leased || current.as_deref() != Some(lease_id) {
+                    return Err($crate::store::StoreError::StaleLease { job_id, lease_id: lease_id.to_string() });
+                }
+                let status = $crate::job::JobStatus {
+                    state,
+                    attempts: $crate::store::common::to_u32(row.try_get("attempts")?, "attempts")?,
+                    max_attempts: $crate::store::common::to_u32(row.try_get("max_attempts")?, "max_attempts")?,
+                };
+                let kind = $crate::store::common::parse_kind(&row.try_get::<String, _>("kind")?)?;
+                Ok((row.try_get("sweep_id")?, status, row.try_get("worker_id")?, kind))
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::JobStore for $store {
+            async fn submit(
+                &self,
+                spec: &$crate::sweep::SweepSpec,
+                jobs: &[$crate::sweep::PlannedJob],
+                now: i64,
+            ) -> Result<$crate::store::SubmitOutcome, $crate::store::StoreError> {
+                use sqlx::Row;
+                use $crate::job::JobState;
+                let spec_json = serde_json::to_string(spec).expect("a SweepSpec always serializes");
+                let mut tx = self.begin_write().await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO sweeps (name, spec, state, priority, max_attempts, created_at, updated_at) \
+                     VALUES ($1, $2, 'active', $3, $4, $5, $5) ON CONFLICT (name) DO NOTHING RETURNING id",
+                )
+                .bind(spec.name.as_str())
+                .bind(&spec_json)
+                .bind(i64::from(spec.priority))
+                .bind(i64::from(spec.max_attempts))
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let created = inserted.is_some();
+                let sweep_id: i64 = match inserted {
+                    Some(row) => row.try_get("id")?,
+                    None => {
+                        let id = Self::sweep_id(&mut tx, spec.name.as_str()).await?;
+                        sqlx::query("UPDATE sweeps SET spec = $1, updated_at = $2 WHERE id = $3")
+                            .bind(&spec_json)
+                            .bind(now)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                        id
+                    }
+                };
+                let sweep_state: String = sqlx::query("SELECT state FROM sweeps WHERE id = $1")
+                    .bind(sweep_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("state")?;
+                let mut known: std::collections::HashMap<&str, (i64, JobState)> = std::collections::HashMap::new();
+                let mut added = 0u32;
+                for job in jobs {
+                    let dep = match &job.depends_on {
+                        Some(key) => Some(*known.get(key.as_str()).ok_or_else(|| {
+                            $crate::store::StoreError::Corrupt(format!("job {} depends on unknown key {key}", job.key))
+                        })?),
+                        None => None,
+                    };
+                    let state = if sweep_state == "cancelled" {
+                        JobState::Cancelled
+                    } else {
+                        match dep.map(|d| d.1) {
+                            None | Some(JobState::Succeeded) => JobState::Pending,
+                            Some(JobState::Failed) => JobState::Failed,
+                            Some(JobState::Cancelled) => JobState::Cancelled,
+                            Some(_) => JobState::Blocked,
+                        }
+                    };
+                    let row = sqlx::query(
+                        "INSERT INTO jobs (sweep_id, key, kind, model, spec, state, attempts, max_attempts, priority, \
+                         depends_on, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $10, $10) \
+                         ON CONFLICT (sweep_id, key) DO NOTHING RETURNING id",
+                    )
+                    .bind(sweep_id)
+                    .bind(&job.key)
+                    .bind(job.spec.kind.as_str())
+                    .bind(&job.spec.model.source)
+                    .bind(job.spec.canonical_json())
+                    .bind(state.as_str())
+                    .bind(i64::from(spec.max_attempts))
+                    .bind(i64::from(spec.priority))
+                    .bind(dep.map(|d| d.0))
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let entry = match row {
+                        Some(row) => {
+                            let id: i64 = row.try_get("id")?;
+                            added += 1;
+                            Self::insert_event(&mut tx, sweep_id, id, state, None, None, now).await?;
+                            (id, state)
+                        }
+                        None => {
+                            let row = sqlx::query("SELECT id, state FROM jobs WHERE sweep_id = $1 AND key = $2")
+                                .bind(sweep_id)
+                                .bind(&job.key)
+                                .fetch_one(&mut *tx)
+                                .await?;
+                            let st = $crate::store::common::parse_state(&row.try_get::<String, _>("state")?)?;
+                            (row.try_get("id")?, st)
+                        }
+                    };
+                    known.insert(job.key.as_str(), entry);
+                }
+                let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE sweep_id = $1")
+                    .bind(sweep_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("n")?;
+                tx.commit().await?;
+                Ok($crate::store::SubmitOutcome {
+                    created,
+                    jobs_added: added,
+                    jobs_total: $crate::store::common::to_u32(total, "job count")?,
+                })
+            }
+
+            async fn sweep(&self, name: &str) -> Result<$crate::store::SweepCounts, $crate::store::StoreError> {
+                use sqlx::Row;
+                let row = sqlx::query("SELECT id, name, state, priority, created_at FROM sweeps WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or_else(|| $crate::store::StoreError::SweepNotFound(name.to_string()))?;
+                let id: i64 = row.try_get("id")?;
+                let priority: i64 = row.try_get("priority")?;
+                let mut counts = $crate::store::SweepCounts {
+                    name: row.try_get("name")?,
+                    state: row.try_get("state")?,
+                    priority: i32::try_from(priority).unwrap_or_default(),
+                    created_at: row.try_get("created_at")?,
+                    counts: [0; 6],
+                };
+                let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs WHERE sweep_id = $1 GROUP BY state")
+                    .bind(id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                for row in rows {
+                    let state = $crate::store::common::parse_state(&row.try_get::<String, _>("state")?)?;
+                    let i = $crate::job::JobState::ALL.iter().position(|s| *s == state).expect("ALL lists every state");
+                    counts.counts[i] = $crate::store::common::to_u32(row.try_get("n")?, "count")?;
+                }
+                Ok(counts)
+            }
+
+            async fn sweeps(&self) -> Result<Vec<$crate::store::SweepCounts>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let names = sqlx::query("SELECT name FROM sweeps ORDER BY created_at DESC, id DESC")
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut out = Vec::with_capacity(names.len());
+                for row in names {
+                    let name: String = row.try_get("name")?;
+                    out.push(self.sweep(&name).await?);
+                }
+                Ok(out)
+            }
+
+            async fn cancel(&self, name: &str, now: i64) -> Result<u32, $crate::store::StoreError> {
+                use sqlx::Row;
+                let mut tx = self.begin_write().await?;
+                let sweep_id = Self::sweep_id(&mut tx, name).await?;
+                sqlx::query("UPDATE sweeps SET state = 'cancelled', updated_at = $1 WHERE id = $2")
+                    .bind(now)
+                    .bind(sweep_id)
+                    .execute(&mut *tx)
+                    .await?;
+                let rows = sqlx::query(
+                    "UPDATE jobs SET state = 'cancelled', updated_at = $1, finished_at = $1 \
+                     WHERE sweep_id = $2 AND state IN ('blocked', 'pending', 'leased') RETURNING id, worker_id",
+                )
+                .bind(now)
+                .bind(sweep_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                for row in &rows {
+                    let worker: Option<String> = row.try_get("worker_id")?;
+                    Self::insert_event(
+                        &mut tx,
+                        sweep_id,
+                        row.try_get("id")?,
+                        $crate::job::JobState::Cancelled,
+                        worker.as_deref(),
+                        Some("sweep cancelled"),
+                        now,
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(rows.len() as u32)
+            }
+
+            async fn retry(&self, name: &str, include_cancelled: bool, now: i64) -> Result<u32, $crate::store::StoreError> {
+                use sqlx::Row;
+                use $crate::job::{transition, JobEvent, JobState, JobStatus};
+                let mut tx = self.begin_write().await?;
+                let sweep_id = Self::sweep_id(&mut tx, name).await?;
+                sqlx::query("UPDATE sweeps SET state = 'active', updated_at = $1 WHERE id = $2")
+                    .bind(now)
+                    .bind(sweep_id)
+                    .execute(&mut *tx)
+                    .await?;
+                let rows = sqlx::query(
+                    "SELECT id, state, attempts, max_attempts, depends_on FROM jobs \
+                     WHERE sweep_id = $1 AND (state = 'failed' OR (state = 'cancelled' AND $2 = 1)) ORDER BY id",
+                )
+                .bind(sweep_id)
+                .bind(i64::from(include_cancelled))
+                .fetch_all(&mut *tx)
+                .await?;
+                for row in &rows {
+                    let id: i64 = row.try_get("id")?;
+                    let depends_on: Option<i64> = row.try_get("depends_on")?;
+                    let dependency_done = match depends_on {
+                        None => true,
+                        Some(dep) => {
+                            let st: String = sqlx::query("SELECT state FROM jobs WHERE id = $1")
+                                .bind(dep)
+                                .fetch_one(&mut *tx)
+                                .await?
+                                .try_get("state")?;
+                            $crate::store::common::parse_state(&st)? == JobState::Succeeded
+                        }
+                    };
+                    let status = JobStatus {
+                        state: $crate::store::common::parse_state(&row.try_get::<String, _>("state")?)?,
+                        attempts: $crate::store::common::to_u32(row.try_get("attempts")?, "attempts")?,
+                        max_attempts: $crate::store::common::to_u32(row.try_get("max_attempts")?, "max_attempts")?,
+                    };
+                    let next = transition(status, JobEvent::Retry { dependency_done })?;
+                    sqlx::query(
+                        "UPDATE jobs SET state = $1, attempts = $2, error = NULL, error_kind = NULL, lease_id = NULL, \
+                         lease_expires_at = NULL, worker_id = NULL, finished_at = NULL, updated_at = $3 WHERE id = $4",
+                    )
+                    .bind(next.state.as_str())
+                    .bind(i64::from(next.attempts))
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    Self::insert_event(&mut tx, sweep_id, id, next.state, None, Some("retry"), now).await?;
+                }
+                tx.commit().await?;
+                Ok(rows.len() as u32)
+            }
+
+            async fn register_worker(
+                &self,
+                worker: &$crate::store::WorkerInfo,
+                now: i64,
+            ) -> Result<String, $crate::store::StoreError> {
+                let id = uuid::Uuid::new_v4().to_string();
+                sqlx::query(
+                    "INSERT INTO workers (id, name, device, memory_bytes, version, registered_at, last_seen) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                )
+                .bind(&id)
+                .bind(&worker.name)
+                .bind(&worker.device)
+                .bind(worker.memory_bytes.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
+                .bind(&worker.version)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(id)
+            }
+
+            async fn lease_next(
+                &self,
+                worker_id: &str,
+                held_models: &[String],
+                ttl_ms: i64,
+                now: i64,
+            ) -> Result<Option<$crate::store::LeasedJob>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let lease_id = uuid::Uuid::new_v4().to_string();
+                let expires_at = now + ttl_ms;
+                let mut tx = self.begin_write().await?;
+                let mut claimed = None;
+                if !held_models.is_empty() {
+                    let held = serde_json::to_string(held_models).expect("strings serialize");
+                    claimed = sqlx::query(Self::CLAIM_HELD)
+                        .bind(&lease_id)
+                        .bind(expires_at)
+                        .bind(worker_id)
+                        .bind(now)
+                        .bind(held)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                }
+                if claimed.is_none() {
+                    claimed = sqlx::query(Self::CLAIM_ANY)
+                        .bind(&lease_id)
+                        .bind(expires_at)
+                        .bind(worker_id)
+                        .bind(now)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                }
+                let Some(row) = claimed else {
+                    tx.commit().await?;
+                    return Ok(None);
+                };
+                let sweep_id: i64 = row.try_get("sweep_id")?;
+                let job = Self::job_from_row(&row)?;
+                Self::insert_event(&mut tx, sweep_id, job.id, $crate::job::JobState::Leased, Some(worker_id), None, now)
+                    .await?;
+                tx.commit().await?;
+                let distances = match (job.depends_on, job.spec.method) {
+                    (Some(dep), Some(m)) if m.needs_scores() => self.distances(dep).await?,
+                    _ => Vec::new(),
+                };
+                Ok(Some($crate::store::LeasedJob { lease_id, expires_at, job, distances }))
+            }
+
+            async fn heartbeat(
+                &self,
+                worker_id: &str,
+                lease_id: &str,
+                job_id: i64,
+                phase: Option<&str>,
+                ttl_ms: i64,
+                now: i64,
+            ) -> Result<$crate::store::HeartbeatOutcome, $crate::store::StoreError> {
+                use sqlx::Row;
+                let expires_at = now + ttl_ms;
+                let renewed = sqlx::query(
+                    "UPDATE jobs SET lease_expires_at = $1, phase = COALESCE($2, phase), updated_at = $3 \
+                     WHERE id = $4 AND lease_id = $5 AND state = 'leased'",
+                )
+                .bind(expires_at)
+                .bind(phase)
+                .bind(now)
+                .bind(job_id)
+                .bind(lease_id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
+                    .bind(now)
+                    .bind(worker_id)
+                    .execute(&self.pool)
+                    .await?;
+                if renewed == 1 {
+                    return Ok($crate::store::HeartbeatOutcome::Renewed(expires_at));
+                }
+                let row = sqlx::query("SELECT state, lease_id FROM jobs WHERE id = $1")
+                    .bind(job_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or($crate::store::StoreError::JobNotFound(job_id))?;
+                let state: String = row.try_get("state")?;
+                let current: Option<String> = row.try_get("lease_id")?;
+                if state == "cancelled" && current.as_deref() == Some(lease_id) {
+                    Ok($crate::store::HeartbeatOutcome::Cancelled)
+                } else {
+                    Ok($crate::store::HeartbeatOutcome::Lost)
+                }
+            }
+
+            async fn complete(
+                &self,
+                c: &$crate::store::Completion,
+                now: i64,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::job::{transition, JobEvent};
+                let mut tx = self.begin_write().await?;
+                let (sweep_id, status, worker, kind) = Self::current_lease(&mut tx, c.job_id, &c.lease_id).await?;
+                let next = transition(status, JobEvent::Complete)?;
+                for r in &c.results {
+                    sqlx::query(
+                        "INSERT INTO results (job_id, task, metric, value) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (job_id, task, metric) DO UPDATE SET value = excluded.value",
+                    )
+                    .bind(c.job_id)
+                    .bind(&r.task)
+                    .bind(&r.metric)
+                    .bind(r.value)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for d in &c.distances {
+                    sqlx::query(
+                        "INSERT INTO distances (job_id, metric, n, l, value) VALUES ($1, $2, $3, $4, $5) \
+                         ON CONFLICT (job_id, metric, n, l) DO UPDATE SET value = excluded.value",
+                    )
+                    .bind(c.job_id)
+                    .bind(&d.metric)
+                    .bind(i64::from(d.n))
+                    .bind(i64::from(d.l))
+                    .bind(d.value)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let layers = serde_json::to_string(&c.layers_dropped).expect("numbers serialize");
+                let timings = serde_json::to_string(&c.timings).expect("timings serialize");
+                sqlx::query(
+                    "UPDATE jobs SET state = $1, layers_dropped = $2, num_layers = $3, timings = $4, \
+                     error = NULL, error_kind = NULL, updated_at = $5, finished_at = $5 WHERE id = $6",
+                )
+                .bind(next.state.as_str())
+                .bind(layers)
+                .bind(c.num_layers.map(i64::from))
+                .bind(timings)
+                .bind(now)
+                .bind(c.job_id)
+                .execute(&mut *tx)
+                .await?;
+                Self::insert_event(&mut tx, sweep_id, c.job_id, next.state, worker.as_deref(), None, now).await?;
+                if kind == $crate::job::JobKind::Score {
+                    // Only score jobs have dependents.
+                    Self::settle_dependents(&mut tx, c.job_id, JobEvent::DependencySucceeded, None, now).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn fail(
+                &self,
+                f: &$crate::store::Failure,
+                now: i64,
+            ) -> Result<$crate::job::JobState, $crate::store::StoreError> {
+                use $crate::job::{transition, JobEvent, JobState};
+                let mut tx = self.begin_write().await?;
+                let (sweep_id, status, worker, _) = Self::current_lease(&mut tx, f.job_id, &f.lease_id).await?;
+                let next = transition(status, JobEvent::Fail { retryable: f.retryable })?;
+                sqlx::query(
+                    "UPDATE jobs SET state = $1, attempts = $2, error = $3, error_kind = $4, updated_at = $5, \
+                     finished_at = $6 WHERE id = $7",
+                )
+                .bind(next.state.as_str())
+                .bind(i64::from(next.attempts))
+                .bind(&f.message)
+                .bind(&f.error_kind)
+                .bind(now)
+                .bind((next.state == JobState::Failed).then_some(now))
+                .bind(f.job_id)
+                .execute(&mut *tx)
+                .await?;
+                Self::insert_event(&mut tx, sweep_id, f.job_id, next.state, worker.as_deref(), Some(&f.message), now)
+                    .await?;
+                if next.state == JobState::Failed {
+                    Self::settle_dependents(&mut tx, f.job_id, JobEvent::DependencyFailed, Some(&f.message), now)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(next.state)
+            }
+
+            async fn reclaim_expired(&self, now: i64) -> Result<u32, $crate::store::StoreError> {
+                use sqlx::Row;
+                use $crate::job::{transition, JobEvent, JobState, JobStatus};
+                let mut tx = self.begin_write().await?;
+                let rows = sqlx::query(Self::SELECT_EXPIRED).bind(now).fetch_all(&mut *tx).await?;
+                for row in &rows {
+                    let id: i64 = row.try_get("id")?;
+                    let sweep_id: i64 = row.try_get("sweep_id")?;
+                    let worker: Option<String> = row.try_get("worker_id")?;
+                    let lease: Option<String> = row.try_get("lease_id")?;
+                    let status = JobStatus {
+                        state: JobState::Leased,
+                        attempts: $crate::store::common::to_u32(row.try_get("attempts")?, "attempts")?,
+                        max_attempts: $crate::store::common::to_u32(row.try_get("max_attempts")?, "max_attempts")?,
+                    };
+                    let next = transition(status, JobEvent::LeaseExpired)?;
+                    let message = format!(
+                        "lease {} of worker {} expired without a heartbeat (attempt {} of {})",
+                        lease.as_deref().unwrap_or("?"),
+                        worker.as_deref().unwrap_or("?"),
+                        next.attempts,
+                        next.max_attempts
+                    );
+                    sqlx::query(
+                        "UPDATE jobs SET state = $1, attempts = $2, error = $3, error_kind = 'lease_expired', \
+                         updated_at = $4, finished_at = $5 WHERE id = $6",
+                    )
+                    .bind(next.state.as_str())
+                    .bind(i64::from(next.attempts))
+                    .bind(&message)
+                    .bind(now)
+                    .bind((next.state == JobState::Failed).then_some(now))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    Self::insert_event(&mut tx, sweep_id, id, next.state, worker.as_deref(), Some(&message), now).await?;
+                    if next.state == JobState::Failed {
+                        Self::settle_dependents(&mut tx, id, JobEvent::DependencyFailed, Some(&message), now).await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(rows.len() as u32)
+            }
+
+            async fn events(
+                &self,
+                sweep: &str,
+                after_seq: i64,
+                limit: i64,
+            ) -> Result<Vec<$crate::store::EventRow>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT e.id, e.job_id, j.kind, e.state, e.worker_id, e.message, e.at FROM events e \
+                     JOIN jobs j ON j.id = e.job_id JOIN sweeps s ON s.id = e.sweep_id \
+                     WHERE s.name = $1 AND e.id > $2 ORDER BY e.id LIMIT $3",
+                )
+                .bind(sweep)
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok($crate::store::EventRow {
+                            seq: row.try_get("id")?,
+                            job_id: row.try_get("job_id")?,
+                            kind: $crate::store::common::parse_kind(&row.try_get::<String, _>("kind")?)?,
+                            state: $crate::store::common::parse_state(&row.try_get::<String, _>("state")?)?,
+                            worker_id: row.try_get("worker_id")?,
+                            message: row.try_get("message")?,
+                            at: row.try_get("at")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn job(&self, job_id: i64) -> Result<$crate::store::JobRow, $crate::store::StoreError> {
+                let sql = format!("SELECT {} FROM jobs j JOIN sweeps s ON s.id = j.sweep_id WHERE j.id = $1", $crate::store::common::JOB_COLUMNS);
+                let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(job_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or($crate::store::StoreError::JobNotFound(job_id))?;
+                Self::job_from_row(&row)
+            }
+
+            async fn results(&self, sweep: &str) -> Result<Vec<$crate::store::JobResults>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let exists = sqlx::query("SELECT id FROM sweeps WHERE name = $1").bind(sweep).fetch_optional(&self.pool).await?;
+                if exists.is_none() {
+                    return Err($crate::store::StoreError::SweepNotFound(sweep.to_string()));
+                }
+                let sql = format!(
+                    "SELECT {} FROM jobs j JOIN sweeps s ON s.id = j.sweep_id WHERE s.name = $1 ORDER BY j.id",
+                    $crate::store::common::JOB_COLUMNS
+                );
+                let jobs = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(sweep).fetch_all(&self.pool).await?;
+                let mut out: Vec<$crate::store::JobResults> = jobs
+                    .iter()
+                    .map(|row| Ok($crate::store::JobResults { job: Self::job_from_row(row)?, results: Vec::new() }))
+                    .collect::<Result<_, $crate::store::StoreError>>()?;
+                let index: std::collections::HashMap<i64, usize> =
+                    out.iter().enumerate().map(|(i, j)| (j.job.id, i)).collect();
+                let rows = sqlx::query(
+                    "SELECT r.job_id, r.task, r.metric, r.value FROM results r JOIN jobs j ON j.id = r.job_id \
+                     JOIN sweeps s ON s.id = j.sweep_id WHERE s.name = $1 ORDER BY r.job_id, r.task, r.metric",
+                )
+                .bind(sweep)
+                .fetch_all(&self.pool)
+                .await?;
+                for row in rows {
+                    let job_id: i64 = row.try_get("job_id")?;
+                    if let Some(&i) = index.get(&job_id) {
+                        out[i].results.push($crate::store::ResultValue {
+                            task: row.try_get("task")?,
+                            metric: row.try_get("metric")?,
+                            value: row.try_get("value")?,
+                        });
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn distances(&self, job_id: i64) -> Result<Vec<$crate::store::DistanceRow>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query("SELECT metric, n, l, value FROM distances WHERE job_id = $1 ORDER BY metric, n, l")
+                    .bind(job_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok($crate::store::DistanceRow {
+                            metric: row.try_get("metric")?,
+                            n: $crate::store::common::to_u32(row.try_get("n")?, "n")?,
+                            l: $crate::store::common::to_u32(row.try_get("l")?, "l")?,
+                            value: row.try_get("value")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+
+pub(crate) use impl_store;

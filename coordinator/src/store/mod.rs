@@ -1,0 +1,338 @@
+//! The durable job store: one [`JobStore`] trait, two backends ([`SqliteStore`], [`PgStore`]).
+//!
+//! The database is the source of truth; the coordinator holds no queue in memory. Methods are
+//! named after transitions (`lease_next`, `heartbeat`, `complete`, `fail`, `reclaim_expired`) and
+//! apply [`crate::job::transition`] inside one transaction each. Both backends share their SQL
+//! (`$1`-style parameters work in both) through the `impl_store!` macro in `common.rs`; what
+//! differs (how a write transaction begins, row locking, the claim query) lives in
+//! `sqlite.rs` / `postgres.rs`. Times are milliseconds since the Unix epoch, passed in by the
+//! caller so that tests control the clock.
+
+mod common;
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use self::postgres::PgStore;
+pub use self::sqlite::SqliteStore;
+use crate::job::{InvalidTransition, JobKind, JobState};
+use crate::sweep::{CellSpec, PlannedJob, SweepSpec};
+
+/// Default database: a SQLite file under `results/`.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://results/coordinator.sqlite";
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No sweep with that name.
+    #[error("no sweep named {0:?}")]
+    SweepNotFound(String),
+    /// No job with that id.
+    #[error("no job with id {0}")]
+    JobNotFound(i64),
+    /// The lease is not the job's current lease (expired and re-leased, cancelled, or finished).
+    #[error("lease {lease_id} is not the current lease of job {job_id} (it expired, or the job was re-leased, cancelled or finished)")]
+    StaleLease {
+        /// The job.
+        job_id: i64,
+        /// The lease the caller presented.
+        lease_id: String,
+    },
+    /// The requested change is not allowed in the job's state.
+    #[error(transparent)]
+    Transition(#[from] InvalidTransition),
+    /// The database URL is not one we understand.
+    #[error("unsupported database URL {0:?}: expected sqlite://PATH, sqlite::memory: or postgres://...")]
+    BadUrl(String),
+    /// A stored value is not what we wrote (corrupt or foreign database).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Job counts of one sweep.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SweepCounts {
+    /// Sweep name.
+    pub name: String,
+    /// `active` or `cancelled`.
+    pub state: String,
+    /// Priority.
+    pub priority: i32,
+    /// Creation time.
+    pub created_at: i64,
+    /// Jobs per state, in [`JobState::ALL`] order.
+    pub counts: [u32; 6],
+}
+
+impl SweepCounts {
+    /// Jobs in `state`.
+    pub fn count(&self, state: JobState) -> u32 {
+        self.counts[JobState::ALL.iter().position(|s| *s == state).expect("ALL lists every state")]
+    }
+
+    /// All jobs.
+    pub fn total(&self) -> u32 {
+        self.counts.iter().sum()
+    }
+
+    /// True when every job is succeeded, failed or cancelled.
+    pub fn is_done(&self) -> bool {
+        JobState::ALL.iter().filter(|s| !s.is_terminal()).all(|s| self.count(*s) == 0)
+    }
+}
+
+/// What a submit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitOutcome {
+    /// True if the sweep was created by this submit.
+    pub created: bool,
+    /// Jobs added.
+    pub jobs_added: u32,
+    /// Jobs in the sweep now.
+    pub jobs_total: u32,
+}
+
+/// A job row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    /// Id.
+    pub id: i64,
+    /// Sweep name.
+    pub sweep: String,
+    /// Content key.
+    pub key: String,
+    /// Kind.
+    pub kind: JobKind,
+    /// Content.
+    pub spec: CellSpec,
+    /// State.
+    pub state: JobState,
+    /// Attempts that ended without success.
+    pub attempts: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// The job it waits for.
+    pub depends_on: Option<i64>,
+    /// Current or last lease.
+    pub lease_id: Option<String>,
+    /// Worker holding or last holding the job.
+    pub worker_id: Option<String>,
+    /// Last error.
+    pub error: Option<String>,
+    /// Last error label.
+    pub error_kind: Option<String>,
+    /// Layers dropped (reported).
+    pub layers_dropped: Vec<u32>,
+    /// Decoder layer count (reported).
+    pub num_layers: Option<u32>,
+    /// Phase timings (reported).
+    pub timings: Vec<Timing>,
+}
+
+/// Time spent in one phase.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Timing {
+    /// Phase name.
+    pub phase: String,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// One row of a distance table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistanceRow {
+    /// `angular` or `block_influence`.
+    pub metric: String,
+    /// Block length.
+    pub n: u32,
+    /// First layer.
+    pub l: u32,
+    /// Value.
+    pub value: f64,
+}
+
+/// One result row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultValue {
+    /// Task.
+    pub task: String,
+    /// Metric.
+    pub metric: String,
+    /// Value.
+    pub value: f64,
+}
+
+/// A job handed to a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeasedJob {
+    /// Lease id.
+    pub lease_id: String,
+    /// Expiry.
+    pub expires_at: i64,
+    /// The job (state `Leased`).
+    pub job: JobRow,
+    /// The score job's distance table, for cells that need it.
+    pub distances: Vec<DistanceRow>,
+}
+
+/// A worker's registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    /// Name.
+    pub name: String,
+    /// Device.
+    pub device: String,
+    /// Device memory.
+    pub memory_bytes: Option<u64>,
+    /// Build version.
+    pub version: String,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatOutcome {
+    /// Lease renewed until this time.
+    Renewed(i64),
+    /// The job was cancelled: stop.
+    Cancelled,
+    /// The lease is not current: stop.
+    Lost,
+}
+
+/// A successful job's report.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Completion {
+    /// The job.
+    pub job_id: i64,
+    /// The lease it ran under.
+    pub lease_id: String,
+    /// Results.
+    pub results: Vec<ResultValue>,
+    /// Distance table (score jobs).
+    pub distances: Vec<DistanceRow>,
+    /// Layers dropped.
+    pub layers_dropped: Vec<u32>,
+    /// Decoder layer count.
+    pub num_layers: Option<u32>,
+    /// Timings.
+    pub timings: Vec<Timing>,
+}
+
+/// A failed job's report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// The job.
+    pub job_id: i64,
+    /// The lease it ran under.
+    pub lease_id: String,
+    /// What went wrong.
+    pub message: String,
+    /// Stable label.
+    pub error_kind: String,
+    /// Whether another attempt may succeed.
+    pub retryable: bool,
+}
+
+/// One job state change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    /// Sequence number.
+    pub seq: i64,
+    /// Job.
+    pub job_id: i64,
+    /// Job kind.
+    pub kind: JobKind,
+    /// State after the change.
+    pub state: JobState,
+    /// Worker involved.
+    pub worker_id: Option<String>,
+    /// Free text.
+    pub message: Option<String>,
+    /// Time.
+    pub at: i64,
+}
+
+/// A job with its results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobResults {
+    /// The job.
+    pub job: JobRow,
+    /// Its results.
+    pub results: Vec<ResultValue>,
+}
+
+/// The store's operations. Every write is one transaction.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Insert the sweep (if new) and the jobs it does not have yet, in one transaction.
+    async fn submit(&self, spec: &SweepSpec, jobs: &[PlannedJob], now: i64) -> Result<SubmitOutcome, StoreError>;
+    /// Job counts of one sweep.
+    async fn sweep(&self, name: &str) -> Result<SweepCounts, StoreError>;
+    /// All sweeps, newest first.
+    async fn sweeps(&self) -> Result<Vec<SweepCounts>, StoreError>;
+    /// Cancel every unfinished job of the sweep; returns how many.
+    async fn cancel(&self, name: &str, now: i64) -> Result<u32, StoreError>;
+    /// Requeue failed (and cancelled, if asked) jobs with fresh attempts; returns how many.
+    async fn retry(&self, name: &str, include_cancelled: bool, now: i64) -> Result<u32, StoreError>;
+    /// Register a worker; returns its id.
+    async fn register_worker(&self, worker: &WorkerInfo, now: i64) -> Result<String, StoreError>;
+    /// Lease the next pending job, preferring jobs whose model is in `held_models`.
+    async fn lease_next(
+        &self,
+        worker_id: &str,
+        held_models: &[String],
+        ttl_ms: i64,
+        now: i64,
+    ) -> Result<Option<LeasedJob>, StoreError>;
+    /// Renew a lease.
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        lease_id: &str,
+        job_id: i64,
+        phase: Option<&str>,
+        ttl_ms: i64,
+        now: i64,
+    ) -> Result<HeartbeatOutcome, StoreError>;
+    /// Finish a job with its results; unblocks the jobs that depend on it.
+    async fn complete(&self, completion: &Completion, now: i64) -> Result<(), StoreError>;
+    /// Record a failure; returns the job's new state (pending or failed).
+    async fn fail(&self, failure: &Failure, now: i64) -> Result<JobState, StoreError>;
+    /// Return jobs whose lease expired before `now` to pending (or failed at max attempts).
+    async fn reclaim_expired(&self, now: i64) -> Result<u32, StoreError>;
+    /// A sweep's events after `after_seq`, oldest first, at most `limit`.
+    async fn events(&self, sweep: &str, after_seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError>;
+    /// A job.
+    async fn job(&self, job_id: i64) -> Result<JobRow, StoreError>;
+    /// Every job of a sweep with its results, in id order.
+    async fn results(&self, sweep: &str) -> Result<Vec<JobResults>, StoreError>;
+    /// A score job's distance table.
+    async fn distances(&self, job_id: i64) -> Result<Vec<DistanceRow>, StoreError>;
+}
+
+/// Open (creating if needed) and migrate the store at `url`: `sqlite://PATH`, `sqlite::memory:`,
+/// a bare path (SQLite), or `postgres://...`.
+pub async fn open(url: &str) -> Result<Arc<dyn JobStore>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url).await?))
+    } else if url.starts_with("sqlite:") || !url.contains("://") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::BadUrl(url.to_string()))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970");
+    i64::try_from(d.as_millis()).expect("time fits in i64")
+}

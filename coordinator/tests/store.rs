@@ -1,0 +1,301 @@
+//! The `JobStore` suite, run against both backends: every test below runs once on a fresh SQLite
+//! file and once on a fresh Postgres schema. Time is passed in explicitly, so lease expiry needs no
+//! sleeping.
+
+mod common;
+
+use std::collections::HashSet;
+
+use prunesweep_coordinator::job::{JobKind, JobState};
+use prunesweep_coordinator::store::{
+    Completion, DistanceRow, Failure, HeartbeatOutcome, JobStore, LeasedJob, ResultValue, StoreError,
+};
+use prunesweep_coordinator::sweep::{Method, SweepSpec};
+
+const T0: i64 = 1_000_000;
+const TTL: i64 = 1_000;
+
+fn tiny() -> SweepSpec {
+    SweepSpec::parse(common::TINY, "tiny.yaml").unwrap()
+}
+
+async fn submit(store: &dyn JobStore, spec: &SweepSpec) -> prunesweep_coordinator::store::SubmitOutcome {
+    store.submit(spec, &spec.expand(), T0).await.unwrap()
+}
+
+async fn lease(store: &dyn JobStore, worker: &str, now: i64) -> Option<LeasedJob> {
+    store.lease_next(worker, &[], TTL, now).await.unwrap()
+}
+
+fn done(l: &LeasedJob) -> Completion {
+    let mut c = Completion { job_id: l.job.id, lease_id: l.lease_id.clone(), ..Default::default() };
+    match l.job.kind {
+        JobKind::Score => {
+            c.distances = vec![
+                DistanceRow { metric: "angular".into(), n: 1, l: 0, value: 0.3 },
+                DistanceRow { metric: "angular".into(), n: 1, l: 1, value: 0.1 },
+            ];
+            c.num_layers = Some(4);
+        }
+        _ => {
+            c.results = vec![ResultValue { task: "c4-loss".into(), metric: "loss".into(), value: 3.5 }];
+            c.layers_dropped = vec![1];
+            c.num_layers = Some(4);
+        }
+    }
+    c
+}
+
+async fn submit_is_idempotent(store: &dyn JobStore) {
+    let spec = tiny();
+    let first = submit(store, &spec).await;
+    assert!(first.created);
+    assert_eq!((first.jobs_added, first.jobs_total), (6, 6));
+    let counts = store.sweep("tiny").await.unwrap();
+    assert_eq!(counts.count(JobState::Pending), 4, "score, baseline, 2 deepest cells");
+    assert_eq!(counts.count(JobState::Blocked), 2, "2 angular cells wait for the score job");
+    let again = submit(store, &spec).await;
+    assert!(!again.created);
+    assert_eq!((again.jobs_added, again.jobs_total), (0, 6));
+    let extended = SweepSpec::parse(&common::TINY.replace("[0.25, 0.5]", "[0.25, 0.5, 0.125]"), "x").unwrap();
+    let ext = submit(store, &extended).await;
+    assert_eq!((ext.jobs_added, ext.jobs_total), (2, 8));
+    assert_eq!(store.sweeps().await.unwrap().len(), 1);
+}
+
+async fn leases_follow_dependencies(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let mut leased = Vec::new();
+    while let Some(l) = lease(store, "w1", T0).await {
+        leased.push(l);
+    }
+    assert_eq!(leased.len(), 4);
+    assert_eq!(leased[0].job.kind, JobKind::Score, "the score job goes first");
+    assert!(leased.iter().all(|l| l.job.spec.method != Some(Method::Angular)));
+    for l in &leased {
+        store.complete(&done(l), T0 + 10).await.unwrap();
+    }
+    let counts = store.sweep("tiny").await.unwrap();
+    assert_eq!(counts.count(JobState::Pending), 2, "the score job unblocked the angular cells");
+    let angular = lease(store, "w1", T0 + 20).await.unwrap();
+    assert_eq!(angular.job.spec.method, Some(Method::Angular));
+    assert_eq!(angular.distances.len(), 2, "cells get the score job's distance table");
+    assert_eq!(angular.distances[1].value, 0.1);
+    store.complete(&done(&angular), T0 + 30).await.unwrap();
+    let last = lease(store, "w1", T0 + 40).await.unwrap();
+    store.complete(&done(&last), T0 + 50).await.unwrap();
+    let counts = store.sweep("tiny").await.unwrap();
+    assert_eq!(counts.count(JobState::Succeeded), 6);
+    assert!(counts.is_done());
+    let results = store.results("tiny").await.unwrap();
+    assert_eq!(results.len(), 6);
+    assert_eq!(results.iter().filter(|r| r.results.len() == 1).count(), 5, "baseline + 4 cells have a loss");
+    assert_eq!(results.iter().find(|r| r.job.kind == JobKind::Cell).unwrap().job.layers_dropped, vec![1]);
+    let events = store.events("tiny", 0, 1000).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.state == JobState::Succeeded).count(), 6);
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+async fn affinity_prefers_held_models(store: &dyn JobStore) {
+    let yaml = "name: two\nmodels:\n  - {name: a, path: a.gguf}\n  - {name: b, path: b.gguf}\n\
+                methods: [deepest]\nn: [1, 2]\nbaseline: false\n";
+    let spec = SweepSpec::parse(yaml, "two.yaml").unwrap();
+    submit(store, &spec).await;
+    let held = vec!["b.gguf".to_string()];
+    let l = store.lease_next("w", &held, TTL, T0).await.unwrap().unwrap();
+    assert_eq!(l.job.spec.model.source, "b.gguf");
+    let l = store.lease_next("w", &held, TTL, T0).await.unwrap().unwrap();
+    assert_eq!(l.job.spec.model.source, "b.gguf");
+    let l = store.lease_next("w", &held, TTL, T0).await.unwrap().unwrap();
+    assert_eq!(l.job.spec.model.source, "a.gguf", "falls back to other models");
+}
+
+async fn expired_leases_are_reclaimed_until_max_attempts(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let score = lease(store, "w1", T0).await.unwrap();
+    assert_eq!(score.job.kind, JobKind::Score);
+    let hb = store.heartbeat("w1", &score.lease_id, score.job.id, Some("score"), TTL, T0 + 800).await.unwrap();
+    assert_eq!(hb, HeartbeatOutcome::Renewed(T0 + 800 + TTL));
+    assert_eq!(store.reclaim_expired(T0 + 1500).await.unwrap(), 0, "the heartbeat renewed the lease");
+    assert_eq!(store.reclaim_expired(T0 + 1801).await.unwrap(), 1);
+    let job = store.job(score.job.id).await.unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Pending, 1));
+    assert!(job.error.unwrap().contains("expired"));
+    // Attempt 2 (of max_attempts = 2) also expires: the job fails and so do its dependents.
+    let again = lease(store, "w2", T0 + 2000).await.unwrap();
+    assert_eq!(again.job.id, score.job.id);
+    assert_eq!(store.reclaim_expired(T0 + 3001).await.unwrap(), 1);
+    let job = store.job(score.job.id).await.unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Failed, 2));
+    assert_eq!(job.error_kind.as_deref(), Some("lease_expired"));
+    let counts = store.sweep("tiny").await.unwrap();
+    assert_eq!(counts.count(JobState::Failed), 3, "the score job and its 2 angular cells");
+    // Retry requeues the score job and re-blocks its cells behind it.
+    assert_eq!(store.retry("tiny", false, T0 + 4000).await.unwrap(), 3);
+    let counts = store.sweep("tiny").await.unwrap();
+    assert_eq!(counts.count(JobState::Blocked), 2);
+    assert_eq!(counts.count(JobState::Failed), 0);
+    assert_eq!(store.job(score.job.id).await.unwrap().attempts, 0);
+}
+
+async fn stale_lease_cannot_complete(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let old = lease(store, "w1", T0).await.unwrap();
+    store.reclaim_expired(T0 + TTL + 1).await.unwrap();
+    let new = lease(store, "w2", T0 + TTL + 2).await.unwrap();
+    assert_eq!(new.job.id, old.job.id);
+    assert_ne!(new.lease_id, old.lease_id);
+    let err = store.complete(&done(&old), T0 + TTL + 3).await.unwrap_err();
+    assert!(matches!(err, StoreError::StaleLease { .. }), "{err}");
+    let fail = Failure {
+        job_id: old.job.id,
+        lease_id: old.lease_id.clone(),
+        message: "late".into(),
+        error_kind: "x".into(),
+        retryable: true,
+    };
+    assert!(matches!(store.fail(&fail, T0 + TTL + 3).await.unwrap_err(), StoreError::StaleLease { .. }));
+    let hb = store.heartbeat("w1", &old.lease_id, old.job.id, None, TTL, T0 + TTL + 4).await.unwrap();
+    assert_eq!(hb, HeartbeatOutcome::Lost);
+    store.complete(&done(&new), T0 + TTL + 5).await.unwrap();
+    assert_eq!(store.job(new.job.id).await.unwrap().state, JobState::Succeeded);
+    assert!(matches!(store.complete(&done(&new), T0 + TTL + 6).await.unwrap_err(), StoreError::StaleLease { .. }));
+}
+
+async fn failures_retry_or_stop(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let l = lease(store, "w1", T0).await.unwrap();
+    let fail = |l: &LeasedJob, retryable| Failure {
+        job_id: l.job.id,
+        lease_id: l.lease_id.clone(),
+        message: "CUDA out of memory".into(),
+        error_kind: "oom".into(),
+        retryable,
+    };
+    assert_eq!(store.fail(&fail(&l, true), T0 + 1).await.unwrap(), JobState::Pending);
+    let l2 = lease(store, "w1", T0 + 2).await.unwrap();
+    assert_eq!(l2.job.id, l.job.id);
+    let mut missing = fail(&l2, false);
+    missing.message = "model path worker/tests/fixtures/nope does not exist".into();
+    missing.error_kind = "model_load".into();
+    assert_eq!(store.fail(&missing, T0 + 3).await.unwrap(), JobState::Failed);
+    let job = store.job(l.job.id).await.unwrap();
+    assert_eq!(job.error.as_deref(), Some("model path worker/tests/fixtures/nope does not exist"));
+    assert_eq!(job.error_kind.as_deref(), Some("model_load"));
+    let results = store.results("tiny").await.unwrap();
+    let dependents: Vec<_> = results.iter().filter(|r| r.job.depends_on == Some(l.job.id)).collect();
+    assert_eq!(dependents.len(), 2);
+    for d in dependents {
+        assert_eq!(d.job.state, JobState::Failed);
+        assert!(d.job.error.as_deref().unwrap().contains("does not exist"));
+    }
+}
+
+async fn cancel_stops_leasing_and_tells_workers(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let running = lease(store, "w1", T0).await.unwrap();
+    assert_eq!(store.cancel("tiny", T0 + 1).await.unwrap(), 6);
+    assert!(lease(store, "w2", T0 + 2).await.is_none());
+    let hb = store.heartbeat("w1", &running.lease_id, running.job.id, None, TTL, T0 + 3).await.unwrap();
+    assert_eq!(hb, HeartbeatOutcome::Cancelled);
+    assert!(matches!(store.complete(&done(&running), T0 + 4).await.unwrap_err(), StoreError::StaleLease { .. }));
+    let counts = store.sweep("tiny").await.unwrap();
+    assert_eq!(counts.count(JobState::Cancelled), 6);
+    assert_eq!(counts.state, "cancelled");
+    // Resubmitting a cancelled sweep adds nothing runnable; retry reopens it.
+    submit(store, &tiny()).await;
+    assert!(lease(store, "w2", T0 + 5).await.is_none());
+    assert_eq!(store.retry("tiny", true, T0 + 6).await.unwrap(), 6);
+    assert!(lease(store, "w2", T0 + 7).await.is_some());
+    assert!(matches!(store.cancel("nope", T0).await.unwrap_err(), StoreError::SweepNotFound(_)));
+}
+
+async fn concurrent_submits_make_one_sweep(store: &dyn JobStore) {
+    let spec = tiny();
+    let jobs = spec.expand();
+    let (a, b, c) =
+        tokio::join!(store.submit(&spec, &jobs, T0), store.submit(&spec, &jobs, T0), store.submit(&spec, &jobs, T0));
+    let outs = [a.unwrap(), b.unwrap(), c.unwrap()];
+    assert_eq!(outs.iter().filter(|o| o.created).count(), 1);
+    assert_eq!(outs.iter().map(|o| o.jobs_added).sum::<u32>(), 6);
+    assert_eq!(store.sweep("tiny").await.unwrap().total(), 6);
+}
+
+async fn concurrent_leases_never_share_a_job(store: &dyn JobStore) {
+    let yaml = "name: many\nmodels: [{name: m, path: m.gguf}]\nmethods: [deepest]\n\
+                n: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]\nbaseline: false\n";
+    let spec = SweepSpec::parse(yaml, "many.yaml").unwrap();
+    submit(store, &spec).await;
+    let workers: Vec<String> = (0..8).map(|i| format!("w{i}")).collect();
+    let leases = futures::future::join_all(workers.iter().map(|w| async move {
+        let mut mine = Vec::new();
+        while let Some(l) = store.lease_next(w, &[], TTL, T0).await.unwrap() {
+            store.complete(&done(&l), T0 + 1).await.unwrap();
+            mine.push(l.job.id);
+        }
+        mine
+    }))
+    .await;
+    let all: Vec<i64> = leases.into_iter().flatten().collect();
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 20);
+    assert_eq!(unique.len(), 20);
+}
+
+async fn unknown_names_are_not_found(store: &dyn JobStore) {
+    assert!(matches!(store.sweep("nope").await.unwrap_err(), StoreError::SweepNotFound(_)));
+    assert!(matches!(store.results("nope").await.unwrap_err(), StoreError::SweepNotFound(_)));
+    assert!(matches!(store.job(12345).await.unwrap_err(), StoreError::JobNotFound(12345)));
+    let id = store
+        .register_worker(
+            &prunesweep_coordinator::store::WorkerInfo {
+                name: "w".into(),
+                device: "cpu".into(),
+                memory_bytes: Some(1 << 30),
+                version: "0".into(),
+            },
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(id.len(), 36);
+}
+
+/// Runs each listed test on both backends.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let s = crate::common::sqlite().await;
+                    super::$name(&*s.store).await;
+                    s.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let s = crate::common::postgres().await;
+                    super::$name(&*s.store).await;
+                    s.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    submit_is_idempotent,
+    leases_follow_dependencies,
+    affinity_prefers_held_models,
+    expired_leases_are_reclaimed_until_max_attempts,
+    stale_lease_cannot_complete,
+    failures_retry_or_stop,
+    cancel_stops_leasing_and_tells_workers,
+    concurrent_submits_make_one_sweep,
+    concurrent_leases_never_share_a_job,
+    unknown_names_are_not_found,
+);

@@ -1,0 +1,12 @@
+//! The prunesweep gRPC contract: package `prunesweep.v1` (`prunesweep/v1/prunesweep.proto`).
+//!
+//! `SweepService` is the client side (submit, status, cancel, retry, watch, results);
+//! `WorkerService` is the worker side (register, lease, heartbeat, complete, fail). Both are
+//! generated with a client and a server; the coordinator implements the servers, the CLI and the
+//! workers use the clients.
+
+/// Version 1 of the contract: messages, enums, `*_client` and `*_server` modules.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("prunesweep.v1");
+}

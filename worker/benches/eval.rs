@@ -1,0 +1,48 @@
+//! Evaluation throughput on SmolLM2-135M (f32, CPU): MMLU 5-shot letter on the first 5 test
+//! questions of every subject (285), and BoolQ on the first 200 validation items.
+//!
+//! `cargo bench -p prunesweep-worker --bench eval` (or `scripts/bench-eval.sh`, which adds a plain
+//! transformers loop, one forward per full prompt as lm-eval-harness does). Prints
+//! `BENCH <case> questions=Q tokens=T seconds=S q_s=Q/S tok_s=T/S` (T: prompt tokens a plain loop
+//! runs) and `ACC <case> accuracy=A`.
+//!
+//! Environment: `PRUNESWEEP_SMOLLM2`, `PRUNESWEEP_DATA` (default `../shared/data`), `BENCH_BATCH` (8).
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use prunesweep_worker::eval::{boolq, mmlu, EvalReport};
+use prunesweep_worker::model::Model;
+
+fn print(case: &str, r: &EvalReport) {
+    println!(
+        "BENCH {case} questions={} tokens={} seconds={:.4} q_s={:.2} tok_s={:.1}",
+        r.n,
+        r.tokens,
+        r.seconds,
+        r.n as f64 / r.seconds,
+        r.tokens as f64 / r.seconds
+    );
+    println!("ACC {case} accuracy={:.4}", r.accuracy.unwrap_or(f64::NAN));
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model_path = std::env::var_os("PRUNESWEEP_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let data = std::env::var_os("PRUNESWEEP_DATA").map(PathBuf::from).unwrap_or_else(|| root.join("../shared/data"));
+    let batch: usize = std::env::var("BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let model = Model::load(&model_path, &Device::Cpu)?;
+
+    let mut mmlu_data = mmlu::MmluData::load(&data.join("mmlu"), None)?;
+    mmlu_data.truncate(Some(5), None);
+    let report = mmlu::evaluate_letter(&model, &mmlu_data, 5, batch, &mut |_| {})?;
+    print("prunesweep-mmlu5", &report);
+
+    let mut items = boolq::load(&data.join("boolq/val.jsonl"))?;
+    items.truncate(200);
+    let report = boolq::evaluate(&model, &items, batch, &mut |_| {})?;
+    print("prunesweep-boolq", &report);
+    Ok(())
+}
