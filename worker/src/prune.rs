@@ -51,6 +51,16 @@ pub enum PruneError {
         /// Layers in the model.
         layers: usize,
     },
+    /// An explicit block that runs past the last layer.
+    #[error("block {start}:{n} (layers {start}..{start}+{n}-1) runs past the last layer {last}")]
+    PastEnd {
+        /// First layer.
+        start: usize,
+        /// Layers in the block.
+        n: usize,
+        /// Index of the last layer.
+        last: usize,
+    },
     /// The scores do not fit the model.
     #[error(transparent)]
     Score(#[from] ScoreError),
@@ -93,8 +103,8 @@ impl PrunePlan {
     /// An explicit block `start .. start + n`.
     pub fn explicit(start: usize, n: usize, layers: usize) -> Result<Self, PruneError> {
         check_n(n, layers)?;
-        if start + n > layers {
-            return Err(PruneError::TooMany { n: start + n, layers });
+        if start.checked_add(n).is_none_or(|end| end > layers) {
+            return Err(PruneError::PastEnd { start, n, last: layers - 1 });
         }
         Ok(PrunePlan { method: None, n, num_layers: layers, dropped: (start..start + n).collect(), score: None })
     }

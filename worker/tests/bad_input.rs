@@ -167,3 +167,22 @@ fn cli_reports_errors_without_panicking() {
     assert_eq!(t["logits"].dims(), &[5, 320]);
     assert_eq!(t["ids"].dims(), &[5]);
 }
+
+/// `save_hf` never deletes a folder it did not write, nor the model's own folder.
+#[test]
+fn writer_refuses_foreign_and_source_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_tiny(&tmp.path().join("src"));
+    let model = Model::load(&tmp.path().join("src"), &Device::Cpu).unwrap();
+    let msg = model.save_hf(&tmp.path().join("src"), &[]).unwrap_err().to_string();
+    assert!(msg.contains("own folder"), "{msg}");
+    let foreign = tmp.path().join("notes");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("thesis.tex"), "keep me").unwrap();
+    let msg = model.save_hf(&foreign, &[]).unwrap_err().to_string();
+    assert!(msg.contains("not written by prunesweep"), "{msg}");
+    assert!(foreign.join("thesis.tex").is_file());
+    let out = tmp.path().join("out");
+    model.save_hf(&out, &[("prunesweep.json", serde_json::json!({}))]).unwrap();
+    model.save_hf(&out, &[]).unwrap(); // replacing our own output is fine
+}

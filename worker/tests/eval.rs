@@ -144,10 +144,19 @@ fn bad_mmlu_data_is_reported_with_file_and_line() {
         matches!(e, EvalError::MissingFile { .. }) && e.to_string().contains("high_school_geography_dev.csv"),
         "{e}"
     );
-    // 0-shot still works, and the tiny byte tokenizer's " A" (2 tokens) falls back with a warning.
-    let report = mmlu::evaluate_letter(&model, &data, 0, 4, &mut |_| {}).unwrap();
+    // 0-shot needs no dev file, but the tiny byte tokenizer spells " A".." D" as a space token then
+    // the letter: the first tokens coincide, so letter scoring is refused rather than answering A.
+    let e = mmlu::evaluate_letter(&model, &data, 0, 4, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("share their first token") && e.contains("cloze"), "{e}");
+    let report = mmlu::evaluate_cloze(&model, &data, 4, &mut |_| {}).unwrap();
     assert_eq!(report.n, 2);
-    assert!(report.warnings.iter().any(|w| w.contains("\" A\" is 2 tokens")), "{:?}", report.warnings);
+    // Nothing left after --limit 0 is an error, not an accuracy of 0.
+    let mut none = data.clone();
+    none.truncate(None, Some(0));
+    assert!(mmlu::evaluate_letter(&model, &none, 0, 4, &mut |_| {})
+        .unwrap_err()
+        .to_string()
+        .contains("no MMLU questions"));
     // A malformed row and a bad answer letter name the file and line.
     let f = root.join("test/abstract_algebra_test.csv");
     std::fs::write(&f, "q,a,b,c,d,A\nq2,a,b\n").unwrap();
@@ -165,21 +174,56 @@ fn bad_mmlu_data_is_reported_with_file_and_line() {
 }
 
 #[test]
-fn eval_cli_writes_the_result_json() {
+fn eval_cli_writes_the_result_json_and_refuses_unscorable_answers() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("b.jsonl");
-    std::fs::write(&data, "{\"passage\":\"Sky is blue.\",\"question\":\"is the sky blue\",\"label\":\"true\"}\n{\"passage\":\"Grass is red.\",\"question\":\"is grass red\",\"label\":false}\n").unwrap();
-    let out = tmp.path().join("r.json");
     let tiny = fixture("tiny-qwen2");
-    let res = std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["eval", "--model", tiny.to_str().unwrap(), "--drop", "1:1", "--task", "boolq", "--data"])
-        .args([data.as_os_str(), "--out".as_ref(), out.as_os_str()])
-        .output()
+    let run = |args: &[&str]| {
+        let res = std::process::Command::new(env!("CARGO_BIN_EXE_worker")).args(args).output().unwrap();
+        (res.status.success(), String::from_utf8_lossy(&res.stderr).into_owned())
+    };
+    // BoolQ on a byte-level tokenizer without merges: " yes" and " no" both start with the space token.
+    let data = tmp.path().join("b.jsonl");
+    std::fs::write(&data, "{\"passage\":\"Sky is blue.\",\"question\":\"is the sky blue\",\"label\":\"true\"}\n")
         .unwrap();
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let out = tmp.path().join("r.json");
+    let (ok, stderr) = run(&[
+        "eval",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--task",
+        "boolq",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("share their first token") && !stderr.contains("panicked"), "{stderr}");
+    assert!(!out.exists(), "no result file for a refused task");
+    // c4-loss on a cut model writes the JSON.
+    let text = tmp.path().join("docs.txt");
+    std::fs::write(&text, "first document here\n\nsecond document, a bit longer\n").unwrap();
+    let (ok, stderr) = run(&[
+        "eval",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--drop",
+        "1:1",
+        "--task",
+        "c4-loss",
+        "--data",
+        text.to_str().unwrap(),
+        "--samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    assert_eq!((r["task"].as_str(), r["n"].as_u64()), (Some("boolq"), Some(2)));
-    assert!(r["accuracy"].is_number() && r["seconds"].is_number() && r["tokens"].as_u64().unwrap() > 10);
-    assert_eq!(r["predictions"][1]["label"], false);
-    assert_eq!(r["predictions"][0]["index"], 0);
+    assert_eq!((r["task"].as_str(), r["n"].as_u64()), (Some("c4-loss"), Some(2)));
+    let (loss, norm) = (r["loss"].as_f64().unwrap(), r["normalized_loss"].as_f64().unwrap());
+    assert!(loss > 0.0 && (norm - loss / 320f64.ln()).abs() < 1e-9);
+    assert_eq!(r["predictions"][1]["index"], 1);
+    assert_eq!(r["tokens"], 16 + 16, "two documents truncated to 16 byte tokens");
 }

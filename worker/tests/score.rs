@@ -208,7 +208,7 @@ fn bad_requests_are_clear_errors() {
         (vec!["--fraction", "1.0", "--method", "deepest"], "outside [0, 1)"),
         (vec!["--fraction", "-0.5", "--method", "deepest"], "outside [0, 1)"),
         (vec!["--n", "1", "--method", "angular"], "needs --distances FILE or --data FILE"),
-        (vec!["--layers", "3:2"], "cannot drop 5 of 4"),
+        (vec!["--layers", "3:2"], "runs past the last layer 3"),
     ];
     for (extra, want) in cases {
         let mut args = vec!["prune", "--model", tiny, "--out", out];

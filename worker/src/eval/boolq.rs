@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{choice_token, scored_positions, EvalError, EvalReport, Task};
+use super::{choice_tokens, scored_positions, EvalError, EvalReport, Task};
 use crate::model::Model;
 
 /// One BoolQ item.
@@ -120,9 +120,12 @@ pub fn evaluate(
     batch: usize,
     on_progress: &mut dyn FnMut(usize),
 ) -> Result<EvalReport, EvalError> {
+    if items.is_empty() {
+        return Err(EvalError::Invalid("no BoolQ items left to evaluate (check --limit)".into()));
+    }
     let mut report = EvalReport::new(Task::Boolq);
-    let yes = choice_token(&model.tokenizer, " yes", &mut report.warnings)?;
-    let no = choice_token(&model.tokenizer, " no", &mut report.warnings)?;
+    let ids = choice_tokens(&model.tokenizer, &[" yes", " no"], &mut report.warnings)?;
+    let (yes, no) = (ids[0], ids[1]);
     let started = Instant::now();
     let ids: Vec<Vec<u32>> = items.iter().map(|it| model.tokenizer.encode(&prompt(it))).collect::<Result<_, _>>()?;
     let mut order: Vec<usize> = (0..ids.len()).collect();

@@ -27,7 +27,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde_json::json;
 
-use super::{choice_token, common_prefix_len, scored_positions, EvalError, EvalReport, SubjectScore, Task};
+use super::{choice_tokens, common_prefix_len, scored_positions, EvalError, EvalReport, SubjectScore, Task};
 use crate::model::Model;
 
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
@@ -145,7 +145,7 @@ fn read_split(path: &Path, split: &str) -> Result<(Vec<MmluQuestion>, Vec<String
         if files.is_empty() {
             return Err(EvalError::MissingFile {
                 path: dir.join(format!("<subject>{suffix}")),
-                hint: "an MMLU folder holds test/ and dev/ with {subject}_{split}.csv files".into(),
+                hint: format!("an MMLU folder holds test/ and dev/ with {{subject}}_{split}.csv files"),
             });
         }
         let mut questions = Vec::new();
@@ -369,15 +369,20 @@ pub fn evaluate_letter(
 ) -> Result<EvalReport, EvalError> {
     let mut report = EvalReport::new(Task::Mmlu);
     report.skipped = data.skipped.clone();
-    let letter_ids: Vec<u32> = LETTERS
-        .iter()
-        .map(|l| choice_token(&model.tokenizer, &format!(" {l}"), &mut report.warnings))
-        .collect::<Result<_, _>>()?;
+    if data.questions.is_empty() {
+        return Err(EvalError::Invalid(
+            "no MMLU questions left to evaluate (check --limit / --limit-per-subject)".into(),
+        ));
+    }
+    // Every subject's dev examples are read before any compute: a missing file fails fast.
+    let groups = by_subject(&data.questions);
+    let shot_sets: Vec<Vec<MmluQuestion>> =
+        groups.iter().map(|g| data.shots(&g[0].subject, shots)).collect::<Result<_, _>>()?;
+    let letter_ids = choice_tokens(&model.tokenizer, &[" A", " B", " C", " D"], &mut report.warnings)?;
     let started = Instant::now();
     let decoder = &model.decoder;
     let mut preds = Vec::with_capacity(data.questions.len());
-    for group in by_subject(&data.questions) {
-        let examples = data.shots(&group[0].subject, shots)?;
+    for (group, examples) in groups.into_iter().zip(shot_sets) {
         let ids: Vec<Vec<u32>> =
             group.iter().map(|q| model.tokenizer.encode(&letter_prompt(q, &examples))).collect::<Result<_, _>>()?;
         let p = common_prefix_len(&ids, 1);
@@ -413,6 +418,11 @@ pub fn evaluate_cloze(
     batch: usize,
     on_progress: &mut dyn FnMut(usize),
 ) -> Result<EvalReport, EvalError> {
+    if data.questions.is_empty() {
+        return Err(EvalError::Invalid(
+            "no MMLU questions left to evaluate (check --limit / --limit-per-subject)".into(),
+        ));
+    }
     let mut report = EvalReport::new(Task::MmluCloze);
     report.skipped = data.skipped.clone();
     let started = Instant::now();

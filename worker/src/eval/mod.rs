@@ -150,21 +150,44 @@ impl EvalReport {
     }
 }
 
-/// The id of a one-token continuation such as `" A"`. When the tokenizer splits it, the first token
-/// is used and a warning says so (the plain loop would score the first token too).
-pub fn choice_token(tokenizer: &Tokenizer, text: &str, warnings: &mut Vec<String>) -> Result<u32, EvalError> {
-    let ids = tokenizer.encode_plain(text)?;
-    match ids.as_slice() {
-        [one] => Ok(*one),
-        [first, ..] => {
-            warnings.push(format!(
-                "{text:?} is {} tokens for this tokenizer ({ids:?}); scoring its first token {first}",
-                ids.len()
-            ));
-            Ok(*first)
+/// The token ids that score each one-token continuation (`" A"` … `" D"`, `" yes"`/`" no"`).
+///
+/// Each choice is tokenized as it appears in a prompt, after `Answer:` (SentencePiece tokenizers
+/// turn a bare `" A"` into `▁` + `A`, but `Answer: A` into `… ▁A`). A continuation of several tokens
+/// is scored by its first token, with a warning; if two choices would then share a token, the task
+/// cannot be scored this way and that is an error rather than a silent constant answer.
+pub fn choice_tokens(
+    tokenizer: &Tokenizer,
+    choices: &[&str],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<u32>, EvalError> {
+    const CONTEXT: &str = "Answer:";
+    let ctx = tokenizer.encode_plain(CONTEXT)?;
+    let mut ids = Vec::with_capacity(choices.len());
+    for text in choices {
+        let whole = tokenizer.encode_plain(&format!("{CONTEXT}{text}"))?;
+        let cont = if whole.starts_with(&ctx) { whole[ctx.len()..].to_vec() } else { tokenizer.encode_plain(text)? };
+        match cont.as_slice() {
+            [one] => ids.push(*one),
+            [first, ..] => {
+                warnings.push(format!(
+                    "{text:?} is {} tokens for this tokenizer ({cont:?}); scoring its first token {first}",
+                    cont.len()
+                ));
+                ids.push(*first);
+            }
+            [] => return Err(EvalError::Invalid(format!("{text:?} tokenizes to nothing"))),
         }
-        [] => Err(EvalError::Invalid(format!("{text:?} tokenizes to nothing"))),
     }
+    let mut distinct = ids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() != ids.len() {
+        return Err(EvalError::Invalid(format!(
+            "the answers {choices:?} share their first token ({ids:?}) with this tokenizer, so they cannot be told apart by one next-token logit; use a cloze task instead"
+        )));
+    }
+    Ok(ids)
 }
 
 /// Length of the longest common prefix of all sequences, capped so that every sequence keeps at
@@ -180,8 +203,8 @@ pub fn common_prefix_len(seqs: &[Vec<u32>], keep: usize) -> usize {
 }
 
 /// Runs `suffixes` (each continuing `prefix`, if any) in right-padded batches and returns, for each
-/// suffix and each requested position (indices into the suffix), the log-softmax over the
-/// vocabulary restricted to `pick` token ids — or, with `pick` empty, the full log-softmax row.
+/// suffix and each requested position (indices into the suffix), the row over the vocabulary:
+/// raw logits when `raw_logits`, else the log-softmax.
 pub fn scored_positions(
     decoder: &Decoder,
     prefix: Option<&KvCache>,

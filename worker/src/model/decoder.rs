@@ -433,7 +433,11 @@ impl Decoder {
         let blocks = (0..cfg.num_layers).map(|i| Block::load(&mut w, i, &cfg)).collect::<Result<Vec<_>, _>>()?;
         let norm_name = if cfg.parallel_block { "model.final_layernorm" } else { "model.norm" };
         let norm = Norm::load(&mut w, norm_name, &cfg)?;
-        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+        let lm_head = if cfg.tie_word_embeddings {
+            // Tied, as HF re-ties on load: a stored copy of the head is ignored.
+            if w.contains("lm_head.weight") {
+                w.take("lm_head.weight", &[v, h])?;
+            }
             Linear { weight: embed_tokens.clone(), bias: None }
         } else {
             Linear::load(&mut w, "lm_head", v, h, cfg.lm_head_bias)?
@@ -504,6 +508,9 @@ impl Decoder {
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = prefix.map_or(0, |p| p.len);
+        if prefix.is_some() && record.is_some() {
+            candle_core::bail!("recording a KV cache on top of a prefix cache is not supported");
+        }
         if let Some(p) = prefix {
             if p.layers.len() != self.blocks.len() {
                 candle_core::bail!("prefix cache has {} layers, model has {}", p.layers.len(), self.blocks.len());

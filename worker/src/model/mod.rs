@@ -229,7 +229,7 @@ pub struct LayerBlock {
 impl LayerBlock {
     /// The layer indices in the block.
     pub fn indices(&self) -> Vec<usize> {
-        (self.start..self.start + self.n).collect()
+        (self.start..self.start.saturating_add(self.n)).collect()
     }
 }
 

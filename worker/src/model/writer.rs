@@ -52,7 +52,12 @@ impl Model {
 
     /// Writes the model as an HF directory at `dir` (replacing what is there). `extra` files
     /// (name, JSON) are written alongside, e.g. `prunesweep.json` describing the cut.
+    ///
+    /// An existing `dir` is replaced only when it is empty or was written by prunesweep (it holds
+    /// `prunesweep.json` or is a previous `save_hf` output with `config.json` and
+    /// `model.safetensors` only); never when it is the model's own source directory.
     pub fn save_hf(&self, dir: &Path, extra: &[(&str, Value)]) -> Result<(), ModelError> {
+        self.check_output_dir(dir)?;
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
@@ -97,6 +102,38 @@ impl Model {
             std::fs::remove_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         }
         std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        Ok(())
+    }
+
+    fn check_output_dir(&self, dir: &Path) -> Result<(), ModelError> {
+        let refuse = |why: &str| ModelError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, why.to_string()),
+        };
+        let source = match &self.source {
+            ModelSource::HfDir(p) => p.clone(),
+            ModelSource::Gguf(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        if let (Ok(a), Ok(b)) = (dir.canonicalize(), source.canonicalize()) {
+            if a == b {
+                return Err(refuse("this is the model's own folder; write the pruned model somewhere else"));
+            }
+        }
+        if dir.exists() {
+            let entries: Vec<String> = std::fs::read_dir(dir)
+                .map_err(|e| ModelError::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect();
+            let ours = entries.iter().any(|e| e == "prunesweep.json")
+                || entries
+                    .iter()
+                    .all(|e| TOKENIZER_FILES.contains(&e.as_str()) || e == "config.json" || e == "model.safetensors");
+            if !entries.is_empty() && !ours {
+                return Err(refuse(
+                    "the folder exists and was not written by prunesweep; remove it or choose another --out",
+                ));
+            }
+        }
         Ok(())
     }
 
