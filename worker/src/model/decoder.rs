@@ -177,7 +177,6 @@ pub struct Attention {
     num_kv_heads: usize,
     head_dim: usize,
     rotary_dim: usize,
-    sliding_window: Option<usize>,
 }
 
 impl Attention {
@@ -194,7 +193,6 @@ impl Attention {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: hd,
             rotary_dim: cfg.rotary_dim,
-            sliding_window: cfg.sliding_window,
         })
     }
 
@@ -212,6 +210,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rotary: &Rotary,
+        mask: &Tensor,
         prefix: Option<&(Tensor, Tensor)>,
         record: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
@@ -241,8 +240,7 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let q = (q * scale)?.reshape((b, nkv, rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-        let mask = causal_mask(t, p, self.sliding_window, x.device())?;
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(&mask)?;
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
@@ -393,11 +391,12 @@ impl Block {
         &self,
         x: &Tensor,
         rotary: &Rotary,
+        mask: &Tensor,
         prefix: Option<&(Tensor, Tensor)>,
         record: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.forward(&h, rotary, prefix, record)?;
+        let attn = self.self_attn.forward(&h, rotary, mask, prefix, record)?;
         match &self.post_attention_layernorm {
             // Phi-2: x + attn(ln x) + mlp(ln x).
             None => (x + attn)? + self.mlp.forward(&h)?,
@@ -517,12 +516,14 @@ impl Decoder {
             }
         }
         let rotary = Rotary::new(&self.cfg, offset, t, self.dtype, &self.device)?;
+        // The same for every block: built once per call, not once per layer.
+        let mask = causal_mask(t, offset, self.cfg.sliding_window, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         let mut recorded = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
             observe(l, &x)?;
             let rec = record.as_ref().map(|_| &mut recorded);
-            x = block.forward(&x, &rotary, prefix.map(|p| &p.layers[l]), rec)?;
+            x = block.forward(&x, &rotary, &mask, prefix.map(|p| &p.layers[l]), rec)?;
         }
         observe(self.blocks.len(), &x)?;
         if let Some(r) = record {
