@@ -54,6 +54,6 @@ impl ForwardRecord {
         ]
         .into();
         candle_core::safetensors::save(&map, path)
-            .map_err(|e| ModelError::Corrupt { path: path.to_path_buf(), message: format!("writing: {e}") })
+            .map_err(|e| ModelError::Corrupt { path: path.to_path_buf(), message: format!("writing: {}", crate::model::candle_message(&e)) })
     }
 }

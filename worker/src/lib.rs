@@ -9,12 +9,14 @@
 //! - [`data`]: calibration / healing / loss documents (JSON lines, json.gz, Parquet, text).
 //! - [`score`]: angular distances d(l, n) and Block Influence from one forward pass.
 //! - [`prune`]: which layers to drop (angular, deepest, block-influence).
+//! - [`heal`]: QLoRA healing (NF4 base, LoRA adapters, resumable training, PEFT output).
 //! - [`plot`]: the d(l, n) heatmap.
 //! - [`forward`]: one prompt's ids, logits and residual states, for inspection and parity checks.
 
 pub mod data;
 pub mod eval;
 pub mod forward;
+pub mod heal;
 pub mod model;
 pub mod plot;
 pub mod prune;

@@ -3,6 +3,7 @@
 
 mod eval;
 mod forward;
+mod heal;
 mod prune;
 mod score;
 
@@ -30,6 +31,9 @@ enum Command {
     Prune(prune::PruneArgs),
     /// Evaluate: MMLU (letter k-shot or cloze), BoolQ 0-shot, or C4 loss; writes a result JSON.
     Eval(eval::EvalArgs),
+    /// Heal a cut with QLoRA on C4 (NF4 base, LoRA adapters, AdamW, cosine schedule); writes a
+    /// PEFT adapter folder, resumable checkpoints and train_log.csv.
+    Heal(heal::HealArgs),
 }
 
 impl Cli {
@@ -40,6 +44,7 @@ impl Cli {
             Command::Score(a) => score::run(a),
             Command::Prune(a) => prune::run(a),
             Command::Eval(a) => eval::run(a),
+            Command::Heal(a) => heal::run(a),
         }
     }
 }
@@ -57,15 +62,23 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N (cuda needs a build with --features cuda).
     #[arg(long, default_value = "cpu", env = "PRUNESWEEP_DEVICE")]
     pub device: String,
+    /// A LoRA adapter folder (from `worker heal`, or PEFT) applied on top of the model, unmerged.
+    /// The model must have the depth it was trained on (the same --drop).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
-    /// Loads the model and applies `--drop`.
+    /// Loads the model, applies `--drop`, then attaches `--adapter`.
     pub fn load(&self) -> anyhow::Result<Model> {
         let device = parse_device(&self.device).map_err(anyhow::Error::msg)?;
         let mut model = Model::load(&self.model, &device)?;
         if let Some(block) = self.drop {
             model.decoder.remove_layers(&block.indices())?;
+        }
+        if let Some(dir) = &self.adapter {
+            let spec = prunesweep_worker::heal::adapter::attach(&mut model, dir)?;
+            tracing::info!(adapter = %dir.display(), rank = spec.rank, targets = ?spec.targets, "adapter attached");
         }
         tracing::info!(model = %model.describe(), "loaded");
         Ok(model)

@@ -44,6 +44,10 @@ pub struct PruneArgs {
 
 /// Chooses the layers, removes them, writes the directory.
 pub fn run(args: PruneArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.model.adapter.is_none(),
+        "--adapter: prune writes base weights only; merge the adapter first (worker heal --merge) and prune that"
+    );
     let mut model = args.model.load()?;
     let layers = model.decoder.num_blocks();
     let kept_before = model.decoder.kept_layers();

@@ -21,33 +21,74 @@
 //! later position, so padding changes nothing for real tokens and no padding mask is needed; callers
 //! read each sequence at its own last real position.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
 
 use super::config::{Activation, Config, NormKind};
+use super::lora::{mix_seed, Lora, LoraSpec};
+use super::nf4::Nf4Matrix;
 use super::weights::WeightMap;
 use super::ModelError;
 
-/// A dense projection `y = x Wᵀ (+ b)`, with `W` stored `[out, in]` as in HF checkpoints.
+/// A frozen projection weight `[out, in]`: dense, or NF4 while healing (see [`super::nf4`]).
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// As loaded.
+    Dense(Tensor),
+    /// 4-bit, dequantized for each product.
+    Nf4(Arc<Nf4Matrix>),
+}
+
+impl Weight {
+    /// `[out, in]`.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Weight::Dense(w) => w.dims2(),
+            Weight::Nf4(m) => Ok(m.dims()),
+        }
+    }
+
+    /// The dense values (dequantized for NF4) in `dtype` on `device`.
+    pub fn to_dense(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Nf4(m) => m.dequantize(device)?.to_dtype(dtype),
+        }
+    }
+}
+
+/// A projection `y = x Wᵀ (+ b) (+ (α/r) B A x)`, with `W` stored `[out, in]` as in HF checkpoints
+/// and an optional LoRA adapter (healing).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`.
-    pub weight: Tensor,
+    pub weight: Weight,
     /// `[out]`, when the checkpoint has one.
     pub bias: Option<Tensor>,
+    /// The trainable low-rank update, when one is attached.
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
     fn load(w: &mut WeightMap, name: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self, ModelError> {
         let weight = w.take(&format!("{name}.weight"), &[out_dim, in_dim])?;
         let bias = if bias { Some(w.take(&format!("{name}.bias"), &[out_dim])?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight: Weight::Dense(weight), bias, lora: None })
     }
 
-    fn save(&self, name: &str, out: &mut Vec<(String, Tensor)>) {
-        out.push((format!("{name}.weight"), self.weight.clone()));
+    fn dense(weight: Tensor) -> Self {
+        Linear { weight: Weight::Dense(weight), bias: None, lora: None }
+    }
+
+    /// The base weight (dequantized when NF4; adapters are not part of it) and bias.
+    fn save(&self, name: &str, dtype: DType, device: &Device, out: &mut Vec<(String, Tensor)>) -> candle_core::Result<()> {
+        out.push((format!("{name}.weight"), self.weight.to_dense(dtype, device)?));
         if let Some(b) = &self.bias {
             out.push((format!("{name}.bias"), b.clone()));
         }
+        Ok(())
     }
 }
 
@@ -57,13 +98,21 @@ impl Module for Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, in_dim))?;
+        let y = match &self.weight {
+            Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Nf4(m) => m.matmul_t(&x)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
+        let y = match &self.lora {
+            Some(lora) => (y + lora.forward(&x)?)?,
+            None => y,
+        };
         let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("a tensor fed to Linear has at least one dim") = self.weight.dim(0)?;
+        *out_dims.last_mut().expect("a tensor fed to Linear has at least one dim") = y.dim(1)?;
         y.reshape(out_dims)
     }
 }
@@ -117,6 +166,11 @@ impl Norm {
 impl Module for Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
+            // The fused kernels have no backward pass; while healing, gradients flow through here.
+            Norm::Rms { weight, eps } if x.track_op() => candle_nn::ops::rms_norm_slow(x, weight, *eps),
+            Norm::Layer { weight, bias, eps } if x.track_op() => {
+                candle_nn::ops::layer_norm_slow(x, weight, bias, *eps)
+            }
             Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps),
             Norm::Layer { weight, bias, eps } => candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, *eps),
         }
@@ -145,13 +199,21 @@ impl Rotary {
     /// Rotates the first `rotary_dim` features of each head (`x`: `[B, heads, T, head_dim]`), HF's
     /// `rotate_half` layout; the rest pass through (partial rotary, Phi-2).
     fn apply(&self, x: &Tensor, rotary_dim: usize) -> candle_core::Result<Tensor> {
+        // The fused kernel has no backward pass; while healing, gradients flow through here.
+        let rope = |x: &Tensor| {
+            if x.track_op() {
+                candle_nn::rotary_emb::rope_slow(x, &self.cos, &self.sin)
+            } else {
+                candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)
+            }
+        };
         let head_dim = x.dim(D::Minus1)?;
         if rotary_dim == head_dim {
-            return candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin);
+            return rope(&x.contiguous()?);
         }
         let rot = x.narrow(D::Minus1, 0, rotary_dim)?.contiguous()?;
         let pass = x.narrow(D::Minus1, rotary_dim, head_dim - rotary_dim)?;
-        let rot = candle_nn::rotary_emb::rope(&rot, &self.cos, &self.sin)?;
+        let rot = rope(&rot)?;
         Tensor::cat(&[&rot, &pass], D::Minus1)
     }
 }
@@ -196,12 +258,15 @@ impl Attention {
         })
     }
 
-    fn save(&self, prefix: &str, parallel: bool, out: &mut Vec<(String, Tensor)>) {
-        self.q_proj.save(&format!("{prefix}.q_proj"), out);
-        self.k_proj.save(&format!("{prefix}.k_proj"), out);
-        self.v_proj.save(&format!("{prefix}.v_proj"), out);
+    /// The projections under their HF names (`dense` is Phi-2's output projection).
+    fn projections(&self, parallel: bool) -> [(&'static str, &Linear); 4] {
         let o_name = if parallel { "dense" } else { "o_proj" };
-        self.o_proj.save(&format!("{prefix}.{o_name}"), out);
+        [("q_proj", &self.q_proj), ("k_proj", &self.k_proj), ("v_proj", &self.v_proj), (o_name, &self.o_proj)]
+    }
+
+    fn projections_mut(&mut self, parallel: bool) -> [(&'static str, &mut Linear); 4] {
+        let o_name = if parallel { "dense" } else { "o_proj" };
+        [("q_proj", &mut self.q_proj), ("k_proj", &mut self.k_proj), ("v_proj", &mut self.v_proj), (o_name, &mut self.o_proj)]
     }
 
     /// `x`: `[B, T, H]` (already normed). `prefix`: cached keys/values the tokens also attend to.
@@ -241,7 +306,12 @@ impl Attention {
         let q = (q * scale)?.reshape((b, nkv, rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = probs.to_dtype(v.dtype())?;
         let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
@@ -312,17 +382,18 @@ impl Mlp {
         })
     }
 
-    fn save(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+    /// The projections under their HF names.
+    fn projections(&self) -> Vec<(&'static str, &Linear)> {
         match self {
-            Mlp::Gated { gate, up, down, .. } => {
-                gate.save(&format!("{prefix}.gate_proj"), out);
-                up.save(&format!("{prefix}.up_proj"), out);
-                down.save(&format!("{prefix}.down_proj"), out);
-            }
-            Mlp::Plain { fc1, fc2, .. } => {
-                fc1.save(&format!("{prefix}.fc1"), out);
-                fc2.save(&format!("{prefix}.fc2"), out);
-            }
+            Mlp::Gated { gate, up, down, .. } => vec![("gate_proj", gate), ("up_proj", up), ("down_proj", down)],
+            Mlp::Plain { fc1, fc2, .. } => vec![("fc1", fc1), ("fc2", fc2)],
+        }
+    }
+
+    fn projections_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        match self {
+            Mlp::Gated { gate, up, down, .. } => vec![("gate_proj", gate), ("up_proj", up), ("down_proj", down)],
+            Mlp::Plain { fc1, fc2, .. } => vec![("fc1", fc1), ("fc2", fc2)],
         }
     }
 }
@@ -376,14 +447,32 @@ impl Block {
         })
     }
 
-    fn save(&self, new_index: usize, out: &mut Vec<(String, Tensor)>) {
+    /// Every projection of the block, named as in HF (`self_attn.q_proj`, `mlp.fc1`, …).
+    pub fn projections(&self) -> Vec<(String, &Linear)> {
+        let parallel = self.post_attention_layernorm.is_none();
+        let attn = self.self_attn.projections(parallel).into_iter().map(|(n, l)| (format!("self_attn.{n}"), l));
+        let mlp = self.mlp.projections().into_iter().map(|(n, l)| (format!("mlp.{n}"), l));
+        attn.chain(mlp).collect()
+    }
+
+    /// [`Block::projections`], mutably (quantizing, attaching adapters).
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let parallel = self.post_attention_layernorm.is_none();
+        let attn = self.self_attn.projections_mut(parallel).into_iter().map(|(n, l)| (format!("self_attn.{n}"), l));
+        let mlp = self.mlp.projections_mut().into_iter().map(|(n, l)| (format!("mlp.{n}"), l));
+        attn.chain(mlp).collect()
+    }
+
+    fn save(&self, new_index: usize, dtype: DType, device: &Device, out: &mut Vec<(String, Tensor)>) -> candle_core::Result<()> {
         let p = format!("model.layers.{new_index}");
         self.input_layernorm.save(&format!("{p}.input_layernorm"), out);
         if let Some(n) = &self.post_attention_layernorm {
             n.save(&format!("{p}.post_attention_layernorm"), out);
         }
-        self.self_attn.save(&format!("{p}.self_attn"), self.post_attention_layernorm.is_none(), out);
-        self.mlp.save(&format!("{p}.mlp"), out);
+        for (name, lin) in self.projections() {
+            lin.save(&format!("{p}.{name}"), dtype, device, out)?;
+        }
+        Ok(())
     }
 
     /// `x^(l+1) = x^(l) + f(x^(l))`.
@@ -437,7 +526,7 @@ impl Decoder {
             if w.contains("lm_head.weight") {
                 w.take("lm_head.weight", &[v, h])?;
             }
-            Linear { weight: embed_tokens.clone(), bias: None }
+            Linear::dense(embed_tokens.clone())
         } else {
             Linear::load(&mut w, "lm_head", v, h, cfg.lm_head_bias)?
         };
@@ -570,17 +659,187 @@ impl Decoder {
 
     /// The weights under HF names, blocks renumbered densely `0 .. L'-1` (what a pruned checkpoint
     /// stores). A tied LM head is not listed.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+    /// NF4 weights are written dequantized; adapters are not included (see
+    /// [`Decoder::merge_adapters`] and [`Decoder::adapter_tensors`]).
+    pub fn named_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
         for (i, block) in self.blocks.iter().enumerate() {
-            block.save(i, &mut out);
+            block.save(i, self.dtype, &self.device, &mut out)?;
         }
         let norm_name = if self.cfg.parallel_block { "model.final_layernorm" } else { "model.norm" };
         self.norm.save(norm_name, &mut out);
         if !self.cfg.tie_word_embeddings {
-            self.lm_head.save("lm_head", &mut out);
+            self.lm_head.save("lm_head", self.dtype, &self.device, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Stores every block projection as NF4 (QLoRA's frozen base; embedding, norms and LM head
+    /// stay as they are). Returns `(parameters, bytes)` of the quantized projections.
+    pub fn quantize_nf4(&mut self) -> candle_core::Result<(usize, usize)> {
+        let (mut params, mut bytes) = (0, 0);
+        for block in &mut self.blocks {
+            for (_, lin) in block.projections_mut() {
+                if let Weight::Dense(w) = &lin.weight {
+                    let m = Nf4Matrix::quantize(w)?;
+                    params += w.elem_count();
+                    bytes += m.bytes();
+                    lin.weight = Weight::Nf4(Arc::new(m));
+                }
+            }
+        }
+        Ok((params, bytes))
+    }
+
+    /// The module names an adapter can target in this family (`gate_proj`, `fc1`, …).
+    pub fn adapter_targets(&self) -> Vec<String> {
+        self.blocks.first().map_or_else(Vec::new, |b| {
+            b.projections().into_iter().map(|(n, _)| n.rsplit('.').next().unwrap_or(&n).to_string()).collect()
+        })
+    }
+
+    /// Checks `spec` against this model: a known target list, a rank that fits every target.
+    fn check_adapter_spec(&self, spec: &LoraSpec) -> Result<(), ModelError> {
+        let valid = self.adapter_targets();
+        if self.cfg.family == super::Family::Phi3 {
+            return Err(ModelError::Adapter(
+                "Phi-3 checkpoints fuse qkv_proj and gate_up_proj; adapters on them are not supported yet".into(),
+            ));
+        }
+        if spec.targets.is_empty() {
+            return Err(ModelError::Adapter(format!("no target modules; valid: {}", valid.join(", "))));
+        }
+        for t in &spec.targets {
+            if !valid.contains(t) {
+                return Err(ModelError::Adapter(format!(
+                    "unknown target module `{t}` for {}; valid: {}",
+                    self.cfg.family.model_type(),
+                    valid.join(", ")
+                )));
+            }
+        }
+        if spec.rank == 0 {
+            return Err(ModelError::Adapter("rank must be at least 1".into()));
+        }
+        for (name, lin) in self.blocks[0].projections() {
+            let short = name.rsplit('.').next().unwrap_or(&name);
+            let (out_dim, in_dim) = lin.weight.dims()?;
+            if spec.targets.iter().any(|t| t == short) && spec.rank > out_dim.min(in_dim) {
+                return Err(ModelError::Adapter(format!(
+                    "rank {} is larger than {name} ({out_dim}×{in_dim}) allows; use at most {}",
+                    spec.rank,
+                    out_dim.min(in_dim)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The HF name of each targeted projection (blocks renumbered) with a mutable handle on it.
+    fn targeted_mut<'a>(&'a mut self, spec: &LoraSpec) -> Vec<(String, &'a mut Linear)> {
+        let mut out = Vec::new();
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            for (name, lin) in block.projections_mut() {
+                if spec.targets.iter().any(|t| name.rsplit('.').next() == Some(t.as_str())) {
+                    out.push((format!("model.layers.{i}.{name}"), lin));
+                }
+            }
         }
         out
+    }
+
+    /// Attaches a fresh adapter to every targeted projection: A Kaiming-uniform from an RNG seeded
+    /// with `seed`, B zero, so the model's output is unchanged until it is trained.
+    pub fn attach_adapters(&mut self, spec: &LoraSpec, seed: u64) -> Result<(), ModelError> {
+        self.check_adapter_spec(spec)?;
+        let (device, dtype) = (self.device.clone(), self.dtype);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        for (_, lin) in self.targeted_mut(spec) {
+            let (out_dim, in_dim) = lin.weight.dims()?;
+            lin.lora = Some(Lora::init(out_dim, in_dim, spec, &mut rng, &device, dtype)?);
+        }
+        Ok(())
+    }
+
+    /// Attaches trained adapters from tensors under PEFT's names
+    /// (`base_model.model.model.layers.{i}.mlp.gate_proj.lora_A.weight`, …), checking that every
+    /// targeted projection has both halves with the right shapes and that nothing is left over.
+    pub fn load_adapters(&mut self, spec: &LoraSpec, tensors: &HashMap<String, Tensor>, origin: &str) -> Result<(), ModelError> {
+        self.check_adapter_spec(spec)?;
+        let (device, dtype) = (self.device.clone(), self.dtype);
+        let mut used = 0;
+        for (name, lin) in self.targeted_mut(spec) {
+            let (out_dim, in_dim) = lin.weight.dims()?;
+            let mut take = |half: &str, shape: [usize; 2]| -> Result<Tensor, ModelError> {
+                let key = format!("base_model.model.{name}.{half}.weight");
+                let t = tensors.get(&key).ok_or_else(|| ModelError::MissingTensor { origin: origin.into(), name: key.clone() })?;
+                if t.dims() != shape {
+                    return Err(ModelError::ShapeMismatch {
+                        origin: origin.into(),
+                        name: key,
+                        found: t.dims().to_vec(),
+                        expected: shape.to_vec(),
+                    });
+                }
+                used += 1;
+                Ok(t.to_device(&device)?.to_dtype(dtype)?)
+            };
+            let a = take("lora_A", [spec.rank, in_dim])?;
+            let b = take("lora_B", [out_dim, spec.rank])?;
+            lin.lora = Some(Lora::from_tensors(a, b, spec)?);
+        }
+        if used != tensors.len() {
+            let expected: std::collections::HashSet<String> = self.adapter_vars().into_iter().map(|(n, _)| n).collect();
+            let extra = tensors.keys().find(|k| !expected.contains(*k)).cloned().unwrap_or_default();
+            return Err(ModelError::Mismatch {
+                origin: origin.into(),
+                message: format!("tensor `{extra}` matches no targeted projection of this model (was the adapter trained on a model with other layers?)"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The adapters' trainable tensors under PEFT's names, in block order (A before B).
+    pub fn adapter_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            for (name, lin) in block.projections() {
+                if let Some(lora) = &lin.lora {
+                    let p = format!("base_model.model.model.layers.{i}.{name}");
+                    out.push((format!("{p}.lora_A.weight"), lora.a.clone()));
+                    out.push((format!("{p}.lora_B.weight"), lora.b.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Turns adapter dropout on for one training step (`Some(seed)`: every adapter draws its mask
+    /// from its own stream of `seed`) or off (`None`, evaluation).
+    pub fn set_adapter_dropout(&mut self, seed: Option<u64>) {
+        let mut stream = 0;
+        for block in &mut self.blocks {
+            for (_, lin) in block.projections_mut() {
+                if let Some(lora) = &mut lin.lora {
+                    lora.dropout_seed = seed.map(|s| mix_seed(s, stream));
+                    stream += 1;
+                }
+            }
+        }
+    }
+
+    /// Folds every adapter into its base weight (dequantized when NF4): `W' = W + (α/r) B A`.
+    pub fn merge_adapters(&mut self) -> candle_core::Result<()> {
+        let (device, dtype) = (self.device.clone(), self.dtype);
+        for block in &mut self.blocks {
+            for (_, lin) in block.projections_mut() {
+                if let Some(lora) = lin.lora.take() {
+                    let w = lin.weight.to_dense(dtype, &device)?;
+                    lin.weight = Weight::Dense((w + lora.delta()?.to_dtype(dtype)?)?);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -7,9 +7,12 @@
 //! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors.
 //! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
 //! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
+//! - [`nf4`], [`lora`]: the frozen 4-bit base and the low-rank adapters that healing trains.
 
 pub mod config;
 pub mod decoder;
+pub mod lora;
+pub mod nf4;
 pub mod tokenizer;
 pub mod weights;
 pub mod writer;
@@ -122,12 +125,25 @@ pub enum ModelError {
         /// What went wrong.
         message: String,
     },
+    /// A LoRA adapter cannot be built or attached as asked.
+    #[error("adapter: {0}")]
+    Adapter(String),
     /// A requested layer removal is impossible.
     #[error("cannot drop layers: {0}")]
     InvalidDrop(String),
     /// A tensor operation failed.
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error on one line: its message and context, without the backtrace candle attaches
+/// when `RUST_BACKTRACE` is set (which would turn a one-line error into a screenful).
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        other => other.to_string().lines().collect::<Vec<_>>().join(" "),
+    }
 }
 
 impl ModelError {

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use super::config::{Config, Family};
-use super::ModelError;
+use super::{candle_message, ModelError};
 
 /// Tensors by HF name, consumed one by one while the decoder is built.
 #[derive(Debug)]
@@ -216,7 +216,7 @@ pub fn read_hf_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, String), 
         let bytes = std::fs::read(f).map_err(|e| ModelError::io(f, e))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| ModelError::Corrupt {
             path: f.clone(),
-            message: format!("{e} (truncated or not a safetensors file?)"),
+            message: format!("{} (truncated or not a safetensors file?)", candle_message(&e)),
         })?;
         all.extend(tensors);
     }
@@ -284,7 +284,7 @@ pub struct GgufModel {
 pub fn read_gguf(path: &Path) -> Result<GgufModel, ModelError> {
     let corrupt = |message: String| ModelError::Corrupt { path: path.to_path_buf(), message };
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| corrupt(format!("not a readable GGUF file: {e}")))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| corrupt(format!("not a readable GGUF file: {}", candle_message(&e))))?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
@@ -364,7 +364,7 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel, ModelError> {
         let Some(hf) = gguf_to_hf_name(name) else { continue };
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
-            .map_err(|e| corrupt(format!("tensor `{name}`: {e} (truncated file?)")))?;
+            .map_err(|e| corrupt(format!("tensor `{name}`: {} (truncated file?)", candle_message(&e))))?;
         let mut t = q.dequantize(&Device::Cpu)?;
         // llama.cpp's converter permutes q/k rows for its interleaved rotary (llama arch only):
         // HF rows (head, half, j) are stored as (head, j, half). Undo it.

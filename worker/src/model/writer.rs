@@ -138,7 +138,7 @@ impl Model {
     }
 
     fn write_safetensors(&self, path: &Path) -> Result<(), ModelError> {
-        let mut tensors: Vec<(String, Tensor)> = self.decoder.named_tensors();
+        let mut tensors: Vec<(String, Tensor)> = self.decoder.named_tensors()?;
         if self.decoder.cfg.family == Family::Phi3 {
             tensors = fuse_phi3(tensors)?;
         }

@@ -47,3 +47,17 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 pub fn ids_of(t: &Tensor) -> Vec<u32> {
     t.to_vec1::<i64>().unwrap().into_iter().map(|i| i as u32).collect()
 }
+
+/// The shared data folder: `$PRUNESWEEP_DATA`, else `../shared/data` beside the checkout.
+pub fn shared_data() -> PathBuf {
+    let d = std::env::var_os("PRUNESWEEP_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    assert!(d.join("c4").is_dir(), "shared data not at {}; set PRUNESWEEP_DATA", d.display());
+    d
+}
+
+/// The C4 sample in the shared data (JSON lines).
+pub fn c4_sample() -> PathBuf {
+    shared_data().join("c4/c4-en-train.00000-of-01024.first1000.jsonl")
+}

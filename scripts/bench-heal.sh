@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Healing throughput and memory on SmolLM2-135M (CPU, f32 compute): `worker heal` with the NF4 base
+# (QLoRA) and with the dense base (--no-quantize, plain LoRA), and, when a Python with torch +
+# transformers + peft is available (REF_PYTHON, default python3), torch + PEFT LoRA on the same
+# packed C4 data, in one table. Settings: seq 256, micro-batch 4 (one update per micro-batch),
+# LoRA r=64 on gate/up/down, STEPS timed updates after one untimed warm-up update.
+# Peak memory is the process's maximum RSS (GNU time / getrusage). The NF4 row also reports the
+# frozen base's bytes per parameter (quantized projections only; embedding and norms stay f32).
+# Usage: scripts/bench-heal.sh [STEPS]   (default 5)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=${1:-5}
+gguf=$(scripts/fetch-model.sh)
+data=${PRUNESWEEP_DATA:-$(cd .. && pwd)/shared/data}/c4/c4-en-train.00000-of-01024.first1000.jsonl
+cargo build -q --release -p prunesweep-worker --bin worker
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+row() { # name, extra flags
+  local name=$1; shift
+  /usr/bin/time -f '%M' -o "$tmp/$name.rss" target/release/worker heal --model "$gguf" --data "$data" \
+    --steps $((steps + 1)) --batch 4 --micro-batch 4 --seq-len 256 --rank 64 --warmup 1 \
+    --checkpoint-every 100000 --out "$tmp/$name" "$@" 2>/dev/null >/dev/null
+  # Timed: updates 2..STEPS+1 (the log's seconds are cumulative from the first update's start).
+  awk -F, -v name="$name" -v rss="$(cat "$tmp/$name.rss")" -v bpp="$(
+      python3 -c 'import json,sys; n=json.load(open(sys.argv[1]))["nf4"]; print(f"{n[\"bytes_per_param\"]:.4f}" if n else "-")' \
+      "$tmp/$name/prunesweep.json")" '
+    NR == 2 { t0 = $6; k0 = $5 } END {
+      printf "BENCH %s steps=%d tokens=%d seconds=%.2f tok_s=%.1f peak_rss_mib=%.0f bytes_per_param=%s\n",
+        name, NR - 2, $5 - k0, $6 - t0, ($5 - k0) / ($6 - t0), rss / 1024, bpp }' "$tmp/$name/train_log.csv"
+}
+{
+  row prunesweep-qlora-nf4
+  row prunesweep-lora-f32 --no-quantize
+  py=${REF_PYTHON:-python3}
+  if "$py" -c 'import transformers, torch, gguf, peft' 2>/dev/null; then
+    "$py" scripts/bench_heal.py "$gguf" "$data" "$steps" 256 4 64 2>/dev/null | grep '^BENCH'
+  else
+    echo "(no torch/transformers/peft in $py: set REF_PYTHON to compare)" >&2
+  fi
+} >"$tmp/rows"
+printf '%-22s %6s %8s %9s %8s %9s %14s %12s\n' case steps tokens seconds tok/s "vs peft" "peak RSS MiB" "base B/param"
+awk '{ for (i = 3; i <= NF; i++) { split($i, kv, "="); v[$2, kv[1]] = kv[2] } cases[++n] = $2 }
+  END {
+    ref = v["transformers-peft", "tok_s"]
+    for (i = 1; i <= n; i++) {
+      c = cases[i]; r = (ref != "") ? sprintf("%.2fx", v[c, "tok_s"] / ref) : "-"
+      b = (v[c, "bytes_per_param"] != "") ? v[c, "bytes_per_param"] : "-"
+      printf "%-22s %6s %8s %9s %8s %9s %14s %12s\n", c, v[c, "steps"], v[c, "tokens"], v[c, "seconds"], v[c, "tok_s"], r, v[c, "peak_rss_mib"], b
+    }
+  }' "$tmp/rows"

@@ -1,0 +1,138 @@
+//! Low-rank adapters (Hu et al. 2021) as PEFT builds them: `y = W x + (α/r) · B A dropout(x)`.
+//!
+//! `A: [r, in]` starts Kaiming-uniform (PEFT's `kaiming_uniform_(a=√5)`, i.e. U(±1/√in)) and
+//! `B: [out, r]` starts at zero, so an adapter that has not been trained changes nothing.
+//! Only `A` and `B` are [`Var`]s: they are the only tensors that receive gradients.
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// Rank, scale and dropout shared by all adapters of a model, plus which projections get one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// r.
+    pub rank: usize,
+    /// α; the update is scaled by α / r.
+    pub alpha: f64,
+    /// Probability of zeroing an input feature of the adapter path while training.
+    pub dropout: f32,
+    /// HF module names (`gate_proj`, `fc1`, …) that get an adapter.
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    /// α / r.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// One adapter on one projection.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `[r, in]`.
+    pub a: Var,
+    /// `[out, r]`.
+    pub b: Var,
+    /// α / r.
+    pub scale: f64,
+    /// Dropout probability on the adapter's input.
+    pub dropout: f32,
+    /// Set while training: the seed of this call's dropout mask. `None`: no dropout (evaluation).
+    pub(crate) dropout_seed: Option<u64>,
+}
+
+impl Lora {
+    /// A fresh adapter for an `[out, in]` projection: A Kaiming-uniform from `rng`, B zero.
+    pub fn init(
+        out_dim: usize,
+        in_dim: usize,
+        spec: &LoraSpec,
+        rng: &mut StdRng,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Self> {
+        let bound = 1.0 / (in_dim as f32).sqrt();
+        let a: Vec<f32> = (0..spec.rank * in_dim).map(|_| rng.random_range(-bound..bound)).collect();
+        let a = Tensor::from_vec(a, (spec.rank, in_dim), device)?.to_dtype(dtype)?;
+        let b = Tensor::zeros((out_dim, spec.rank), dtype, device)?;
+        Self::from_tensors(a, b, spec)
+    }
+
+    /// An adapter from trained `A`, `B` (shapes checked by the caller).
+    pub fn from_tensors(a: Tensor, b: Tensor, spec: &LoraSpec) -> candle_core::Result<Self> {
+        Ok(Lora {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scale: spec.scale(),
+            dropout: spec.dropout,
+            dropout_seed: None,
+        })
+    }
+
+    /// The adapter's contribution for `x: [n, in]` → `[n, out]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = match self.dropout_seed {
+            Some(seed) if self.dropout > 0.0 => {
+                let keep = 1.0 - self.dropout;
+                let mut rng = StdRng::seed_from_u64(seed);
+                let mask: Vec<f32> =
+                    (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
+                (x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?
+            }
+            _ => x.clone(),
+        };
+        x.matmul(&self.a.as_tensor().t()?)?.matmul(&self.b.as_tensor().t()?)? * self.scale
+    }
+
+    /// `(α/r) · B A`, `[out, in]`: what merging adds to the base weight.
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
+    }
+}
+
+/// SplitMix64: a cheap, well-mixed hash of a seed and a stream number, for per-call dropout seeds.
+pub fn mix_seed(seed: u64, stream: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dropout: f32) -> LoraSpec {
+        LoraSpec { rank: 4, alpha: 8.0, dropout, targets: vec!["up_proj".into()] }
+    }
+
+    #[test]
+    fn fresh_adapter_adds_nothing_and_a_is_kaiming_uniform() {
+        let mut rng = StdRng::seed_from_u64(0);
+        let l = Lora::init(6, 16, &spec(0.0), &mut rng, &Device::Cpu, DType::F32).unwrap();
+        let x = Tensor::ones((3, 16), DType::F32, &Device::Cpu).unwrap();
+        let y = l.forward(&x).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(y, 0.0);
+        let a = l.a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(a.iter().all(|v| v.abs() < 0.25) && a.iter().any(|v| v.abs() > 0.1));
+        assert_eq!(l.scale, 2.0);
+    }
+
+    #[test]
+    fn dropout_is_seeded_scaled_and_off_without_a_seed() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut l = Lora::init(5, 64, &spec(0.5), &mut rng, &Device::Cpu, DType::F32).unwrap();
+        l.b = Var::from_tensor(&Tensor::ones((5, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let x = Tensor::ones((2, 64), DType::F32, &Device::Cpu).unwrap();
+        let plain = l.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        l.dropout_seed = Some(9);
+        let d1 = l.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let d2 = l.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        l.dropout_seed = Some(10);
+        let d3 = l.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(d1, d2);
+        assert_ne!(d1, d3);
+        assert_ne!(d1, plain);
+    }
+}

@@ -1,0 +1,277 @@
+//! Healing: adapters that start as a no-op, gradients that match finite differences, resumes that
+//! reach the same weights as an uninterrupted run, clear errors, and a real heal of SmolLM2.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Device, Tensor, Var};
+use common::{c4_sample, fixture, smollm2_gguf};
+use prunesweep_worker::data::read_documents;
+use prunesweep_worker::heal::packing::PackedChunks;
+use prunesweep_worker::heal::{eos_id, next_token_loss, HealConfig, HealEnd, HealError, Trainer};
+use prunesweep_worker::model::lora::LoraSpec;
+use prunesweep_worker::model::Model;
+use serde_json::json;
+
+fn tiny() -> Model {
+    Model::load(&fixture("tiny-llama"), &Device::Cpu).unwrap()
+}
+
+fn ids(model: &Model, text: &str) -> Tensor {
+    let ids = model.tokenizer.encode(text).unwrap();
+    Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn spec(rank: usize, targets: &[&str]) -> LoraSpec {
+    LoraSpec { rank, alpha: 2.0 * rank as f64, dropout: 0.0, targets: targets.iter().map(|t| t.to_string()).collect() }
+}
+
+/// A small run on the tiny model: 32-token chunks of C4, 4 sequences per update in micro-batches of 2.
+fn tiny_config(steps: usize) -> HealConfig {
+    HealConfig {
+        steps,
+        batch: 4,
+        micro_batch: 2,
+        seq_len: 32,
+        lora: LoraSpec { rank: 4, alpha: 8.0, dropout: 0.1, targets: Vec::new() },
+        lr: 1e-2,
+        warmup: 2,
+        checkpoint_every: 2,
+        ..HealConfig::default()
+    }
+}
+
+fn chunks(model: &Model, cfg: &HealConfig, first_doc: usize) -> PackedChunks {
+    let docs = read_documents(&c4_sample(), Some(first_doc + 200)).unwrap();
+    PackedChunks::pack(&model.tokenizer, &docs[first_doc..], eos_id(model).unwrap(), cfg.seq_len, cfg.steps * cfg.batch)
+        .unwrap()
+}
+
+fn adapter_values(model: &Model) -> Vec<(String, Vec<f32>)> {
+    model
+        .decoder
+        .adapter_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn fresh_adapters_leave_the_output_unchanged_on_dense_and_nf4_bases() {
+    let mut model = tiny();
+    let x = ids(&model, "The quick brown fox jumps over the lazy dog.");
+    let base = model.decoder.forward(&x).unwrap();
+    model.decoder.attach_adapters(&spec(4, &["gate_proj", "up_proj", "down_proj", "q_proj"]), 1).unwrap();
+    // B = 0: the adapters add exact zeros.
+    assert_eq!(max_abs_diff(&model.decoder.forward(&x).unwrap(), &base), 0.0);
+
+    let mut q = tiny();
+    let (params, bytes) = q.decoder.quantize_nf4().unwrap();
+    assert!(params > 0 && (bytes as f64 / params as f64) < 0.53, "{bytes} bytes for {params} params");
+    let quantized = q.decoder.forward(&x).unwrap();
+    q.decoder.attach_adapters(&spec(4, &["gate_proj", "up_proj", "down_proj"]), 1).unwrap();
+    assert_eq!(max_abs_diff(&q.decoder.forward(&x).unwrap(), &quantized), 0.0);
+    // NF4 moves the logits, but only as 4-bit noise does.
+    let moved = max_abs_diff(&quantized, &base) / base.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 0.0 && moved < 0.2, "NF4 moved logits by {moved} of their range");
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences() {
+    // Dense base, no dropout, B set to small random values so that both A and B get gradients.
+    let mut model = tiny();
+    model.decoder.attach_adapters(&spec(3, &["gate_proj", "down_proj", "v_proj"]), 5).unwrap();
+    for (i, (name, var)) in model.decoder.adapter_vars().into_iter().enumerate() {
+        if name.contains("lora_B") {
+            let n = var.as_tensor().elem_count();
+            let values: Vec<f32> = (0..n).map(|k| 0.3 * ((k * 7 + i) as f32 * 0.37).sin()).collect();
+            var.set(&Tensor::from_vec(values, var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let x = ids(&model, "Healing closes the seam between the layers left on either side of the cut.");
+    let loss = |m: &Model| next_token_loss(m, &x).unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let vars: Vec<(String, Var)> = model.decoder.adapter_vars();
+    let grads = next_token_loss(&model, &x).unwrap().backward().unwrap();
+    let eps = 1e-2f32;
+    let mut checked = 0;
+    // Layer 0: A and B of v_proj, gate_proj, down_proj (the gradient of v_proj's passes through
+    // the attention softmax).
+    for (name, var) in vars.iter().take(6) {
+        let g = grads.get(var.as_tensor()).expect("every adapter tensor gets a gradient");
+        let gv = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The two largest-magnitude entries of this tensor: finite differences are reliable there.
+        let mut idx: Vec<usize> = (0..gv.len()).collect();
+        idx.sort_by(|&a, &b| gv[b].abs().total_cmp(&gv[a].abs()));
+        for &k in idx.iter().take(2) {
+            let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut plus = orig.clone();
+            plus[k] += eps;
+            let mut minus = orig.clone();
+            minus[k] -= eps;
+            let shape = var.as_tensor().shape().clone();
+            var.set(&Tensor::from_vec(plus, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+            let lp = loss(&model);
+            var.set(&Tensor::from_vec(minus, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+            let lm = loss(&model);
+            var.set(&Tensor::from_vec(orig, shape, &Device::Cpu).unwrap()).unwrap();
+            let fd = (lp - lm) / (2.0 * eps as f64);
+            let an = gv[k] as f64;
+            // Tolerance: 3% relative + 1e-4 absolute (f32 forward, central difference with ε = 1e-2).
+            assert!((fd - an).abs() <= 0.03 * an.abs() + 1e-4, "{name}[{k}]: autograd {an}, finite difference {fd}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 12);
+}
+
+#[test]
+fn resumed_run_reaches_the_same_adapter_as_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(6);
+    let identity = json!({"test": "resume"});
+
+    let mut straight = tiny();
+    let data = chunks(&straight, &cfg, 0);
+    let never = AtomicBool::new(false);
+    let mut t = Trainer::new(&mut straight, cfg.clone(), data.clone(), &tmp.path().join("a"), identity.clone(), false).unwrap();
+    assert_eq!(t.run(&never, &mut |_| {}).unwrap(), HealEnd::Finished);
+    drop(t);
+
+    // Second run: "SIGTERM" after 3 updates (not a checkpoint boundary), then a fresh process-like
+    // restart with --resume.
+    let out = tmp.path().join("b");
+    let mut first = tiny();
+    let stop = AtomicBool::new(false);
+    let mut t = Trainer::new(&mut first, cfg.clone(), data.clone(), &out, identity.clone(), false).unwrap();
+    let end = t
+        .run(&stop, &mut |s| {
+            if s.step == 3 {
+                stop.store(true, Ordering::SeqCst)
+            }
+        })
+        .unwrap();
+    assert_eq!((end, t.step()), (HealEnd::Preempted, 3));
+    drop(t);
+    let mut resumed = tiny();
+    let mut t = Trainer::new(&mut resumed, cfg.clone(), data.clone(), &out, identity.clone(), true).unwrap();
+    assert_eq!(t.step(), 3);
+    assert_eq!(t.run(&never, &mut |_| {}).unwrap(), HealEnd::Finished);
+    drop(t);
+
+    let (a, b) = (adapter_values(&straight), adapter_values(&resumed));
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-6, "{name}: resumed differs by {d}");
+    }
+    // Training moved the adapters (B started at zero).
+    assert!(a.iter().filter(|(n, _)| n.contains("lora_B")).all(|(_, v)| v.iter().any(|x| *x != 0.0)));
+    // The log has one row per update, none doubled by the restart.
+    let log = std::fs::read_to_string(out.join("train_log.csv")).unwrap();
+    let steps: Vec<&str> = log.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(steps, ["1", "2", "3", "4", "5", "6"]);
+}
+
+#[test]
+fn resume_refuses_other_settings_and_damaged_checkpoints_without_touching_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(2);
+    let mut m = tiny();
+    let data = chunks(&m, &cfg, 0);
+    let mut t = Trainer::new(&mut m, cfg.clone(), data.clone(), tmp.path(), json!({}), false).unwrap();
+    t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+    drop(t);
+    let ck = tmp.path().join("checkpoint.safetensors");
+    let good = std::fs::read(&ck).unwrap();
+
+    let other = HealConfig { lr: 5e-3, ..cfg.clone() };
+    let err = Trainer::new(&mut tiny(), other, data.clone(), tmp.path(), json!({}), true).err().unwrap().to_string();
+    assert!(err.contains("checkpoint.safetensors") && err.contains("lr") && err.contains("other settings"), "{err}");
+
+    std::fs::write(&ck, &good[..good.len() / 2]).unwrap();
+    let err = Trainer::new(&mut tiny(), cfg.clone(), data, tmp.path(), json!({}), true).err().unwrap().to_string();
+    assert!(err.contains("checkpoint.safetensors") && err.contains("truncated"), "{err}");
+    assert_eq!(std::fs::read(&ck).unwrap().len(), good.len() / 2, "the damaged checkpoint is left as it was");
+}
+
+#[test]
+fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    // An absurd learning rate blows the adapters up within a few updates.
+    let cfg = HealConfig { lr: 1e30, warmup: 0, checkpoint_every: 1, steps: 8, ..tiny_config(8) };
+    let mut m = tiny();
+    let data = chunks(&m, &cfg, 0);
+    let mut t = Trainer::new(&mut m, cfg, data, tmp.path(), json!({}), false).unwrap();
+    let err = t.run(&AtomicBool::new(false), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, HealError::NonFinite { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("not finite") && msg.contains("--lr") && msg.contains("last good checkpoint"), "{msg}");
+    let ck = prunesweep_worker::heal::checkpoint::Checkpoint::load(&tmp.path().join("checkpoint.safetensors"), &Device::Cpu)
+        .unwrap();
+    assert!(ck.params.iter().all(|(_, p)| p.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())));
+}
+
+#[test]
+fn bad_adapter_settings_are_clear_errors() {
+    let mut m = tiny();
+    let e = m.decoder.attach_adapters(&spec(0, &["up_proj"]), 0).unwrap_err().to_string();
+    assert!(e.contains("rank must be at least 1"), "{e}");
+    // tiny-llama: hidden 64, intermediate 128 → at most 64.
+    let e = m.decoder.attach_adapters(&spec(65, &["up_proj"]), 0).unwrap_err().to_string();
+    assert!(e.contains("rank 65") && e.contains("at most 64"), "{e}");
+    let e = m.decoder.attach_adapters(&spec(4, &["w1"]), 0).unwrap_err().to_string();
+    assert!(e.contains("`w1`") && e.contains("gate_proj") && e.contains("q_proj"), "{e}");
+    let bad_lr = HealConfig { lr: 0.0, ..tiny_config(1) };
+    assert!(bad_lr.validate().unwrap_err().to_string().contains("--lr must be a positive number"));
+    let bad_batch = HealConfig { batch: 6, micro_batch: 4, ..tiny_config(1) };
+    assert!(bad_batch.validate().unwrap_err().to_string().contains("multiple of --micro-batch"));
+}
+
+fn worker(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_worker")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn c4_loss(args: &[&str], out: &Path) -> f64 {
+    let (ok, log) = worker(&[args, &["--out", out.to_str().unwrap()]].concat());
+    assert!(ok, "{log}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn healing_smollm2_with_six_layers_dropped_lowers_held_out_loss() {
+    // `worker heal` end to end: 30 short updates on C4 documents 0.., held-out loss measured on
+    // documents 600.. (never trained on), before and after, through `worker eval --adapter`.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = smollm2_gguf();
+    let (model, c4) = (model.to_str().unwrap(), c4_sample());
+    let c4 = c4.to_str().unwrap();
+    let out = tmp.path().join("adapter");
+    let held_out = ["--task", "c4-loss", "--data", c4, "--first-doc", "600", "--samples", "16", "--seq-len", "64"];
+    let base = [&["eval", "--model", model, "--drop", "20:6"][..], &held_out[..]].concat();
+    let before = c4_loss(&base, &tmp.path().join("before.json"));
+    let (ok, log) = worker(&[
+        "heal", "--model", model, "--drop", "20:6", "--data", c4, "--steps", "30", "--batch", "4", "--micro-batch",
+        "4", "--seq-len", "64", "--rank", "16", "--lr", "1e-3", "--warmup", "3", "--checkpoint-every", "10", "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{log}");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "prunesweep.json", "checkpoint.safetensors", "train_log.csv"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let healed = [&base[..], &["--adapter", out.to_str().unwrap()][..]].concat();
+    let after = c4_loss(&healed, &tmp.path().join("after.json"));
+    assert!(after < before - 0.05, "held-out C4 loss {before:.4} → {after:.4}");
+    // The adapter only fits the depth it was trained on.
+    let (ok, log) = worker(&["eval", "--model", model, "--adapter", out.to_str().unwrap(), "--task", "c4-loss", "--data", c4,
+        "--samples", "1", "--seq-len", "8", "--out", tmp.path().join("x.json").to_str().unwrap()]);
+    assert!(!ok && log.contains("24-layer") && log.contains("--drop"), "{log}");
+}
