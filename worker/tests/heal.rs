@@ -78,9 +78,13 @@ fn fresh_adapters_leave_the_output_unchanged_on_dense_and_nf4_bases() {
     let quantized = q.decoder.forward(&x).unwrap();
     q.decoder.attach_adapters(&spec(4, &["gate_proj", "up_proj", "down_proj"]), 1).unwrap();
     assert_eq!(max_abs_diff(&q.decoder.forward(&x).unwrap(), &quantized), 0.0);
-    // NF4 moves the logits, but only as 4-bit noise does.
-    let moved = max_abs_diff(&quantized, &base) / base.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    assert!(moved > 0.0 && moved < 0.2, "NF4 moved logits by {moved} of their range");
+    // The NF4 base computes exactly what its dequantized weights compute: written out as an HF
+    // directory (dequantized) and reloaded dense, it gives the same logits (f32 rounding only).
+    let tmp = tempfile::tempdir().unwrap();
+    q.save_hf(&tmp.path().join("dq"), &[]).unwrap();
+    let dense = Model::load(&tmp.path().join("dq"), &Device::Cpu).unwrap().decoder.forward(&x).unwrap();
+    assert!(common::rel_err(&quantized, &dense) <= 1e-5, "{}", common::rel_err(&quantized, &dense));
+    assert!(max_abs_diff(&quantized, &base) > 0.0, "quantization changed nothing");
 }
 
 #[test]
@@ -96,6 +100,8 @@ fn adapter_gradients_match_finite_differences() {
         }
     }
     let x = ids(&model, "Healing closes the seam between the layers left on either side of the cut.");
+    // Training mode (the adapters join autograd); dropout is 0 here, so the loss is deterministic.
+    model.decoder.set_adapter_training(Some(0));
     let loss = |m: &Model| next_token_loss(m, &x).unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap();
     let vars: Vec<(String, Var)> = model.decoder.adapter_vars();
     let grads = next_token_loss(&model, &x).unwrap().backward().unwrap();
@@ -269,6 +275,7 @@ fn healing_smollm2_with_six_layers_dropped_lowers_held_out_loss() {
     }
     let healed = [&base[..], &["--adapter", out.to_str().unwrap()][..]].concat();
     let after = c4_loss(&healed, &tmp.path().join("after.json"));
+    eprintln!("held-out C4 loss (16 docs × 64 tokens): {before:.4} unhealed → {after:.4} healed");
     assert!(after < before - 0.05, "held-out C4 loss {before:.4} → {after:.4}");
     // The adapter only fits the depth it was trained on.
     let (ok, log) = worker(&["eval", "--model", model, "--adapter", out.to_str().unwrap(), "--task", "c4-loss", "--data", c4,

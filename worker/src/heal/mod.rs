@@ -375,9 +375,9 @@ impl<'m> Trainer<'m> {
         for micro in 0..accum {
             let first = (self.step * accum + micro) * self.cfg.micro_batch;
             let ids = self.data.batch(first, self.cfg.micro_batch, &device)?;
-            self.model.decoder.set_adapter_dropout(Some(mix_seed(self.cfg.seed ^ 0xD50F, (self.step * accum + micro) as u64)));
+            self.model.decoder.set_adapter_training(Some(mix_seed(self.cfg.seed ^ 0xD50F, (self.step * accum + micro) as u64)));
             let loss = next_token_loss(self.model, &ids)?;
-            self.model.decoder.set_adapter_dropout(None);
+            self.model.decoder.set_adapter_training(None);
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(self.non_finite(value));

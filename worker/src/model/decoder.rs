@@ -814,9 +814,10 @@ impl Decoder {
         out
     }
 
-    /// Turns adapter dropout on for one training step (`Some(seed)`: every adapter draws its mask
-    /// from its own stream of `seed`) or off (`None`, evaluation).
-    pub fn set_adapter_dropout(&mut self, seed: Option<u64>) {
+    /// Puts the adapters in training mode for one pass (`Some(seed)`: they take part in autograd
+    /// and every adapter draws its dropout mask from its own stream of `seed`) or in evaluation
+    /// mode (`None`: no dropout, no graph; the default).
+    pub fn set_adapter_training(&mut self, seed: Option<u64>) {
         let mut stream = 0;
         for block in &mut self.blocks {
             for (_, lin) in block.projections_mut() {

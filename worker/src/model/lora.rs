@@ -38,7 +38,9 @@ pub struct Lora {
     pub scale: f64,
     /// Dropout probability on the adapter's input.
     pub dropout: f32,
-    /// Set while training: the seed of this call's dropout mask. `None`: no dropout (evaluation).
+    /// Set while training: the seed of this call's dropout mask. `None`: evaluation — no dropout,
+    /// and A, B enter the graph detached, so nothing is recorded for backprop and the frozen
+    /// path runs its fused kernels.
     pub(crate) dropout_seed: Option<u64>,
 }
 
@@ -72,6 +74,10 @@ impl Lora {
 
     /// The adapter's contribution for `x: [n, in]` → `[n, out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (a, b) = match self.dropout_seed {
+            Some(_) => (self.a.as_tensor().clone(), self.b.as_tensor().clone()),
+            None => (self.a.as_detached_tensor(), self.b.as_detached_tensor()),
+        };
         let x = match self.dropout_seed {
             Some(seed) if self.dropout > 0.0 => {
                 let keep = 1.0 - self.dropout;
@@ -82,7 +88,7 @@ impl Lora {
             }
             _ => x.clone(),
         };
-        x.matmul(&self.a.as_tensor().t()?)?.matmul(&self.b.as_tensor().t()?)? * self.scale
+        x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
     }
 
     /// `(α/r) · B A`, `[out, in]`: what merging adds to the base weight.
