@@ -282,3 +282,85 @@ fn healing_smollm2_with_six_layers_dropped_lowers_held_out_loss() {
         "--samples", "1", "--seq-len", "8", "--out", tmp.path().join("x.json").to_str().unwrap()]);
     assert!(!ok && log.contains("24-layer") && log.contains("--drop"), "{log}");
 }
+
+#[test]
+fn merging_folds_adapters_into_the_dequantized_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(2);
+    let mut m = tiny();
+    let data = chunks(&m, &cfg, 0);
+    let mut t = Trainer::new(&mut m, cfg, data, tmp.path(), json!({}), false).unwrap();
+    t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+    drop(t);
+    let x = ids(&m, "Merged weights compute what the base and the adapter compute together.");
+    let unmerged = m.decoder.forward(&x).unwrap();
+    m.decoder.merge_adapters().unwrap();
+    assert!(m.decoder.adapter_vars().is_empty());
+    m.save_hf(&tmp.path().join("merged"), &[]).unwrap();
+    let merged = Model::load(&tmp.path().join("merged"), &Device::Cpu).unwrap().decoder.forward(&x).unwrap();
+    let err = common::rel_err(&merged, &unmerged);
+    assert!(err <= 1e-5, "merged vs NF4 base + adapter: {err}");
+}
+
+#[test]
+fn a_new_run_never_overwrites_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(2);
+    let mut m = tiny();
+    let data = chunks(&m, &cfg, 0);
+    Trainer::new(&mut m, cfg.clone(), data.clone(), tmp.path(), json!({}), false)
+        .unwrap()
+        .run(&AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+    let err = Trainer::new(&mut tiny(), cfg, data, tmp.path(), json!({}), false).err().unwrap().to_string();
+    assert!(err.contains("--resume") && err.contains("not overwritten"), "{err}");
+}
+
+#[test]
+fn sigterm_checkpoints_exits_75_and_resume_finishes_the_run() {
+    // The real binary, killed the way Slurm and Kubernetes stop a job.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let (model, c4) = (fixture("tiny-llama"), c4_sample());
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "heal", "--model", model.to_str().unwrap(), "--data", c4.to_str().unwrap(), "--steps", "400", "--batch", "2",
+            "--micro-batch", "2", "--seq-len", "16", "--rank", "2", "--warmup", "5", "--lr", "1e-3",
+            "--checkpoint-every", "1000", "--out", out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(args(&[]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = out.join("train_log.csv");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |s| s.lines().count()) < 4 {
+        assert!(t0.elapsed().as_secs() < 120, "no training progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("--resume"), "{stderr}");
+    let ck = prunesweep_worker::heal::checkpoint::Checkpoint::load(&out.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
+    assert!(ck.step >= 3 && ck.step < 400, "checkpoint at step {}", ck.step);
+    assert!(!out.join("adapter_model.safetensors").exists(), "no adapter before the run is done");
+
+    let (ok, log_text) = worker(&args(&["--resume"]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{log_text}");
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let rows = std::fs::read_to_string(&log).unwrap();
+    let steps: Vec<usize> = rows.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(steps, (1..=400).collect::<Vec<_>>());
+}

@@ -2,6 +2,7 @@
 //! frozen in 4 bits (QLoRA), so that the seam between the layers left on either side closes.
 //!
 //! - [`packing`]: documents → fixed-length training chunks.
+//! - [`loss`]: the next-token loss (fused cross-entropy).
 //! - [`optim`]: AdamW, the cosine schedule with warmup, gradient clipping.
 //! - [`checkpoint`]: the resumable training state, written atomically.
 //! - [`adapter`]: the PEFT adapter folder (write, and attach for evaluation).
@@ -15,6 +16,7 @@
 
 pub mod adapter;
 pub mod checkpoint;
+pub mod loss;
 pub mod optim;
 pub mod packing;
 
@@ -29,6 +31,7 @@ use serde_json::{json, Value};
 use crate::model::lora::{mix_seed, LoraSpec};
 use crate::model::{candle_message, Model, ModelError};
 use checkpoint::Checkpoint;
+pub use loss::next_token_loss;
 use optim::{clip_grad_norm, cosine_lr, AdamW};
 use packing::PackedChunks;
 
@@ -224,7 +227,8 @@ pub struct Trainer<'m> {
 impl<'m> Trainer<'m> {
     /// Prepares a run: quantizes the base (unless `cfg.quantize` is off), attaches fresh adapters
     /// and, with `resume`, restores `out/checkpoint.safetensors` when it exists (a checkpoint
-    /// from other settings, or a damaged one, is an error and is left untouched).
+    /// from other settings, or a damaged one, is an error and is left untouched). Without
+    /// `resume`, an existing checkpoint is an error too: a new run never overwrites one.
     /// `identity` describes the model and data; it joins the settings in the checkpoint's
     /// fingerprint.
     pub fn new(
@@ -271,10 +275,16 @@ impl<'m> Trainer<'m> {
             quantized,
         };
         let path = trainer.checkpoint_path();
-        if resume && path.exists() {
-            trainer.restore(&path)?;
-        } else if resume {
-            tracing::info!(path = %path.display(), "--resume: no checkpoint yet, starting at step 0");
+        match (resume, path.exists()) {
+            (true, true) => trainer.restore(&path)?,
+            (true, false) => tracing::info!(path = %path.display(), "--resume: no checkpoint yet, starting at step 0"),
+            (false, true) => {
+                return Err(HealError::Checkpoint {
+                    path,
+                    message: "a checkpoint of an earlier run is here; pass --resume to continue it, or choose another --out (it is not overwritten)".into(),
+                })
+            }
+            (false, false) => {}
         }
         Ok(trainer)
     }
@@ -456,16 +466,6 @@ impl<'m> Trainer<'m> {
         }
         adapter::save(self.model, &self.cfg.lora, dir, info)
     }
-}
-
-/// Mean next-token cross-entropy of `ids` (`[B, T]`, every position a target but the first).
-pub fn next_token_loss(model: &Model, ids: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, t) = ids.dims2()?;
-    let logits = model.decoder.forward(ids)?;
-    let v = logits.dim(2)?;
-    let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let target = ids.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
-    candle_nn::loss::cross_entropy(&pred, &target)
 }
 
 /// The end-of-sequence id used to join documents: `eos_token_id` from the config, else the

@@ -27,37 +27,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 
 use super::config::{Activation, Config, NormKind};
+pub use super::frozen::Weight;
 use super::lora::{mix_seed, Lora, LoraSpec};
 use super::nf4::Nf4Matrix;
 use super::weights::WeightMap;
 use super::ModelError;
-
-/// A frozen projection weight `[out, in]`: dense, or NF4 while healing (see [`super::nf4`]).
-#[derive(Debug, Clone)]
-pub enum Weight {
-    /// As loaded.
-    Dense(Tensor),
-    /// 4-bit, dequantized for each product.
-    Nf4(Arc<Nf4Matrix>),
-}
-
-impl Weight {
-    /// `[out, in]`.
-    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
-        match self {
-            Weight::Dense(w) => w.dims2(),
-            Weight::Nf4(m) => Ok(m.dims()),
-        }
-    }
-
-    /// The dense values (dequantized for NF4) in `dtype` on `device`.
-    pub fn to_dense(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        match self {
-            Weight::Dense(w) => Ok(w.clone()),
-            Weight::Nf4(m) => m.dequantize(device)?.to_dtype(dtype),
-        }
-    }
-}
 
 /// A projection `y = x Wᵀ (+ b) (+ (α/r) B A x)`, with `W` stored `[out, in]` as in HF checkpoints
 /// and an optional LoRA adapter (healing).
@@ -99,10 +73,7 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
         let x = x.reshape((rows, in_dim))?;
-        let y = match &self.weight {
-            Weight::Dense(w) => x.matmul(&w.t()?)?,
-            Weight::Nf4(m) => m.matmul_t(&x)?,
-        };
+        let y = self.weight.matmul_t(&x)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -7,10 +7,12 @@
 //! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors.
 //! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
 //! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
-//! - [`nf4`], [`lora`]: the frozen 4-bit base and the low-rank adapters that healing trains.
+//! - [`nf4`], [`frozen`], [`lora`]: the frozen 4-bit base, products with frozen weights, and the
+//!   low-rank adapters that healing trains.
 
 pub mod config;
 pub mod decoder;
+pub mod frozen;
 pub mod lora;
 pub mod nf4;
 pub mod tokenizer;

@@ -10,13 +10,10 @@
 //! Memory: 4 bits per weight + 8 bits per 64 weights + 32 bits per 16,384 weights + one f32
 //! ≈ 0.516 bytes per parameter ([`Nf4Matrix::bytes_per_param`]).
 //!
-//! The matrix is never kept dense: [`Nf4Matrix::matmul_t`] dequantizes it for each product and drops
-//! it, in the forward pass and again in the backward pass (a custom op whose backward returns only
-//! the input's gradient: the frozen base gets no gradient, and none is computed for it).
+//! The matrix is never kept dense: [`super::frozen::Weight::matmul_t`] dequantizes it for each
+//! product and drops it, in the forward pass and again in the backward pass.
 
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Values per absmax block.
 pub const BLOCK: usize = 64;
@@ -127,69 +124,40 @@ impl Nf4Matrix {
         self.bytes() as f64 / (self.rows * self.cols) as f64
     }
 
-    /// The dense f32 values, row-major.
+    /// The dense f32 values, row-major. Large matrices are decoded on all cores.
     pub fn dequantize_values(&self) -> Vec<f32> {
         let n = self.rows * self.cols;
         let mut out = vec![0f32; n];
-        for (blk, dst) in out.chunks_mut(BLOCK).enumerate() {
+        let threads = if n >= 1 << 20 { std::thread::available_parallelism().map_or(1, |t| t.get()) } else { 1 };
+        let blocks_per_thread = n.div_ceil(BLOCK).div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            for (t, dst) in out.chunks_mut(blocks_per_thread * BLOCK).enumerate() {
+                scope.spawn(move || self.decode_blocks(t * blocks_per_thread, dst));
+            }
+        });
+        out
+    }
+
+    /// Decodes the blocks starting at block `first` into `dst` (a whole number of blocks, or the
+    /// matrix's tail).
+    fn decode_blocks(&self, first: usize, dst: &mut [f32]) {
+        for (k, block) in dst.chunks_mut(BLOCK).enumerate() {
+            let blk = first + k;
             let a = self.absmax(blk);
             let lut: [f32; 16] = std::array::from_fn(|i| NF4_CODE[i] * a);
             let bytes = &self.codes[blk * BLOCK / 2..];
-            for (pair, byte) in dst.chunks_mut(2).zip(bytes) {
+            for (pair, byte) in block.chunks_mut(2).zip(bytes) {
                 pair[0] = lut[(byte & 0x0f) as usize];
                 if let Some(hi) = pair.get_mut(1) {
                     *hi = lut[(byte >> 4) as usize];
                 }
             }
         }
-        out
     }
 
     /// The dense matrix as an f32 tensor on `device`.
     pub fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
         Tensor::from_vec(self.dequantize_values(), (self.rows, self.cols), device)
-    }
-
-    /// `x Wᵀ` for `x: [n, cols]` (f32) → `[n, rows]`. Gradients flow to `x` only.
-    pub fn matmul_t(self: &Arc<Self>, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() {
-            x.contiguous()?.apply_op1(Nf4MatMul(self.clone()))
-        } else {
-            // No custom kernel off the CPU: a dense copy, detached so it takes no gradient.
-            x.matmul(&self.dequantize(x.device())?.to_dtype(x.dtype())?.detach().t()?)
-        }
-    }
-}
-
-/// The custom op behind [`Nf4Matrix::matmul_t`] on CPU.
-struct Nf4MatMul(Arc<Nf4Matrix>);
-
-impl CustomOp1 for Nf4MatMul {
-    fn name(&self) -> &'static str {
-        "nf4-matmul"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("nf4-matmul: input must be f32, got {:?}", candle_core::backend::BackendStorage::dtype(storage))
-        };
-        let (n, cols) = layout.shape().dims2()?;
-        if cols != self.0.cols {
-            candle_core::bail!("nf4-matmul: input has {cols} features, the weight expects {}", self.0.cols);
-        }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("nf4-matmul: input must be contiguous")
-        };
-        let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
-        let w = self.0.dequantize(&Device::Cpu)?;
-        let y = x.matmul(&w.t()?)?;
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), Shape::from((n, self.0.rows))))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dL/dx = dL/dy · W, with W dequantized again rather than kept.
-        let w = self.0.dequantize(grad_y.device())?;
-        Ok(Some(grad_y.matmul(&w)?))
     }
 }
 
@@ -261,10 +229,10 @@ mod tests {
     fn custom_op_matches_dense_matmul_in_value_and_gradient() {
         let dev = Device::Cpu;
         let w = Tensor::from_vec(gaussian(24 * 64, 1), (24, 64), &dev).unwrap();
-        let m = Arc::new(Nf4Matrix::quantize(&w).unwrap());
+        let m = std::sync::Arc::new(Nf4Matrix::quantize(&w).unwrap());
         let dense = m.dequantize(&dev).unwrap();
         let x = candle_core::Var::from_tensor(&Tensor::from_vec(gaussian(5 * 64, 2), (5, 64), &dev).unwrap()).unwrap();
-        let y = m.matmul_t(x.as_tensor()).unwrap();
+        let y = super::super::frozen::Weight::Nf4(m).matmul_t(x.as_tensor()).unwrap();
         let y_ref = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
         let diff = (y.clone() - &y_ref).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "{diff}");
