@@ -22,7 +22,7 @@ row() { # name, extra flags
     --checkpoint-every 100000 --out "$tmp/$name" "$@" 2>/dev/null >/dev/null
   # Timed: updates 2..STEPS+1 (the log's seconds are cumulative from the first update's start).
   awk -F, -v name="$name" -v rss="$(cat "$tmp/$name.rss")" -v bpp="$(
-      python3 -c 'import json,sys; n=json.load(open(sys.argv[1]))["nf4"]; print(f"{n[\"bytes_per_param\"]:.4f}" if n else "-")' \
+      python3 -c 'import json,sys; n=json.load(open(sys.argv[1]))["nf4"]; print("%.4f" % n["bytes_per_param"] if n else "-")' \
       "$tmp/$name/prunesweep.json")" '
     NR == 2 { t0 = $6; k0 = $5 } END {
       printf "BENCH %s steps=%d tokens=%d seconds=%.2f tok_s=%.1f peak_rss_mib=%.0f bytes_per_param=%s\n",

@@ -53,7 +53,9 @@ impl ForwardRecord {
             ("states".to_string(), self.states.to_device(&Device::Cpu)?),
         ]
         .into();
-        candle_core::safetensors::save(&map, path)
-            .map_err(|e| ModelError::Corrupt { path: path.to_path_buf(), message: format!("writing: {}", crate::model::candle_message(&e)) })
+        candle_core::safetensors::save(&map, path).map_err(|e| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("writing: {}", crate::model::candle_message(&e)),
+        })
     }
 }

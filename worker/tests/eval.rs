@@ -16,11 +16,7 @@ use prunesweep_worker::model::Model;
 use serde_json::Value;
 
 fn data_dir() -> PathBuf {
-    let d = std::env::var_os("PRUNESWEEP_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
-    assert!(d.join("mmlu/dev").is_dir(), "shared data not at {}; set PRUNESWEEP_DATA", d.display());
-    d
+    common::shared_data()
 }
 
 fn reference() -> Value {

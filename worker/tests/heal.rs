@@ -102,7 +102,9 @@ fn adapter_gradients_match_finite_differences() {
     let x = ids(&model, "Healing closes the seam between the layers left on either side of the cut.");
     // Training mode (the adapters join autograd); dropout is 0 here, so the loss is deterministic.
     model.decoder.set_adapter_training(Some(0));
-    let loss = |m: &Model| next_token_loss(m, &x).unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let loss = |m: &Model| {
+        next_token_loss(m, &x).unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    };
     let vars: Vec<(String, Var)> = model.decoder.adapter_vars();
     let grads = next_token_loss(&model, &x).unwrap().backward().unwrap();
     let eps = 1e-2f32;
@@ -146,7 +148,8 @@ fn resumed_run_reaches_the_same_adapter_as_an_uninterrupted_one() {
     let mut straight = tiny();
     let data = chunks(&straight, &cfg, 0);
     let never = AtomicBool::new(false);
-    let mut t = Trainer::new(&mut straight, cfg.clone(), data.clone(), &tmp.path().join("a"), identity.clone(), false).unwrap();
+    let mut t =
+        Trainer::new(&mut straight, cfg.clone(), data.clone(), &tmp.path().join("a"), identity.clone(), false).unwrap();
     assert_eq!(t.run(&never, &mut |_| {}).unwrap(), HealEnd::Finished);
     drop(t);
 
@@ -219,9 +222,16 @@ fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
     assert!(matches!(err, HealError::NonFinite { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("not finite") && msg.contains("--lr") && msg.contains("last good checkpoint"), "{msg}");
-    let ck = prunesweep_worker::heal::checkpoint::Checkpoint::load(&tmp.path().join("checkpoint.safetensors"), &Device::Cpu)
-        .unwrap();
-    assert!(ck.params.iter().all(|(_, p)| p.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())));
+    let ck =
+        prunesweep_worker::heal::checkpoint::Checkpoint::load(&tmp.path().join("checkpoint.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(ck.params.iter().all(|(_, p)| p
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite())));
 }
 
 #[test]
@@ -265,12 +275,40 @@ fn healing_smollm2_with_six_layers_dropped_lowers_held_out_loss() {
     let base = [&["eval", "--model", model, "--drop", "20:6"][..], &held_out[..]].concat();
     let before = c4_loss(&base, &tmp.path().join("before.json"));
     let (ok, log) = worker(&[
-        "heal", "--model", model, "--drop", "20:6", "--data", c4, "--steps", "30", "--batch", "4", "--micro-batch",
-        "4", "--seq-len", "64", "--rank", "16", "--lr", "1e-3", "--warmup", "3", "--checkpoint-every", "10", "--out",
+        "heal",
+        "--model",
+        model,
+        "--drop",
+        "20:6",
+        "--data",
+        c4,
+        "--steps",
+        "30",
+        "--batch",
+        "4",
+        "--micro-batch",
+        "4",
+        "--seq-len",
+        "64",
+        "--rank",
+        "16",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "3",
+        "--checkpoint-every",
+        "10",
+        "--out",
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{log}");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "prunesweep.json", "checkpoint.safetensors", "train_log.csv"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "prunesweep.json",
+        "checkpoint.safetensors",
+        "train_log.csv",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let healed = [&base[..], &["--adapter", out.to_str().unwrap()][..]].concat();
@@ -278,8 +316,23 @@ fn healing_smollm2_with_six_layers_dropped_lowers_held_out_loss() {
     eprintln!("held-out C4 loss (16 docs × 64 tokens): {before:.4} unhealed → {after:.4} healed");
     assert!(after < before - 0.05, "held-out C4 loss {before:.4} → {after:.4}");
     // The adapter only fits the depth it was trained on.
-    let (ok, log) = worker(&["eval", "--model", model, "--adapter", out.to_str().unwrap(), "--task", "c4-loss", "--data", c4,
-        "--samples", "1", "--seq-len", "8", "--out", tmp.path().join("x.json").to_str().unwrap()]);
+    let (ok, log) = worker(&[
+        "eval",
+        "--model",
+        model,
+        "--adapter",
+        out.to_str().unwrap(),
+        "--task",
+        "c4-loss",
+        "--data",
+        c4,
+        "--samples",
+        "1",
+        "--seq-len",
+        "8",
+        "--out",
+        tmp.path().join("x.json").to_str().unwrap(),
+    ]);
     assert!(!ok && log.contains("24-layer") && log.contains("--drop"), "{log}");
 }
 
@@ -324,9 +377,29 @@ fn sigterm_checkpoints_exits_75_and_resume_finishes_the_run() {
     let (model, c4) = (fixture("tiny-llama"), c4_sample());
     let args = |extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = [
-            "heal", "--model", model.to_str().unwrap(), "--data", c4.to_str().unwrap(), "--steps", "400", "--batch", "2",
-            "--micro-batch", "2", "--seq-len", "16", "--rank", "2", "--warmup", "5", "--lr", "1e-3",
-            "--checkpoint-every", "1000", "--out", out.to_str().unwrap(),
+            "heal",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            c4.to_str().unwrap(),
+            "--steps",
+            "400",
+            "--batch",
+            "2",
+            "--micro-batch",
+            "2",
+            "--seq-len",
+            "16",
+            "--rank",
+            "2",
+            "--warmup",
+            "5",
+            "--lr",
+            "1e-3",
+            "--checkpoint-every",
+            "1000",
+            "--out",
+            out.to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -353,7 +426,8 @@ fn sigterm_checkpoints_exits_75_and_resume_finishes_the_run() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(75), "{stderr}");
     assert!(stderr.contains("--resume"), "{stderr}");
-    let ck = prunesweep_worker::heal::checkpoint::Checkpoint::load(&out.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
+    let ck = prunesweep_worker::heal::checkpoint::Checkpoint::load(&out.join("checkpoint.safetensors"), &Device::Cpu)
+        .unwrap();
     assert!(ck.step >= 3 && ck.step < 400, "checkpoint at step {}", ck.step);
     assert!(!out.join("adapter_model.safetensors").exists(), "no adapter before the run is done");
 

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
@@ -14,12 +13,7 @@ use prunesweep_worker::model::Model;
 use prunesweep_worker::score::{angular_distance, score_layers, AngularDistances, Calibration};
 
 fn c4() -> std::path::PathBuf {
-    let data = std::env::var_os("PRUNESWEEP_DATA")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
-    let path = data.join("c4/c4-en-train.00000-of-01024.first1000.jsonl");
-    assert!(path.is_file(), "C4 sample not at {}; set PRUNESWEEP_DATA to the shared data folder", path.display());
-    path
+    common::c4_sample()
 }
 
 fn worker(args: &[&str]) -> (bool, String, String) {

@@ -98,7 +98,12 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
         batch: args.batch,
         micro_batch: args.micro_batch,
         seq_len: args.seq_len,
-        lora: LoraSpec { rank: args.rank, alpha: args.alpha.unwrap_or(args.rank as f64), dropout: args.dropout, targets },
+        lora: LoraSpec {
+            rank: args.rank,
+            alpha: args.alpha.unwrap_or(args.rank as f64),
+            dropout: args.dropout,
+            targets,
+        },
         lr: args.lr,
         warmup: args.warmup,
         weight_decay: args.weight_decay,
@@ -156,7 +161,8 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
         );
         std::process::exit(EXIT_PREEMPTED);
     }
-    let nf4 = if qp > 0 { json!({"params": qp, "bytes": qb, "bytes_per_param": qb as f64 / qp as f64}) } else { json!(null) };
+    let nf4 =
+        if qp > 0 { json!({"params": qp, "bytes": qb, "bytes_per_param": qb as f64 / qp as f64}) } else { json!(null) };
     trainer.save_adapter(&args.out, json!({ "base": identity.clone(), "nf4": nf4 }))?;
     drop(trainer);
     if args.merge {

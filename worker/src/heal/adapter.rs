@@ -104,8 +104,8 @@ pub fn attach(model: &mut Model, dir: &Path) -> Result<LoraSpec, ModelError> {
     }
     let meta_path = dir.join(META_FILE);
     if let Ok(meta) = std::fs::read_to_string(&meta_path) {
-        let meta: Value =
-            serde_json::from_str(&meta).map_err(|e| ModelError::Json { path: meta_path.clone(), message: e.to_string() })?;
+        let meta: Value = serde_json::from_str(&meta)
+            .map_err(|e| ModelError::Json { path: meta_path.clone(), message: e.to_string() })?;
         if let Some(n) = meta["num_layers"].as_u64() {
             let have = model.decoder.num_blocks();
             if n as usize != have {

@@ -16,6 +16,9 @@ use crate::model::candle_message;
 pub struct Checkpoint {
     /// Optimizer updates completed.
     pub step: usize,
+    /// Index of the next training sequence (the data order is fixed, so this is `step · batch`;
+    /// stored so that a checkpoint says where in the data it stands).
+    pub data_position: usize,
     /// The settings that must not change across a resume (see [`super::HealConfig::fingerprint`]).
     pub fingerprint: Value,
     /// Adapter tensors under PEFT names, in the optimizer's order.
@@ -39,16 +42,15 @@ impl Checkpoint {
         let metadata: HashMap<String, String> = [
             ("format".to_string(), "pt".to_string()),
             ("prunesweep.step".to_string(), self.step.to_string()),
+            ("prunesweep.data_position".to_string(), self.data_position.to_string()),
             ("prunesweep.fingerprint".to_string(), self.fingerprint.to_string()),
             ("prunesweep.order".to_string(), serde_json::to_string(&order).expect("strings serialize")),
         ]
         .into();
         let tmp = path.with_extension("safetensors.tmp");
         let io = |p: &Path, e: std::io::Error| HealError::Io { path: p.to_path_buf(), source: e };
-        safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| HealError::Checkpoint {
-            path: tmp.clone(),
-            message: format!("writing: {e}"),
-        })?;
+        safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
+            .map_err(|e| HealError::Checkpoint { path: tmp.clone(), message: format!("writing: {e}") })?;
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -66,8 +68,14 @@ impl Checkpoint {
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| bad(format!("not a readable safetensors file ({e}); truncated?")))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let field = |k: &str| meta.get(k).ok_or_else(|| bad(format!("metadata `{k}` is missing: not a prunesweep heal checkpoint")));
-        let step = field("prunesweep.step")?.parse().map_err(|_| bad("metadata `prunesweep.step` is not a number".into()))?;
+        let field = |k: &str| {
+            meta.get(k).ok_or_else(|| bad(format!("metadata `{k}` is missing: not a prunesweep heal checkpoint")))
+        };
+        let step =
+            field("prunesweep.step")?.parse().map_err(|_| bad("metadata `prunesweep.step` is not a number".into()))?;
+        let data_position = field("prunesweep.data_position")?
+            .parse()
+            .map_err(|_| bad("metadata `prunesweep.data_position` is not a number".into()))?;
         let fingerprint = serde_json::from_str(field("prunesweep.fingerprint")?)
             .map_err(|e| bad(format!("metadata `prunesweep.fingerprint` is not JSON: {e}")))?;
         let order: Vec<String> = serde_json::from_str(field("prunesweep.order")?)
@@ -81,7 +89,7 @@ impl Checkpoint {
             m.push(take(format!("adam_m.{name}"))?);
             v.push(take(format!("adam_v.{name}"))?);
         }
-        Ok(Checkpoint { step, fingerprint, params, m, v })
+        Ok(Checkpoint { step, data_position, fingerprint, params, m, v })
     }
 }
 
@@ -96,6 +104,7 @@ mod tests {
         let t = |x: f32| Tensor::new(&[x, x + 1.0], &Device::Cpu).unwrap();
         let ck = Checkpoint {
             step: 7,
+            data_position: 28,
             fingerprint: serde_json::json!({"lr": 3e-4}),
             params: vec![("a".into(), t(1.0)), ("b".into(), t(2.0))],
             m: vec![t(3.0), t(4.0)],
@@ -103,7 +112,7 @@ mod tests {
         };
         ck.save(&path).unwrap();
         let back = Checkpoint::load(&path, &Device::Cpu).unwrap();
-        assert_eq!(back.step, 7);
+        assert_eq!((back.step, back.data_position), (7, 28));
         assert_eq!(back.fingerprint, ck.fingerprint);
         assert_eq!(back.params[1].0, "b");
         assert_eq!(back.v[1].to_vec1::<f32>().unwrap(), vec![6.0, 7.0]);

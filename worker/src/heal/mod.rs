@@ -316,7 +316,9 @@ impl<'m> Trainer<'m> {
             let differs: Vec<String> = self.fingerprint.as_object().map_or_else(Vec::new, |now| {
                 now.iter()
                     .filter(|(k, v)| ck.fingerprint.get(*k) != Some(*v))
-                    .map(|(k, v)| format!("{k}: checkpoint {} vs now {v}", ck.fingerprint.get(k).unwrap_or(&Value::Null)))
+                    .map(|(k, v)| {
+                        format!("{k}: checkpoint {} vs now {v}", ck.fingerprint.get(k).unwrap_or(&Value::Null))
+                    })
                     .collect()
             });
             return Err(HealError::Checkpoint {
@@ -324,6 +326,15 @@ impl<'m> Trainer<'m> {
                 message: format!(
                     "written by a run with other settings ({}); resume with the same settings, or use another --out",
                     differs.join("; ")
+                ),
+            });
+        }
+        if ck.data_position != ck.step * self.cfg.batch {
+            return Err(HealError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!(
+                    "data position {} does not match step {} × batch {}; the file was edited or is damaged",
+                    ck.data_position, ck.step, self.cfg.batch
                 ),
             });
         }
@@ -357,6 +368,7 @@ impl<'m> Trainer<'m> {
     pub fn save_checkpoint(&mut self) -> Result<(), HealError> {
         let ck = Checkpoint {
             step: self.step,
+            data_position: self.step * self.cfg.batch,
             fingerprint: self.fingerprint.clone(),
             params: self.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect(),
             m: self.opt.m.clone(),
@@ -385,7 +397,9 @@ impl<'m> Trainer<'m> {
         for micro in 0..accum {
             let first = (self.step * accum + micro) * self.cfg.micro_batch;
             let ids = self.data.batch(first, self.cfg.micro_batch, &device)?;
-            self.model.decoder.set_adapter_training(Some(mix_seed(self.cfg.seed ^ 0xD50F, (self.step * accum + micro) as u64)));
+            self.model
+                .decoder
+                .set_adapter_training(Some(mix_seed(self.cfg.seed ^ 0xD50F, (self.step * accum + micro) as u64)));
             let loss = next_token_loss(self.model, &ids)?;
             self.model.decoder.set_adapter_training(None);
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
@@ -425,7 +439,8 @@ impl<'m> Trainer<'m> {
             }
             let (loss, lr, grad_norm) = self.train_step()?;
             tokens += tokens_per_step;
-            let stats = StepStats { step: self.step, loss, lr, grad_norm, tokens, seconds: start.elapsed().as_secs_f64() };
+            let stats =
+                StepStats { step: self.step, loss, lr, grad_norm, tokens, seconds: start.elapsed().as_secs_f64() };
             writeln!(log, "{},{:.6},{:.6e},{:.4},{},{:.3}", stats.step, loss, lr, grad_norm, tokens, stats.seconds)
                 .and_then(|_| log.flush())
                 .map_err(|e| HealError::Io { path: self.out.join(LOG_FILE), source: e })?;
@@ -478,7 +493,9 @@ pub fn eos_id(model: &Model) -> Result<u32, HealError> {
     };
     from_config
         .map(|e| e as u32)
-        .or_else(|| ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"].iter().find_map(|t| model.tokenizer.token_id(t)))
+        .or_else(|| {
+            ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"].iter().find_map(|t| model.tokenizer.token_id(t))
+        })
         .ok_or_else(|| {
             HealError::Config("the model names no eos_token_id and its tokenizer has no known EOS token".into())
         })

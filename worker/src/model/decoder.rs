@@ -57,7 +57,13 @@ impl Linear {
     }
 
     /// The base weight (dequantized when NF4; adapters are not part of it) and bias.
-    fn save(&self, name: &str, dtype: DType, device: &Device, out: &mut Vec<(String, Tensor)>) -> candle_core::Result<()> {
+    fn save(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+        out: &mut Vec<(String, Tensor)>,
+    ) -> candle_core::Result<()> {
         out.push((format!("{name}.weight"), self.weight.to_dense(dtype, device)?));
         if let Some(b) = &self.bias {
             out.push((format!("{name}.bias"), b.clone()));
@@ -139,9 +145,7 @@ impl Module for Norm {
         match self {
             // The fused kernels have no backward pass; while healing, gradients flow through here.
             Norm::Rms { weight, eps } if x.track_op() => candle_nn::ops::rms_norm_slow(x, weight, *eps),
-            Norm::Layer { weight, bias, eps } if x.track_op() => {
-                candle_nn::ops::layer_norm_slow(x, weight, bias, *eps)
-            }
+            Norm::Layer { weight, bias, eps } if x.track_op() => candle_nn::ops::layer_norm_slow(x, weight, bias, *eps),
             Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps),
             Norm::Layer { weight, bias, eps } => candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, *eps),
         }
@@ -237,7 +241,12 @@ impl Attention {
 
     fn projections_mut(&mut self, parallel: bool) -> [(&'static str, &mut Linear); 4] {
         let o_name = if parallel { "dense" } else { "o_proj" };
-        [("q_proj", &mut self.q_proj), ("k_proj", &mut self.k_proj), ("v_proj", &mut self.v_proj), (o_name, &mut self.o_proj)]
+        [
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            (o_name, &mut self.o_proj),
+        ]
     }
 
     /// `x`: `[B, T, H]` (already normed). `prefix`: cached keys/values the tokens also attend to.
@@ -434,7 +443,13 @@ impl Block {
         attn.chain(mlp).collect()
     }
 
-    fn save(&self, new_index: usize, dtype: DType, device: &Device, out: &mut Vec<(String, Tensor)>) -> candle_core::Result<()> {
+    fn save(
+        &self,
+        new_index: usize,
+        dtype: DType,
+        device: &Device,
+        out: &mut Vec<(String, Tensor)>,
+    ) -> candle_core::Result<()> {
         let p = format!("model.layers.{new_index}");
         self.input_layernorm.save(&format!("{p}.input_layernorm"), out);
         if let Some(n) = &self.post_attention_layernorm {
@@ -735,7 +750,12 @@ impl Decoder {
     /// Attaches trained adapters from tensors under PEFT's names
     /// (`base_model.model.model.layers.{i}.mlp.gate_proj.lora_A.weight`, …), checking that every
     /// targeted projection has both halves with the right shapes and that nothing is left over.
-    pub fn load_adapters(&mut self, spec: &LoraSpec, tensors: &HashMap<String, Tensor>, origin: &str) -> Result<(), ModelError> {
+    pub fn load_adapters(
+        &mut self,
+        spec: &LoraSpec,
+        tensors: &HashMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<(), ModelError> {
         self.check_adapter_spec(spec)?;
         let (device, dtype) = (self.device.clone(), self.dtype);
         let mut used = 0;
@@ -743,7 +763,9 @@ impl Decoder {
             let (out_dim, in_dim) = lin.weight.dims()?;
             let mut take = |half: &str, shape: [usize; 2]| -> Result<Tensor, ModelError> {
                 let key = format!("base_model.model.{name}.{half}.weight");
-                let t = tensors.get(&key).ok_or_else(|| ModelError::MissingTensor { origin: origin.into(), name: key.clone() })?;
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| ModelError::MissingTensor { origin: origin.into(), name: key.clone() })?;
                 if t.dims() != shape {
                     return Err(ModelError::ShapeMismatch {
                         origin: origin.into(),

@@ -76,8 +76,7 @@ impl Nf4Matrix {
 
     fn from_values(rows: usize, cols: usize, values: &[f32]) -> Self {
         let n_blocks = values.len().div_ceil(BLOCK);
-        let absmax: Vec<f32> =
-            values.chunks(BLOCK).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
+        let absmax: Vec<f32> = values.chunks(BLOCK).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
         let mut codes = vec![0u8; values.len().div_ceil(2)];
         for (blk, chunk) in values.chunks(BLOCK).enumerate() {
             let inv = if absmax[blk] > 0.0 { 1.0 / absmax[blk] } else { 0.0 };

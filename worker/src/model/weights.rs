@@ -284,7 +284,8 @@ pub struct GgufModel {
 pub fn read_gguf(path: &Path) -> Result<GgufModel, ModelError> {
     let corrupt = |message: String| ModelError::Corrupt { path: path.to_path_buf(), message };
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| corrupt(format!("not a readable GGUF file: {}", candle_message(&e))))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| corrupt(format!("not a readable GGUF file: {}", candle_message(&e))))?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
