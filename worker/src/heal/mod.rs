@@ -164,7 +164,7 @@ impl HealConfig {
         if self.checkpoint_every == 0 {
             return bad("--checkpoint-every must be at least 1".into());
         }
-        if !(self.max_grad_norm > 0.0) {
+        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
             return bad(format!("the gradient clip must be positive, got {}", self.max_grad_norm));
         }
         Ok(())

@@ -21,7 +21,9 @@ pub const BLOCK: usize = 64;
 pub const SCALE_GROUP: usize = 256;
 
 /// The 16 NF4 code values (bitsandbytes `csrc/kernels.cu`, QLoRA App. E): quantiles of N(0, 1)
-/// normalized to [-1, 1], with an exact zero.
+/// normalized to [-1, 1], with an exact zero. The digits are bitsandbytes' (the f32 values printed
+/// as f64), kept so that the table can be compared with it by eye.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
