@@ -134,18 +134,26 @@ impl AngularDistances {
                 parsed.ok_or_else(|| err(format!("line {}: expected `n,l,distance`, got `{line}`", i + 1)))?;
             entries.push((n, l, d));
         }
-        let layers = entries.iter().map(|e| e.0).max().ok_or_else(|| err("no rows".into()))?;
-        if let Some(expected) = expected_layers.filter(|&e| e != layers) {
+        let distances = Self::from_entries(&entries).map_err(err)?;
+        if let Some(expected) = expected_layers.filter(|&e| e != distances.num_layers) {
             return Err(err(format!(
-                "these distances are for a {layers}-layer model, but the model has {expected} layers; score this model again"
+                "these distances are for a {}-layer model, but the model has {expected} layers; score this model again",
+                distances.num_layers
             )));
         }
+        Ok(distances)
+    }
+
+    /// Builds the table from `(n, l, d)` entries (any order), which must cover every block of a
+    /// model whose depth is the largest `n`. The sample count is not known here (0).
+    pub fn from_entries(entries: &[(usize, usize, f64)]) -> Result<Self, String> {
+        let layers = entries.iter().map(|e| e.0).max().ok_or_else(|| "no rows".to_string())?;
         let mut rows: Vec<Vec<Option<f64>>> = (1..=layers).map(|n| vec![None; layers - n + 1]).collect();
-        for (n, l, d) in entries {
+        for &(n, l, d) in entries {
             let slot = (n >= 1)
                 .then(|| rows[n - 1].get_mut(l))
                 .flatten()
-                .ok_or_else(|| err(format!("row n={n}, l={l} is outside a {layers}-layer model")))?;
+                .ok_or_else(|| format!("row n={n}, l={l} is outside a {layers}-layer model"))?;
             *slot = Some(d);
         }
         let rows = rows
@@ -154,7 +162,7 @@ impl AngularDistances {
             .map(|(i, r)| {
                 r.into_iter()
                     .enumerate()
-                    .map(|(l, d)| d.ok_or_else(|| err(format!("missing row n={}, l={l}", i + 1))))
+                    .map(|(l, d)| d.ok_or_else(|| format!("missing row n={}, l={l}", i + 1)))
                     .collect::<Result<Vec<_>, _>>()
             })
             .collect::<Result<Vec<_>, _>>()?;
