@@ -9,6 +9,7 @@
 //! coordinator cancel tiny-test
 //! coordinator retry tiny-test --failed
 //! coordinator export tiny-test --format csv --out results/tiny-test/results.csv
+//! coordinator run experiments/tiny-test.yaml --workers 2   # embedded coordinator + local workers
 //! ```
 //!
 //! Every flag also reads an environment variable (`PRUNESWEEP_LISTEN`, `PRUNESWEEP_DATABASE`,
@@ -95,6 +96,24 @@ enum Command {
         failed: bool,
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Single-machine mode: an embedded coordinator (SQLite under the output folder) and N local
+    /// `worker serve` processes run the sweep; the results are exported to the output folder.
+    Run {
+        /// The sweep file (YAML).
+        file: PathBuf,
+        /// Local workers to start.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Their device (`cpu`, `cuda:N`; each worker gets the same one).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The worker binary; default: `worker` next to this executable.
+        #[arg(long)]
+        worker_bin: Option<PathBuf>,
+        /// Output folder; default `results/<sweep>`.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Write a sweep's results, one row per cell × metric.
     Export {
@@ -214,6 +233,7 @@ async fn run(args: Args) -> Result<()> {
             let reply = connect(&client).await?.retry_sweep(req).await?;
             println!("sweep {sweep}: {} jobs requeued", reply.into_inner().jobs_requeued);
         }
+        Command::Run { file, workers, device, worker_bin, out } => run_local(file, workers, device, worker_bin, out).await?,
         Command::Export { sweep, format, out, client } => {
             let reply = connect(&client).await?.list_results(pb::ListResultsRequest { sweep: sweep.clone() }).await?;
             let rows = export::rows_from_pb(&sweep, &reply.into_inner().jobs);
@@ -227,6 +247,87 @@ async fn run(args: Args) -> Result<()> {
             export::write(&rows, format, &out)?;
             println!("wrote {} rows to {}", rows.len(), out.display());
         }
+    }
+    Ok(())
+}
+
+/// `coordinator run`: serve on 127.0.0.1:0, submit, start the workers, follow the sweep, export.
+async fn run_local(
+    file: PathBuf,
+    workers: usize,
+    device: String,
+    worker_bin: Option<PathBuf>,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let spec = SweepSpec::parse(&yaml, &file.display().to_string())?;
+    let sweep = spec.name.as_str().to_string();
+    let dir = out.unwrap_or_else(|| PathBuf::from("results").join(&sweep));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let worker_bin = match worker_bin {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("worker"),
+    };
+    if !worker_bin.is_file() {
+        bail!(
+            "the worker binary is not at {}; build it (cargo build --release -p prunesweep-worker) or pass --worker-bin",
+            worker_bin.display()
+        );
+    }
+    let database = format!("sqlite://{}", dir.join("coordinator.sqlite").display());
+    let store = store::open(&database).await.with_context(|| format!("opening {database}"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let config = Config {
+        lease_ttl: Duration::from_secs(60),
+        heartbeat_interval: Duration::from_secs(5),
+        reap_interval: Duration::from_secs(5),
+        ..Config::default()
+    };
+    let server = tokio::spawn(prunesweep_coordinator::run(listener, store, config, async {
+        let _ = stop_rx.await;
+    }));
+    let mut client = connect(&ClientArgs { coordinator: url.clone() }).await?;
+    let reply = client
+        .submit_sweep(pb::SubmitSweepRequest { yaml, file_name: Some(file.display().to_string()) })
+        .await?
+        .into_inner();
+    println!("sweep {sweep}: {} jobs ({} new); {workers} local workers on {device}", reply.jobs_total, reply.jobs_added);
+    let mut children = Vec::new();
+    for i in 0..workers.max(1) {
+        let child = std::process::Command::new(&worker_bin)
+            .args(["serve", "--coordinator", &url, "--device", &device, "--name", &format!("local-{i}")])
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .spawn()
+            .with_context(|| format!("starting {}", worker_bin.display()))?;
+        children.push(child);
+    }
+    let followed = tokio::select! {
+        r = watch(&mut client, &sweep) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the sweep is kept in {database}")),
+    };
+    for child in &children {
+        // SIGTERM: workers stop their job at a safe point (healing checkpoints) and exit.
+        let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    }
+    for mut child in children {
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    }
+    followed?;
+    let jobs = client.list_results(pb::ListResultsRequest { sweep: sweep.clone() }).await?.into_inner().jobs;
+    let rows = export::rows_from_pb(&sweep, &jobs);
+    for (format, name) in [(Format::Csv, "results.csv"), (Format::Parquet, "results.parquet")] {
+        export::write(&rows, format, &dir.join(name))?;
+    }
+    let failed: Vec<String> =
+        jobs.iter().filter(|j| j.state == pb::JobState::Failed as i32).map(|j| format!("job {}: {}", j.job_id, j.error.clone().unwrap_or_default())).collect();
+    println!("wrote {} rows to {}/results.{{csv,parquet}}", rows.len(), dir.display());
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    if !failed.is_empty() {
+        bail!("{} jobs failed:\n{}", failed.len(), failed.join("\n"));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! - [`heal`]: QLoRA healing (NF4 base, LoRA adapters, resumable training, PEFT output).
 //! - [`plot`]: the d(l, n) heatmap.
 //! - [`forward`]: one prompt's ids, logits and residual states, for inspection and parity checks.
+//! - [`serve`]: the worker side of the coordinator's contract (lease, run, heartbeat, report).
 
 pub mod data;
 pub mod eval;
@@ -21,3 +22,4 @@ pub mod model;
 pub mod plot;
 pub mod prune;
 pub mod score;
+pub mod serve;

@@ -6,6 +6,7 @@ mod forward;
 mod heal;
 mod prune;
 mod score;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Heal a cut with QLoRA on C4 (NF4 base, LoRA adapters, AdamW, cosine schedule); writes a
     /// PEFT adapter folder, resumable checkpoints and train_log.csv.
     Heal(heal::HealArgs),
+    /// Serve a coordinator: register, lease jobs (score / baseline / prune → heal → eval), run
+    /// them here, report the results; reconnects with backoff.
+    Serve(serve::ServeArgs),
 }
 
 impl Cli {
@@ -45,6 +49,7 @@ impl Cli {
             Command::Prune(a) => prune::run(a),
             Command::Eval(a) => eval::run(a),
             Command::Heal(a) => heal::run(a),
+            Command::Serve(a) => serve::run(a),
         }
     }
 }

@@ -1,0 +1,60 @@
+//! `worker serve`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use prunesweep_worker::model::parse_device;
+use prunesweep_worker::serve::{serve, ServeConfig};
+
+/// Arguments of `worker serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The coordinator's address.
+    #[arg(long, env = "PRUNESWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, default_value = "cpu", env = "PRUNESWEEP_DEVICE")]
+    device: String,
+    /// Name shown by the coordinator; default HOST:DEVICE.
+    #[arg(long, env = "PRUNESWEEP_WORKER_NAME")]
+    name: Option<String>,
+    /// Per-job files (healing checkpoints, so a re-leased job resumes).
+    #[arg(long, env = "PRUNESWEEP_WORK_DIR", default_value = ".cache/worker")]
+    work_dir: PathBuf,
+    /// Exit after this many jobs (default: serve until Ctrl-C / SIGTERM).
+    #[arg(long)]
+    max_jobs: Option<usize>,
+    /// Long-poll wait per lease request, in seconds.
+    #[arg(long, default_value_t = 10)]
+    lease_wait_secs: u64,
+}
+
+/// Registers, then leases and runs jobs until Ctrl-C / SIGTERM.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    let host = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok());
+    let name = args.name.unwrap_or_else(|| format!("{}:{}", host.unwrap_or_else(|| "worker".into()).trim(), args.device));
+    let cfg = ServeConfig {
+        coordinator: args.coordinator,
+        name,
+        device_name: args.device,
+        work_dir: args.work_dir,
+        lease_wait: Duration::from_secs(args.lease_wait_secs),
+        max_jobs: args.max_jobs,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutdown requested");
+        };
+        serve(cfg, device, shutdown).await.context("worker serve")
+    })
+}

@@ -1,0 +1,274 @@
+//! `worker serve`: register with the coordinator, lease jobs, run them, report.
+//!
+//! One job at a time per worker (one device). While a job runs on a blocking thread, this loop
+//! heartbeats at the interval the coordinator asked for; a `CANCEL` or `LOST` answer sets the
+//! job's stop flag and the result is dropped, not reported. Calls that fail for transport reasons
+//! (coordinator restarting, network blip) are retried with exponential backoff; a coordinator
+//! that forgot the worker (restarted with a new database) gets a fresh registration. On shutdown
+//! (Ctrl-C / SIGTERM) the worker stops leasing, stops its job at the next safe point (healing
+//! writes a checkpoint first) and reports it as a retryable failure, so the job is leased again.
+//!
+//! - [`pipeline`]: what running one job means (load, score, prune, heal, eval).
+
+pub mod pipeline;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use prunesweep_proto::v1::worker_service_client::WorkerServiceClient;
+use prunesweep_proto::v1::{
+    CompleteJobRequest, FailJobRequest, HeartbeatAction, HeartbeatRequest, Lease, LeaseJobRequest, RegisterRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use pipeline::{JobFailure, Pipeline, Progress};
+
+/// Where and as whom the worker serves.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// `http://host:port` of the coordinator.
+    pub coordinator: String,
+    /// Name shown in the coordinator (default `host:device`).
+    pub name: String,
+    /// `cpu`, `cuda:N`.
+    pub device_name: String,
+    /// Healing checkpoints and other per-job files.
+    pub work_dir: PathBuf,
+    /// Long-poll wait per `LeaseJob` call.
+    pub lease_wait: Duration,
+    /// Stop after this many jobs (tests, batch use); `None` serves until shutdown.
+    pub max_jobs: Option<usize>,
+}
+
+/// What stops `serve` with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The coordinator address does not parse.
+    #[error("--coordinator `{0}` is not a URL like http://host:50051")]
+    BadUrl(String),
+    /// The coordinator rejected the worker for good (not a transport problem).
+    #[error("the coordinator refused {call}: {status}")]
+    Refused {
+        /// Which call.
+        call: &'static str,
+        /// Its status.
+        status: tonic::Status,
+    },
+}
+
+/// Exponential backoff from 200 ms to 30 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(200))
+    }
+
+    async fn wait(&mut self, what: &str, err: &tonic::Status) {
+        tracing::warn!(error = %err.message(), code = ?err.code(), retry_in = ?self.0, "{what} failed; retrying");
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Transport-level failures worth retrying: the coordinator is down, restarting or unreachable.
+fn transient(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled)
+}
+
+/// A registered session with the coordinator.
+struct Session {
+    client: WorkerServiceClient<Channel>,
+    worker_id: String,
+    heartbeat: Duration,
+}
+
+async fn register(endpoint: &Endpoint, cfg: &ServeConfig) -> Result<Session, ServeError> {
+    let mut backoff = Backoff::new();
+    loop {
+        let client = WorkerServiceClient::new(endpoint.connect_lazy());
+        let mut c = client.clone();
+        let req = RegisterRequest {
+            name: cfg.name.clone(),
+            device: cfg.device_name.clone(),
+            memory_bytes: None,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        match c.register(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                tracing::info!(worker_id = %r.worker_id, coordinator = %cfg.coordinator, "registered");
+                let heartbeat = Duration::from_millis(r.heartbeat_interval_ms.max(100));
+                return Ok(Session { client, worker_id: r.worker_id, heartbeat });
+            }
+            Err(s) if transient(&s) => backoff.wait("register", &s).await,
+            Err(status) => return Err(ServeError::Refused { call: "Register", status }),
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves (or `max_jobs` are done).
+pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let endpoint = Endpoint::from_shared(cfg.coordinator.clone())
+        .map_err(|_| ServeError::BadUrl(cfg.coordinator.clone()))?
+        .connect_timeout(Duration::from_secs(5));
+    tokio::pin!(shutdown);
+    let mut session = tokio::select! {
+        s = register(&endpoint, &cfg) => s?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let mut pipeline = Some(Pipeline::new(device, cfg.work_dir.clone()));
+    let mut done = 0usize;
+    let mut backoff = Backoff::new();
+    loop {
+        if cfg.max_jobs.is_some_and(|m| done >= m) {
+            return Ok(());
+        }
+        let held = pipeline.as_ref().map(Pipeline::held_models).unwrap_or_default();
+        let req = LeaseJobRequest {
+            worker_id: session.worker_id.clone(),
+            held_models: held,
+            device: cfg.device_name.clone(),
+            free_memory_bytes: None,
+            wait_ms: cfg.lease_wait.as_millis() as u64,
+        };
+        let leased = tokio::select! {
+            r = session.client.lease_job(req) => r,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let lease = match leased {
+            Ok(r) => {
+                backoff = Backoff::new();
+                match r.into_inner().lease {
+                    Some(l) => l,
+                    None => continue,
+                }
+            }
+            Err(s) if s.code() == Code::NotFound || s.code() == Code::PermissionDenied => {
+                tracing::warn!(error = %s.message(), "the coordinator does not know this worker; registering again");
+                session = register(&endpoint, &cfg).await?;
+                continue;
+            }
+            Err(s) if transient(&s) => {
+                backoff.wait("lease", &s).await;
+                continue;
+            }
+            Err(status) => return Err(ServeError::Refused { call: "LeaseJob", status }),
+        };
+        let p = pipeline.take().expect("the pipeline is back after every job");
+        let (p, stop_serving) = run_leased(&mut session, lease, p, &mut shutdown).await;
+        pipeline = Some(p);
+        done += 1;
+        if stop_serving {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs one leased job with heartbeats, then reports it. Returns the pipeline and whether a
+/// shutdown arrived meanwhile.
+async fn run_leased(
+    session: &mut Session,
+    lease: Lease,
+    mut pipeline: Pipeline,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> (Pipeline, bool) {
+    let job = lease.job.clone().unwrap_or_default();
+    let (job_id, lease_id) = (job.job_id, lease.lease_id.clone());
+    tracing::info!(job_id, kind = job.kind, key = %job.key, attempt = lease.attempt, "leased");
+    let progress = Arc::new(Progress::default());
+    let prog = progress.clone();
+    let mut handle = tokio::task::spawn_blocking(move || {
+        let out = pipeline.run(&job, &prog);
+        (pipeline, out)
+    });
+    let mut ticker = tokio::time::interval(session.heartbeat);
+    ticker.tick().await;
+    let (mut dropped, mut shutting_down) = (false, false);
+    let (pipeline, outcome) = loop {
+        tokio::select! {
+            joined = &mut handle => break joined.expect("the job thread does not panic"),
+            _ = ticker.tick() => {
+                let (phase, fraction) = progress.phase();
+                let req = HeartbeatRequest {
+                    worker_id: session.worker_id.clone(), lease_id: lease_id.clone(), job_id,
+                    phase: Some(phase), progress: Some(fraction),
+                };
+                match session.client.heartbeat(req).await.map(|r| r.into_inner().action) {
+                    Ok(a) if a == HeartbeatAction::Cancel as i32 || a == HeartbeatAction::Lost as i32 => {
+                        tracing::warn!(job_id, action = a, "the coordinator took the job back; stopping it");
+                        dropped = true;
+                        progress.stop.store(true, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    // The lease may still be renewed by a later heartbeat; the reaper decides.
+                    Err(s) => tracing::warn!(job_id, error = %s.message(), "heartbeat failed"),
+                }
+            }
+            _ = shutdown.as_mut(), if !shutting_down => {
+                tracing::info!(job_id, "shutting down: stopping the job at the next safe point");
+                shutting_down = true;
+                progress.stop.store(true, Ordering::SeqCst);
+            }
+        }
+    };
+    if dropped {
+        return (pipeline, shutting_down);
+    }
+    report(session, &lease_id, job_id, outcome).await;
+    (pipeline, shutting_down)
+}
+
+/// Sends `CompleteJob` or `FailJob`, retrying transport failures for up to ~5 minutes.
+async fn report(session: &mut Session, lease_id: &str, job_id: i64, outcome: Result<pipeline::JobOutput, JobFailure>) {
+    let mut backoff = Backoff::new();
+    for _ in 0..20 {
+        let sent = match &outcome {
+            Ok(out) => {
+                let req = CompleteJobRequest {
+                    worker_id: session.worker_id.clone(),
+                    lease_id: lease_id.to_string(),
+                    job_id,
+                    results: out.results.clone(),
+                    distances: out.distances.clone(),
+                    layers_dropped: out.layers_dropped.clone(),
+                    num_layers: out.num_layers,
+                    timings: out.timings.clone(),
+                };
+                session.client.complete_job(req).await.map(|_| ())
+            }
+            Err(f) => {
+                let req = FailJobRequest {
+                    worker_id: session.worker_id.clone(),
+                    lease_id: lease_id.to_string(),
+                    job_id,
+                    message: f.message.clone(),
+                    error_kind: f.kind.to_string(),
+                    retryable: f.retryable,
+                };
+                session.client.fail_job(req).await.map(|_| ())
+            }
+        };
+        match sent {
+            Ok(()) => {
+                match &outcome {
+                    Ok(_) => tracing::info!(job_id, "completed"),
+                    Err(f) => tracing::warn!(job_id, kind = f.kind, error = %f.message, "failed"),
+                }
+                return;
+            }
+            Err(s) if transient(&s) => backoff.wait("reporting the job", &s).await,
+            Err(s) => {
+                // A stale lease (the job was re-leased) or a cancelled sweep: nothing to keep.
+                tracing::warn!(job_id, error = %s.message(), "the coordinator refused the report; dropping it");
+                return;
+            }
+        }
+    }
+    tracing::error!(job_id, "could not reach the coordinator to report the job; it will be leased again");
+}
