@@ -496,6 +496,16 @@ impl SweepSpec {
         Ok(())
     }
 
+    /// A heal variant as a cell carries it: without its own `data`, it trains on the sweep's
+    /// calibration data (filled in here, so that cells that need no scoring still know it).
+    fn heal_with_data(&self, heal: &HealVariant) -> HealVariant {
+        let mut heal = heal.clone();
+        if let Some(q) = heal.qlora.as_mut().filter(|q| q.data.is_none()) {
+            q.data = self.calibration.as_ref().map(|c| c.path.clone());
+        }
+        heal
+    }
+
     /// Expand into jobs: score jobs first, then baselines, then cells (the store keeps this order).
     /// Duplicates (e.g. a fraction listed twice) collapse to one job.
     pub fn expand(&self) -> Vec<PlannedJob> {
@@ -566,7 +576,7 @@ impl SweepSpec {
                             calibration: if method.needs_scores() { self.calibration.clone() } else { None },
                             method: Some(method),
                             amount: Some(amount),
-                            heal: heal.qlora.is_some().then(|| heal.clone()),
+                            heal: heal.qlora.is_some().then(|| self.heal_with_data(heal)),
                             eval: self.eval.clone(),
                             seed: Some(self.seed),
                         };
