@@ -10,9 +10,11 @@
 //! - [`server`]: [`server::run`] serves both services on a bound listener until a shutdown future
 //!   resolves, with the lease reaper alongside.
 //! - [`export`]: results → CSV / Parquet (polars).
+//! - [`plot`]: results → accuracy-versus-fraction-dropped charts (SVG + PNG).
 
 pub mod export;
 pub mod job;
+pub mod plot;
 pub mod server;
 pub mod service;
 pub mod store;

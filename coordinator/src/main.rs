@@ -9,6 +9,7 @@
 //! coordinator cancel tiny-test
 //! coordinator retry tiny-test --failed
 //! coordinator export tiny-test --format csv --out results/tiny-test/results.csv
+//! coordinator plot tiny-test --out results/tiny-test/plots
 //! coordinator run experiments/tiny-test.yaml --workers 2   # embedded coordinator + local workers
 //! ```
 //!
@@ -23,6 +24,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pb::sweep_service_client::SweepServiceClient;
 use prunesweep_coordinator::export::{self, Format};
+use prunesweep_coordinator::plot;
 use prunesweep_coordinator::store::{self, DEFAULT_DATABASE_URL};
 use prunesweep_coordinator::sweep::SweepSpec;
 use prunesweep_coordinator::Config;
@@ -94,6 +96,16 @@ enum Command {
         /// Only failed jobs.
         #[arg(long)]
         failed: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Accuracy-versus-fraction-dropped curves, one SVG + PNG per task (like the paper's Fig. 1–3).
+    Plot {
+        /// The sweep.
+        sweep: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -233,6 +245,11 @@ async fn run(args: Args) -> Result<()> {
             let reply = connect(&client).await?.retry_sweep(req).await?;
             println!("sweep {sweep}: {} jobs requeued", reply.into_inner().jobs_requeued);
         }
+        Command::Plot { sweep, out, client } => {
+            let reply = connect(&client).await?.list_results(pb::ListResultsRequest { sweep: sweep.clone() }).await?;
+            let rows = export::rows_from_pb(&sweep, &reply.into_inner().jobs);
+            write_plots(&sweep, &rows, &out)?;
+        }
         Command::Run { file, workers, device, worker_bin, out } => run_local(file, workers, device, worker_bin, out).await?,
         Command::Export { sweep, format, out, client } => {
             let reply = connect(&client).await?.list_results(pb::ListResultsRequest { sweep: sweep.clone() }).await?;
@@ -247,6 +264,19 @@ async fn run(args: Args) -> Result<()> {
             export::write(&rows, format, &out)?;
             println!("wrote {} rows to {}", rows.len(), out.display());
         }
+    }
+    Ok(())
+}
+
+/// One chart per task under `out`.
+fn write_plots(sweep: &str, rows: &[export::ExportRow], out: &std::path::Path) -> Result<()> {
+    let charts = plot::charts(rows);
+    if charts.is_empty() {
+        bail!("sweep {sweep} has no results to plot yet");
+    }
+    for chart in &charts {
+        let (svg, png) = plot::write_chart(chart, sweep, out).map_err(anyhow::Error::msg)?;
+        println!("{}: {} and {}", chart.task, svg.display(), png.display());
     }
     Ok(())
 }
@@ -324,6 +354,7 @@ async fn run_local(
     let failed: Vec<String> =
         jobs.iter().filter(|j| j.state == pb::JobState::Failed as i32).map(|j| format!("job {}: {}", j.job_id, j.error.clone().unwrap_or_default())).collect();
     println!("wrote {} rows to {}/results.{{csv,parquet}}", rows.len(), dir.display());
+    write_plots(&sweep, &rows, &dir.join("plots"))?;
     let _ = stop_tx.send(());
     let _ = server.await;
     if !failed.is_empty() {

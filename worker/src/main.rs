@@ -6,6 +6,9 @@
 //!                --out distances.csv --plot distances
 //! worker prune   --model SmolLM2-135M-Instruct.Q4_1.gguf --fraction 0.2 --method angular \
 //!                --distances distances.csv --out smollm2-pruned
+//! worker eval    --model smollm2-pruned --task c4-loss --data c4.jsonl --out c4.json
+//! worker heal    --model smollm2-pruned --data c4.jsonl --steps 200 --out healed   # PEFT adapter folder
+//! worker serve   --coordinator http://coordinator:50051 --device cuda:0
 //! ```
 
 mod commands;

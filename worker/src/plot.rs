@@ -11,7 +11,7 @@ use plotters::style::colors::colormaps::ViridisRGB;
 
 use crate::score::AngularDistances;
 
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
 fn register_font() {
