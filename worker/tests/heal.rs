@@ -250,9 +250,10 @@ fn bad_adapter_settings_are_clear_errors() {
     assert!(bad_batch.validate().unwrap_err().to_string().contains("multiple of --micro-batch"));
 }
 
+/// `worker ARGS`: success and stdout + stderr.
 fn worker(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_worker")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    let (ok, out, err) = common::worker(args);
+    (ok, out + &err)
 }
 
 fn c4_loss(args: &[&str], out: &Path) -> f64 {

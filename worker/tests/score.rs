@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
-use common::{fixture, rel_err, smollm2_gguf};
+use common::{fixture, rel_err, smollm2_gguf, worker};
 use prunesweep_worker::data::read_documents;
 use prunesweep_worker::forward::forward_ids;
 use prunesweep_worker::model::Model;
@@ -14,15 +13,6 @@ use prunesweep_worker::score::{angular_distance, score_layers, AngularDistances,
 
 fn c4() -> std::path::PathBuf {
     common::c4_sample()
-}
-
-fn worker(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_worker")).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// d(l, n) from a scoring pass equals the angle between `worker forward`'s states l and l+n at the

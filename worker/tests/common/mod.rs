@@ -61,3 +61,13 @@ pub fn shared_data() -> PathBuf {
 pub fn c4_sample() -> PathBuf {
     shared_data().join("c4/c4-en-train.00000-of-01024.first1000.jsonl")
 }
+
+/// Runs the `worker` binary: (success, stdout, stderr).
+pub fn worker(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
