@@ -250,7 +250,9 @@ async fn run(args: Args) -> Result<()> {
             let rows = export::rows_from_pb(&sweep, &reply.into_inner().jobs);
             write_plots(&sweep, &rows, &out)?;
         }
-        Command::Run { file, workers, device, worker_bin, out } => run_local(file, workers, device, worker_bin, out).await?,
+        Command::Run { file, workers, device, worker_bin, out } => {
+            run_local(file, workers, device, worker_bin, out).await?
+        }
         Command::Export { sweep, format, out, client } => {
             let reply = connect(&client).await?.list_results(pb::ListResultsRequest { sweep: sweep.clone() }).await?;
             let rows = export::rows_from_pb(&sweep, &reply.into_inner().jobs);
@@ -323,7 +325,10 @@ async fn run_local(
         .submit_sweep(pb::SubmitSweepRequest { yaml, file_name: Some(file.display().to_string()) })
         .await?
         .into_inner();
-    println!("sweep {sweep}: {} jobs ({} new); {workers} local workers on {device}", reply.jobs_total, reply.jobs_added);
+    println!(
+        "sweep {sweep}: {} jobs ({} new); {workers} local workers on {device}",
+        reply.jobs_total, reply.jobs_added
+    );
     let mut children = Vec::new();
     for i in 0..workers.max(1) {
         let child = std::process::Command::new(&worker_bin)
@@ -351,8 +356,11 @@ async fn run_local(
     for (format, name) in [(Format::Csv, "results.csv"), (Format::Parquet, "results.parquet")] {
         export::write(&rows, format, &dir.join(name))?;
     }
-    let failed: Vec<String> =
-        jobs.iter().filter(|j| j.state == pb::JobState::Failed as i32).map(|j| format!("job {}: {}", j.job_id, j.error.clone().unwrap_or_default())).collect();
+    let failed: Vec<String> = jobs
+        .iter()
+        .filter(|j| j.state == pb::JobState::Failed as i32)
+        .map(|j| format!("job {}: {}", j.job_id, j.error.clone().unwrap_or_default()))
+        .collect();
     println!("wrote {} rows to {}/results.{{csv,parquet}}", rows.len(), dir.display());
     write_plots(&sweep, &rows, &dir.join("plots"))?;
     let _ = stop_tx.send(());

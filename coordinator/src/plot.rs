@@ -68,9 +68,9 @@ pub fn charts(rows: &[ExportRow]) -> Vec<Chart> {
         for r in rows.iter().filter(|r| r.kind == "cell") {
             let Some(x) = r.fraction_dropped else { continue };
             let label = format!("{} · {} · {}", r.model, r.method, r.heal);
-            let line = lines.entry(label).or_insert_with(|| {
-                baselines.get(r.model.as_str()).map(|&b| vec![(0.0, b)]).unwrap_or_default()
-            });
+            let line = lines
+                .entry(label)
+                .or_insert_with(|| baselines.get(r.model.as_str()).map(|&b| vec![(0.0, b)]).unwrap_or_default());
             line.push((x, r.value));
         }
         let curves = lines
@@ -95,8 +95,10 @@ pub fn write_chart(chart: &Chart, sweep: &str, dir: &Path) -> Result<(PathBuf, P
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let (svg, png) = (dir.join(format!("{}.svg", chart.task)), dir.join(format!("{}.png", chart.task)));
     let size = (900u32, 600u32);
-    draw(SVGBackend::new(&svg, size).into_drawing_area(), chart, sweep).map_err(|e| format!("{}: {e}", svg.display()))?;
-    draw(BitMapBackend::new(&png, size).into_drawing_area(), chart, sweep).map_err(|e| format!("{}: {e}", png.display()))?;
+    draw(SVGBackend::new(&svg, size).into_drawing_area(), chart, sweep)
+        .map_err(|e| format!("{}: {e}", svg.display()))?;
+    draw(BitMapBackend::new(&png, size).into_drawing_area(), chart, sweep)
+        .map_err(|e| format!("{}: {e}", png.display()))?;
     Ok((svg, png))
 }
 

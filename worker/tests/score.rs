@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use candle_core::{Device, Tensor};
 use common::{fixture, rel_err, smollm2_gguf, worker};
 use prunesweep_worker::data::read_documents;

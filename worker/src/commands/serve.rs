@@ -35,7 +35,8 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let host = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok());
-    let name = args.name.unwrap_or_else(|| format!("{}:{}", host.unwrap_or_else(|| "worker".into()).trim(), args.device));
+    let name =
+        args.name.unwrap_or_else(|| format!("{}:{}", host.unwrap_or_else(|| "worker".into()).trim(), args.device));
     let cfg = ServeConfig {
         coordinator: args.coordinator,
         name,

@@ -78,7 +78,10 @@ impl Backoff {
 
 /// Transport-level failures worth retrying: the coordinator is down, restarting or unreachable.
 fn transient(status: &tonic::Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled)
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled
+    )
 }
 
 /// A registered session with the coordinator.

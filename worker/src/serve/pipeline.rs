@@ -11,7 +11,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::Device;
-use prunesweep_proto::v1::{job_spec::Amount, Distance, EvalTask, JobKind, JobSpec, PhaseTiming, PruneMethod, ResultRow};
+use prunesweep_proto::v1::{
+    job_spec::Amount, Distance, EvalTask, JobKind, JobSpec, PhaseTiming, PruneMethod, ResultRow,
+};
 
 use crate::data::read_documents;
 use crate::eval::{boolq, c4_loss, mmlu, EvalReport};
@@ -138,7 +140,8 @@ impl Pipeline {
 
     /// Runs one job to completion, or until `progress.stop` is set.
     pub fn run(&mut self, job: &JobSpec, progress: &Progress) -> Result<JobOutput, JobFailure> {
-        let source = job.model.as_ref().map(|m| m.source.clone()).ok_or_else(|| JobFailure::spec("the job has no model"))?;
+        let source =
+            job.model.as_ref().map(|m| m.source.clone()).ok_or_else(|| JobFailure::spec("the job has no model"))?;
         let mut out = JobOutput::default();
         progress.set("load", 0.0);
         let t = Instant::now();
@@ -166,9 +169,10 @@ impl Pipeline {
         progress.set("score", 0.0);
         let t = Instant::now();
         let data_err = |e: String| JobFailure::new("data", false, e);
-        let docs = read_documents(Path::new(&cal.path), Some(cal.samples as usize)).map_err(|e| data_err(e.to_string()))?;
-        let calibration =
-            Calibration::from_documents(&model.tokenizer, &docs, cal.seq_len as usize).map_err(|e| data_err(e.to_string()))?;
+        let docs =
+            read_documents(Path::new(&cal.path), Some(cal.samples as usize)).map_err(|e| data_err(e.to_string()))?;
+        let calibration = Calibration::from_documents(&model.tokenizer, &docs, cal.seq_len as usize)
+            .map_err(|e| data_err(e.to_string()))?;
         let total = calibration.tokens().max(1);
         let scores = score_layers(&model.decoder, &calibration, 8, &mut |done| {
             progress.set("score", done as f64 / total as f64)
@@ -224,7 +228,9 @@ impl Pipeline {
                     }
                 }
                 if scores.iter().any(|s| s.is_nan()) {
-                    return Err(JobFailure::spec(format!("the job's Block Influence table does not cover all {layers} layers")));
+                    return Err(JobFailure::spec(format!(
+                        "the job's Block Influence table does not cover all {layers} layers"
+                    )));
                 }
                 PrunePlan::block_influence(&BlockInfluence { scores }, n)
             }
@@ -237,7 +243,13 @@ impl Pipeline {
         Ok(())
     }
 
-    fn heal(&self, job: &JobSpec, model: &mut Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobFailure> {
+    fn heal(
+        &self,
+        job: &JobSpec,
+        model: &mut Model,
+        progress: &Progress,
+        out: &mut JobOutput,
+    ) -> Result<(), JobFailure> {
         let Some(q) = job.heal.as_ref().and_then(|h| h.qlora.as_ref()) else { return Ok(()) };
         progress.set("heal", 0.0);
         let t = Instant::now();
@@ -248,7 +260,8 @@ impl Pipeline {
             .ok_or_else(|| JobFailure::spec("healing needs data (qlora.data_path or the calibration data)"))?;
         let steps = q.steps as usize;
         let batch = (q.batch_size as usize).max(1);
-        let targets = if q.target_modules.is_empty() { model.decoder.adapter_targets() } else { q.target_modules.clone() };
+        let targets =
+            if q.target_modules.is_empty() { model.decoder.adapter_targets() } else { q.target_modules.clone() };
         let cfg = HealConfig {
             steps,
             batch,
@@ -315,7 +328,8 @@ fn evaluate(tasks: &[EvalTask], model: &Model, progress: &Progress, out: &mut Jo
 fn eval_task(task: &EvalTask, model: &Model) -> Result<EvalReport, JobFailure> {
     let path = Path::new(&task.path);
     let limit = task.limit.map(|l| l as usize);
-    let data_err = |e: crate::eval::EvalError| JobFailure::new("data", false, format!("{} ({}): {e}", task.task, task.path));
+    let data_err =
+        |e: crate::eval::EvalError| JobFailure::new("data", false, format!("{} ({}): {e}", task.task, task.path));
     let batch = 8;
     match task.task.as_str() {
         "mmlu" | "mmlu-cloze" => {
