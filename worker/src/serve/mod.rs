@@ -187,7 +187,13 @@ async fn run_leased(
     let progress = Arc::new(Progress::default());
     let prog = progress.clone();
     let mut handle = tokio::task::spawn_blocking(move || {
-        let out = pipeline.run(&job, &prog);
+        // A panic in a job (a bug, or a kernel assertion) fails that job, not the worker.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pipeline.run(&job, &prog))).unwrap_or_else(
+            |payload| {
+                pipeline.forget_model();
+                Err(JobFailure::panicked(payload.as_ref()))
+            },
+        );
         (pipeline, out)
     });
     let mut ticker = tokio::time::interval(session.heartbeat);

@@ -63,6 +63,16 @@ impl JobFailure {
         Self::new("stopped", true, "stopped before it finished (cancelled, lease lost, or worker shutting down)")
     }
 
+    /// A job that panicked: retryable (the sweep's max attempts bound it), with the panic text.
+    pub fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        Self::new("panic", true, format!("the job panicked: {text}"))
+    }
+
     /// Whether this is the stop requested through [`Progress::stop`].
     pub fn is_stop(&self) -> bool {
         self.kind == "stopped"
@@ -121,6 +131,11 @@ impl Pipeline {
     /// A pipeline on `device`; healing checkpoints go under `work_dir/jobs/<job key>/`.
     pub fn new(device: Device, work_dir: PathBuf) -> Self {
         Pipeline { device, work_dir, loaded: None }
+    }
+
+    /// Drops the loaded model (after a panic it may be half-changed).
+    pub fn forget_model(&mut self) {
+        self.loaded = None;
     }
 
     /// Model sources held in memory (the affinity hint of `LeaseJob`).
@@ -353,5 +368,27 @@ fn eval_task(task: &EvalTask, model: &Model) -> Result<EvalReport, JobFailure> {
             c4_loss::evaluate(model, &docs, task.seq_len.unwrap_or(512) as usize, batch, &mut |_| {}).map_err(data_err)
         }
         other => Err(JobFailure::spec(format!("unknown eval task `{other}`; known: mmlu, mmlu-cloze, boolq, c4-loss"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_become_retryable_failures_with_their_text() {
+        let payload = std::panic::catch_unwind(|| panic!("boom {}", 1)).unwrap_err();
+        let f = JobFailure::panicked(payload.as_ref());
+        assert_eq!((f.kind, f.retryable), ("panic", true));
+        assert!(f.message.contains("boom 1"), "{}", f.message);
+        let payload = std::panic::catch_unwind(|| panic!("static text")).unwrap_err();
+        assert!(JobFailure::panicked(payload.as_ref()).message.contains("static text"));
+    }
+
+    #[test]
+    fn a_job_without_a_model_or_kind_is_an_invalid_spec() {
+        let mut p = Pipeline::new(Device::Cpu, std::env::temp_dir());
+        let f = p.run(&JobSpec::default(), &Progress::default()).unwrap_err();
+        assert_eq!((f.kind, f.retryable), ("invalid_spec", false));
     }
 }
