@@ -116,12 +116,15 @@ fn shared_prefix_logits_equal_plain_logits_on_smollm2() {
     let d = &model.decoder;
     let (cache, _) = d.prefill(&Tensor::new(&ids[0][..p], &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
     let suffixes: Vec<Vec<u32>> = ids.iter().map(|s| s[p..].to_vec()).collect();
-    let positions: Vec<Vec<usize>> = suffixes.iter().map(|s| vec![s.len() - 1]).collect();
-    let shared = prunesweep_worker::eval::scored_positions(d, Some(&cache), &suffixes, &positions, 3, true).unwrap();
+    // Every vocabulary entry at each suffix's last position: the whole logit row.
+    let vocab: Vec<u32> = (0..d.cfg.vocab_size as u32).collect();
+    let picks: Vec<Vec<prunesweep_worker::eval::Pick>> =
+        suffixes.iter().map(|s| vec![(s.len() - 1, vocab.clone())]).collect();
+    let shared = prunesweep_worker::eval::scored_positions(d, Some(&cache), &suffixes, &picks, 3, true).unwrap();
     for (i, s) in ids.iter().enumerate() {
         let full = d.forward(&Tensor::new(s.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
         let plain = full.get(0).unwrap().get(s.len() - 1).unwrap();
-        let e = rel_err(&shared[i][0], &plain);
+        let e = rel_err(&Tensor::new(shared[i][0].as_slice(), &Device::Cpu).unwrap(), &plain);
         assert!(e <= 1e-5, "question {i}: shared-prefix rel err {e}");
     }
 }

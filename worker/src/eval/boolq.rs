@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{choice_tokens, scored_positions, EvalError, EvalReport, Task};
+use super::{choice_tokens, scored_positions, EvalError, EvalReport, Pick, Task};
 use crate::model::Model;
 
 /// One BoolQ item.
@@ -134,10 +134,10 @@ pub fn evaluate(
     let mut margins = vec![0f32; items.len()];
     for (done, chunk) in order.chunks(batch.max(1)).enumerate() {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-        let positions: Vec<Vec<usize>> = seqs.iter().map(|s| vec![s.len() - 1]).collect();
-        let rows = scored_positions(&model.decoder, None, &seqs, &positions, seqs.len(), true)?;
+        let picks: Vec<Vec<Pick>> = seqs.iter().map(|s| vec![(s.len() - 1, vec![yes, no])]).collect();
+        let rows = scored_positions(&model.decoder, None, &seqs, &picks, seqs.len(), true)?;
         for (&i, row) in chunk.iter().zip(rows) {
-            let margin = row[0].get(yes as usize)?.to_scalar::<f32>()? - row[0].get(no as usize)?.to_scalar::<f32>()?;
+            let margin = row[0][0] - row[0][1];
             margins[i] = margin;
             preds[i] = margin > 0.0;
         }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::{scored_positions, EvalError, EvalReport, Task};
+use super::{scored_positions, EvalError, EvalReport, Pick, Task};
 use crate::model::Model;
 
 /// Scores `docs` (already chosen: keep them disjoint from calibration and healing data). Documents
@@ -37,13 +37,12 @@ pub fn evaluate(
     }
     let (mut nll, mut count) = (0f64, 0usize);
     for (c, chunk) in seqs.chunks(batch.max(1)).enumerate() {
-        let positions: Vec<Vec<usize>> = chunk.iter().map(|s| (0..s.len() - 1).collect()).collect();
-        let rows = scored_positions(&model.decoder, None, chunk, &positions, chunk.len(), false)?;
+        // Position p predicts token p + 1.
+        let picks: Vec<Vec<Pick>> =
+            chunk.iter().map(|s| s[1..].iter().enumerate().map(|(p, &t)| (p, vec![t])).collect()).collect();
+        let rows = scored_positions(&model.decoder, None, chunk, &picks, chunk.len(), false)?;
         for (j, (seq, rows)) in chunk.iter().zip(rows).enumerate() {
-            let mut doc_nll = 0f64;
-            for (row, &target) in rows.iter().zip(&seq[1..]) {
-                doc_nll -= f64::from(row.get(target as usize)?.to_scalar::<f32>()?);
-            }
+            let doc_nll: f64 = -rows.iter().map(|v| f64::from(v[0])).sum::<f64>();
             let k = c * batch.max(1) + j;
             report.predictions.push(json!({
                 "index": doc_index[k], "tokens": seq.len() - 1, "loss": doc_nll / (seq.len() - 1) as f64,

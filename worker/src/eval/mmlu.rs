@@ -27,7 +27,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde_json::json;
 
-use super::{choice_tokens, common_prefix_len, scored_positions, EvalError, EvalReport, SubjectScore, Task};
+use super::{choice_tokens, common_prefix_len, scored_positions, EvalError, EvalReport, Pick, SubjectScore, Task};
 use crate::model::Model;
 
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
@@ -393,14 +393,10 @@ pub fn evaluate_letter(
             None
         };
         let suffixes: Vec<Vec<u32>> = ids.iter().map(|s| s[p..].to_vec()).collect();
-        let positions: Vec<Vec<usize>> = suffixes.iter().map(|s| vec![s.len() - 1]).collect();
-        let logits = scored_positions(decoder, cache.as_ref(), &suffixes, &positions, batch, true)?;
+        let picks: Vec<Vec<Pick>> = suffixes.iter().map(|s| vec![(s.len() - 1, letter_ids.to_vec())]).collect();
+        let logits = scored_positions(decoder, cache.as_ref(), &suffixes, &picks, batch, true)?;
         for row in logits {
-            let letters: Vec<f32> = letter_ids
-                .iter()
-                .map(|&id| row[0].get(id as usize)?.to_scalar::<f32>())
-                .collect::<candle_core::Result<_>>()?;
-            preds.push(argmax(&letters));
+            preds.push(argmax(&row[0]));
         }
         report.tokens += ids.iter().map(Vec::len).sum::<usize>();
         report.computed_tokens += p + suffixes.iter().map(Vec::len).sum::<usize>();
@@ -432,8 +428,7 @@ pub fn evaluate_cloze(
     let per_batch = batch.div_ceil(4).max(1);
     for chunk in data.questions.chunks(per_batch) {
         let mut seqs = Vec::new();
-        let mut positions = Vec::new();
-        let mut targets = Vec::new();
+        let mut picks: Vec<Vec<Pick>> = Vec::new();
         for q in chunk {
             let ctx = model.tokenizer.encode(&cloze_context(q))?;
             for choice in &q.choices {
@@ -445,23 +440,18 @@ pub fn evaluate_cloze(
                         q.subject, q.index
                     )));
                 }
-                positions.push((ctx.len() - 1..whole.len() - 1).collect::<Vec<_>>());
-                targets.push(cont);
+                // Position p predicts token p + 1: one pick per continuation token.
+                picks.push((ctx.len() - 1..whole.len() - 1).zip(cont).map(|(p, t)| (p, vec![t])).collect());
                 report.tokens += whole.len();
                 seqs.push(whole);
             }
         }
         report.computed_tokens += seqs.iter().map(Vec::len).sum::<usize>();
-        let rows = scored_positions(decoder, None, &seqs, &positions, batch.max(4), false)?;
+        let rows = scored_positions(decoder, None, &seqs, &picks, batch.max(4), false)?;
         for (qi, q) in chunk.iter().enumerate() {
             let mut scores = [0f32; 4];
             for (c, score) in scores.iter_mut().enumerate() {
-                let k = qi * 4 + c;
-                let logprob: f32 = rows[k]
-                    .iter()
-                    .zip(&targets[k])
-                    .map(|(row, &t)| row.get(t as usize)?.to_scalar::<f32>())
-                    .sum::<candle_core::Result<f32>>()?;
+                let logprob: f32 = rows[qi * 4 + c].iter().map(|v| v[0]).sum();
                 *score = logprob / q.choices[c].chars().count().max(1) as f32;
             }
             preds.push(argmax(&scores));

@@ -17,7 +17,7 @@ pub mod mmlu;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
 use crate::data::DataError;
@@ -202,35 +202,50 @@ pub fn common_prefix_len(seqs: &[Vec<u32>], keep: usize) -> usize {
     len.min(shortest.saturating_sub(keep))
 }
 
+/// What to read at one position of a suffix: the position (an index into the suffix) and the
+/// token ids whose scores are wanted there.
+pub type Pick = (usize, Vec<u32>);
+
 /// Runs `suffixes` (each continuing `prefix`, if any) in right-padded batches and returns, for each
-/// suffix and each requested position (indices into the suffix), the row over the vocabulary:
-/// raw logits when `raw_logits`, else the log-softmax.
+/// suffix and each of its picks, the scores of the picked tokens: raw logits when `raw_logits`,
+/// else log-probabilities. Only the picked positions go through the final norm and the LM head,
+/// and the picked values leave the tensor in one gather per batch.
 pub fn scored_positions(
     decoder: &Decoder,
     prefix: Option<&KvCache>,
     suffixes: &[Vec<u32>],
-    positions: &[Vec<usize>],
+    picks: &[Vec<Pick>],
     batch: usize,
     raw_logits: bool,
-) -> Result<Vec<Vec<Tensor>>, EvalError> {
+) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
     let mut out = Vec::with_capacity(suffixes.len());
-    for (chunk, pos_chunk) in suffixes.chunks(batch.max(1)).zip(positions.chunks(batch.max(1))) {
+    for (chunk, pick_chunk) in suffixes.chunks(batch.max(1)).zip(picks.chunks(batch.max(1))) {
         let width = chunk.iter().map(Vec::len).max().expect("chunks are non-empty");
         let padded: Vec<u32> =
             chunk.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(width)).collect();
         let ids = Tensor::from_vec(padded, (chunk.len(), width), decoder.device())?;
         let hidden = decoder.run(&ids, prefix, None, &mut |_, _| Ok(()))?;
-        // Gather all requested rows of the batch, then one norm + LM head.
+        // Gather all picked rows of the batch, then one norm + LM head.
         let (b, t, h) = hidden.dims3()?;
         let flat: Vec<u32> =
-            pos_chunk.iter().enumerate().flat_map(|(i, ps)| ps.iter().map(move |&p| (i * t + p) as u32)).collect();
+            pick_chunk.iter().enumerate().flat_map(|(i, ps)| ps.iter().map(move |(p, _)| (i * t + p) as u32)).collect();
         let rows = hidden.reshape((b * t, h))?.index_select(&Tensor::new(flat.as_slice(), decoder.device())?, 0)?;
         let logits = decoder.logits(&rows)?;
         let scored = if raw_logits { logits } else { candle_nn::ops::log_softmax(&logits, D::Minus1)? };
-        let mut offset = 0;
-        for ps in pos_chunk {
-            out.push((0..ps.len()).map(|j| scored.get(offset + j)).collect::<candle_core::Result<Vec<_>>>()?);
-            offset += ps.len();
+        // One [rows, k] gather of the picked tokens (short lists padded with their first id).
+        let k = pick_chunk.iter().flatten().map(|(_, toks)| toks.len()).max().unwrap_or(0).max(1);
+        let index: Vec<u32> = pick_chunk
+            .iter()
+            .flatten()
+            .flat_map(|(_, toks)| (0..k).map(move |j| toks.get(j).or(toks.first()).copied().unwrap_or(0)))
+            .collect();
+        let index = Tensor::from_vec(index, (flat.len(), k), decoder.device())?;
+        let values = scored.contiguous()?.gather(&index, 1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut rows = values.into_iter();
+        for ps in pick_chunk {
+            out.push(
+                ps.iter().map(|(_, toks)| rows.next().expect("one row per pick")[..toks.len()].to_vec()).collect(),
+            );
         }
     }
     Ok(out)
