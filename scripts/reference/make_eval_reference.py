@@ -38,7 +38,8 @@ import os
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from make_fixtures import load_gguf, setup_torch  # same folder: deterministic torch, GGUF loading
 
 SUBJECTS = ["abstract_algebra", "high_school_geography"]
 SHOTS = 5
@@ -102,16 +103,8 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-
-    gdir = os.path.dirname(os.path.abspath(args.gguf))
-    gname = os.path.basename(args.gguf)
-    tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
-    model = AutoModelForCausalLM.from_pretrained(
-        gdir, gguf_file=gname, torch_dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    setup_torch()
+    model, tok = load_gguf(args.gguf)
     vocab = model.config.vocab_size
 
     letter_ids = [single_token(tok, " " + L) for L in LETTERS]

@@ -35,9 +35,8 @@ import os
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from make_fixtures import run_with_states  # same folder: the hooks that capture x^(0..L)
+from make_fixtures import load_gguf, run_with_states, setup_torch  # same folder: GGUF loading, the hooks that capture x^(0..L)
 
 
 def states_for(model, ids):
@@ -64,16 +63,8 @@ def main():
     args = ap.parse_args()
     N, T = args.samples, args.seq_len
 
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-
-    gdir = os.path.dirname(os.path.abspath(args.gguf))
-    gname = os.path.basename(args.gguf)
-    tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
-    model = AutoModelForCausalLM.from_pretrained(
-        gdir, gguf_file=gname, torch_dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    setup_torch()
+    model, tok = load_gguf(args.gguf)
     L = len(model.model.layers)
 
     docs = []

@@ -8,7 +8,7 @@
 //!
 //! Environment: `PRUNESWEEP_SMOLLM2`, `PRUNESWEEP_DATA` (default `../shared/data`), `BENCH_BATCH` (8).
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::Device;
 use prunesweep_worker::eval::{boolq, mmlu, EvalReport};
@@ -27,12 +27,8 @@ fn print(case: &str, r: &EvalReport) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let model_path = std::env::var_os("PRUNESWEEP_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    let data = std::env::var_os("PRUNESWEEP_DATA").map(PathBuf::from).unwrap_or_else(|| root.join("../shared/data"));
-    let batch: usize = std::env::var("BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let (model_path, data) = (common::smollm2(), common::shared_data());
+    let batch = common::env_usize("BENCH_BATCH", 8);
     let model = Model::load(&model_path, &Device::Cpu)?;
 
     let mut mmlu_data = mmlu::MmluData::load(&data.join("mmlu"), None)?;

@@ -7,7 +7,8 @@
 //! Environment: `PRUNESWEEP_SMOLLM2` (the .gguf; default `.cache/models/...`), `BENCH_TOKENS`
 //! (default 256), `BENCH_REPEATS` (default 5), `BENCH_IDS_OUT` (write the ids used, one per line).
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -36,11 +37,9 @@ fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::var_os("PRUNESWEEP_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    let tokens: usize = std::env::var("BENCH_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
-    let repeats: usize = std::env::var("BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let path = common::smollm2();
+    let tokens = common::env_usize("BENCH_TOKENS", 256);
+    let repeats = common::env_usize("BENCH_REPEATS", 5);
     let model = Model::load(&path, &Device::Cpu)?;
     let mut ids = Vec::new();
     while ids.len() < tokens {

@@ -9,7 +9,8 @@
 //! Environment: `PRUNESWEEP_SMOLLM2`, `PRUNESWEEP_DATA` (folder with c4/…jsonl; default
 //! `../shared/data`), `BENCH_DOCS` (64), `BENCH_SEQ_LEN` (128), `BENCH_BATCH` (8), `BENCH_REPEATS` (3).
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
 use candle_core::Device;
@@ -17,22 +18,14 @@ use prunesweep_worker::data::read_documents;
 use prunesweep_worker::model::Model;
 use prunesweep_worker::score::{score_layers, Calibration};
 
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 fn main() -> anyhow::Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let model_path = std::env::var_os("PRUNESWEEP_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    let data = std::env::var_os("PRUNESWEEP_DATA").map(PathBuf::from).unwrap_or_else(|| root.join("../shared/data"));
+    let (model_path, data) = (common::smollm2(), common::shared_data());
     let c4 = data.join("c4/c4-en-train.00000-of-01024.first1000.jsonl");
     let (docs, seq_len, batch, repeats) = (
-        env_usize("BENCH_DOCS", 64),
-        env_usize("BENCH_SEQ_LEN", 128),
-        env_usize("BENCH_BATCH", 8),
-        env_usize("BENCH_REPEATS", 3),
+        common::env_usize("BENCH_DOCS", 64),
+        common::env_usize("BENCH_SEQ_LEN", 128),
+        common::env_usize("BENCH_BATCH", 8),
+        common::env_usize("BENCH_REPEATS", 3),
     );
     let model = Model::load(&model_path, &Device::Cpu)?;
     let calibration = Calibration::from_documents(&model.tokenizer, &read_documents(&c4, Some(docs))?, seq_len)?;
