@@ -296,16 +296,19 @@ pub fn score_layers(
             lens.iter().flat_map(|&len| (0..width).map(move |t| if t < len { 1.0 } else { 0.0 })).collect();
         let valid = Tensor::from_vec(valid, (chunk.len(), width), decoder.device())?;
         let mut last_states: Vec<Tensor> = Vec::with_capacity(layers + 1);
-        let mut prev: Option<Tensor> = None;
+        // The previous state and its per-token norms: each state's norm is computed once, not
+        // once as the left and once as the right side of a cosine.
+        let mut prev: Option<(Tensor, Tensor)> = None;
         decoder.run(&ids, None, None, &mut |l, x| {
             let x = x.to_dtype(DType::F32)?;
             last_states.push(gather_rows(&x, &last)?);
-            if let Some(p) = prev.take() {
-                let cos = cosine_last_dim(&p, &x)?;
+            let norm = x.sqr()?.sum(D::Minus1)?.sqrt()?;
+            if let Some((p, p_norm)) = prev.take() {
+                let cos = ((&p * &x)?.sum(D::Minus1)? / (p_norm * &norm)?.clamp(1e-30f32, f32::MAX)?)?;
                 let one_minus = ((1.0 - cos)? * &valid)?.sum_all()?.to_scalar::<f32>()?;
                 influence[l - 1] += f64::from(one_minus);
             }
-            prev = Some(x);
+            prev = Some((x, norm));
             Ok(())
         })?;
         influence_tokens += lens.iter().sum::<usize>();
@@ -324,14 +327,6 @@ pub fn score_layers(
         tokens: done,
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// Cosine similarity along the last dimension: `[B, T, H] × [B, T, H] → [B, T]`.
-fn cosine_last_dim(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let dot = (a * b)?.sum(D::Minus1)?;
-    let na = a.sqr()?.sum(D::Minus1)?.sqrt()?;
-    let nb = b.sqr()?.sum(D::Minus1)?.sqrt()?;
-    dot / (na * nb)?.clamp(1e-30f32, f32::MAX)?
 }
 
 #[cfg(test)]
