@@ -6,6 +6,7 @@
 //!   content keys.
 //! - [`job`]: the job state machine, pure.
 //! - [`store`]: the durable store (one trait; SQLite and Postgres backends).
+//! - [`group_commit`]: leases and completions that arrive together share one transaction.
 //! - [`service`]: the tonic services; protobuf ↔ domain conversion happens only there.
 //! - [`server`]: [`server::run`] serves both services on a bound listener until a shutdown future
 //!   resolves, with the lease reaper alongside.
@@ -13,6 +14,7 @@
 //! - [`plot`]: results → accuracy-versus-fraction-dropped charts (SVG + PNG).
 
 pub mod export;
+pub mod group_commit;
 pub mod job;
 pub mod plot;
 pub mod server;

@@ -12,7 +12,7 @@ use prunesweep_proto::v1::sweep_service_server::SweepServiceServer;
 use prunesweep_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::service::Coordinator;
 use crate::store::{now_ms, JobStore};
@@ -69,7 +69,9 @@ pub async fn run(
     let result = tonic::transport::Server::builder()
         .add_service(SweepServiceServer::new(coordinator.clone()))
         .add_service(WorkerServiceServer::new(coordinator))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // No Nagle delay on replies: a small response held back for the peer's delayed ACK costs
+        // a worker ~40 ms per call (tonic sets this only on listeners it binds itself).
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await;
     let _ = stop_tx.send(true);
     let _ = reaper.await;

@@ -14,11 +14,12 @@ use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::group_commit::GroupCommit;
 use crate::job::{JobKind, JobState};
 use crate::server::Config;
 use crate::store::{
-    now_ms, Completion, DistanceRow, Failure, HeartbeatOutcome, JobRow, JobStore, ResultValue, StoreError, SweepCounts,
-    Timing, WorkerInfo,
+    now_ms, Completion, DistanceRow, Failure, HeartbeatOutcome, JobRow, JobStore, LeaseRequest, ResultValue,
+    StoreError, SweepCounts, Timing, WorkerInfo,
 };
 use crate::sweep::{Amount, CellSpec, Method, SweepSpec};
 
@@ -30,7 +31,7 @@ impl From<StoreError> for Status {
             StoreError::StaleLease { .. } | StoreError::Transition(_) => Status::failed_precondition(msg),
             StoreError::BadUrl(_) => Status::invalid_argument(msg),
             StoreError::Corrupt(_) | StoreError::Migrate(_) => Status::internal(msg),
-            StoreError::Database(_) => Status::unavailable(msg),
+            StoreError::Database(_) | StoreError::Unavailable(_) => Status::unavailable(msg),
         }
     }
 }
@@ -40,6 +41,8 @@ impl From<StoreError> for Status {
 pub struct Coordinator {
     /// The job store.
     store: Arc<dyn JobStore>,
+    /// Leases and completions, many to a transaction under load.
+    writes: GroupCommit,
     /// Lease timing and long-poll limits.
     config: Config,
     /// Woken when jobs may have become runnable (submit, complete, fail, retry, reclaim), so that
@@ -48,9 +51,11 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Services over `store`. `wake` is shared with the reaper.
+    /// Services over `store`. `wake` is shared with the reaper. Starts the [`GroupCommit`] tasks,
+    /// so it must be called inside a Tokio runtime.
     pub fn new(store: Arc<dyn JobStore>, config: Config, wake: Arc<Notify>) -> Self {
-        Self { store, config, wake }
+        let writes = GroupCommit::start(store.clone());
+        Self { store, writes, config, wake }
     }
 }
 
@@ -332,7 +337,9 @@ impl pb::worker_service_server::WorkerService for Coordinator {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(leased) = self.store.lease_next(&req.worker_id, &req.held_models, ttl, now_ms()).await? {
+            let request =
+                LeaseRequest { worker_id: req.worker_id.clone(), held_models: req.held_models.clone(), ttl_ms: ttl };
+            if let Some(leased) = self.writes.lease(request).await? {
                 tracing::debug!(job = leased.job.id, worker = %req.worker_id, "leased");
                 let lease = pb::Lease {
                     lease_id: leased.lease_id,
@@ -395,7 +402,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
             num_layers: req.num_layers,
             timings: req.timings.into_iter().map(|t| Timing { phase: t.phase, seconds: t.seconds }).collect(),
         };
-        self.store.complete(&completion, now_ms()).await?;
+        self.writes.complete(completion).await?;
         self.wake.notify_waiters();
         Ok(Response::new(pb::CompleteJobResponse {}))
     }

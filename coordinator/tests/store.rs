@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use prunesweep_coordinator::job::{JobKind, JobState};
 use prunesweep_coordinator::store::{
-    Completion, DistanceRow, Failure, HeartbeatOutcome, JobStore, LeasedJob, ResultValue, StoreError,
+    Completion, DistanceRow, Failure, HeartbeatOutcome, JobStore, LeaseRequest, LeasedJob, ResultValue, StoreError,
 };
 use prunesweep_coordinator::sweep::{Method, SweepSpec};
 
@@ -242,6 +242,51 @@ async fn concurrent_leases_never_share_a_job(store: &dyn JobStore) {
     assert_eq!(unique.len(), 20);
 }
 
+async fn batches_answer_each_call_in_order(store: &dyn JobStore) {
+    let yaml = "name: two\nmodels:\n  - {name: a, path: a.gguf}\n  - {name: b, path: b.gguf}\n\
+                methods: [deepest]\nn: [1, 2]\nbaseline: false\n";
+    submit(store, &SweepSpec::parse(yaml, "two.yaml").unwrap()).await;
+    let ask = |worker: &str, held: &[&str]| LeaseRequest {
+        worker_id: worker.into(),
+        held_models: held.iter().map(|m| m.to_string()).collect(),
+        ttl_ms: TTL,
+    };
+    // Five requests, four jobs: affinity holds inside a batch, the fifth gets nothing.
+    let requests =
+        [ask("w1", &["b.gguf"]), ask("w2", &["b.gguf"]), ask("w3", &["b.gguf"]), ask("w4", &[]), ask("w5", &[])];
+    let leases = store.lease_batch(&requests, T0).await.unwrap();
+    assert_eq!(leases.len(), 5);
+    let models: Vec<Option<&str>> =
+        leases.iter().map(|l| l.as_ref().map(|l| l.job.spec.model.source.as_str())).collect();
+    assert_eq!(models, [Some("b.gguf"), Some("b.gguf"), Some("a.gguf"), Some("a.gguf"), None]);
+    let leases: Vec<LeasedJob> = leases.into_iter().flatten().collect();
+    for (l, r) in leases.iter().zip(&requests) {
+        assert_eq!(l.job.worker_id.as_deref(), Some(r.worker_id.as_str()));
+        assert_eq!(l.expires_at, T0 + TTL);
+    }
+    // One completion with a stale lease among good ones fails alone and writes nothing of its own.
+    let mut stale = done(&leases[1]);
+    stale.lease_id = "not-the-lease".into();
+    let mut repeated = done(&leases[2]);
+    repeated.results.push(ResultValue { task: "c4-loss".into(), metric: "loss".into(), value: 4.5 });
+    let batch = [done(&leases[0]), stale, repeated, done(&leases[3]), done(&leases[3])];
+    let outcomes = store.complete_batch(&batch, T0 + 5).await.unwrap();
+    assert!(outcomes[0].is_ok() && outcomes[2].is_ok() && outcomes[3].is_ok());
+    assert!(matches!(outcomes[1], Err(StoreError::StaleLease { .. })), "{:?}", outcomes[1]);
+    assert!(matches!(outcomes[4], Err(StoreError::StaleLease { .. })), "a job completes once: {:?}", outcomes[4]);
+    assert_eq!(store.job(leases[1].job.id).await.unwrap().state, JobState::Leased);
+    let results = store.results("two").await.unwrap();
+    let loss = |id: i64| results.iter().find(|r| r.job.id == id).unwrap().results.clone();
+    assert!(loss(leases[1].job.id).is_empty());
+    assert_eq!(loss(leases[2].job.id).len(), 1, "a repeated (task, metric) is stored once");
+    assert_eq!(loss(leases[2].job.id)[0].value, 4.5, "the last value wins");
+    let counts = store.sweep("two").await.unwrap();
+    assert_eq!((counts.count(JobState::Succeeded), counts.count(JobState::Leased)), (3, 1));
+    let events = store.events("two", 0, 100).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.state == JobState::Leased).count(), 4);
+    assert_eq!(events.iter().filter(|e| e.state == JobState::Succeeded).count(), 3);
+}
+
 async fn unknown_names_are_not_found(store: &dyn JobStore) {
     assert!(matches!(store.sweep("nope").await.unwrap_err(), StoreError::SweepNotFound(_)));
     assert!(matches!(store.results("nope").await.unwrap_err(), StoreError::SweepNotFound(_)));
@@ -297,5 +342,6 @@ both_backends!(
     cancel_stops_leasing_and_tells_workers,
     concurrent_submits_make_one_sweep,
     concurrent_leases_never_share_a_job,
+    batches_answer_each_call_in_order,
     unknown_names_are_not_found,
 );

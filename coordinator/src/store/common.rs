@@ -7,10 +7,14 @@
 //! - `async fn begin_write(&self)`: a transaction that may write (`BEGIN IMMEDIATE` on SQLite);
 //! - `const LOCK: &str`: the row-lock suffix for reads inside a write transaction (`FOR UPDATE` on
 //!   Postgres, nothing on SQLite, whose write transactions are already exclusive);
-//! - `const CLAIM_HELD`, `CLAIM_ANY`, `SELECT_EXPIRED`: the claim and reaper queries, which differ
-//!   in locking (`FOR UPDATE SKIP LOCKED`) and in how a JSON list is expanded.
+//! - `const CANDIDATES_HELD`, `CANDIDATES_ANY`, `SELECT_EXPIRED`: the lease-candidate and reaper
+//!   queries, which differ in locking (`FOR UPDATE SKIP LOCKED`) and in how a JSON list is expanded.
+//!
+//! The hot writes, [`super::JobStore::lease_batch`] and [`super::JobStore::complete_batch`], take a
+//! fixed number of statements per batch (per-row values go in `CASE id WHEN … THEN …` and multi-row
+//! `INSERT`s): a statement's round trip, not the work in it, is what a small transaction costs.
 
-use crate::job::{JobKind, JobState};
+use crate::job::{JobKind, JobState, JobStatus};
 use crate::store::{StoreError, Timing};
 
 /// The columns [`job_from_row`] reads, from `jobs j JOIN sweeps s`.
@@ -40,8 +44,43 @@ pub(crate) fn parse_timings(s: Option<String>) -> Result<Vec<Timing>, StoreError
     s.map_or(Ok(Vec::new()), |s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("timings: {e}"))))
 }
 
-/// The `RETURNING` clause of the claim queries: the columns [`job_from_row`] reads, so that a
-/// lease is one statement.
+/// Rows per multi-row `INSERT` (6 parameters a row stays far below SQLite's and Postgres' limits).
+pub(crate) const ROWS_PER_INSERT: usize = 1000;
+
+/// An event row to append.
+pub(crate) struct NewEvent {
+    pub(crate) sweep_id: i64,
+    pub(crate) job_id: i64,
+    pub(crate) state: JobState,
+    pub(crate) worker_id: Option<String>,
+    pub(crate) message: Option<String>,
+}
+
+/// The columns of a job row that complete/fail check against the caller's lease.
+pub(crate) const LEASE_COLUMNS: &str = "id, sweep_id, kind, state, attempts, max_attempts, lease_id, worker_id";
+
+/// A job row as complete/fail see it (read with [`LEASE_COLUMNS`], locked on Postgres).
+pub(crate) struct LeaseRow {
+    pub(crate) id: i64,
+    pub(crate) sweep_id: i64,
+    pub(crate) kind: JobKind,
+    pub(crate) status: JobStatus,
+    pub(crate) lease_id: Option<String>,
+    pub(crate) worker_id: Option<String>,
+}
+
+impl LeaseRow {
+    /// The job's status if `lease_id` is its current lease; a stale lease otherwise.
+    pub(crate) fn check(&self, lease_id: &str) -> Result<JobStatus, StoreError> {
+        if self.status.state != JobState::Leased || self.lease_id.as_deref() != Some(lease_id) {
+            return Err(StoreError::StaleLease { job_id: self.id, lease_id: lease_id.to_string() });
+        }
+        Ok(self.status)
+    }
+}
+
+/// The `RETURNING` clause of the lease `UPDATE`: the columns [`job_from_row`] reads, so that the
+/// leased rows come back with it.
 macro_rules! returning_job {
     () => {
         " RETURNING id, sweep_id, (SELECT name FROM sweeps WHERE sweeps.id = jobs.sweep_id) AS sweep, key, kind, \
@@ -90,18 +129,86 @@ macro_rules! impl_store {
                 message: Option<&str>,
                 now: i64,
             ) -> Result<(), sqlx::Error> {
-                sqlx::query(
-                    "INSERT INTO events (sweep_id, job_id, state, worker_id, message, at) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(sweep_id)
-                .bind(job_id)
-                .bind(state.as_str())
-                .bind(worker_id)
-                .bind(message)
-                .bind(now)
-                .execute(&mut **tx)
-                .await?;
+                let event = $crate::store::common::NewEvent {
+                    sweep_id,
+                    job_id,
+                    state,
+                    worker_id: worker_id.map(str::to_string),
+                    message: message.map(str::to_string),
+                };
+                Self::insert_events(tx, std::slice::from_ref(&event), now).await
+            }
+
+            /// Append events, many rows per statement.
+            async fn insert_events(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                events: &[$crate::store::common::NewEvent],
+                now: i64,
+            ) -> Result<(), sqlx::Error> {
+                for chunk in events.chunks($crate::store::common::ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO events (sweep_id, job_id, state, worker_id, message, at) ",
+                    );
+                    insert.push_values(chunk, |mut row, e| {
+                        row.push_bind(e.sweep_id)
+                            .push_bind(e.job_id)
+                            .push_bind(e.state.as_str())
+                            .push_bind(e.worker_id.clone())
+                            .push_bind(e.message.clone())
+                            .push_bind(now);
+                    });
+                    insert.build().execute(&mut **tx).await?;
+                }
                 Ok(())
+            }
+
+            /// Store a score job's distance table (a repeated `(metric, n, l)` keeps its last value).
+            async fn insert_distances(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                job_id: i64,
+                distances: &[$crate::store::DistanceRow],
+            ) -> Result<(), sqlx::Error> {
+                let rows: std::collections::BTreeMap<(&str, u32, u32), f64> =
+                    distances.iter().map(|d| ((d.metric.as_str(), d.n, d.l), d.value)).collect();
+                let rows: Vec<_> = rows.into_iter().collect();
+                for chunk in rows.chunks($crate::store::common::ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new("INSERT INTO distances (job_id, metric, n, l, value) ");
+                    insert.push_values(chunk, |mut row, ((metric, n, l), value)| {
+                        row.push_bind(job_id)
+                            .push_bind(metric.to_string())
+                            .push_bind(i64::from(*n))
+                            .push_bind(i64::from(*l))
+                            .push_bind(*value);
+                    });
+                    insert.push(" ON CONFLICT (job_id, metric, n, l) DO UPDATE SET value = excluded.value");
+                    insert.build().execute(&mut **tx).await?;
+                }
+                Ok(())
+            }
+
+            /// A score job's distance table, through a pool or inside a transaction.
+            async fn read_distances<'e, E>(
+                executor: E,
+                job_id: i64,
+            ) -> Result<Vec<$crate::store::DistanceRow>, $crate::store::StoreError>
+            where
+                E: sqlx::Executor<'e, Database = $db>,
+            {
+                use sqlx::Row;
+                let rows = sqlx::query("SELECT metric, n, l, value FROM distances WHERE job_id = $1 ORDER BY metric, n, l")
+                    .bind(job_id)
+                    .fetch_all(executor)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok($crate::store::DistanceRow {
+                            metric: row.try_get("metric")?,
+                            n: $crate::store::common::to_u32(row.try_get("n")?, "n")?,
+                            l: $crate::store::common::to_u32(row.try_get("l")?, "l")?,
+                            value: row.try_get("value")?,
+                        })
+                    })
+                    .collect()
             }
 
             async fn sweep_id(
@@ -160,34 +267,60 @@ macro_rules! impl_store {
                 Ok(())
             }
 
-            /// Lock and read a leased job's row for complete/fail, checking the lease.
+            fn lease_row(row: &<$db as sqlx::Database>::Row) -> Result<$crate::store::common::LeaseRow, $crate::store::StoreError> {
+                use sqlx::Row;
+                use $crate::store::common::*;
+                Ok(LeaseRow {
+                    id: row.try_get("id")?,
+                    sweep_id: row.try_get("sweep_id")?,
+                    kind: parse_kind(&row.try_get::<String, _>("kind")?)?,
+                    status: $crate::job::JobStatus {
+                        state: parse_state(&row.try_get::<String, _>("state")?)?,
+                        attempts: to_u32(row.try_get("attempts")?, "attempts")?,
+                        max_attempts: to_u32(row.try_get("max_attempts")?, "max_attempts")?,
+                    },
+                    lease_id: row.try_get("lease_id")?,
+                    worker_id: row.try_get("worker_id")?,
+                })
+            }
+
+            /// Lock and read a leased job's row for fail, checking the lease.
             async fn current_lease(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 job_id: i64,
                 lease_id: &str,
-            ) -> Result<(i64, $crate::job::JobStatus, Option<String>, $crate::job::JobKind), $crate::store::StoreError> {
-                use sqlx::Row;
-                let sql = format!(
-                    "SELECT sweep_id, kind, state, attempts, max_attempts, lease_id, worker_id FROM jobs WHERE id = $1{}",
-                    Self::LOCK
-                );
+            ) -> Result<($crate::store::common::LeaseRow, $crate::job::JobStatus), $crate::store::StoreError> {
+                let sql = format!("SELECT {} FROM jobs WHERE id = $1{}", $crate::store::common::LEASE_COLUMNS, Self::LOCK);
                 let row = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(job_id)
                     .fetch_optional(&mut **tx)
                     .await?
                     .ok_or($crate::store::StoreError::JobNotFound(job_id))?;
-                let state = $crate::store::common::parse_state(&row.try_get::<String, _>("state")?)?;
-                let current: Option<String> = row.try_get("lease_id")?;
-                if state != $crate::job::JobState::Leased || current.as_deref() != Some(lease_id) {
-                    return Err($crate::store::StoreError::StaleLease { job_id, lease_id: lease_id.to_string() });
+                let row = Self::lease_row(&row)?;
+                let status = row.check(lease_id)?;
+                Ok((row, status))
+            }
+
+            /// `column = CASE id WHEN … THEN … END`: a per-row value in one `UPDATE`.
+            fn push_case<T>(update: &mut sqlx::QueryBuilder<$db>, column: &str, values: &[(i64, T)])
+            where
+                T: for<'t> sqlx::Encode<'t, $db> + sqlx::Type<$db> + Clone,
+            {
+                update.push(column).push(" = CASE id");
+                for (id, value) in values {
+                    update.push(" WHEN ").push_bind(*id).push(" THEN ").push_bind(value.clone());
                 }
-                let status = $crate::job::JobStatus {
-                    state,
-                    attempts: $crate::store::common::to_u32(row.try_get("attempts")?, "attempts")?,
-                    max_attempts: $crate::store::common::to_u32(row.try_get("max_attempts")?, "max_attempts")?,
-                };
-                let kind = $crate::store::common::parse_kind(&row.try_get::<String, _>("kind")?)?;
-                Ok((row.try_get("sweep_id")?, status, row.try_get("worker_id")?, kind))
+                update.push(" END");
+            }
+
+            /// `id IN (…)`.
+            fn push_ids(query: &mut sqlx::QueryBuilder<$db>, ids: impl Iterator<Item = i64>) {
+                query.push("id IN (");
+                let mut list = query.separated(", ");
+                for id in ids {
+                    list.push_bind(id);
+                }
+                query.push(")");
             }
         }
 
@@ -451,52 +584,119 @@ macro_rules! impl_store {
                 Ok(id)
             }
 
-            async fn lease_next(
+            async fn lease_batch(
                 &self,
-                worker_id: &str,
-                held_models: &[String],
-                ttl_ms: i64,
+                requests: &[$crate::store::LeaseRequest],
                 now: i64,
-            ) -> Result<Option<$crate::store::LeasedJob>, $crate::store::StoreError> {
+            ) -> Result<Vec<Option<$crate::store::LeasedJob>>, $crate::store::StoreError> {
                 use sqlx::Row;
-                let lease_id = uuid::Uuid::new_v4().to_string();
-                let expires_at = now + ttl_ms;
+                use std::collections::{HashMap, HashSet};
+                // A constant number of statements per batch, whatever its size: candidates for each
+                // set of held models, then for anyone, are read (and locked on Postgres); jobs are
+                // assigned to requests in order here; one UPDATE leases them all; one INSERT logs it.
                 let mut tx = self.begin_write().await?;
-                let mut claimed = None;
-                if !held_models.is_empty() {
-                    let held = serde_json::to_string(held_models).expect("strings serialize");
-                    claimed = sqlx::query(Self::CLAIM_HELD)
-                        .bind(&lease_id)
-                        .bind(expires_at)
-                        .bind(worker_id)
-                        .bind(now)
-                        .bind(held)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                let mut held_sets: Vec<&[String]> = Vec::new();
+                for r in requests.iter().filter(|r| !r.held_models.is_empty()) {
+                    if !held_sets.contains(&r.held_models.as_slice()) {
+                        held_sets.push(&r.held_models);
+                    }
                 }
-                if claimed.is_none() {
-                    claimed = sqlx::query(Self::CLAIM_ANY)
-                        .bind(&lease_id)
-                        .bind(expires_at)
-                        .bind(worker_id)
-                        .bind(now)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                let mut held_candidates: HashMap<&[String], Vec<i64>> = HashMap::new();
+                for held in held_sets {
+                    let wanted = requests.iter().filter(|r| r.held_models == held).count();
+                    let ids: Vec<i64> = sqlx::query(Self::CANDIDATES_HELD)
+                        .bind(serde_json::to_string(held).expect("strings serialize"))
+                        .bind(wanted as i64)
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(|row| row.try_get("id"))
+                        .collect::<Result<_, _>>()?;
+                    held_candidates.insert(held, ids);
                 }
-                let Some(row) = claimed else {
+                let mut taken: HashSet<i64> = HashSet::new();
+                let mut assigned: Vec<Option<i64>> = requests
+                    .iter()
+                    .map(|r| {
+                        let id = held_candidates.get(r.held_models.as_slice())?.iter().find(|id| !taken.contains(id))?;
+                        taken.insert(*id);
+                        Some(*id)
+                    })
+                    .collect();
+                let unassigned = assigned.iter().filter(|a| a.is_none()).count();
+                if unassigned > 0 {
+                    let any: Vec<i64> = sqlx::query(Self::CANDIDATES_ANY)
+                        .bind((unassigned + taken.len()) as i64)
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(|row| row.try_get("id"))
+                        .collect::<Result<_, _>>()?;
+                    let mut any = any.into_iter().filter(|id| !taken.contains(id));
+                    for slot in assigned.iter_mut().filter(|a| a.is_none()) {
+                        *slot = any.next();
+                    }
+                }
+                let claims: Vec<(usize, i64, String)> = assigned
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, id)| id.map(|id| (i, id, uuid::Uuid::new_v4().to_string())))
+                    .collect();
+                let mut leased: Vec<Option<$crate::store::LeasedJob>> = vec![None; requests.len()];
+                if claims.is_empty() {
                     tx.commit().await?;
-                    return Ok(None);
-                };
-                let sweep_id: i64 = row.try_get("sweep_id")?;
-                let job = Self::job_from_row(&row)?;
-                Self::insert_event(&mut tx, sweep_id, job.id, $crate::job::JobState::Leased, Some(worker_id), None, now)
-                    .await?;
+                    return Ok(leased);
+                }
+                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE jobs SET state = 'leased', phase = NULL, updated_at = ");
+                update.push_bind(now).push(", ");
+                let lease_ids: Vec<(i64, String)> = claims.iter().map(|c| (c.1, c.2.clone())).collect();
+                Self::push_case(&mut update, "lease_id", &lease_ids);
+                update.push(", ");
+                let workers: Vec<(i64, String)> = claims.iter().map(|c| (c.1, requests[c.0].worker_id.clone())).collect();
+                Self::push_case(&mut update, "worker_id", &workers);
+                update.push(", ");
+                let expiry: Vec<(i64, i64)> = claims.iter().map(|c| (c.1, now + requests[c.0].ttl_ms)).collect();
+                Self::push_case(&mut update, "lease_expires_at", &expiry);
+                update.push(" WHERE state = 'pending' AND ");
+                Self::push_ids(&mut update, claims.iter().map(|c| c.1));
+                update.push($crate::store::common::returning_job!());
+                let rows = update.build().fetch_all(&mut *tx).await?;
+                let mut jobs: HashMap<i64, ($crate::store::JobRow, i64)> = HashMap::new();
+                for row in &rows {
+                    let job = Self::job_from_row(row)?;
+                    jobs.insert(job.id, (job, row.try_get("sweep_id")?));
+                }
+                let mut events = Vec::with_capacity(claims.len());
+                for (i, id, lease_id) in claims {
+                    // Every claimed row was read under this transaction's lock; a missing one
+                    // would be a concurrent writer we do not know of, and that request gets nothing.
+                    let Some((job, sweep_id)) = jobs.remove(&id) else { continue };
+                    events.push($crate::store::common::NewEvent {
+                        sweep_id,
+                        job_id: id,
+                        state: $crate::job::JobState::Leased,
+                        worker_id: Some(requests[i].worker_id.clone()),
+                        message: None,
+                    });
+                    let expires_at = now + requests[i].ttl_ms;
+                    leased[i] = Some($crate::store::LeasedJob { lease_id, expires_at, job, distances: Vec::new() });
+                }
+                Self::insert_events(&mut tx, &events, now).await?;
+                // Cells that choose layers by score carry their score job's table, read inside the
+                // transaction so that a failed read leaves no lease behind.
+                let mut tables: HashMap<i64, Vec<$crate::store::DistanceRow>> = HashMap::new();
+                for lease in leased.iter_mut().flatten() {
+                    if let (Some(dep), Some(m)) = (lease.job.depends_on, lease.job.spec.method) {
+                        if m.needs_scores() {
+                            if !tables.contains_key(&dep) {
+                                tables.insert(dep, Self::read_distances(&mut *tx, dep).await?);
+                            }
+                            lease.distances = tables[&dep].clone();
+                        }
+                    }
+                }
                 tx.commit().await?;
-                let distances = match (job.depends_on, job.spec.method) {
-                    (Some(dep), Some(m)) if m.needs_scores() => self.distances(dep).await?,
-                    _ => Vec::new(),
-                };
-                Ok(Some($crate::store::LeasedJob { lease_id, expires_at, job, distances }))
+                Ok(leased)
             }
 
             async fn heartbeat(
@@ -544,61 +744,111 @@ macro_rules! impl_store {
                 }
             }
 
-            async fn complete(
+            async fn complete_batch(
                 &self,
-                c: &$crate::store::Completion,
+                completions: &[$crate::store::Completion],
                 now: i64,
-            ) -> Result<(), $crate::store::StoreError> {
+            ) -> Result<Vec<Result<(), $crate::store::StoreError>>, $crate::store::StoreError> {
+                use std::collections::{BTreeMap, HashMap, HashSet};
                 use $crate::job::{transition, JobEvent};
+                use $crate::store::StoreError;
+                // A constant number of statements per batch: one read (and lock) of every job, one
+                // UPDATE, one INSERT of results, one of events; score jobs add their tables.
                 let mut tx = self.begin_write().await?;
-                let (sweep_id, status, worker, kind) = Self::current_lease(&mut tx, c.job_id, &c.lease_id).await?;
-                let next = transition(status, JobEvent::Complete)?;
-                for r in &c.results {
-                    sqlx::query(
-                        "INSERT INTO results (job_id, task, metric, value) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (job_id, task, metric) DO UPDATE SET value = excluded.value",
-                    )
-                    .bind(c.job_id)
-                    .bind(&r.task)
-                    .bind(&r.metric)
-                    .bind(r.value)
-                    .execute(&mut *tx)
-                    .await?;
+                let mut read = sqlx::QueryBuilder::<$db>::new(format!("SELECT {} FROM jobs WHERE ", $crate::store::common::LEASE_COLUMNS));
+                Self::push_ids(&mut read, completions.iter().map(|c| c.job_id));
+                read.push(Self::LOCK);
+                let mut rows: HashMap<i64, $crate::store::common::LeaseRow> = HashMap::new();
+                for row in read.build().fetch_all(&mut *tx).await? {
+                    let row = Self::lease_row(&row)?;
+                    rows.insert(row.id, row);
                 }
-                for d in &c.distances {
-                    sqlx::query(
-                        "INSERT INTO distances (job_id, metric, n, l, value) VALUES ($1, $2, $3, $4, $5) \
-                         ON CONFLICT (job_id, metric, n, l) DO UPDATE SET value = excluded.value",
-                    )
-                    .bind(c.job_id)
-                    .bind(&d.metric)
-                    .bind(i64::from(d.n))
-                    .bind(i64::from(d.l))
-                    .bind(d.value)
-                    .execute(&mut *tx)
-                    .await?;
+                // Refusals (unknown job, stale lease, a job completed earlier in this batch) are
+                // each completion's own, and nothing of a refused completion is written.
+                let mut outcomes = Vec::with_capacity(completions.len());
+                let mut accepted = Vec::new();
+                let mut done: HashSet<i64> = HashSet::new();
+                for c in completions {
+                    let checked = match rows.get(&c.job_id) {
+                        None => Err(StoreError::JobNotFound(c.job_id)),
+                        Some(_) if done.contains(&c.job_id) => {
+                            Err(StoreError::StaleLease { job_id: c.job_id, lease_id: c.lease_id.clone() })
+                        }
+                        Some(row) => row
+                            .check(&c.lease_id)
+                            .and_then(|status| Ok((row, transition(status, JobEvent::Complete)?))),
+                    };
+                    match checked {
+                        Ok((row, next)) => {
+                            done.insert(c.job_id);
+                            accepted.push((c, row, next));
+                            outcomes.push(Ok(()));
+                        }
+                        Err(e) => outcomes.push(Err(e)),
+                    }
                 }
-                let layers = serde_json::to_string(&c.layers_dropped).expect("numbers serialize");
-                let timings = serde_json::to_string(&c.timings).expect("timings serialize");
-                sqlx::query(
-                    "UPDATE jobs SET state = $1, layers_dropped = $2, num_layers = $3, timings = $4, \
-                     error = NULL, error_kind = NULL, updated_at = $5, finished_at = $5 WHERE id = $6",
-                )
-                .bind(next.state.as_str())
-                .bind(layers)
-                .bind(c.num_layers.map(i64::from))
-                .bind(timings)
-                .bind(now)
-                .bind(c.job_id)
-                .execute(&mut *tx)
-                .await?;
-                Self::insert_event(&mut tx, sweep_id, c.job_id, next.state, worker.as_deref(), None, now).await?;
-                if kind == $crate::job::JobKind::Score {
-                    // Only score jobs have dependents.
-                    Self::settle_dependents(&mut tx, c.job_id, JobEvent::DependencySucceeded, None, now).await?;
+                if accepted.is_empty() {
+                    tx.commit().await?;
+                    return Ok(outcomes);
+                }
+                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE jobs SET error = NULL, error_kind = NULL, updated_at = ");
+                update.push_bind(now).push(", finished_at = ").push_bind(now).push(", ");
+                let states: Vec<(i64, String)> = accepted.iter().map(|(c, _, n)| (c.job_id, n.state.as_str().to_string())).collect();
+                Self::push_case(&mut update, "state", &states);
+                update.push(", ");
+                let layers: Vec<(i64, String)> = accepted
+                    .iter()
+                    .map(|(c, _, _)| (c.job_id, serde_json::to_string(&c.layers_dropped).expect("numbers serialize")))
+                    .collect();
+                Self::push_case(&mut update, "layers_dropped", &layers);
+                update.push(", ");
+                let depth: Vec<(i64, Option<i64>)> = accepted.iter().map(|(c, _, _)| (c.job_id, c.num_layers.map(i64::from))).collect();
+                Self::push_case(&mut update, "num_layers", &depth);
+                update.push(", ");
+                let timings: Vec<(i64, String)> = accepted
+                    .iter()
+                    .map(|(c, _, _)| (c.job_id, serde_json::to_string(&c.timings).expect("timings serialize")))
+                    .collect();
+                Self::push_case(&mut update, "timings", &timings);
+                update.push(" WHERE ");
+                Self::push_ids(&mut update, accepted.iter().map(|(c, _, _)| c.job_id));
+                update.build().execute(&mut *tx).await?;
+                // The last value wins when a report repeats a (task, metric).
+                let mut results: BTreeMap<(i64, &str, &str), f64> = BTreeMap::new();
+                for (c, _, _) in &accepted {
+                    for r in &c.results {
+                        results.insert((c.job_id, r.task.as_str(), r.metric.as_str()), r.value);
+                    }
+                }
+                let results: Vec<_> = results.into_iter().collect();
+                for chunk in results.chunks($crate::store::common::ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new("INSERT INTO results (job_id, task, metric, value) ");
+                    insert.push_values(chunk, |mut row, ((job_id, task, metric), value)| {
+                        row.push_bind(*job_id).push_bind(task.to_string()).push_bind(metric.to_string()).push_bind(*value);
+                    });
+                    insert.push(" ON CONFLICT (job_id, task, metric) DO UPDATE SET value = excluded.value");
+                    insert.build().execute(&mut *tx).await?;
+                }
+                let events: Vec<_> = accepted
+                    .iter()
+                    .map(|(c, row, next)| $crate::store::common::NewEvent {
+                        sweep_id: row.sweep_id,
+                        job_id: c.job_id,
+                        state: next.state,
+                        worker_id: row.worker_id.clone(),
+                        message: None,
+                    })
+                    .collect();
+                Self::insert_events(&mut tx, &events, now).await?;
+                // Only score jobs have a table and dependents; their events follow the job's own.
+                for (c, row, _) in &accepted {
+                    if row.kind == $crate::job::JobKind::Score {
+                        Self::insert_distances(&mut tx, c.job_id, &c.distances).await?;
+                        Self::settle_dependents(&mut tx, c.job_id, JobEvent::DependencySucceeded, None, now).await?;
+                    }
                 }
                 tx.commit().await?;
-                Ok(())
+                Ok(outcomes)
             }
 
             async fn fail(
@@ -608,7 +858,8 @@ macro_rules! impl_store {
             ) -> Result<$crate::job::JobState, $crate::store::StoreError> {
                 use $crate::job::{transition, JobEvent, JobState};
                 let mut tx = self.begin_write().await?;
-                let (sweep_id, status, worker, _) = Self::current_lease(&mut tx, f.job_id, &f.lease_id).await?;
+                let (row, status) = Self::current_lease(&mut tx, f.job_id, &f.lease_id).await?;
+                let (sweep_id, worker) = (row.sweep_id, row.worker_id);
                 let next = transition(status, JobEvent::Fail { retryable: f.retryable })?;
                 sqlx::query(
                     "UPDATE jobs SET state = $1, attempts = $2, error = $3, error_kind = $4, updated_at = $5, \
@@ -757,21 +1008,7 @@ macro_rules! impl_store {
             }
 
             async fn distances(&self, job_id: i64) -> Result<Vec<$crate::store::DistanceRow>, $crate::store::StoreError> {
-                use sqlx::Row;
-                let rows = sqlx::query("SELECT metric, n, l, value FROM distances WHERE job_id = $1 ORDER BY metric, n, l")
-                    .bind(job_id)
-                    .fetch_all(&self.pool)
-                    .await?;
-                rows.iter()
-                    .map(|row| {
-                        Ok($crate::store::DistanceRow {
-                            metric: row.try_get("metric")?,
-                            n: $crate::store::common::to_u32(row.try_get("n")?, "n")?,
-                            l: $crate::store::common::to_u32(row.try_get("l")?, "l")?,
-                            value: row.try_get("value")?,
-                        })
-                    })
-                    .collect()
+                Self::read_distances(&self.pool, job_id).await
             }
         }
     };

@@ -53,6 +53,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The coordinator cannot serve the call now (it is shutting down); try again.
+    #[error("{0}")]
+    Unavailable(String),
     /// Migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -184,6 +187,17 @@ pub struct LeasedJob {
     pub distances: Vec<DistanceRow>,
 }
 
+/// One worker's request for a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseRequest {
+    /// The worker asking.
+    pub worker_id: String,
+    /// Models it already holds: their jobs come first (model affinity).
+    pub held_models: Vec<String>,
+    /// How long the lease lasts without a heartbeat.
+    pub ttl_ms: i64,
+}
+
 /// A worker's registration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerInfo {
@@ -292,7 +306,14 @@ pub trait JobStore: Send + Sync + 'static {
         held_models: &[String],
         ttl_ms: i64,
         now: i64,
-    ) -> Result<Option<LeasedJob>, StoreError>;
+    ) -> Result<Option<LeasedJob>, StoreError> {
+        let request = LeaseRequest { worker_id: worker_id.to_string(), held_models: held_models.to_vec(), ttl_ms };
+        Ok(self.lease_batch(std::slice::from_ref(&request), now).await?.pop().flatten())
+    }
+    /// Serve several lease requests in one transaction, in order: request `i` gets the `i`-th
+    /// answer (`None` when nothing was runnable for it). This is the coordinator's group commit:
+    /// the lease calls that arrive while one transaction runs share the next one.
+    async fn lease_batch(&self, requests: &[LeaseRequest], now: i64) -> Result<Vec<Option<LeasedJob>>, StoreError>;
     /// Renew a lease.
     async fn heartbeat(
         &self,
@@ -304,7 +325,18 @@ pub trait JobStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<HeartbeatOutcome, StoreError>;
     /// Finish a job with its results; unblocks the jobs that depend on it.
-    async fn complete(&self, completion: &Completion, now: i64) -> Result<(), StoreError>;
+    async fn complete(&self, completion: &Completion, now: i64) -> Result<(), StoreError> {
+        let mut outcomes = self.complete_batch(std::slice::from_ref(completion), now).await?;
+        outcomes.pop().expect("one outcome per completion")
+    }
+    /// Finish several jobs in one transaction. The outer error is the database's (nothing was
+    /// written); the inner ones are per completion (a stale lease refuses that completion only,
+    /// and writes nothing of it).
+    async fn complete_batch(
+        &self,
+        completions: &[Completion],
+        now: i64,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError>;
     /// Record a failure; returns the job's new state (pending or failed).
     async fn fail(&self, failure: &Failure, now: i64) -> Result<JobState, StoreError>;
     /// Return jobs whose lease expired before `now` to pending (or failed at max attempts).

@@ -7,7 +7,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, SqlSafeStr};
 
-use super::common::{impl_store, returning_job};
+use super::common::impl_store;
 use super::StoreError;
 
 /// A job store in a Postgres database.
@@ -47,20 +47,12 @@ impl PgStore {
 
     const LOCK: &'static str = " FOR UPDATE";
 
-    const CLAIM_HELD: &'static str = concat!(
-        "UPDATE jobs SET state = 'leased', lease_id = $1, lease_expires_at = $2, \
-        worker_id = $3, phase = NULL, updated_at = $4 WHERE state = 'pending' AND id = (SELECT id FROM jobs \
-        WHERE state = 'pending' AND model IN (SELECT jsonb_array_elements_text($5::jsonb)) \
-        ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED)",
-        returning_job!()
-    );
+    const CANDIDATES_HELD: &'static str = "SELECT id FROM jobs WHERE state = 'pending' \
+        AND model IN (SELECT jsonb_array_elements_text($1::jsonb)) ORDER BY priority DESC, id LIMIT $2 \
+        FOR UPDATE SKIP LOCKED";
 
-    const CLAIM_ANY: &'static str = concat!(
-        "UPDATE jobs SET state = 'leased', lease_id = $1, lease_expires_at = $2, \
-        worker_id = $3, phase = NULL, updated_at = $4 WHERE state = 'pending' AND id = (SELECT id FROM jobs \
-        WHERE state = 'pending' ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED)",
-        returning_job!()
-    );
+    const CANDIDATES_ANY: &'static str =
+        "SELECT id FROM jobs WHERE state = 'pending' ORDER BY priority DESC, id LIMIT $1 FOR UPDATE SKIP LOCKED";
 
     const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, attempts, max_attempts, worker_id, lease_id \
         FROM jobs WHERE state = 'leased' AND lease_expires_at < $1 ORDER BY id FOR UPDATE SKIP LOCKED";

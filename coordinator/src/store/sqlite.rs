@@ -11,7 +11,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqlSafeStr, SqlitePool};
 
-use super::common::{impl_store, returning_job};
+use super::common::impl_store;
 use super::StoreError;
 
 /// A job store in a SQLite database.
@@ -59,20 +59,11 @@ impl SqliteStore {
 
     const LOCK: &'static str = "";
 
-    const CLAIM_HELD: &'static str = concat!(
-        "UPDATE jobs SET state = 'leased', lease_id = $1, lease_expires_at = $2, \
-        worker_id = $3, phase = NULL, updated_at = $4 WHERE state = 'pending' AND id = (SELECT id FROM jobs \
-        WHERE state = 'pending' AND model IN (SELECT value FROM json_each($5)) ORDER BY priority DESC, id LIMIT 1) \
-       ",
-        returning_job!()
-    );
+    const CANDIDATES_HELD: &'static str = "SELECT id FROM jobs WHERE state = 'pending' \
+        AND model IN (SELECT value FROM json_each($1)) ORDER BY priority DESC, id LIMIT $2";
 
-    const CLAIM_ANY: &'static str = concat!(
-        "UPDATE jobs SET state = 'leased', lease_id = $1, lease_expires_at = $2, \
-        worker_id = $3, phase = NULL, updated_at = $4 WHERE state = 'pending' AND id = (SELECT id FROM jobs \
-        WHERE state = 'pending' ORDER BY priority DESC, id LIMIT 1)",
-        returning_job!()
-    );
+    const CANDIDATES_ANY: &'static str =
+        "SELECT id FROM jobs WHERE state = 'pending' ORDER BY priority DESC, id LIMIT $1";
 
     const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, attempts, max_attempts, worker_id, lease_id \
         FROM jobs WHERE state = 'leased' AND lease_expires_at < $1 ORDER BY id";
