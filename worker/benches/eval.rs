@@ -16,9 +16,10 @@ use prunesweep_worker::model::Model;
 
 fn print(case: &str, r: &EvalReport) {
     println!(
-        "BENCH {case} questions={} tokens={} seconds={:.4} q_s={:.2} tok_s={:.1}",
+        "BENCH {case} questions={} tokens={} computed={} seconds={:.4} q_s={:.2} tok_s={:.1}",
         r.n,
         r.tokens,
+        r.computed_tokens,
         r.seconds,
         r.n as f64 / r.seconds,
         r.tokens as f64 / r.seconds

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use common::{fixture, rel_err, smollm2_gguf};
 use prunesweep_worker::data::read_documents;
-use prunesweep_worker::eval::{boolq, c4_loss, mmlu, EvalError};
+use prunesweep_worker::eval::{boolq, c4_loss, mmlu, EvalError, Layout};
 use prunesweep_worker::model::Model;
 use serde_json::Value;
 
@@ -98,9 +98,9 @@ fn smollm2_boolq_and_c4_loss_match_transformers() {
     assert!((report.normalized_loss.unwrap() - norm).abs() / norm <= 1e-4);
 }
 
-/// The shared-prefix path (prefix K/V computed once, suffixes batched with right padding) gives
-/// the plain path's last-token logits. Tolerance: rel err ≤ 1e-5 (the same arithmetic in other
-/// GEMM shapes; measured ~1e-6).
+/// The shared-prefix path (prefix K/V computed once, suffixes batched with right padding, or
+/// packed end to end in one row) gives the plain path's last-token logits. Tolerance: rel err ≤
+/// 1e-5 (the same arithmetic in other GEMM shapes; measured ~1e-6).
 #[test]
 fn shared_prefix_logits_equal_plain_logits_on_smollm2() {
     let tmp = tempfile::tempdir().unwrap();
@@ -120,12 +120,20 @@ fn shared_prefix_logits_equal_plain_logits_on_smollm2() {
     let vocab: Vec<u32> = (0..d.cfg.vocab_size as u32).collect();
     let picks: Vec<Vec<prunesweep_worker::eval::Pick>> =
         suffixes.iter().map(|s| vec![(s.len() - 1, vocab.clone())]).collect();
-    let shared = prunesweep_worker::eval::scored_positions(d, Some(&cache), &suffixes, &picks, 3, true).unwrap();
-    for (i, s) in ids.iter().enumerate() {
-        let full = d.forward(&Tensor::new(s.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
-        let plain = full.get(0).unwrap().get(s.len() - 1).unwrap();
-        let e = rel_err(&Tensor::new(shared[i][0].as_slice(), &Device::Cpu).unwrap(), &plain);
-        assert!(e <= 1e-5, "question {i}: shared-prefix rel err {e}");
+    let plain: Vec<Tensor> = ids
+        .iter()
+        .map(|s| {
+            let full = d.forward(&Tensor::new(s.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+            full.get(0).unwrap().get(s.len() - 1).unwrap()
+        })
+        .collect();
+    for layout in [Layout::Padded, Layout::Packed] {
+        let shared =
+            prunesweep_worker::eval::scored_positions(d, Some(&cache), &suffixes, &picks, 3, layout, true).unwrap();
+        for (i, plain) in plain.iter().enumerate() {
+            let e = rel_err(&Tensor::new(shared[i][0].as_slice(), &Device::Cpu).unwrap(), plain);
+            assert!(e <= 1e-5, "question {i}, {layout:?}: shared-prefix rel err {e}");
+        }
     }
 }
 

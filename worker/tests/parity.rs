@@ -30,6 +30,13 @@ fn check_family(family: &str) {
     assert!(le <= TOL, "{family}: logits rel err {le}");
     assert!(se <= TOL, "{family}: states rel err {se}");
 
+    // Attention one query row at a time (each reading only the keys up to its own) is the same.
+    let mut chunked = model.clone();
+    chunked.decoder.set_attention_chunk(1);
+    let out = forward_ids(&chunked, &ids).unwrap();
+    let (le, se) = (rel_err(&out.logits, &reference["logits"]), rel_err(&out.states, &reference["states"]));
+    assert!(le <= TOL && se <= TOL, "{family}: chunked attention rel err {le} (logits), {se} (states)");
+
     // Right-padded batch: each row's last real token matches that row run alone (reference).
     let batch = reference["batch_ids"].to_dtype(candle_core::DType::U32).unwrap();
     let lens: Vec<usize> = reference["batch_lens"].to_vec1::<i64>().unwrap().iter().map(|&l| l as usize).collect();
@@ -124,6 +131,9 @@ fn hub_cache_layout_resolves_to_the_ref_snapshot() {
 fn shared_prefix_cache_matches_full_sequences() {
     for family in FAMILIES {
         let model = Model::load(&fixture(&format!("tiny-{family}")), &Device::Cpu).unwrap();
+        // Packed runs go one query row at a time, so that each row reads only the keys it may see.
+        let mut chunked = model.decoder.clone();
+        chunked.set_attention_chunk(1);
         let prefix: Vec<u32> = vec![5, 60, 61, 70, 80, 90];
         let tails: [Vec<u32>; 2] = [vec![100, 101, 102], vec![110, 111, 112, 113, 114]];
         let (cache, _) = model
@@ -147,6 +157,14 @@ fn shared_prefix_cache_matches_full_sequences() {
             let plain = logits.get(0).unwrap().get(full.len() - 1).unwrap();
             let e = rel_err(&cached.get(row).unwrap(), &plain);
             assert!(e <= 1e-5, "{family} row {row}: prefix-cache rel err {e}");
+            // The tails packed end to end in one row, each seeing only the prefix and itself.
+            let lengths: Vec<usize> = tails.iter().map(Vec::len).collect();
+            let flat = Tensor::new(tails.concat().as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let hidden = chunked.run_packed(&flat, &lengths, Some(&cache)).unwrap();
+            let at = lengths[..row].iter().sum::<usize>() + tail.len() - 1;
+            let packed = model.decoder.logits_at(&hidden, &[at]).unwrap();
+            let e = rel_err(&packed.get(0).unwrap(), &plain);
+            assert!(e <= 1e-5, "{family} row {row}: packed rel err {e}");
         }
     }
 }

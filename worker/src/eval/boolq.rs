@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{choice_tokens, scored_positions, EvalError, EvalReport, Pick, Task};
+use super::{choice_tokens, scored_positions, EvalError, EvalReport, Layout, Pick, Task};
 use crate::model::Model;
 
 /// One BoolQ item.
@@ -135,7 +135,7 @@ pub fn evaluate(
     for (done, chunk) in order.chunks(batch.max(1)).enumerate() {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
         let picks: Vec<Vec<Pick>> = seqs.iter().map(|s| vec![(s.len() - 1, vec![yes, no])]).collect();
-        let rows = scored_positions(&model.decoder, None, &seqs, &picks, seqs.len(), true)?;
+        let rows = scored_positions(&model.decoder, None, &seqs, &picks, seqs.len(), Layout::Padded, true)?;
         for (&i, row) in chunk.iter().zip(rows) {
             let margin = row[0][0] - row[0][1];
             margins[i] = margin;

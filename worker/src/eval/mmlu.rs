@@ -27,7 +27,9 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde_json::json;
 
-use super::{choice_tokens, common_prefix_len, scored_positions, EvalError, EvalReport, Pick, SubjectScore, Task};
+use super::{
+    choice_tokens, common_prefix_len, scored_positions, EvalError, EvalReport, Layout, Pick, SubjectScore, Task,
+};
 use crate::model::Model;
 
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
@@ -359,7 +361,8 @@ fn finish(report: &mut EvalReport, questions: &[MmluQuestion], preds: &[usize]) 
 }
 
 /// Letter-scored MMLU with `shots` examples per subject. The subject's shared prompt prefix is
-/// computed once and its keys/values reused by every question of the subject.
+/// computed once and its keys/values reused by every question of the subject; the questions run
+/// `batch` at a time, packed end to end after it.
 pub fn evaluate_letter(
     model: &Model,
     data: &MmluData,
@@ -394,7 +397,7 @@ pub fn evaluate_letter(
         };
         let suffixes: Vec<Vec<u32>> = ids.iter().map(|s| s[p..].to_vec()).collect();
         let picks: Vec<Vec<Pick>> = suffixes.iter().map(|s| vec![(s.len() - 1, letter_ids.to_vec())]).collect();
-        let logits = scored_positions(decoder, cache.as_ref(), &suffixes, &picks, batch, true)?;
+        let logits = scored_positions(decoder, cache.as_ref(), &suffixes, &picks, batch, Layout::Packed, true)?;
         for row in logits {
             preds.push(argmax(&row[0]));
         }
@@ -447,7 +450,7 @@ pub fn evaluate_cloze(
             }
         }
         report.computed_tokens += seqs.iter().map(Vec::len).sum::<usize>();
-        let rows = scored_positions(decoder, None, &seqs, &picks, batch.max(4), false)?;
+        let rows = scored_positions(decoder, None, &seqs, &picks, batch.max(4), Layout::Padded, false)?;
         for (qi, q) in chunk.iter().enumerate() {
             let mut scores = [0f32; 4];
             for (c, score) in scores.iter_mut().enumerate() {

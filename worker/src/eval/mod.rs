@@ -7,8 +7,9 @@
 //!
 //! Speed comes from doing less work than a plain loop, never from changing the answer: prompts are
 //! tokenized whole (exactly as the plain path), the longest common token prefix of a group of
-//! prompts (MMLU's few-shot header) is run once and its keys/values shared across a batch, and only
-//! the positions that are scored go through the final norm and the LM head.
+//! prompts (MMLU's few-shot header) is run once and its keys/values shared by the group's
+//! questions, which run packed end to end after it ([`Layout::Packed`]: no padding), and only the
+//! positions that are scored go through the final norm and the LM head.
 
 pub mod boolq;
 pub mod c4_loss;
@@ -206,7 +207,18 @@ pub fn common_prefix_len(seqs: &[Vec<u32>], keep: usize) -> usize {
 /// token ids whose scores are wanted there.
 pub type Pick = (usize, Vec<u32>);
 
-/// Runs `suffixes` (each continuing `prefix`, if any) in right-padded batches and returns, for each
+/// How [`scored_positions`] lays a batch of sequences out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[B, longest]`, right-padded: for many sequences of similar length (sort them first).
+    Padded,
+    /// End to end in one row, each sequence attending only to itself and the prefix: no padding,
+    /// and a shared prefix's keys/values are not copied per sequence. For a few sequences of
+    /// uneven length after a long shared prefix (MMLU's few-shot header).
+    Packed,
+}
+
+/// Runs `suffixes` (each continuing `prefix`, if any) in batches of `batch` and returns, for each
 /// suffix and each of its picks, the scores of the picked tokens: raw logits when `raw_logits`,
 /// else log-probabilities. Only the picked positions go through the final norm and the LM head,
 /// and the picked values leave the tensor in one gather per batch.
@@ -216,20 +228,39 @@ pub fn scored_positions(
     suffixes: &[Vec<u32>],
     picks: &[Vec<Pick>],
     batch: usize,
+    layout: Layout,
     raw_logits: bool,
 ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
     let mut out = Vec::with_capacity(suffixes.len());
     for (chunk, pick_chunk) in suffixes.chunks(batch.max(1)).zip(picks.chunks(batch.max(1))) {
-        let width = chunk.iter().map(Vec::len).max().expect("chunks are non-empty");
-        let padded: Vec<u32> =
-            chunk.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(width)).collect();
-        let ids = Tensor::from_vec(padded, (chunk.len(), width), decoder.device())?;
-        let hidden = decoder.run(&ids, prefix, None, &mut |_, _| Ok(()))?;
+        // The hidden states as rows `[N, H]`, and where each sequence's first token is among them.
+        let (hidden, starts) = match layout {
+            Layout::Padded => {
+                let width = chunk.iter().map(Vec::len).max().expect("chunks are non-empty");
+                let padded: Vec<u32> =
+                    chunk.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(width)).collect();
+                let ids = Tensor::from_vec(padded, (chunk.len(), width), decoder.device())?;
+                let hidden = decoder.run(&ids, prefix, None, &mut |_, _| Ok(()))?;
+                let starts: Vec<usize> = (0..chunk.len()).map(|i| i * width).collect();
+                (hidden.flatten_to(1)?, starts)
+            }
+            Layout::Packed => {
+                let lengths: Vec<usize> = chunk.iter().map(Vec::len).collect();
+                let flat: Vec<u32> = chunk.concat();
+                let ids = Tensor::from_vec(flat, (1, lengths.iter().sum::<usize>()), decoder.device())?;
+                let hidden = decoder.run_packed(&ids, &lengths, prefix)?;
+                let starts: Vec<usize> =
+                    lengths.iter().scan(0, |at, len| Some(std::mem::replace(at, *at + len))).collect();
+                (hidden.squeeze(0)?, starts)
+            }
+        };
         // Gather all picked rows of the batch, then one norm + LM head.
-        let (b, t, h) = hidden.dims3()?;
-        let flat: Vec<u32> =
-            pick_chunk.iter().enumerate().flat_map(|(i, ps)| ps.iter().map(move |(p, _)| (i * t + p) as u32)).collect();
-        let rows = hidden.reshape((b * t, h))?.index_select(&Tensor::new(flat.as_slice(), decoder.device())?, 0)?;
+        let flat: Vec<u32> = pick_chunk
+            .iter()
+            .zip(&starts)
+            .flat_map(|(ps, &start)| ps.iter().map(move |(p, _)| (start + p) as u32))
+            .collect();
+        let rows = hidden.index_select(&Tensor::new(flat.as_slice(), decoder.device())?, 0)?;
         let logits = decoder.logits(&rows)?;
         let scored = if raw_logits { logits } else { candle_nn::ops::log_softmax(&logits, D::Minus1)? };
         // One [rows, k] gather of the picked tokens (short lists padded with their first id).

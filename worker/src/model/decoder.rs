@@ -29,6 +29,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use super::config::{Activation, Config, NormKind};
 pub use super::frozen::Weight;
 use super::lora::{mix_seed, Lora, LoraSpec};
+use super::masked_softmax::masked_softmax;
 use super::nf4::Nf4Matrix;
 use super::weights::WeightMap;
 use super::ModelError;
@@ -160,13 +161,13 @@ pub struct Rotary {
 }
 
 impl Rotary {
-    /// Tables for positions `offset .. offset + len`.
-    pub fn new(cfg: &Config, offset: usize, len: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+    /// Tables for the given positions, one row per token.
+    pub fn new(cfg: &Config, positions: &[usize], dtype: DType, device: &Device) -> candle_core::Result<Self> {
         let inv_freq = cfg.inv_freq();
         let half = inv_freq.len();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let pos: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
-        let pos = Tensor::from_vec(pos, (len, 1), device)?;
+        let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (positions.len(), 1), device)?;
         let freqs = pos.matmul(&inv_freq)?;
         Ok(Rotary { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
@@ -250,12 +251,14 @@ impl Attention {
     }
 
     /// `x`: `[B, T, H]` (already normed). `prefix`: cached keys/values the tokens also attend to.
-    /// `record`: where to store this call's keys/values (building a prefix cache).
+    /// `record`: where to store this call's keys/values (building a prefix cache). `chunk`: the
+    /// scores computed at once during inference (see [`Decoder::set_attention_chunk`]).
     fn forward(
         &self,
         x: &Tensor,
         rotary: &Rotary,
         mask: &Tensor,
+        chunk: usize,
         prefix: Option<&(Tensor, Tensor)>,
         record: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
@@ -279,42 +282,66 @@ impl Attention {
         };
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let s = p + t;
-        // Grouped-query attention without copying K/V: the `rep` query heads that share a KV head
-        // are laid out next to each other, so [B, nh, T, hd] views as [B, nkv, rep·T, hd].
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let q = (q * scale)?.reshape((b, nkv, rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-        let probs = if scores.track_op() {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let probs = probs.to_dtype(v.dtype())?;
-        let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let q = (q * scale)?;
+        // Inference takes the queries in chunks whose scores stay near `chunk` values (long
+        // prompts would otherwise materialise [B, nh, T, P+T] at once), and a chunk reads
+        // only the keys up to its last row: the decoder's masks never show row `i` a key past
+        // `P + i`. Training keeps one chunk (the graph holds every piece anyway).
+        let rows = if q.track_op() { t } else { (chunk / (b * nh * s)).clamp(1, t) };
+        let mut chunks = Vec::with_capacity(t.div_ceil(rows));
+        for start in (0..t).step_by(rows) {
+            let len = rows.min(t - start);
+            let keys = if q.track_op() { s } else { (p + start + len).min(s) };
+            let (qc, mc) = if len == t {
+                (q.clone(), mask.clone())
+            } else {
+                (q.narrow(2, start, len)?, mask.narrow(0, start, len)?)
+            };
+            let (kc, vc, mc) = if keys == s {
+                (k.clone(), v.clone(), mc)
+            } else {
+                (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?, mc.narrow(1, 0, keys)?)
+            };
+            // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
+            // head are laid out next to each other, so [B, nh, L, hd] views as [B, nkv, rep·L, hd].
+            let qc = qc.contiguous()?.reshape((b, nkv, rep * len, hd))?;
+            let scores = qc.matmul(&kc.t()?)?.reshape((b, nh, len, keys))?.to_dtype(DType::F32)?;
+            let probs = masked_softmax(&scores, &mc)?.to_dtype(vc.dtype())?;
+            chunks.push(probs.reshape((b, nkv, rep * len, keys))?.matmul(&vc)?.reshape((b, nh, len, hd))?);
+        }
+        let out = if chunks.len() == 1 { chunks.pop().expect("one chunk") } else { Tensor::cat(&chunks, 2)? };
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
     }
 }
 
-/// `[T, P+T]` additive mask: query `i` (absolute position `P+i`) sees key `j` when `j ≤ P+i` and,
-/// with a window `W`, when `(P+i) − j < W`.
-fn causal_mask(t: usize, p: usize, window: Option<usize>, device: &Device) -> candle_core::Result<Tensor> {
+/// Attention scores computed at once per query chunk during inference, by default (8 MB of f32).
+pub const SCORES_PER_CHUNK: usize = 2 << 20;
+
+/// `[T, P+T]` additive mask for `segments` (lengths summing to `T`) laid end to end after a shared
+/// prefix of `P` tokens: a token sees the prefix and the earlier tokens of its own segment, and with
+/// a window `W` only keys less than `W` positions back. One segment is the plain causal mask. Row
+/// `i` never sees a key past `P + i` (attention relies on it to skip those keys).
+fn attention_mask(segments: &[usize], p: usize, window: Option<usize>, device: &Device) -> candle_core::Result<Tensor> {
+    let t: usize = segments.iter().sum();
     let s = p + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                let qi = p + i;
-                let visible = j <= qi && window.is_none_or(|w| qi - j < w);
-                if visible {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
+    let mut mask = vec![f32::NEG_INFINITY; t * s];
+    let mut start = 0;
+    for &len in segments {
+        for i in 0..len {
+            let (row, qpos) = ((start + i) * s, p + i);
+            let near = |kpos: usize| window.is_none_or(|w| qpos - kpos < w);
+            for j in (0..p).filter(|&j| near(j)) {
+                mask[row + j] = 0.0;
+            }
+            for k in (0..=i).filter(|&k| near(p + k)) {
+                mask[row + p + start + k] = 0.0;
+            }
+        }
+        start += len;
+    }
     Tensor::from_vec(mask, (t, s), device)
 }
 
@@ -467,11 +494,12 @@ impl Block {
         x: &Tensor,
         rotary: &Rotary,
         mask: &Tensor,
+        chunk: usize,
         prefix: Option<&(Tensor, Tensor)>,
         record: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.forward(&h, rotary, mask, prefix, record)?;
+        let attn = self.self_attn.forward(&h, rotary, mask, chunk, prefix, record)?;
         match &self.post_attention_layernorm {
             // Phi-2: x + attn(ln x) + mlp(ln x).
             None => (x + attn)? + self.mlp.forward(&h)?,
@@ -496,6 +524,7 @@ pub struct Decoder {
     lm_head: Linear,
     device: Device,
     dtype: DType,
+    attention_chunk: usize,
 }
 
 impl Decoder {
@@ -518,7 +547,14 @@ impl Decoder {
         };
         w.finish(cfg.num_layers)?;
         let (device, dtype) = (embed_tokens.device().clone(), embed_tokens.dtype());
-        Ok(Decoder { cfg, embed_tokens, blocks, norm, lm_head, device, dtype })
+        Ok(Decoder { cfg, embed_tokens, blocks, norm, lm_head, device, dtype, attention_chunk: SCORES_PER_CHUNK })
+    }
+
+    /// How many attention scores inference computes at once ([`SCORES_PER_CHUNK`] by default):
+    /// queries are taken in chunks of rows (at least one) that stay within this budget. Smaller
+    /// saves memory on long prompts; the result does not depend on it.
+    pub fn set_attention_chunk(&mut self, scores: usize) {
+        self.attention_chunk = scores.max(1);
     }
 
     /// The device the weights live on.
@@ -580,7 +616,33 @@ impl Decoder {
         record: Option<&mut KvCache>,
         observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        self.run_segments(ids, &[t], prefix, record, observe)
+    }
+
+    /// Runs several sequences packed into one row (`ids`: `[1, Σ lengths]`), each attending only to
+    /// itself (and to `prefix`, which every one of them continues), and returns `x^(L')`,
+    /// `[1, Σ lengths, H]`. Unlike right-padded batches, no work is spent on padding, and a shared
+    /// prefix's keys/values are used as they are rather than copied per sequence.
+    pub fn run_packed(&self, ids: &Tensor, lengths: &[usize], prefix: Option<&KvCache>) -> candle_core::Result<Tensor> {
+        self.run_segments(ids, lengths, prefix, None, &mut |_, _| Ok(()))
+    }
+
+    /// [`Decoder::run`] over `ids` `[B, T]` whose `T` positions hold `segments` end to end.
+    fn run_segments(
+        &self,
+        ids: &Tensor,
+        segments: &[usize],
+        prefix: Option<&KvCache>,
+        record: Option<&mut KvCache>,
+        observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        if segments.iter().sum::<usize>() != t || (segments.len() > 1 && b != 1) {
+            candle_core::bail!(
+                "packed segments {segments:?} do not fill ids of shape [{b}, {t}] (packing needs B = 1)"
+            );
+        }
         let offset = prefix.map_or(0, |p| p.len);
         if prefix.is_some() && record.is_some() {
             candle_core::bail!("recording a KV cache on top of a prefix cache is not supported");
@@ -590,15 +652,16 @@ impl Decoder {
                 candle_core::bail!("prefix cache has {} layers, model has {}", p.layers.len(), self.blocks.len());
             }
         }
-        let rotary = Rotary::new(&self.cfg, offset, t, self.dtype, &self.device)?;
+        let positions: Vec<usize> = segments.iter().flat_map(|&len| offset..offset + len).collect();
+        let rotary = Rotary::new(&self.cfg, &positions, self.dtype, &self.device)?;
         // The same for every block: built once per call, not once per layer.
-        let mask = causal_mask(t, offset, self.cfg.sliding_window, &self.device)?;
+        let mask = attention_mask(segments, offset, self.cfg.sliding_window, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         let mut recorded = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
             observe(l, &x)?;
             let rec = record.as_ref().map(|_| &mut recorded);
-            x = block.forward(&x, &rotary, &mask, prefix.map(|p| &p.layers[l]), rec)?;
+            x = block.forward(&x, &rotary, &mask, self.attention_chunk, prefix.map(|p| &p.layers[l]), rec)?;
         }
         observe(self.blocks.len(), &x)?;
         if let Some(r) = record {
@@ -872,15 +935,33 @@ pub fn format_ranges(xs: &[usize]) -> String {
 mod tests {
     use super::*;
 
+    fn visible(m: &Tensor) -> Vec<Vec<bool>> {
+        m.to_vec2::<f32>().unwrap().iter().map(|r| r.iter().map(|v| *v == 0.0).collect()).collect()
+    }
+
     #[test]
     fn mask_is_causal_with_prefix_and_window() {
-        let m = causal_mask(2, 3, None, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let m = attention_mask(&[2], 3, None, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(m[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(m[1], vec![0.0; 5]);
-        let m = causal_mask(4, 0, Some(2), &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        let visible: Vec<Vec<bool>> = m.iter().map(|r| r.iter().map(|v| *v == 0.0).collect()).collect();
-        assert_eq!(visible[3], vec![false, false, true, true]);
-        assert_eq!(visible[1], vec![true, true, false, false]);
+        let v = visible(&attention_mask(&[4], 0, Some(2), &Device::Cpu).unwrap());
+        assert_eq!(v[3], vec![false, false, true, true]);
+        assert_eq!(v[1], vec![true, true, false, false]);
+    }
+
+    #[test]
+    fn packed_segments_see_the_prefix_and_themselves() {
+        // Prefix of 2, then segments of 2 and 3 tokens.
+        let v = visible(&attention_mask(&[2, 3], 2, None, &Device::Cpu).unwrap());
+        let (t, f) = (true, false);
+        assert_eq!(v[0], vec![t, t, t, f, f, f, f]);
+        assert_eq!(v[1], vec![t, t, t, t, f, f, f]);
+        assert_eq!(v[2], vec![t, t, f, f, t, f, f], "the second segment does not see the first");
+        assert_eq!(v[4], vec![t, t, f, f, t, t, t]);
+        // A window of 2 counts positions within the segment's own sequence (prefix + segment).
+        let v = visible(&attention_mask(&[2, 3], 2, Some(2), &Device::Cpu).unwrap());
+        assert_eq!(v[2], vec![f, t, f, f, t, f, f]);
+        assert_eq!(v[4], vec![f, f, f, f, f, t, t]);
     }
 
     #[test]

@@ -9,11 +9,13 @@
 //! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
 //! - [`nf4`], [`frozen`], [`lora`]: the frozen 4-bit base, products with frozen weights, and the
 //!   low-rank adapters that healing trains.
+//! - [`masked_softmax`]: attention's mask + softmax in one pass (inference on CPU).
 
 pub mod config;
 pub mod decoder;
 pub mod frozen;
 pub mod lora;
+pub mod masked_softmax;
 pub mod nf4;
 pub mod tokenizer;
 pub mod weights;
