@@ -1,10 +1,11 @@
 //! The durable job store: one [`JobStore`] trait, two backends ([`SqliteStore`], [`PgStore`]).
 //!
-//! The database is the source of truth; the coordinator holds no queue in memory. Methods are
-//! named after transitions (`lease_next`, `heartbeat`, `complete`, `fail`, `reclaim_expired`) and
-//! apply [`crate::job::transition`] inside one transaction each. Both backends share their SQL
+//! The database is the source of truth; the coordinator holds no queue in memory (the group-commit
+//! queues hold calls only while they wait for the next transaction). Methods are named after
+//! transitions (`lease_batch`, `heartbeat`, `complete_batch`, `fail`, `reclaim_expired`) and apply
+//! [`crate::job::transition`] inside one transaction each. Both backends share their SQL
 //! (`$1`-style parameters work in both) through the `impl_store!` macro in `common.rs`; what
-//! differs (how a write transaction begins, row locking, the claim query) lives in
+//! differs (how a write transaction begins, row locking, the candidate queries) lives in
 //! `sqlite.rs` / `postgres.rs`. Times are milliseconds since the Unix epoch, passed in by the
 //! caller so that tests control the clock.
 
