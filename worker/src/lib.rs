@@ -23,8 +23,3 @@ pub mod plot;
 pub mod prune;
 pub mod score;
 pub mod serve;
-
-/// The allocator of every binary that links the worker (the CLI, tests, benches): see the
-/// `mimalloc` entry in Cargo.toml for why.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
