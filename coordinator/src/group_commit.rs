@@ -40,46 +40,8 @@ impl GroupCommit {
     pub fn start(store: Arc<dyn JobStore>) -> Self {
         let (leases, lease_rx) = mpsc::channel(4 * MAX_BATCH);
         let (completions, completion_rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(serve(lease_rx, {
-            let store = store.clone();
-            move |requests: Vec<LeaseRequest>| {
-                let store = store.clone();
-                async move {
-                    let now = now_ms();
-                    match store.lease_batch(&requests, now).await {
-                        Ok(leases) => leases.into_iter().map(Ok).collect(),
-                        Err(e) => {
-                            tracing::warn!("lease batch of {} failed ({e}); serving them one by one", requests.len());
-                            let mut out = Vec::with_capacity(requests.len());
-                            for r in &requests {
-                                let one = store.lease_batch(std::slice::from_ref(r), now_ms()).await;
-                                out.push(one.map(|mut v| v.pop().flatten()));
-                            }
-                            out
-                        }
-                    }
-                }
-            }
-        }));
-        tokio::spawn(serve(completion_rx, move |completions: Vec<Completion>| {
-            let store = store.clone();
-            async move {
-                match store.complete_batch(&completions, now_ms()).await {
-                    Ok(outcomes) => outcomes,
-                    Err(e) => {
-                        tracing::warn!(
-                            "completion batch of {} failed ({e}); serving them one by one",
-                            completions.len()
-                        );
-                        let mut out = Vec::with_capacity(completions.len());
-                        for c in &completions {
-                            out.push(store.complete(c, now_ms()).await);
-                        }
-                        out
-                    }
-                }
-            }
-        }));
+        tokio::spawn(serve_leases(store.clone(), lease_rx));
+        tokio::spawn(serve_completions(store, completion_rx));
         Self { leases, completions }
     }
 
@@ -98,27 +60,58 @@ impl GroupCommit {
     }
 }
 
-/// Drains `queue` in batches through `run`, which answers each call of a batch in order.
-async fn serve<T, R, F, Fut>(mut queue: mpsc::Receiver<(T, Reply<R>)>, run: F)
-where
-    F: Fn(Vec<T>) -> Fut,
-    Fut: std::future::Future<Output = Vec<Result<R, StoreError>>>,
-{
-    while let Some(first) = queue.recv().await {
-        let mut calls = vec![first];
-        while calls.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(call) => calls.push(call),
-                Err(_) => break,
+/// The next batch: the first call to arrive, then whatever queued up behind it (up to
+/// [`MAX_BATCH`]), split into the calls and their reply channels. `None` once every handle is gone.
+async fn next_batch<T, R>(queue: &mut mpsc::Receiver<(T, Reply<R>)>) -> Option<(Vec<T>, Vec<Reply<R>>)> {
+    let mut calls = vec![queue.recv().await?];
+    while calls.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(call) => calls.push(call),
+            Err(_) => break,
+        }
+    }
+    Some(calls.into_iter().unzip())
+}
+
+/// Answers each call of a batch with its outcome, in order. A caller that went away (its RPC was
+/// cancelled) leaves a lease to expire and be reclaimed, as it would have without batching.
+fn answer<R>(replies: Vec<Reply<R>>, outcomes: Vec<Result<R, StoreError>>) {
+    debug_assert_eq!(outcomes.len(), replies.len());
+    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        let _ = reply.send(outcome);
+    }
+}
+
+async fn serve_leases(store: Arc<dyn JobStore>, mut queue: mpsc::Receiver<(LeaseRequest, Reply<Option<LeasedJob>>)>) {
+    while let Some((requests, replies)) = next_batch(&mut queue).await {
+        let outcomes = match store.lease_batch(&requests, now_ms()).await {
+            Ok(leases) => leases.into_iter().map(Ok).collect(),
+            Err(e) => {
+                tracing::warn!("lease batch of {} failed ({e}); serving them one by one", requests.len());
+                let mut out = Vec::with_capacity(requests.len());
+                for r in &requests {
+                    out.push(store.lease_next(&r.worker_id, &r.held_models, r.ttl_ms, now_ms()).await);
+                }
+                out
             }
-        }
-        let (items, replies): (Vec<T>, Vec<Reply<R>>) = calls.into_iter().unzip();
-        let outcomes = run(items).await;
-        debug_assert_eq!(outcomes.len(), replies.len());
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            // A caller that went away (its RPC was cancelled) leaves a lease to expire and be
-            // reclaimed, as it would have without batching.
-            let _ = reply.send(outcome);
-        }
+        };
+        answer(replies, outcomes);
+    }
+}
+
+async fn serve_completions(store: Arc<dyn JobStore>, mut queue: mpsc::Receiver<(Completion, Reply<()>)>) {
+    while let Some((completions, replies)) = next_batch(&mut queue).await {
+        let outcomes = match store.complete_batch(&completions, now_ms()).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                tracing::warn!("completion batch of {} failed ({e}); serving them one by one", completions.len());
+                let mut out = Vec::with_capacity(completions.len());
+                for c in &completions {
+                    out.push(store.complete(c, now_ms()).await);
+                }
+                out
+            }
+        };
+        answer(replies, outcomes);
     }
 }

@@ -301,14 +301,14 @@ macro_rules! impl_store {
                 Ok((row, status))
             }
 
-            /// `column = CASE id WHEN … THEN … END`: a per-row value in one `UPDATE`.
-            fn push_case<T>(update: &mut sqlx::QueryBuilder<$db>, column: &str, values: &[(i64, T)])
+            /// `, column = CASE id WHEN … THEN … END`: a per-row value in one `UPDATE`.
+            fn push_case<T>(update: &mut sqlx::QueryBuilder<$db>, column: &str, values: impl IntoIterator<Item = (i64, T)>)
             where
-                T: for<'t> sqlx::Encode<'t, $db> + sqlx::Type<$db> + Clone,
+                T: for<'t> sqlx::Encode<'t, $db> + sqlx::Type<$db>,
             {
-                update.push(column).push(" = CASE id");
+                update.push(", ").push(column).push(" = CASE id");
                 for (id, value) in values {
-                    update.push(" WHEN ").push_bind(*id).push(" THEN ").push_bind(value.clone());
+                    update.push(" WHEN ").push_bind(id).push(" THEN ").push_bind(value);
                 }
                 update.push(" END");
             }
@@ -595,14 +595,11 @@ macro_rules! impl_store {
                 // set of held models, then for anyone, are read (and locked on Postgres); jobs are
                 // assigned to requests in order here; one UPDATE leases them all; one INSERT logs it.
                 let mut tx = self.begin_write().await?;
-                let mut held_sets: Vec<&[String]> = Vec::new();
-                for r in requests.iter().filter(|r| !r.held_models.is_empty()) {
-                    if !held_sets.contains(&r.held_models.as_slice()) {
-                        held_sets.push(&r.held_models);
-                    }
-                }
                 let mut held_candidates: HashMap<&[String], Vec<i64>> = HashMap::new();
-                for held in held_sets {
+                for held in requests.iter().map(|r| r.held_models.as_slice()) {
+                    if held.is_empty() || held_candidates.contains_key(held) {
+                        continue;
+                    }
                     let wanted = requests.iter().filter(|r| r.held_models == held).count();
                     let ids: Vec<i64> = sqlx::query(Self::CANDIDATES_HELD)
                         .bind(serde_json::to_string(held).expect("strings serialize"))
@@ -648,15 +645,10 @@ macro_rules! impl_store {
                     return Ok(leased);
                 }
                 let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE jobs SET state = 'leased', phase = NULL, updated_at = ");
-                update.push_bind(now).push(", ");
-                let lease_ids: Vec<(i64, String)> = claims.iter().map(|c| (c.1, c.2.clone())).collect();
-                Self::push_case(&mut update, "lease_id", &lease_ids);
-                update.push(", ");
-                let workers: Vec<(i64, String)> = claims.iter().map(|c| (c.1, requests[c.0].worker_id.clone())).collect();
-                Self::push_case(&mut update, "worker_id", &workers);
-                update.push(", ");
-                let expiry: Vec<(i64, i64)> = claims.iter().map(|c| (c.1, now + requests[c.0].ttl_ms)).collect();
-                Self::push_case(&mut update, "lease_expires_at", &expiry);
+                update.push_bind(now);
+                Self::push_case(&mut update, "lease_id", claims.iter().map(|c| (c.1, c.2.clone())));
+                Self::push_case(&mut update, "worker_id", claims.iter().map(|c| (c.1, requests[c.0].worker_id.clone())));
+                Self::push_case(&mut update, "lease_expires_at", claims.iter().map(|c| (c.1, now + requests[c.0].ttl_ms)));
                 update.push(" WHERE state = 'pending' AND ");
                 Self::push_ids(&mut update, claims.iter().map(|c| c.1));
                 update.push($crate::store::common::returning_job!());
@@ -791,25 +783,16 @@ macro_rules! impl_store {
                     tx.commit().await?;
                     return Ok(outcomes);
                 }
-                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE jobs SET error = NULL, error_kind = NULL, updated_at = ");
-                update.push_bind(now).push(", finished_at = ").push_bind(now).push(", ");
-                let states: Vec<(i64, String)> = accepted.iter().map(|(c, _, n)| (c.job_id, n.state.as_str().to_string())).collect();
-                Self::push_case(&mut update, "state", &states);
-                update.push(", ");
-                let layers: Vec<(i64, String)> = accepted
-                    .iter()
-                    .map(|(c, _, _)| (c.job_id, serde_json::to_string(&c.layers_dropped).expect("numbers serialize")))
-                    .collect();
-                Self::push_case(&mut update, "layers_dropped", &layers);
-                update.push(", ");
-                let depth: Vec<(i64, Option<i64>)> = accepted.iter().map(|(c, _, _)| (c.job_id, c.num_layers.map(i64::from))).collect();
-                Self::push_case(&mut update, "num_layers", &depth);
-                update.push(", ");
-                let timings: Vec<(i64, String)> = accepted
-                    .iter()
-                    .map(|(c, _, _)| (c.job_id, serde_json::to_string(&c.timings).expect("timings serialize")))
-                    .collect();
-                Self::push_case(&mut update, "timings", &timings);
+                // Completing a leased job has one outcome in the state machine; one value for all.
+                let state = accepted[0].2.state;
+                debug_assert!(accepted.iter().all(|(_, _, next)| next.state == state));
+                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE jobs SET error = NULL, error_kind = NULL, state = ");
+                update.push_bind(state.as_str()).push(", updated_at = ").push_bind(now).push(", finished_at = ").push_bind(now);
+                let layers = |c: &$crate::store::Completion| serde_json::to_string(&c.layers_dropped).expect("numbers serialize");
+                let timings = |c: &$crate::store::Completion| serde_json::to_string(&c.timings).expect("timings serialize");
+                Self::push_case(&mut update, "layers_dropped", accepted.iter().map(|(c, _, _)| (c.job_id, layers(c))));
+                Self::push_case(&mut update, "num_layers", accepted.iter().map(|(c, _, _)| (c.job_id, c.num_layers.map(i64::from))));
+                Self::push_case(&mut update, "timings", accepted.iter().map(|(c, _, _)| (c.job_id, timings(c))));
                 update.push(" WHERE ");
                 Self::push_ids(&mut update, accepted.iter().map(|(c, _, _)| c.job_id));
                 update.build().execute(&mut *tx).await?;
