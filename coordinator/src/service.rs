@@ -158,6 +158,9 @@ fn pb_spec(job: &JobRow, distances: &[DistanceRow]) -> pb::JobSpec {
                 limit: e.limit,
                 shots: e.shots,
                 seq_len: e.seq_len,
+                first_doc: e.first_doc,
+                limit_per_subject: e.limit_per_subject,
+                dev_path: e.dev_path.clone(),
             })
             .collect(),
         seed: s.seed.unwrap_or_default(),

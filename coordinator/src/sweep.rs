@@ -282,9 +282,12 @@ fn default_batch() -> u32 {
 /// Evaluation tasks the worker knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub enum EvalKind {
-    /// MMLU accuracy (5-shot by default).
+    /// MMLU accuracy, letter-scored (5-shot by default).
     #[serde(rename = "mmlu")]
     Mmlu,
+    /// MMLU accuracy, cloze-scored (0-shot; the form small models are measured with).
+    #[serde(rename = "mmlu-cloze")]
+    MmluCloze,
     /// BoolQ accuracy.
     #[serde(rename = "boolq")]
     BoolQ,
@@ -298,6 +301,7 @@ impl EvalKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EvalKind::Mmlu => "mmlu",
+            EvalKind::MmluCloze => "mmlu-cloze",
             EvalKind::BoolQ => "boolq",
             EvalKind::C4Loss => "c4-loss",
         }
@@ -321,6 +325,17 @@ pub struct EvalTaskSpec {
     /// Tokens per document (loss tasks).
     #[serde(default)]
     pub seq_len: Option<u32>,
+    /// Documents skipped before the evaluated ones (loss tasks): keeps them apart from the
+    /// documents the model was calibrated or healed on. Not serialized when unset, so that
+    /// sweeps written before it keep their job keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_doc: Option<u32>,
+    /// At most this many questions per subject (MMLU tasks; `limit` caps the total).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_per_subject: Option<u32>,
+    /// Few-shot examples (MMLU) when `path` is not the original CSV folder with its `dev/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_path: Option<String>,
 }
 
 /// The model as a job sees it.
@@ -489,9 +504,53 @@ impl SweepSpec {
             if !tasks.insert(e.task) {
                 return Err(invalid(&format!("eval[{i}].task"), format!("duplicate task {}", e.task.as_str())));
             }
+            let mmlu = matches!(e.task, EvalKind::Mmlu | EvalKind::MmluCloze);
+            let only = |field: &str, given: bool, applies: bool, to: &str| match given && !applies {
+                true => Err(invalid(
+                    &format!("eval[{i}].{field}"),
+                    format!("only applies to {to}, not {}", e.task.as_str()),
+                )),
+                false => Ok(()),
+            };
+            only("shots", e.shots.is_some(), e.task == EvalKind::Mmlu, "mmlu")?;
+            only("limit_per_subject", e.limit_per_subject.is_some(), mmlu, "mmlu and mmlu-cloze")?;
+            only("dev_path", e.dev_path.is_some(), e.task == EvalKind::Mmlu, "mmlu")?;
+            only("first_doc", e.first_doc.is_some(), e.task == EvalKind::C4Loss, "c4-loss")?;
+            only("seq_len", e.seq_len.is_some(), e.task == EvalKind::C4Loss, "c4-loss")?;
+            if e.task == EvalKind::C4Loss && e.first_doc.is_none() {
+                self.check_loss_apart_from_healing(i, e, &invalid)?;
+            }
         }
         if self.max_attempts == 0 {
             return Err(invalid("max_attempts", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// A loss measured on the documents the model was healed on says nothing about the cut: when
+    /// `eval[i]` (c4-loss, no `first_doc`) reads the file a heal variant trains on, both start at
+    /// its first document, so the sweep is refused until `first_doc` says where evaluation starts
+    /// (set it explicitly, even to 0, to accept the overlap).
+    fn check_loss_apart_from_healing(
+        &self,
+        i: usize,
+        e: &EvalTaskSpec,
+        invalid: &dyn Fn(&str, String) -> SweepError,
+    ) -> Result<(), SweepError> {
+        for h in &self.heal {
+            let Some(q) = self.heal_with_data(h).qlora else { continue };
+            if q.data.as_deref() == Some(e.path.as_str()) {
+                let tokens = u64::from(q.steps) * u64::from(q.batch_size) * u64::from(q.seq_len);
+                return Err(invalid(
+                    &format!("eval[{i}].first_doc"),
+                    format!(
+                        "c4-loss reads {} from its first document, and heal variant {:?} trains on the \
+                         same file from its first document ({tokens} tokens: steps × batch_size × seq_len); \
+                         set `first_doc` to a document past those (or to 0 to measure on them anyway)",
+                        e.path, h.name
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -647,15 +706,70 @@ mod tests {
         assert!(jobs.iter().all(|j| j.spec.kind == JobKind::Cell && j.depends_on.is_none()));
     }
 
+    const QLORA_R8: &str = "heal:\n  - name: none\n  - name: qlora-r8\n    qlora: {rank: 8, alpha: 16, steps: 10, learning_rate: 0.0003}\n";
+
     #[test]
     fn heal_variants_multiply_cells_and_none_has_no_heal() {
-        let yaml = tiny().to_string()
-            + "heal:\n  - name: none\n  - name: qlora-r8\n    qlora: {rank: 8, alpha: 16, steps: 10, learning_rate: 0.0003}\n";
+        let yaml = tiny().replace("limit: 4\n", "limit: 4\n    first_doc: 100\n") + QLORA_R8;
         let jobs = parse(&yaml).unwrap().expand();
         let cells: Vec<_> = jobs.iter().filter(|j| j.spec.kind == JobKind::Cell).collect();
         assert_eq!(cells.len(), 8);
         assert_eq!(cells.iter().filter(|j| j.spec.heal.is_none()).count(), 4);
         assert_eq!(cells.iter().filter(|j| j.spec.heal_name() == "qlora-r8").count(), 4);
+    }
+
+    #[test]
+    fn loss_on_the_healing_documents_is_refused_until_first_doc_is_set() {
+        // The heal variant trains on the calibration file (its default), which c4-loss also reads.
+        let err = parse(&(tiny().to_string() + QLORA_R8)).unwrap_err().to_string();
+        assert!(err.contains("`eval[0].first_doc`") && err.contains("\"qlora-r8\""), "{err}");
+        assert!(err.contains("10240 tokens"), "10 steps x 4 x 256: {err}");
+        // Any explicit value is accepted (0 = measure on the healing documents knowingly); the
+        // field reaches the job's content and so its key.
+        for first in [0, 500] {
+            let yaml = tiny().replace("limit: 4\n", &format!("limit: 4\n    first_doc: {first}\n")) + QLORA_R8;
+            let jobs = parse(&yaml).unwrap().expand();
+            assert!(jobs[1].spec.canonical_json().contains(&format!("\"first_doc\":{first}")));
+        }
+        // Healing on another file: nothing to refuse.
+        let other = QLORA_R8.replace("learning_rate: 0.0003", "learning_rate: 0.0003, data: other.jsonl");
+        parse(&(tiny().to_string() + &other)).unwrap();
+    }
+
+    #[test]
+    fn eval_fields_apply_to_their_tasks_only() {
+        let with_task = |task: &str, extra: &str| {
+            tiny().replace(
+                "task: c4-loss\n    path: data.jsonl\n    limit: 4\n",
+                &format!("task: {task}\n    path: d\n{extra}"),
+            )
+        };
+        for (task, extra, field) in [
+            ("boolq", "    first_doc: 3\n", "`eval[0].first_doc`"),
+            ("boolq", "    shots: 5\n", "`eval[0].shots`"),
+            ("mmlu-cloze", "    shots: 5\n", "`eval[0].shots`"),
+            ("c4-loss", "    limit_per_subject: 5\n", "`eval[0].limit_per_subject`"),
+            ("mmlu", "    seq_len: 64\n", "`eval[0].seq_len`"),
+        ] {
+            let err = parse(&with_task(task, extra)).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("only applies to"), "{task} {extra}: {err}");
+        }
+        let spec =
+            parse(&with_task("mmlu", "    shots: 5\n    limit_per_subject: 5\n    dev_path: dev.jsonl\n")).unwrap();
+        assert_eq!(spec.eval[0].limit_per_subject, Some(5));
+        parse(&with_task("mmlu-cloze", "    limit_per_subject: 2\n")).unwrap();
+    }
+
+    #[test]
+    fn unset_new_eval_fields_leave_job_keys_as_they_were() {
+        // Keys of sweeps written before `first_doc`, `limit_per_subject` and `dev_path` existed.
+        let json = parse(tiny()).unwrap().expand()[1].spec.canonical_json();
+        assert!(
+            json.contains(
+                "\"eval\":[{\"limit\":4,\"path\":\"data.jsonl\",\"seq_len\":null,\"shots\":null,\"task\":\"c4-loss\"}]"
+            ),
+            "{json}"
+        );
     }
 
     #[test]

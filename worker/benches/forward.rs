@@ -37,6 +37,7 @@ fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    prunesweep_worker::set_cpu_runtime_defaults();
     let path = common::smollm2();
     let tokens = common::env_usize("BENCH_TOKENS", 256);
     let repeats = common::env_usize("BENCH_REPEATS", 5);

@@ -47,6 +47,16 @@ pub enum DataError {
         /// The file.
         path: PathBuf,
     },
+    /// The file ends before the first document asked for.
+    #[error("{}: holds {held} documents, none from document {first} on; lower `first_doc`", path.display())]
+    TooFew {
+        /// The file.
+        path: PathBuf,
+        /// Documents in the file.
+        held: usize,
+        /// The 0-based index asked to start from.
+        first: usize,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
@@ -73,6 +83,17 @@ pub fn read_documents(path: &Path, limit: Option<usize>) -> Result<Vec<String>, 
     if docs.is_empty() {
         return Err(DataError::Empty { path: path.to_path_buf() });
     }
+    Ok(docs)
+}
+
+/// Documents `first ..` of `path`, at most `count` of them (all the rest when `None`): held-out
+/// documents for a loss, or healing data kept apart from the documents evaluated.
+pub fn read_document_range(path: &Path, first: usize, count: Option<usize>) -> Result<Vec<String>, DataError> {
+    let mut docs = read_documents(path, count.map(|n| first.saturating_add(n)))?;
+    if docs.len() <= first {
+        return Err(DataError::TooFew { path: path.to_path_buf(), held: docs.len(), first });
+    }
+    docs.drain(..first);
     Ok(docs)
 }
 
@@ -148,6 +169,18 @@ mod tests {
         assert_eq!(read_documents(&p, Some(1)).unwrap(), vec!["a"]);
         std::fs::write(&p, "").unwrap();
         assert!(read_documents(&p, None).unwrap_err().to_string().contains("no documents"));
+    }
+
+    #[test]
+    fn document_ranges_skip_and_name_a_start_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(&p, "{\"text\": \"a\"}\n{\"text\": \"b\"}\n{\"text\": \"c\"}\n").unwrap();
+        assert_eq!(read_document_range(&p, 1, Some(1)).unwrap(), vec!["b"]);
+        assert_eq!(read_document_range(&p, 1, None).unwrap(), vec!["b", "c"]);
+        assert_eq!(read_document_range(&p, 0, Some(9)).unwrap(), vec!["a", "b", "c"]);
+        let e = read_document_range(&p, 3, Some(2)).unwrap_err().to_string();
+        assert!(e.ends_with("d.jsonl: holds 3 documents, none from document 3 on; lower `first_doc`"), "{e}");
     }
 
     #[test]

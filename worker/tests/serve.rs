@@ -29,7 +29,7 @@ fn tiny_sweep(name: &str, model: &str, extra: &str) -> String {
         "name: {name}\nmodels:\n  - name: tiny-llama\n    path: {model}\n\
          calibration:\n  path: {c4}\n  samples: 4\n  seq_len: 16\n\
          methods: [angular, deepest]\nfractions: [0.25, 0.5]\n\
-         eval:\n  - task: c4-loss\n    path: {c4}\n    limit: 4\n    seq_len: 16\n\
+         eval:\n  - task: c4-loss\n    path: {c4}\n    limit: 4\n    seq_len: 16\n    first_doc: 100\n\
          seed: 0\nmax_attempts: 3\n{extra}"
     )
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use prunesweep_worker::data::read_documents;
+use prunesweep_worker::data::read_document_range;
 use prunesweep_worker::eval::{boolq, c4_loss, mmlu, EvalReport, Task};
 
 use super::ModelArgs;
@@ -84,11 +84,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             r
         }
         Task::C4Loss => {
-            let docs = read_documents(&args.data, Some(args.first_doc + args.samples))?;
-            let docs = docs.get(args.first_doc..).unwrap_or_default();
-            anyhow::ensure!(!docs.is_empty(), "{}: fewer than {} documents", args.data.display(), args.first_doc + 1);
+            let docs = read_document_range(&args.data, args.first_doc, Some(args.samples))?;
             let pb = bar(docs.len(), "c4-loss");
-            let r = c4_loss::evaluate(&model, docs, args.seq_len, args.batch, &mut |n| pb.set_position(n as u64))?;
+            let r = c4_loss::evaluate(&model, &docs, args.seq_len, args.batch, &mut |n| pb.set_position(n as u64))?;
             pb.finish_and_clear();
             r
         }

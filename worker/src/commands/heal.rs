@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use prunesweep_worker::data::{file_sha256, read_documents};
+use prunesweep_worker::data::{file_sha256, read_document_range};
 use prunesweep_worker::heal::packing::PackedChunks;
 use prunesweep_worker::heal::{eos_id, HealConfig, HealEnd, Trainer, EXIT_PREEMPTED};
 use prunesweep_worker::model::lora::LoraSpec;
@@ -113,9 +113,8 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
         ..HealConfig::default()
     };
     cfg.validate()?;
-    let docs = read_documents(&args.data, None)?;
-    let docs = docs.get(args.first_doc..).unwrap_or_default();
-    let chunks = PackedChunks::pack(&model.tokenizer, docs, eos_id(&model)?, cfg.seq_len, cfg.steps * cfg.batch)?;
+    let docs = read_document_range(&args.data, args.first_doc, None)?;
+    let chunks = PackedChunks::pack(&model.tokenizer, &docs, eos_id(&model)?, cfg.seq_len, cfg.steps * cfg.batch)?;
     if chunks.len() < cfg.steps * cfg.batch {
         tracing::warn!(
             chunks = chunks.len(),

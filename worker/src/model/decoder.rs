@@ -31,6 +31,7 @@ pub use super::frozen::Weight;
 use super::lora::{mix_seed, Lora, LoraSpec};
 use super::masked_softmax::masked_softmax;
 use super::nf4::Nf4Matrix;
+use super::silu_mul::silu_mul;
 use super::weights::WeightMap;
 use super::ModelError;
 
@@ -417,6 +418,9 @@ fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
+            Mlp::Gated { gate, up, down, act: Activation::Silu } => {
+                down.forward(&silu_mul(&gate.forward(x)?, &up.forward(x)?)?)
+            }
             Mlp::Gated { gate, up, down, act } => {
                 let g = activate(&gate.forward(x)?, *act)?;
                 down.forward(&(g * up.forward(x)?)?)

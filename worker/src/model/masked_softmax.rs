@@ -113,14 +113,16 @@ fn softmax_row(x: &[f32], m: &[f32], out: &mut [f32]) {
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
-/// `e^x` for `x ≤ 0` (softmax arguments) to ~2 ulp, in plain arithmetic that vectorises:
+/// `e^x` for `x ≤ 88` (softmax arguments, and SiLU's `e^(−gate)`) to ~2 ulp, in plain
+/// arithmetic that vectorises:
 /// `e^x = 2^k · e^r` with `k = round(x·log₂e)`, `r = x − k·ln 2` (Cody–Waite, `|r| ≤ ln 2 / 2`),
 /// `e^r` by its degree-6 Taylor polynomial (remainder < 2e-7 relative). `k` is rounded by adding
 /// 1.5·2²³, which leaves it in the low mantissa bits, so `2^k` is built from bits with no
 /// float-to-int conversion. Below −87 it returns `e^−87` rather than a denormal; softmax rows
-/// always hold a 1 (`x = 0`), so that is noise.
+/// always hold a 1 (`x = 0`), so that is noise; above 88 it returns `e^88` (SiLU of a gate below
+/// −88 is then ~1e-36 rather than 0).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const SHIFT: f32 = 12_582_912.0; // 1.5 · 2²³, whose bits are 0x4B40_0000
@@ -148,6 +150,12 @@ mod tests {
         }
         assert!(worst < 5e-7, "max relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
+        // Positive arguments (SiLU's e^(−gate) for negative gates).
+        for i in 0..=88_000 {
+            let x = i as f32 / 1000.0;
+            let (got, want) = (f64::from(exp(x)), f64::from(x).exp());
+            assert!((got - want).abs() / want < 5e-7, "e^{x}: {got} vs {want}");
+        }
     }
 
     #[test]

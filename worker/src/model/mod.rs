@@ -9,7 +9,8 @@
 //! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
 //! - [`nf4`], [`frozen`], [`lora`]: the frozen 4-bit base, products with frozen weights, and the
 //!   low-rank adapters that healing trains.
-//! - [`masked_softmax`]: attention's mask + softmax in one pass (inference on CPU).
+//! - [`masked_softmax`], [`silu_mul`]: attention's mask + softmax, and the gated MLP's
+//!   activation, each in one pass (inference on CPU).
 
 pub mod config;
 pub mod decoder;
@@ -17,6 +18,7 @@ pub mod frozen;
 pub mod lora;
 pub mod masked_softmax;
 pub mod nf4;
+pub mod silu_mul;
 pub mod tokenizer;
 pub mod weights;
 pub mod writer;

@@ -15,7 +15,7 @@ use prunesweep_proto::v1::{
     job_spec::Amount, Distance, EvalTask, JobKind, JobSpec, PhaseTiming, PruneMethod, ResultRow,
 };
 
-use crate::data::read_documents;
+use crate::data::{read_document_range, read_documents};
 use crate::eval::{boolq, c4_loss, mmlu, EvalReport};
 use crate::heal::packing::PackedChunks;
 use crate::heal::{eos_id, HealConfig, HealEnd, Trainer};
@@ -348,8 +348,8 @@ fn eval_task(task: &EvalTask, model: &Model) -> Result<EvalReport, JobFailure> {
     let batch = 8;
     match task.task.as_str() {
         "mmlu" | "mmlu-cloze" => {
-            let mut data = mmlu::MmluData::load(path, None).map_err(data_err)?;
-            data.truncate(None, limit);
+            let mut data = mmlu::MmluData::load(path, task.dev_path.as_deref().map(Path::new)).map_err(data_err)?;
+            data.truncate(task.limit_per_subject.map(|k| k as usize), limit);
             if task.task == "mmlu" {
                 mmlu::evaluate_letter(model, &data, task.shots.unwrap_or(5) as usize, batch, &mut |_| {})
             } else {
@@ -363,7 +363,7 @@ fn eval_task(task: &EvalTask, model: &Model) -> Result<EvalReport, JobFailure> {
             boolq::evaluate(model, &items, batch, &mut |_| {}).map_err(data_err)
         }
         "c4-loss" => {
-            let docs = read_documents(path, Some(limit.unwrap_or(256)))
+            let docs = read_document_range(path, task.first_doc.unwrap_or(0) as usize, Some(limit.unwrap_or(256)))
                 .map_err(|e| JobFailure::new("data", false, e.to_string()))?;
             c4_loss::evaluate(model, &docs, task.seq_len.unwrap_or(512) as usize, batch, &mut |_| {}).map_err(data_err)
         }
@@ -383,6 +383,31 @@ mod tests {
         assert!(f.message.contains("boom 1"), "{}", f.message);
         let payload = std::panic::catch_unwind(|| panic!("static text")).unwrap_err();
         assert!(JobFailure::panicked(payload.as_ref()).message.contains("static text"));
+    }
+
+    #[test]
+    fn loss_tasks_start_at_first_doc() {
+        let model = Model::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama"), &Device::Cpu)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docs.jsonl");
+        let docs = ["The first document.", "A second one, longer than the first.", "Third: held out.", "Fourth."];
+        std::fs::write(&path, docs.map(|d| format!("{{\"text\": \"{d}\"}}\n")).concat()).unwrap();
+        let task = |first_doc| EvalTask {
+            task: "c4-loss".into(),
+            path: path.display().to_string(),
+            limit: Some(1),
+            seq_len: Some(16),
+            first_doc,
+            ..EvalTask::default()
+        };
+        let held_out = eval_task(&task(Some(2)), &model).unwrap();
+        let direct = c4_loss::evaluate(&model, &[docs[2].to_string()], 16, 8, &mut |_| {}).unwrap();
+        assert_eq!((held_out.n, held_out.loss), (1, direct.loss));
+        assert_ne!(eval_task(&task(None), &model).unwrap().loss, direct.loss, "unset starts at document 0");
+        let f = eval_task(&task(Some(4)), &model).unwrap_err();
+        assert_eq!((f.kind, f.retryable), ("data", false));
+        assert!(f.message.contains("none from document 4 on; lower `first_doc`"), "{}", f.message);
     }
 
     #[test]

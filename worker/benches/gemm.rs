@@ -1,0 +1,38 @@
+//! f32 matrix products at SmolLM2-135M's projection shapes, as the decoder's `Linear` computes them
+//! (`x Wᵀ`, `W` stored `[out, in]`): how fast candle's CPU GEMM is on this machine. The model-level
+//! ratios against transformers (scoring, evaluation) follow mostly from this figure and the BLAS
+//! that torch uses here, so `scripts/bench-gemm.sh` prints both side by side.
+//!
+//! Prints `BENCH candle M K N gflops=<2·M·K·N / median seconds / 1e9>`.
+//! Environment: `BENCH_ROWS` (M, default 1024), `BENCH_REPEATS` (20).
+
+mod common;
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+fn main() -> anyhow::Result<()> {
+    prunesweep_worker::set_cpu_runtime_defaults();
+    let (m, repeats) = (common::env_usize("BENCH_ROWS", 1024), common::env_usize("BENCH_REPEATS", 20));
+    // q/o (576→576), k/v (576→192), gate/up (576→1536), down (1536→576), and a square reference.
+    for (k, n) in [(576, 576), (576, 192), (576, 1536), (1536, 576), (1024, 1024)] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let run = || x.matmul(&w.t().expect("2-d")).expect("matmul");
+        for _ in 0..3 {
+            run();
+        }
+        let mut times: Vec<f64> = (0..repeats)
+            .map(|_| {
+                let t = Instant::now();
+                run();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let secs = times[times.len() / 2];
+        println!("BENCH candle {m} {k} {n} gflops={:.1}", 2.0 * (m * k * n) as f64 / secs / 1e9);
+    }
+    Ok(())
+}
