@@ -439,3 +439,117 @@ fn sigterm_checkpoints_exits_75_and_resume_finishes_the_run() {
     let steps: Vec<usize> = rows.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
     assert_eq!(steps, (1..=400).collect::<Vec<_>>());
 }
+
+/// PEFT-shaped adapter tensors with nonzero values for every module of `targets` in every layer.
+fn peft_tensors(model: &Model, spec: &LoraSpec, seed: u64) -> std::collections::HashMap<String, Tensor> {
+    let c = &model.decoder.cfg;
+    let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let rows = |t: &str| match t {
+        "qkv_proj" => q + 2 * kv,
+        "gate_up_proj" => 2 * i,
+        "o_proj" | "down_proj" => h,
+        other => panic!("no such Phi-3 module {other}"),
+    };
+    let cols = |t: &str| {
+        if t == "down_proj" {
+            i
+        } else if t == "o_proj" {
+            q
+        } else {
+            h
+        }
+    };
+    let mut out = std::collections::HashMap::new();
+    let mut k = seed as usize;
+    let mut values = |n: usize| -> Vec<f32> {
+        k += 1;
+        (0..n).map(|j| 0.2 * ((j * 13 + k * 101) as f32 * 0.071).sin()).collect()
+    };
+    for layer in 0..model.decoder.num_blocks() {
+        for t in &spec.targets {
+            let part = if t.starts_with("qkv") || t == "o_proj" { "self_attn" } else { "mlp" };
+            let p = format!("base_model.model.model.layers.{layer}.{part}.{t}");
+            let (r, o, n) = (spec.rank, rows(t), cols(t));
+            out.insert(format!("{p}.lora_A.weight"), Tensor::from_vec(values(r * n), (r, n), &Device::Cpu).unwrap());
+            out.insert(format!("{p}.lora_B.weight"), Tensor::from_vec(values(o * r), (o, r), &Device::Cpu).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn phi3_adapters_sit_on_its_fused_modules_as_peft_stores_them() {
+    let mut model = Model::load(&fixture("tiny-phi3"), &Device::Cpu).unwrap();
+    assert_eq!(model.decoder.adapter_targets(), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]);
+    let e = model.decoder.attach_adapters(&spec(2, &["q_proj"]), 0).unwrap_err().to_string();
+    assert!(e.contains("`q_proj`") && e.contains("qkv_proj"), "{e}");
+    let x = ids(&model, "Phi-3 stores its attention and gate projections fused.");
+    let base = model.decoder.forward(&x).unwrap();
+    let before: std::collections::HashMap<String, Tensor> =
+        model.decoder.named_tensors().unwrap().into_iter().collect();
+
+    let s = spec(2, &["qkv_proj", "gate_up_proj", "down_proj"]);
+    let tensors = peft_tensors(&model, &s, 3);
+    model.decoder.load_adapters(&s, &tensors, "test").unwrap();
+    // What PEFT would read back is what was loaded: B put back together from its parts' rows.
+    let saved = model.decoder.adapter_tensors().unwrap();
+    assert_eq!(saved.len(), tensors.len());
+    for (name, t) in &saved {
+        assert_eq!(max_abs_diff(t, &tensors[name]), 0.0, "{name}");
+    }
+    // Trainable: per layer one A per module and each part's rows of B (qkv: 1 + 3, gate_up: 1 + 2,
+    // down: 1 + 1).
+    let vars = model.decoder.adapter_vars();
+    assert_eq!(vars.len(), 9 * model.decoder.num_blocks());
+    assert!(vars[0].0.ends_with("layers.0.self_attn.qkv_proj.lora_A.weight"), "{}", vars[0].0);
+    assert!(vars[1].0.ends_with("layers.0.self_attn.q_proj.lora_B.weight"), "{}", vars[1].0);
+    let adapted = model.decoder.forward(&x).unwrap();
+    assert!(max_abs_diff(&adapted, &base) > 1e-3, "the adapters changed nothing");
+
+    // Merged, each part holds its rows of W + (α/r)·B·A, where B·A is computed on the fused
+    // module: the parts' rows are the checkpoint's rows, in its order.
+    model.decoder.merge_adapters().unwrap();
+    assert!(common::rel_err(&model.decoder.forward(&x).unwrap(), &adapted) <= 1e-5);
+    let after: std::collections::HashMap<String, Tensor> = model.decoder.named_tensors().unwrap().into_iter().collect();
+    for (module, parts) in
+        [("self_attn.qkv_proj", &["q_proj", "k_proj", "v_proj"][..]), ("mlp.gate_up_proj", &["gate_proj", "up_proj"])]
+    {
+        let group = if module.starts_with("self_attn") { "self_attn" } else { "mlp" };
+        let fused = |m: &std::collections::HashMap<String, Tensor>| {
+            let p: Vec<&Tensor> = parts.iter().map(|n| &m[&format!("model.layers.1.{group}.{n}.weight")]).collect();
+            Tensor::cat(&p, 0).unwrap()
+        };
+        let a = &tensors[&format!("base_model.model.model.layers.1.{module}.lora_A.weight")];
+        let b = &tensors[&format!("base_model.model.model.layers.1.{module}.lora_B.weight")];
+        let want = (fused(&before) + (b.matmul(a).unwrap() * s.scale()).unwrap()).unwrap();
+        assert!(common::rel_err(&fused(&after), &want) <= 1e-6, "{module}");
+    }
+}
+
+#[test]
+fn phi3_heals_and_its_adapter_folder_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let load = || Model::load(&fixture("tiny-phi3"), &Device::Cpu).unwrap();
+    let mut m = load();
+    // Dense base, so that the reloaded model (dense) computes exactly what the trained one does.
+    let targets = m.decoder.adapter_targets();
+    let cfg = HealConfig { lora: LoraSpec { targets, ..tiny_config(2).lora }, quantize: false, ..tiny_config(2) };
+    let data = chunks(&m, &cfg, 0);
+    let mut t = Trainer::new(&mut m, cfg, data, &tmp.path().join("run"), json!({}), false).unwrap();
+    assert_eq!(t.run(&AtomicBool::new(false), &mut |_| {}).unwrap(), HealEnd::Finished);
+    t.save_adapter(&tmp.path().join("adapter"), json!({})).unwrap();
+    drop(t);
+    // Every part of a fused module was trained (B moved off zero), and they share one A.
+    for (name, v) in adapter_values(&m) {
+        assert!(v.iter().any(|x| *x != 0.0), "{name} did not move");
+    }
+    let x = ids(&m, "A healed Phi-3 reloads its adapter from a PEFT folder.");
+    let trained = m.decoder.forward(&x).unwrap();
+    let mut reloaded = load();
+    prunesweep_worker::heal::adapter::attach(&mut reloaded, &tmp.path().join("adapter")).unwrap();
+    assert_eq!(max_abs_diff(&reloaded.decoder.forward(&x).unwrap(), &trained), 0.0);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["target_modules"], json!(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]));
+}

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde_json::{json, Value};
 
 use super::HealError;
@@ -50,8 +50,7 @@ pub fn save(model: &Model, spec: &LoraSpec, dir: &Path, extra: Value) -> Result<
     let config_path = dir.join(CONFIG_FILE);
     std::fs::write(&config_path, serde_json::to_string_pretty(&config).expect("JSON values serialize"))
         .map_err(|e| io(&config_path, e))?;
-    let tensors: Vec<(String, Tensor)> =
-        model.decoder.adapter_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    let tensors = model.decoder.adapter_tensors()?;
     let weights = dir.join(WEIGHTS_FILE);
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     safetensors::serialize_to_file(tensors, Some(metadata), &weights)

@@ -72,6 +72,19 @@ impl Lora {
         })
     }
 
+    /// Rows `start .. start + len` of this adapter's output: the same A (shared, so gradients from
+    /// every part of a fused module add up in it) and those rows of B, a trainable tensor of their
+    /// own. Phi-3's fused `qkv_proj` becomes its q, k and v parts this way.
+    pub fn rows(&self, start: usize, len: usize) -> candle_core::Result<Self> {
+        Ok(Lora {
+            a: self.a.clone(),
+            b: Var::from_tensor(&self.b.as_tensor().narrow(0, start, len)?.contiguous()?)?,
+            scale: self.scale,
+            dropout: self.dropout,
+            dropout_seed: self.dropout_seed,
+        })
+    }
+
     /// The adapter's contribution for `x: [n, in]` → `[n, out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (a, b) = match self.dropout_seed {
