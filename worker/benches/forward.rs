@@ -9,32 +9,12 @@
 
 mod common;
 
-use std::time::Instant;
-
 use candle_core::{Device, Tensor};
 use prunesweep_worker::model::Model;
 
 const TEXT: &str = "The Unreasonable Ineffectiveness of the Deeper Layers. We empirically study a simple \
 layer-pruning strategy for popular families of open-weight pretrained LLMs, finding minimal degradation of \
 performance on different question-answering benchmarks until after a large fraction of the layers are removed. ";
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("timings are finite"));
-    xs[xs.len() / 2]
-}
-
-fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
-    median(
-        (0..repeats)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
-}
 
 fn main() -> anyhow::Result<()> {
     prunesweep_worker::set_cpu_runtime_defaults();
@@ -57,13 +37,13 @@ fn main() -> anyhow::Result<()> {
     };
     report(
         "prunesweep-forward-all-logits",
-        time(repeats, || {
+        common::median_seconds(1, repeats, || {
             d.forward(&input).expect("forward");
         }),
     );
     report(
         "prunesweep-forward-last-logits",
-        time(repeats, || {
+        common::median_seconds(1, repeats, || {
             let h = d.run(&input, None, None, &mut |_, _| Ok(())).expect("run");
             d.logits_at(&h, &[tokens - 1]).expect("logits");
         }),

@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::time::Instant;
-
 use candle_core::{Device, Tensor};
 
 fn main() -> anyhow::Result<()> {
@@ -19,19 +17,9 @@ fn main() -> anyhow::Result<()> {
     for (k, n) in [(576, 576), (576, 192), (576, 1536), (1536, 576), (1024, 1024)] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
-        let run = || x.matmul(&w.t().expect("2-d")).expect("matmul");
-        for _ in 0..3 {
-            run();
-        }
-        let mut times: Vec<f64> = (0..repeats)
-            .map(|_| {
-                let t = Instant::now();
-                run();
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        times.sort_by(f64::total_cmp);
-        let secs = times[times.len() / 2];
+        let secs = common::median_seconds(3, repeats, || {
+            x.matmul(&w.t().expect("2-d")).expect("matmul");
+        });
         println!("BENCH candle {m} {k} {n} gflops={:.1}", 2.0 * (m * k * n) as f64 / secs / 1e9);
     }
     Ok(())

@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::time::Instant;
-
 use candle_core::Device;
 use prunesweep_worker::data::read_documents;
 use prunesweep_worker::model::Model;
@@ -30,17 +28,9 @@ fn main() -> anyhow::Result<()> {
     );
     let model = Model::load(&model_path, &Device::Cpu)?;
     let calibration = Calibration::from_documents(&model.tokenizer, &read_documents(&c4, Some(docs))?, seq_len)?;
-    let run = || score_layers(&model.decoder, &calibration, batch, &mut |_| {}).expect("scoring");
-    run(); // warm-up
-    let mut times: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let t = Instant::now();
-            run();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    let secs = times[times.len() / 2];
+    let secs = common::median_seconds(1, repeats, || {
+        score_layers(&model.decoder, &calibration, batch, &mut |_| {}).expect("scoring");
+    });
     let tokens = calibration.tokens();
     println!("BENCH prunesweep-score tokens={tokens} seconds={secs:.4} tok_s={:.1}", tokens as f64 / secs);
     Ok(())
