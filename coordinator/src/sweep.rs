@@ -505,12 +505,12 @@ impl SweepSpec {
                 return Err(invalid(&format!("eval[{i}].task"), format!("duplicate task {}", e.task.as_str())));
             }
             let mmlu = matches!(e.task, EvalKind::Mmlu | EvalKind::MmluCloze);
-            let only = |field: &str, given: bool, applies: bool, to: &str| match given && !applies {
-                true => Err(invalid(
-                    &format!("eval[{i}].{field}"),
-                    format!("only applies to {to}, not {}", e.task.as_str()),
-                )),
-                false => Ok(()),
+            let only = |field: &str, given: bool, applies: bool, to: &str| {
+                if given && !applies {
+                    let message = format!("only applies to {to}, not {}", e.task.as_str());
+                    return Err(invalid(&format!("eval[{i}].{field}"), message));
+                }
+                Ok(())
             };
             only("shots", e.shots.is_some(), e.task == EvalKind::Mmlu, "mmlu")?;
             only("limit_per_subject", e.limit_per_subject.is_some(), mmlu, "mmlu and mmlu-cloze")?;
