@@ -34,7 +34,24 @@ pub enum Family {
     Phi,
 }
 
+/// A module a checkpoint stores fused (`self_attn.qkv_proj`) and the decoder projections it holds,
+/// in the order of its rows.
+pub type FusedModule = (&'static str, &'static [&'static str]);
+
 impl Family {
+    /// The modules this family's checkpoints store fused. The loader splits them into the decoder's
+    /// projections, the writer puts them back together, and adapters target them whole, as PEFT
+    /// does. Only Phi-3 fuses.
+    pub fn fused_modules(self) -> &'static [FusedModule] {
+        match self {
+            Family::Phi3 => &[
+                ("self_attn.qkv_proj", &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                ("mlp.gate_up_proj", &["mlp.gate_proj", "mlp.up_proj"]),
+            ],
+            _ => &[],
+        }
+    }
+
     /// Every supported `model_type`, for error messages.
     pub const SUPPORTED: &'static str = "llama, mistral, qwen2, phi3, phi (Phi-2)";
 

@@ -938,14 +938,10 @@ impl Decoder {
 }
 
 /// The module an adapter on projection `name` (`self_attn.q_proj`, …) belongs to: the projection
-/// itself, or in Phi-3 the fused module its checkpoint stores it in (`self_attn.qkv_proj`,
-/// `mlp.gate_up_proj`), which is what PEFT targets there.
+/// itself, or the fused module its checkpoint stores it in ([`super::Family::fused_modules`]),
+/// which is what PEFT targets there.
 fn adapter_module(family: super::Family, name: &str) -> &str {
-    match (family, name) {
-        (super::Family::Phi3, "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj") => "self_attn.qkv_proj",
-        (super::Family::Phi3, "mlp.gate_proj" | "mlp.up_proj") => "mlp.gate_up_proj",
-        _ => name,
-    }
+    family.fused_modules().iter().find(|(_, parts)| parts.contains(&name)).map_or(name, |(module, _)| module)
 }
 
 /// A block's projections grouped by adapter module, in checkpoint order: one projection per

@@ -187,9 +187,7 @@ impl Model {
                 })?;
                 let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
                 let (mut tensors, origin) = weights::read_hf_tensors(dir)?;
-                if cfg.family == Family::Phi3 {
-                    weights::unfuse_phi3(&mut tensors, &cfg, &origin)?;
-                }
+                weights::unfuse(&mut tensors, &cfg, &origin)?;
                 let decoder = Decoder::load(cfg, weights::WeightMap::new(tensors, origin, dtype, device))?;
                 (decoder, tokenizer, raw)
             }

@@ -228,40 +228,34 @@ pub fn read_hf_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, String), 
     Ok((all, origin))
 }
 
-/// Splits Phi-3's fused `qkv_proj` and `gate_up_proj` into the separate projections the decoder
-/// uses (the writer fuses them back).
-pub fn unfuse_phi3(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin: &str) -> Result<(), ModelError> {
+/// Splits the modules the checkpoint stores fused ([`Family::fused_modules`]: Phi-3's `qkv_proj`,
+/// `gate_up_proj`) into the separate projections the decoder uses (the writer fuses them back).
+pub fn unfuse(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin: &str) -> Result<(), ModelError> {
     let (q, kv, i) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+    // Rows of each part, as the config implies them.
+    let rows = |part: &str| match part.rsplit('.').next() {
+        Some("q_proj") => q,
+        Some("k_proj" | "v_proj") => kv,
+        _ => i, // gate_proj, up_proj
+    };
     for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        if let Some(qkv) = tensors.remove(&format!("{p}.self_attn.qkv_proj.weight")) {
-            if qkv.dim(0)? != q + 2 * kv {
+        for &(module, parts) in cfg.family.fused_modules() {
+            let Some(fused) = tensors.remove(&format!("model.layers.{l}.{module}.weight")) else { continue };
+            let want: usize = parts.iter().map(|p| rows(p)).sum();
+            if fused.dim(0)? != want {
                 return Err(ModelError::Mismatch {
                     origin: origin.to_string(),
                     message: format!(
-                        "{p}.self_attn.qkv_proj.weight has {} rows, heads imply {}",
-                        qkv.dim(0)?,
-                        q + 2 * kv
+                        "model.layers.{l}.{module}.weight has {} rows, the config implies {want}",
+                        fused.dim(0)?
                     ),
                 });
             }
-            tensors.insert(format!("{p}.self_attn.q_proj.weight"), qkv.narrow(0, 0, q)?);
-            tensors.insert(format!("{p}.self_attn.k_proj.weight"), qkv.narrow(0, q, kv)?);
-            tensors.insert(format!("{p}.self_attn.v_proj.weight"), qkv.narrow(0, q + kv, kv)?);
-        }
-        if let Some(gu) = tensors.remove(&format!("{p}.mlp.gate_up_proj.weight")) {
-            if gu.dim(0)? != 2 * i {
-                return Err(ModelError::Mismatch {
-                    origin: origin.to_string(),
-                    message: format!(
-                        "{p}.mlp.gate_up_proj.weight has {} rows, intermediate_size implies {}",
-                        gu.dim(0)?,
-                        2 * i
-                    ),
-                });
+            let mut start = 0;
+            for part in parts {
+                tensors.insert(format!("model.layers.{l}.{part}.weight"), fused.narrow(0, start, rows(part))?);
+                start += rows(part);
             }
-            tensors.insert(format!("{p}.mlp.gate_proj.weight"), gu.narrow(0, 0, i)?);
-            tensors.insert(format!("{p}.mlp.up_proj.weight"), gu.narrow(0, i, i)?);
         }
     }
     Ok(())

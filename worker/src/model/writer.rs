@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use super::config::Family;
+use super::config::FusedModule;
 use super::{Model, ModelError, ModelSource};
 
 /// Tokenizer side files copied verbatim from an HF source directory when present.
@@ -138,10 +138,7 @@ impl Model {
     }
 
     fn write_safetensors(&self, path: &Path) -> Result<(), ModelError> {
-        let mut tensors: Vec<(String, Tensor)> = self.decoder.named_tensors()?;
-        if self.decoder.cfg.family == Family::Phi3 {
-            tensors = fuse_phi3(tensors)?;
-        }
+        let tensors = fuse(self.decoder.named_tensors()?, self.decoder.cfg.family.fused_modules())?;
         let tensors: Vec<(String, Tensor)> = tensors
             .into_iter()
             .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)))
@@ -153,23 +150,35 @@ impl Model {
     }
 }
 
-/// Phi-3 checkpoints store `qkv_proj` and `gate_up_proj` fused; put them back together.
-fn fuse_phi3(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, ModelError> {
-    let mut map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
+/// Puts the modules a checkpoint stores fused back together (Phi-3's `qkv_proj`, `gate_up_proj`):
+/// each in the place of its first part, its parts' rows in order.
+fn fuse(tensors: Vec<(String, Tensor)>, fused: &[FusedModule]) -> Result<Vec<(String, Tensor)>, ModelError> {
+    if fused.is_empty() {
+        return Ok(tensors);
+    }
+    let mut parts_of: HashMap<String, Tensor> = tensors.iter().cloned().collect();
     let mut out = Vec::new();
     for (name, t) in tensors {
-        if let Some(p) = name.strip_suffix(".self_attn.q_proj.weight") {
-            let k = map.remove(&format!("{p}.self_attn.k_proj.weight")).expect("q_proj comes with k_proj");
-            let v = map.remove(&format!("{p}.self_attn.v_proj.weight")).expect("q_proj comes with v_proj");
-            out.push((format!("{p}.self_attn.qkv_proj.weight"), Tensor::cat(&[&t, &k, &v], 0)?));
-        } else if let Some(p) = name.strip_suffix(".mlp.gate_proj.weight") {
-            let up = map.remove(&format!("{p}.mlp.up_proj.weight")).expect("gate_proj comes with up_proj");
-            out.push((format!("{p}.mlp.gate_up_proj.weight"), Tensor::cat(&[&t, &up], 0)?));
-        } else if !(name.ends_with(".self_attn.k_proj.weight")
-            || name.ends_with(".self_attn.v_proj.weight")
-            || name.ends_with(".mlp.up_proj.weight"))
-        {
-            out.push((name, t));
+        // `model.layers.{i}.{part}.weight` → (`model.layers.{i}.`, its module, the part's index).
+        let found = fused.iter().find_map(|&(module, parts)| {
+            parts.iter().enumerate().find_map(|(k, part)| {
+                name.strip_suffix(&format!("{part}.weight")).filter(|l| l.ends_with('.')).map(|l| (l, module, parts, k))
+            })
+        });
+        match found {
+            None => out.push((name, t)),
+            Some((layer, module, parts, 0)) => {
+                let mut rows = vec![t];
+                for part in &parts[1..] {
+                    let key = format!("{layer}{part}.weight");
+                    rows.push(parts_of.remove(&key).ok_or_else(|| ModelError::Mismatch {
+                        origin: name.clone(),
+                        message: format!("{key} is missing: {module} cannot be written"),
+                    })?);
+                }
+                out.push((format!("{layer}{module}.weight"), Tensor::cat(&rows, 0)?));
+            }
+            Some(_) => {} // a later part: written with the first
         }
     }
     Ok(out)
@@ -178,4 +187,35 @@ fn fuse_phi3(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, Mo
 fn write_json(path: &Path, value: &Value) -> Result<(), ModelError> {
     let text = serde_json::to_string_pretty(value).expect("a serde_json::Value always serializes");
     std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Config;
+    use crate::model::weights;
+
+    #[test]
+    fn fused_modules_split_on_load_and_join_back_on_write() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-phi3");
+        let (cfg, _) = Config::from_file(&dir.join("config.json")).unwrap();
+        let (stored, origin) = weights::read_hf_tensors(&dir).unwrap();
+        let mut split = stored.clone();
+        weights::unfuse(&mut split, &cfg, &origin).unwrap();
+        assert!(split.contains_key("model.layers.0.self_attn.k_proj.weight"));
+        assert!(!split.keys().any(|k| k.contains("qkv_proj") || k.contains("gate_up_proj")));
+        let joined: HashMap<String, Tensor> =
+            fuse(split.into_iter().collect(), cfg.family.fused_modules()).unwrap().into_iter().collect();
+        assert_eq!(joined.len(), stored.len());
+        for (name, t) in &stored {
+            let diff = (t - &joined[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{name}");
+        }
+        // A fused tensor whose rows the config does not account for is named.
+        let mut bad = stored;
+        let gu = bad["model.layers.1.mlp.gate_up_proj.weight"].narrow(0, 1, 5).unwrap();
+        bad.insert("model.layers.1.mlp.gate_up_proj.weight".into(), gu);
+        let e = weights::unfuse(&mut bad, &cfg, &origin).unwrap_err().to_string();
+        assert!(e.contains("model.layers.1.mlp.gate_up_proj.weight has 5 rows, the config implies"), "{e}");
+    }
 }
