@@ -6,6 +6,7 @@ use std::path::Path;
 
 use polars::prelude::*;
 use prunesweep_proto::v1 as pb;
+use prunesweep_proto::Vocabulary;
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,10 +95,8 @@ pub fn rows_from_pb(sweep: &str, jobs: &[pb::JobResult]) -> Vec<ExportRow> {
             Some(job.layers_dropped.len() as u32)
         };
         let method = match spec.method() {
-            pb::PruneMethod::Unspecified => "none",
-            pb::PruneMethod::Angular => "angular",
-            pb::PruneMethod::Deepest => "deepest",
-            pb::PruneMethod::BlockInfluence => "block-influence",
+            pb::PruneMethod::Unspecified => "none".to_string(),
+            m => m.name(),
         };
         let seconds = (!job.timings.is_empty()).then(|| job.timings.iter().map(|t| t.seconds).sum());
         for r in &job.results {
@@ -106,7 +105,7 @@ pub fn rows_from_pb(sweep: &str, jobs: &[pb::JobResult]) -> Vec<ExportRow> {
                 job_id: job.job_id,
                 kind: if baseline { "baseline" } else { "cell" }.to_string(),
                 model: spec.model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
-                method: method.to_string(),
+                method: method.clone(),
                 heal: spec.heal.as_ref().map_or("none", |h| h.name.as_str()).to_string(),
                 fraction,
                 n,

@@ -2,12 +2,16 @@
 //!
 //! # Layout
 //!
-//! - [`sweep`]: sweep files (`experiments/*.yaml`) → validated [`sweep::SweepSpec`] → jobs with
-//!   content keys.
+//! - [`sweep`]: sweep files (`experiments/*.yaml`) → validated [`sweep::SweepSpec`] → planned jobs
+//!   (schema, validation and expansion, one file each).
+//! - [`spec`]: a job's resolved content ([`spec::JobSpec`]: every setting that can change a
+//!   result) and its key.
+//! - [`plan`]: `coordinator plan`: the expanded jobs and their resolved settings, as a table or JSON.
 //! - [`job`]: the job state machine, pure.
 //! - [`store`]: the durable store (one trait; SQLite and Postgres backends).
 //! - [`group_commit`]: leases and completions that arrive together share one transaction.
-//! - [`service`]: the tonic services; protobuf ↔ domain conversion happens only there.
+//! - [`service`]: the tonic services; protobuf ↔ domain conversion happens only there
+//!   (`service/convert.rs`).
 //! - [`server`]: [`server::run`] serves both services on a bound listener until a shutdown future
 //!   resolves, with the lease reaper alongside.
 //! - [`export`]: results → CSV / Parquet (polars).
@@ -16,9 +20,11 @@
 pub mod export;
 pub mod group_commit;
 pub mod job;
+pub mod plan;
 pub mod plot;
 pub mod server;
 pub mod service;
+pub mod spec;
 pub mod store;
 pub mod sweep;
 

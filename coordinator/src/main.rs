@@ -3,6 +3,7 @@
 //! ```sh
 //! coordinator serve                                   # SQLite at results/coordinator.sqlite, :50051
 //! coordinator serve --database postgres://postgres@127.0.0.1:5432/test --listen 0.0.0.0:50051
+//! coordinator plan experiments/tiny-test.yaml           # the jobs and every resolved setting
 //! coordinator submit experiments/tiny-test.yaml
 //! coordinator status                                  # every sweep
 //! coordinator status tiny-test --watch                # counts + progress bar until done
@@ -24,11 +25,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pb::sweep_service_client::SweepServiceClient;
 use prunesweep_coordinator::export::{self, Format};
-use prunesweep_coordinator::plot;
 use prunesweep_coordinator::store::{self, DEFAULT_DATABASE_URL};
 use prunesweep_coordinator::sweep::SweepSpec;
 use prunesweep_coordinator::Config;
+use prunesweep_coordinator::{plan, plot};
 use prunesweep_proto::v1 as pb;
+use prunesweep_proto::Vocabulary;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -64,6 +66,15 @@ enum Command {
         /// Lease length without a heartbeat, in seconds.
         #[arg(long, default_value_t = 60)]
         lease_ttl_secs: u64,
+    },
+    /// Show the jobs a sweep file expands to, with every resolved setting (no coordinator needed):
+    /// what a submit would store, to check before spending GPU hours.
+    Plan {
+        /// The sweep file (YAML).
+        file: PathBuf,
+        /// Print the jobs as JSON (`[{key, depends_on, spec}]`) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Submit a sweep file (adds only the cells the sweep does not have yet).
     Submit {
@@ -157,7 +168,15 @@ fn print_table(sweeps: &[pb::SweepStatus]) {
         let total = s.blocked + s.pending + s.leased + s.succeeded + s.failed + s.cancelled;
         println!(
             "{:<24} {:<9} {:>7} {:>7} {:>6} {:>9} {:>6} {:>9} {:>6}",
-            s.name, s.state, s.blocked, s.pending, s.leased, s.succeeded, s.failed, s.cancelled, total
+            s.name,
+            s.state().name(),
+            s.blocked,
+            s.pending,
+            s.leased,
+            s.succeeded,
+            s.failed,
+            s.cancelled,
+            total
         );
     }
 }
@@ -209,6 +228,15 @@ async fn run(args: Args) -> Result<()> {
                 tracing::info!("Ctrl-C: shutting down");
             };
             prunesweep_coordinator::run(listener, store, config, shutdown).await?;
+        }
+        Command::Plan { file, json } => {
+            let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let jobs = SweepSpec::parse(&yaml, &file.display().to_string())?.expand();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan::to_json(&jobs))?);
+            } else {
+                print!("{}", plan::to_table(&jobs));
+            }
         }
         Command::Submit { file, client } => {
             let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;

@@ -60,7 +60,12 @@ fn complete_req(worker_id: &str, lease: &pb::Lease) -> pb::CompleteJobRequest {
         pb::JobKind::Score => {
             req.distances = (1..num_layers)
                 .flat_map(|n| (0..=num_layers - n).map(move |l| (n, l)))
-                .map(|(n, l)| pb::Distance { metric: "angular".into(), n, l, value: 0.1 * f64::from(n + l) })
+                .map(|(n, l)| pb::Distance {
+                    metric: pb::DistanceMetric::Angular as i32,
+                    n,
+                    l,
+                    value: 0.1 * f64::from(n + l),
+                })
                 .collect();
         }
         pb::JobKind::Baseline | pb::JobKind::Cell => {
@@ -181,7 +186,7 @@ async fn cancel_stops_leasing(store: &TestStore) {
     let err = w.complete_job(complete_req(&id, &lease)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let status = sweeps.get_sweep(pb::GetSweepRequest { sweep: "tiny".into() }).await.unwrap().into_inner();
-    assert_eq!((status.state.as_str(), status.cancelled), ("cancelled", 6));
+    assert_eq!((status.state(), status.cancelled), (pb::SweepState::Cancelled, 6));
     server.shutdown().await;
 }
 

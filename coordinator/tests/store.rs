@@ -10,7 +10,8 @@ use prunesweep_coordinator::job::{JobKind, JobState};
 use prunesweep_coordinator::store::{
     Completion, DistanceRow, Failure, HeartbeatOutcome, JobStore, LeaseRequest, LeasedJob, ResultValue, StoreError,
 };
-use prunesweep_coordinator::sweep::{Method, SweepSpec};
+use prunesweep_coordinator::sweep::SweepSpec;
+use prunesweep_proto::v1::PruneMethod as Method;
 
 const T0: i64 = 1_000_000;
 const TTL: i64 = 1_000;

@@ -4,9 +4,17 @@
 //! `WorkerService` is the worker side (register, lease, heartbeat, complete, fail). Both are
 //! generated with a client and a server; the coordinator implements the servers, the CLI and the
 //! workers use the clients.
+//!
+//! Beside the generated code: [`vocabulary`], the enums' names in files and on the command line,
+//! and [`defaults`], the one default of every setting a job carries.
 
 /// Version 1 of the contract: messages, enums, `*_client` and `*_server` modules.
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("prunesweep.v1");
 }
+
+pub mod defaults;
+pub mod vocabulary;
+
+pub use vocabulary::Vocabulary;

@@ -12,12 +12,15 @@
 //! - [`heal`]: QLoRA healing (NF4 base, LoRA adapters, resumable training, PEFT output).
 //! - [`plot`]: the d(l, n) heatmap.
 //! - [`forward`]: one prompt's ids, logits and residual states, for inspection and parity checks.
+//! - [`job`]: a leased job checked at the worker's edge (`Job::try_from(pb::JobSpec)`) into the
+//!   stages' typed specs, and [`job::JobError`], how a job fails.
 //! - [`serve`]: the worker side of the coordinator's contract (lease, run, heartbeat, report).
 
 pub mod data;
 pub mod eval;
 pub mod forward;
 pub mod heal;
+pub mod job;
 pub mod model;
 pub mod plot;
 pub mod prune;

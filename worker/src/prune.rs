@@ -12,6 +12,10 @@
 
 use serde::Serialize;
 
+use prunesweep_proto::v1::PruneMethod;
+use prunesweep_proto::Vocabulary;
+
+use crate::model::{Decoder, ModelError};
 use crate::score::{AngularDistances, BlockInfluence, ScoreError};
 
 /// How the layers to drop are chosen.
@@ -27,14 +31,104 @@ pub enum Method {
 }
 
 impl Method {
-    /// The name used on the command line and in files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Angular => "angular",
-            Method::Deepest => "deepest",
-            Method::BlockInfluence => "block-influence",
+    /// The name used on the command line and in files (the contract's, [`Vocabulary::name`]).
+    pub fn name(self) -> String {
+        PruneMethod::from(self).name()
+    }
+
+    /// Whether the method chooses by layer scores (a distance table or Block Influence).
+    pub fn needs_scores(self) -> bool {
+        self != Method::Deepest
+    }
+}
+
+impl From<Method> for PruneMethod {
+    fn from(m: Method) -> Self {
+        match m {
+            Method::Angular => PruneMethod::Angular,
+            Method::Deepest => PruneMethod::Deepest,
+            Method::BlockInfluence => PruneMethod::BlockInfluence,
         }
     }
+}
+
+impl TryFrom<PruneMethod> for Method {
+    type Error = PruneError;
+    fn try_from(m: PruneMethod) -> Result<Self, PruneError> {
+        match m {
+            PruneMethod::Angular => Ok(Method::Angular),
+            PruneMethod::Deepest => Ok(Method::Deepest),
+            PruneMethod::BlockInfluence => Ok(Method::BlockInfluence),
+            PruneMethod::Unspecified => Err(PruneError::NoMethod),
+        }
+    }
+}
+
+/// How many layers to drop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Amount {
+    /// A share of the layers in [0, 1): `n = round(f · L)`.
+    Fraction(f64),
+    /// Exactly this many.
+    N(usize),
+}
+
+/// The pruning stage's settings: how to choose, how many.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PruneSpec {
+    /// How the layers are chosen.
+    pub method: Method,
+    /// How many.
+    pub amount: Amount,
+}
+
+/// What a score-based method chooses by: the score job's tables, or a scoring pass's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerScores<'a> {
+    /// `d(l, n)` (angular).
+    pub distances: Option<&'a AngularDistances>,
+    /// Block Influence per layer (block-influence).
+    pub influence: Option<&'a BlockInfluence>,
+}
+
+impl PruneSpec {
+    /// The layers to drop from a model of `layers` blocks. Angular and block-influence need their
+    /// table in `scores`, for exactly `layers` layers.
+    pub fn plan(&self, layers: usize, scores: LayerScores) -> Result<PrunePlan, PruneError> {
+        let n = match self.amount {
+            Amount::Fraction(f) => layers_for_fraction(f, layers)?,
+            Amount::N(n) => n,
+        };
+        let fits = |scored: usize| {
+            if scored == layers {
+                Ok(())
+            } else {
+                Err(PruneError::ScoresForOtherModel { scored, layers })
+            }
+        };
+        match self.method {
+            Method::Deepest => PrunePlan::deepest(layers, n),
+            Method::Angular => {
+                let d = scores.distances.ok_or(PruneError::NoScores(Method::Angular))?;
+                fits(d.num_layers)?;
+                PrunePlan::angular(d, n)
+            }
+            Method::BlockInfluence => {
+                let bi = scores.influence.ok_or(PruneError::NoScores(Method::BlockInfluence))?;
+                fits(bi.scores.len())?;
+                PrunePlan::block_influence(bi, n)
+            }
+        }
+    }
+}
+
+/// The pruning stage, as `worker prune` and a sweep's cells run it: removes the plan's layers (it
+/// indexes the blocks the model has now) and returns their checkpoint indices.
+pub fn run(decoder: &mut Decoder, plan: &PrunePlan) -> Result<Vec<usize>, ModelError> {
+    let kept = decoder.kept_layers();
+    let dropped: Vec<usize> = plan.dropped.iter().map(|&i| kept[i]).collect();
+    decoder.remove_layers(&dropped)?;
+    Ok(dropped)
 }
 
 /// Why a pruning request is impossible.
@@ -64,6 +158,20 @@ pub enum PruneError {
     /// The scores do not fit the model.
     #[error(transparent)]
     Score(#[from] ScoreError),
+    /// No method was given (a job spec with the method unset).
+    #[error("no prune method given; use one of angular, deepest, block-influence")]
+    NoMethod,
+    /// A score-based method without its scores.
+    #[error("method {} needs layer scores (a distances table), and none were given", .0.name())]
+    NoScores(Method),
+    /// Scores for a model of another depth.
+    #[error("the layer scores are for {scored} layers, the model has {layers}")]
+    ScoresForOtherModel {
+        /// Layers the scores cover.
+        scored: usize,
+        /// Layers in the model.
+        layers: usize,
+    },
 }
 
 /// `n = round(f · L)` for `f ∈ [0, 1)`.

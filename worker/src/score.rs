@@ -38,6 +38,9 @@ pub enum ScoreError {
         /// What is wrong.
         message: String,
     },
+    /// The calibration data cannot be read.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
     /// A block size outside `1..=L`.
     #[error("block size n = {n} is out of range for a {layers}-layer model (1 ≤ n ≤ {layers})")]
     BlockSize {
@@ -267,6 +270,50 @@ pub struct Scores {
     pub tokens: usize,
     /// Wall time of the pass.
     pub seconds: f64,
+}
+
+/// A scoring pass: which documents, how long, how many at a time. [`Default`] is the contract's
+/// (`prunesweep_proto::defaults`), the same a sweep's score job gets when its file is silent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreSpec {
+    /// Calibration text (JSON lines / json.gz with `text`, Parquet with `text`, or plain text).
+    pub data: PathBuf,
+    /// The first this many documents.
+    pub samples: usize,
+    /// Tokens per document (truncated; the distance is taken at the last).
+    pub seq_len: usize,
+    /// Sequences per forward pass (right-padded).
+    pub batch: usize,
+}
+
+impl Default for ScoreSpec {
+    fn default() -> Self {
+        let d = prunesweep_proto::v1::CalibrationData::with_defaults("");
+        ScoreSpec {
+            data: d.path.into(),
+            samples: d.samples as usize,
+            seq_len: d.seq_len as usize,
+            batch: d.batch_size as usize,
+        }
+    }
+}
+
+/// The scoring stage, as `worker score`, `worker prune` and a sweep's score job run it: read and
+/// tokenize the calibration documents, then [`score_layers`]. `on_batch(tokens_done, tokens)`.
+pub fn run(
+    decoder: &Decoder,
+    tokenizer: &Tokenizer,
+    spec: &ScoreSpec,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<(Calibration, Scores), ScoreError> {
+    let docs = crate::data::read_documents(&spec.data, Some(spec.samples))?;
+    let calibration = Calibration::from_documents(tokenizer, &docs, spec.seq_len)?;
+    if calibration.skipped_short > 0 {
+        tracing::warn!(skipped = calibration.skipped_short, "documents shorter than 2 tokens were skipped");
+    }
+    let total = calibration.tokens();
+    let scores = score_layers(decoder, &calibration, spec.batch, &mut |done| on_batch(done, total))?;
+    Ok((calibration, scores))
 }
 
 /// Runs the calibration set through `decoder` in right-padded batches of `batch` sequences and

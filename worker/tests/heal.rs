@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor, Var};
 use common::{c4_sample, fixture, smollm2_gguf};
 use prunesweep_worker::data::read_documents;
 use prunesweep_worker::heal::packing::PackedChunks;
-use prunesweep_worker::heal::{eos_id, next_token_loss, HealConfig, HealEnd, HealError, Trainer};
+use prunesweep_worker::heal::{eos_id, next_token_loss, HealConfig, HealEnd, HealError, TargetSet, Trainer};
 use prunesweep_worker::model::lora::LoraSpec;
 use prunesweep_worker::model::Model;
 use serde_json::json;
@@ -40,7 +40,9 @@ fn tiny_config(steps: usize) -> HealConfig {
         batch: 4,
         micro_batch: 2,
         seq_len: 32,
-        lora: LoraSpec { rank: 4, alpha: 8.0, dropout: 0.1, targets: Vec::new() },
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.1,
         lr: 1e-2,
         warmup: 2,
         checkpoint_every: 2,
@@ -533,7 +535,8 @@ fn phi3_heals_and_its_adapter_folder_reloads() {
     let mut m = load();
     // Dense base, so that the reloaded model (dense) computes exactly what the trained one does.
     let targets = m.decoder.adapter_targets();
-    let cfg = HealConfig { lora: LoraSpec { targets, ..tiny_config(2).lora }, quantize: false, ..tiny_config(2) };
+    assert_eq!(targets, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]);
+    let cfg = HealConfig { targets: TargetSet::AllLinear, quantize: false, ..tiny_config(2) };
     let data = chunks(&m, &cfg, 0);
     let mut t = Trainer::new(&mut m, cfg, data, &tmp.path().join("run"), json!({}), false).unwrap();
     assert_eq!(t.run(&AtomicBool::new(false), &mut |_| {}).unwrap(), HealEnd::Finished);
@@ -552,4 +555,41 @@ fn phi3_heals_and_its_adapter_folder_reloads() {
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter/adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(config["target_modules"], json!(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]));
+}
+
+/// `--targets ffn` (the default, and the paper's) adapts each family's feed-forward modules, by
+/// the names PEFT gives them: on Phi-3 that is the fused `gate_up_proj` and `down_proj`.
+#[test]
+fn ffn_targets_adapt_each_familys_feed_forward_modules() {
+    let expected: [(&str, &[&str]); 5] = [
+        ("tiny-llama", &["gate_proj", "up_proj", "down_proj"]),
+        ("tiny-mistral", &["gate_proj", "up_proj", "down_proj"]),
+        ("tiny-qwen2", &["gate_proj", "up_proj", "down_proj"]),
+        ("tiny-phi3", &["gate_up_proj", "down_proj"]),
+        ("tiny-phi", &["fc1", "fc2"]),
+    ];
+    for (fixture_name, modules) in expected {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut m = Model::load(&fixture(fixture_name), &Device::Cpu).unwrap();
+        let cfg = HealConfig { targets: "ffn".parse().unwrap(), steps: 1, ..tiny_config(1) };
+        let data = chunks(&m, &cfg, 0);
+        let mut t = Trainer::new(&mut m, cfg, data, &tmp.path().join("run"), json!({}), false).unwrap();
+        assert_eq!(t.lora().targets, modules, "{fixture_name}");
+        t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+        t.save_adapter(&tmp.path().join("adapter"), json!({})).unwrap();
+        drop(t);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter/adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["target_modules"], json!(modules), "{fixture_name}");
+        // The PEFT tensors are for exactly these modules.
+        let tensors =
+            candle_core::safetensors::load(tmp.path().join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let adapted: std::collections::BTreeSet<String> = tensors
+            .keys()
+            .map(|name| name.split(".lora_").next().unwrap().rsplit('.').next().unwrap().to_string())
+            .collect();
+        let want: std::collections::BTreeSet<String> = modules.iter().map(|s| s.to_string()).collect();
+        assert_eq!(adapted, want, "{fixture_name}");
+    }
 }

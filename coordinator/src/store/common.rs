@@ -679,7 +679,7 @@ macro_rules! impl_store {
                 let mut tables: HashMap<i64, Vec<$crate::store::DistanceRow>> = HashMap::new();
                 for lease in leased.iter_mut().flatten() {
                     if let (Some(dep), Some(m)) = (lease.job.depends_on, lease.job.spec.method) {
-                        if m.needs_scores() {
+                        if $crate::sweep::needs_scores(m) {
                             if !tables.contains_key(&dep) {
                                 tables.insert(dep, Self::read_distances(&mut *tx, dep).await?);
                             }

@@ -20,7 +20,8 @@ use async_trait::async_trait;
 pub use self::postgres::PgStore;
 pub use self::sqlite::SqliteStore;
 use crate::job::{InvalidTransition, JobKind, JobState};
-use crate::sweep::{CellSpec, PlannedJob, SweepSpec};
+use crate::spec::JobSpec;
+use crate::sweep::{PlannedJob, SweepSpec};
 
 /// Default database: a SQLite file under `results/`.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://results/coordinator.sqlite";
@@ -117,7 +118,7 @@ pub struct JobRow {
     /// Kind.
     pub kind: JobKind,
     /// Content.
-    pub spec: CellSpec,
+    pub spec: JobSpec,
     /// State.
     pub state: JobState,
     /// Attempts that ended without success.

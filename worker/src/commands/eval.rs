@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use prunesweep_worker::data::read_document_range;
-use prunesweep_worker::eval::{boolq, c4_loss, mmlu, EvalReport, Task};
+use prunesweep_worker::eval::{self, EvalReport, EvalSpec, Task};
 
 use super::ModelArgs;
 
-/// Arguments of `worker eval`.
+/// Arguments of `worker eval`. Defaults: [`EvalSpec::new`], the same a sweep's eval task gets.
 #[derive(Args)]
 pub struct EvalArgs {
     #[command(flatten)]
@@ -25,72 +24,61 @@ pub struct EvalArgs {
     /// MMLU few-shot examples when --data is a file: a dev/ folder, Parquet or JSON lines.
     #[arg(long)]
     dev: Option<PathBuf>,
-    /// MMLU letter: examples per prompt (the first K dev rows of the subject).
-    #[arg(long, default_value_t = 5)]
-    shots: usize,
+    /// MMLU letter: examples per prompt (the first K dev rows of the subject); default 5.
+    #[arg(long)]
+    shots: Option<usize>,
     /// MMLU: the first K questions of each subject.
     #[arg(long)]
     limit_per_subject: Option<usize>,
-    /// At most N items (after --limit-per-subject).
-    #[arg(long)]
+    /// At most N items (after --limit-per-subject); c4-loss: documents, default 256.
+    #[arg(long, alias = "samples")]
     limit: Option<usize>,
-    /// c4-loss: documents to score.
-    #[arg(long, default_value_t = 256)]
-    samples: usize,
     /// c4-loss: skip this many documents first (keep them disjoint from calibration and healing).
-    #[arg(long, default_value_t = 0)]
-    first_doc: usize,
-    /// c4-loss: truncate documents to T tokens.
-    #[arg(long, default_value_t = 512)]
-    seq_len: usize,
-    /// Sequences per forward pass.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    #[arg(long)]
+    first_doc: Option<usize>,
+    /// c4-loss: truncate documents to T tokens; default 512.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Sequences per forward pass; default 8.
+    #[arg(long)]
+    batch: Option<usize>,
     /// Result JSON: task, accuracy or loss, n, tokens, seconds, per-subject figures, predictions.
     #[arg(long)]
     out: PathBuf,
 }
 
-fn bar(len: usize, what: &str) -> ProgressBar {
-    ProgressBar::new(len as u64).with_style(
-        ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"))
-            .expect("the template is valid"),
-    )
+impl EvalArgs {
+    fn spec(&self) -> EvalSpec {
+        let d = EvalSpec::new(self.task, &self.data);
+        EvalSpec {
+            dev: self.dev.clone(),
+            shots: self.shots.unwrap_or(d.shots),
+            limit_per_subject: self.limit_per_subject,
+            limit: self.limit.or(d.limit),
+            first_doc: self.first_doc.unwrap_or(d.first_doc),
+            seq_len: self.seq_len.unwrap_or(d.seq_len),
+            batch: self.batch.unwrap_or(d.batch),
+            ..d
+        }
+    }
 }
 
-/// Runs the task and writes the JSON.
+/// Runs the task ([`eval::run`]) and writes the JSON.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let report: EvalReport = match args.task {
-        Task::Mmlu | Task::MmluCloze => {
-            let mut data = mmlu::MmluData::load(&args.data, args.dev.as_deref())?;
-            data.truncate(args.limit_per_subject, args.limit);
-            let pb = bar(data.questions.len(), args.task.name());
-            let mut progress = |n: usize| pb.set_position(n as u64);
-            let r = if args.task == Task::Mmlu {
-                mmlu::evaluate_letter(&model, &data, args.shots, args.batch, &mut progress)?
-            } else {
-                mmlu::evaluate_cloze(&model, &data, args.batch, &mut progress)?
-            };
-            pb.finish_and_clear();
-            r
-        }
-        Task::Boolq => {
-            let mut items = boolq::load(&args.data)?;
-            items.truncate(args.limit.unwrap_or(usize::MAX));
-            let pb = bar(items.len(), "boolq");
-            let r = boolq::evaluate(&model, &items, args.batch, &mut |n| pb.set_position(n as u64))?;
-            pb.finish_and_clear();
-            r
-        }
-        Task::C4Loss => {
-            let docs = read_document_range(&args.data, args.first_doc, Some(args.samples))?;
-            let pb = bar(docs.len(), "c4-loss");
-            let r = c4_loss::evaluate(&model, &docs, args.seq_len, args.batch, &mut |n| pb.set_position(n as u64))?;
-            pb.finish_and_clear();
-            r
-        }
-    };
+    let spec = args.spec();
+    let pb = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(&format!(
+            "{} {{bar:40}} {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})",
+            spec.task.name()
+        ))
+        .expect("the template is valid"),
+    );
+    let report: EvalReport = eval::run(&model, &spec, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64)
+    })?;
+    pb.finish_and_clear();
     for w in &report.warnings {
         tracing::warn!("{w}");
     }

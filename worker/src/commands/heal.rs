@@ -7,15 +7,15 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use prunesweep_worker::data::{file_sha256, read_document_range};
-use prunesweep_worker::heal::packing::PackedChunks;
-use prunesweep_worker::heal::{eos_id, HealConfig, HealEnd, Trainer, EXIT_PREEMPTED};
-use prunesweep_worker::model::lora::LoraSpec;
+use prunesweep_proto::defaults;
+use prunesweep_worker::data::file_sha256;
+use prunesweep_worker::heal::{self, HealConfig, HealEnd, HealSpec, TargetSet, EXIT_PREEMPTED};
 use serde_json::json;
 
 use super::ModelArgs;
 
-/// Arguments of `worker heal`. Defaults are the paper's (App. A.1) except --seq-len.
+/// Arguments of `worker heal`. Defaults: [`HealConfig::default`], the paper's (App. A.1), the
+/// same a sweep's heal variant gets.
 #[derive(Args)]
 pub struct HealArgs {
     #[command(flatten)]
@@ -27,44 +27,45 @@ pub struct HealArgs {
     #[arg(long, default_value_t = 0)]
     first_doc: usize,
     /// Optimizer updates.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = HealConfig::default().steps)]
     steps: usize,
     /// Sequences per update (global batch).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = HealConfig::default().batch)]
     batch: usize,
-    /// Sequences per forward/backward pass (gradients are accumulated to --batch).
-    #[arg(long, default_value_t = 4)]
-    micro_batch: usize,
-    /// Tokens per packed sequence (documents joined with EOS). The paper used 2048.
-    #[arg(long, default_value_t = 512)]
+    /// Sequences per forward/backward pass (gradients are accumulated to --batch); default: 4 when
+    /// it divides --batch, else --batch.
+    #[arg(long)]
+    micro_batch: Option<usize>,
+    /// Tokens per packed sequence (documents joined with EOS).
+    #[arg(long, default_value_t = HealConfig::default().seq_len)]
     seq_len: usize,
     /// LoRA rank r.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = HealConfig::default().rank)]
     rank: usize,
     /// LoRA α (the update is scaled by α/r); default: = rank.
     #[arg(long)]
     alpha: Option<f64>,
     /// Dropout on the adapters' input.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = HealConfig::default().dropout)]
     dropout: f32,
     /// Peak learning rate (cosine schedule, decaying to 0).
-    #[arg(long, default_value_t = 3e-4)]
+    #[arg(long, default_value_t = HealConfig::default().lr)]
     lr: f64,
-    /// Linear warmup updates.
-    #[arg(long, default_value_t = 100)]
-    warmup: usize,
+    /// Linear warmup updates; default: 100, or a tenth of a shorter run.
+    #[arg(long)]
+    warmup: Option<usize>,
     /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = HealConfig::default().weight_decay)]
     weight_decay: f64,
-    /// `ffn` (the paper: gate/up/down, or fc1/fc2 on Phi-2), `all-linear`, or module names
-    /// separated by commas (e.g. q_proj,v_proj).
+    /// `ffn` (the paper: gate/up/down; gate_up/down on Phi-3, fc1/fc2 on Phi-2), `all-linear`,
+    /// `attention`, or module names separated by commas (e.g. q_proj,v_proj).
     #[arg(long, default_value = "ffn")]
-    targets: String,
+    targets: TargetSet,
     /// Seeds adapter initialization and dropout.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = HealConfig::default().seed)]
     seed: u64,
     /// Write a checkpoint every K updates (also at the end and on SIGTERM/SIGINT).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = HealConfig::default().checkpoint_every)]
     checkpoint_every: usize,
     /// Continue from OUT/checkpoint.safetensors when it exists (same settings required).
     #[arg(long)]
@@ -81,6 +82,29 @@ pub struct HealArgs {
     out: PathBuf,
 }
 
+impl HealArgs {
+    fn spec(&self) -> HealSpec {
+        let config = HealConfig {
+            steps: self.steps,
+            batch: self.batch,
+            micro_batch: self.micro_batch.unwrap_or_else(|| defaults::micro_batch_size(self.batch as u32) as usize),
+            seq_len: self.seq_len,
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or_else(|| defaults::lora_alpha(self.rank as u32)),
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+            lr: self.lr,
+            warmup: self.warmup.unwrap_or_else(|| defaults::warmup_steps(self.steps as u32) as usize),
+            weight_decay: self.weight_decay,
+            seed: self.seed,
+            checkpoint_every: self.checkpoint_every,
+            quantize: !self.no_quantize,
+            ..HealConfig::default()
+        };
+        HealSpec { data: self.data.clone(), first_doc: self.first_doc, config }
+    }
+}
+
 /// Trains, writes the adapter; exits with code 75 when stopped by a signal (requeue with --resume).
 pub fn run(args: HealArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -88,40 +112,7 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
     }
     let mut model = args.model.load()?;
-    let targets = match args.targets.as_str() {
-        "ffn" => Vec::new(),
-        "all-linear" => model.decoder.adapter_targets(),
-        list => list.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
-    };
-    let cfg = HealConfig {
-        steps: args.steps,
-        batch: args.batch,
-        micro_batch: args.micro_batch,
-        seq_len: args.seq_len,
-        lora: LoraSpec {
-            rank: args.rank,
-            alpha: args.alpha.unwrap_or(args.rank as f64),
-            dropout: args.dropout,
-            targets,
-        },
-        lr: args.lr,
-        warmup: args.warmup,
-        weight_decay: args.weight_decay,
-        seed: args.seed,
-        checkpoint_every: args.checkpoint_every,
-        quantize: !args.no_quantize,
-        ..HealConfig::default()
-    };
-    cfg.validate()?;
-    let docs = read_document_range(&args.data, args.first_doc, None)?;
-    let chunks = PackedChunks::pack(&model.tokenizer, &docs, eos_id(&model)?, cfg.seq_len, cfg.steps * cfg.batch)?;
-    if chunks.len() < cfg.steps * cfg.batch {
-        tracing::warn!(
-            chunks = chunks.len(),
-            needed = cfg.steps * cfg.batch,
-            "the data holds fewer sequences than the run uses; it will be repeated (epochs)"
-        );
-    }
+    let spec = args.spec();
     let identity = json!({
         "model": args.model.model,
         "drop": args.model.drop.map(|d| d.to_string()),
@@ -130,7 +121,7 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
         "first_doc": args.first_doc,
     });
     let description = model.describe();
-    let mut trainer = Trainer::new(&mut model, cfg, chunks, &args.out, identity.clone(), args.resume)?;
+    let mut trainer = heal::prepare(&mut model, &spec, &args.out, identity.clone(), args.resume)?;
     let (qp, qb) = trainer.quantized;
     if qp > 0 {
         tracing::info!(params = qp, bytes = qb, bytes_per_param = format!("{:.4}", qb as f64 / qp as f64), "NF4 base");
@@ -138,7 +129,7 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
     tracing::info!(
         model = %description,
         trainable = trainer.trainable_params(),
-        targets = ?trainer.config().lora.targets,
+        targets = ?trainer.lora().targets,
         start = trainer.step(),
         "healing"
     );

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use prunesweep_worker::model::{parse_device, LayerBlock, Model};
+use prunesweep_worker::score::ScoreSpec;
 
 /// prunesweep worker: score, prune, heal and evaluate LLM layers.
 #[derive(Parser)]
@@ -90,7 +91,8 @@ impl ModelArgs {
     }
 }
 
-/// Calibration data for a scoring pass.
+/// Calibration data for a scoring pass. Defaults: [`ScoreSpec::default`], the same a sweep's
+/// score job gets.
 #[derive(Args, Clone)]
 pub struct CalibrationArgs {
     /// Calibration text: JSON lines / json.gz with a `text` field (C4), Parquet with a `text`
@@ -98,12 +100,20 @@ pub struct CalibrationArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Use the first N documents (the paper averaged over 10k C4 validation samples).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = ScoreSpec::default().samples)]
     pub samples: usize,
     /// Truncate each document to its first T tokens; the distance is taken at the last one.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = ScoreSpec::default().seq_len)]
     pub seq_len: usize,
     /// Sequences per forward pass (right-padded).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = ScoreSpec::default().batch)]
     pub batch: usize,
+}
+
+impl CalibrationArgs {
+    /// The scoring pass these flags describe; `None` without `--data`.
+    pub fn spec(&self) -> Option<ScoreSpec> {
+        let data = self.data.clone()?;
+        Some(ScoreSpec { data, samples: self.samples, seq_len: self.seq_len, batch: self.batch })
+    }
 }

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use prunesweep_worker::data::file_sha256;
 use prunesweep_worker::model::LayerBlock;
-use prunesweep_worker::prune::{layers_for_fraction, Method, PrunePlan};
+use prunesweep_worker::prune::{self, Amount, LayerScores, Method, PrunePlan, PruneSpec};
 use prunesweep_worker::score::{AngularDistances, BlockInfluence};
 use serde_json::json;
 
@@ -55,45 +55,35 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     let plan = if let Some(block) = args.layers {
         PrunePlan::explicit(block.start, block.n, layers)?
     } else {
-        let n = match (args.fraction, args.n) {
-            (Some(f), _) => layers_for_fraction(f, layers)?,
-            (None, Some(n)) => n,
+        let amount = match (args.fraction, args.n) {
+            (Some(f), _) => Amount::Fraction(f),
+            (None, Some(n)) => Amount::N(n),
             (None, None) => bail!("say how much to drop: --fraction F, --n N or --layers START:N"),
         };
-        match args.method {
-            Method::Deepest => PrunePlan::deepest(layers, n)?,
-            method => {
-                let (distances, influence) = if let Some(path) = &args.distances {
-                    let d = AngularDistances::read_csv(path, Some(layers))?;
-                    provenance = json!({"distances_file": path, "sha256": file_sha256(path)?});
-                    let bi = if method == Method::BlockInfluence {
-                        let bi_path = influence_path(path);
-                        Some(read_influence(&bi_path, layers)?)
-                    } else {
-                        None
-                    };
-                    (d, bi)
-                } else if let Some(data) = &args.calibration.data {
-                    let (cal, scores) = score_with_progress(&model, &args.calibration)?;
-                    provenance = json!({
-                        "data": data, "sha256": file_sha256(data)?, "samples": scores.distances.samples,
-                        "skipped_short": cal.skipped_short, "seq_len": args.calibration.seq_len,
-                        "tokens": scores.tokens,
-                    });
-                    (scores.distances, Some(scores.influence))
-                } else {
-                    bail!("--method {} needs --distances FILE or --data FILE to score", method.name())
-                };
-                match method {
-                    Method::Angular => PrunePlan::angular(&distances, n)?,
-                    _ => PrunePlan::block_influence(&influence.expect("read above for block-influence"), n)?,
-                }
-            }
-        }
+        let spec = PruneSpec { method: args.method, amount };
+        let (distances, influence) = if !spec.method.needs_scores() {
+            (None, None)
+        } else if let Some(path) = &args.distances {
+            provenance = json!({"distances_file": path, "sha256": file_sha256(path)?});
+            let influence = match spec.method {
+                Method::BlockInfluence => Some(read_influence(&influence_path(path), layers)?),
+                _ => None,
+            };
+            (Some(AngularDistances::read_csv(path, Some(layers))?), influence)
+        } else if let Some(data) = &args.calibration.data {
+            let (cal, scores) = score_with_progress(&model, &args.calibration)?;
+            provenance = json!({
+                "data": data, "sha256": file_sha256(data)?, "samples": scores.distances.samples,
+                "skipped_short": cal.skipped_short, "seq_len": args.calibration.seq_len,
+                "tokens": scores.tokens,
+            });
+            (Some(scores.distances), Some(scores.influence))
+        } else {
+            bail!("--method {} needs --distances FILE or --data FILE to score", spec.method.name())
+        };
+        spec.plan(layers, LayerScores { distances: distances.as_ref(), influence: influence.as_ref() })?
     };
-    // The plan indexes the blocks currently in the model; map back to checkpoint indices.
-    let dropped: Vec<usize> = plan.dropped.iter().map(|&i| kept_before[i]).collect();
-    model.decoder.remove_layers(&dropped)?;
+    let dropped = prune::run(&mut model.decoder, &plan)?;
     let meta = json!({
         "prunesweep_version": env!("CARGO_PKG_VERSION"),
         "source_model": args.model.model,
@@ -102,7 +92,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         "layers_before": kept_before,
         "dropped_layers": dropped,
         "kept_layers": model.decoder.kept_layers(),
-        "method": plan.method.map_or("explicit", Method::name),
+        "method": plan.method.map_or("explicit".into(), Method::name),
         "n": plan.n,
         "fraction": args.fraction,
         "score": plan.score,

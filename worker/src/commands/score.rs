@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use prunesweep_worker::data::read_documents;
 use prunesweep_worker::model::Model;
 use prunesweep_worker::plot::write_heatmap;
-use prunesweep_worker::score::{score_layers, Calibration, Scores};
+use prunesweep_worker::score::{self, Calibration, Scores};
 use serde_json::json;
 
 use super::{CalibrationArgs, ModelArgs};
@@ -36,21 +35,19 @@ pub fn influence_path(distances: &Path) -> PathBuf {
     distances.with_extension("block-influence.csv")
 }
 
-/// Tokenizes the calibration data and runs the scoring pass with a progress bar.
+/// The scoring stage ([`score::run`]) with a progress bar.
 pub fn score_with_progress(model: &Model, cal: &CalibrationArgs) -> anyhow::Result<(Calibration, Scores)> {
-    let data = cal.data.as_ref().context("--data is required to score (a calibration text file)")?;
-    let docs = read_documents(data, Some(cal.samples))?;
-    let calibration = Calibration::from_documents(&model.tokenizer, &docs, cal.seq_len)?;
-    if calibration.skipped_short > 0 {
-        tracing::warn!(skipped = calibration.skipped_short, "documents shorter than 2 tokens were skipped");
-    }
-    let bar = ProgressBar::new(calibration.tokens() as u64).with_style(
+    let spec = cal.spec().context("--data is required to score (a calibration text file)")?;
+    let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("scoring {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})")
             .expect("the template is valid"),
     );
-    let scores = score_layers(&model.decoder, &calibration, cal.batch, &mut |done| bar.set_position(done as u64))?;
+    let out = score::run(&model.decoder, &model.tokenizer, &spec, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
-    Ok((calibration, scores))
+    Ok(out)
 }
 
 /// Scores, writes the CSVs (and plot), prints the summary.

@@ -21,8 +21,11 @@ use std::path::PathBuf;
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
-use crate::data::DataError;
-use crate::model::{Decoder, KvCache, ModelError, Tokenizer};
+use prunesweep_proto::v1::EvalTaskKind;
+use prunesweep_proto::Vocabulary;
+
+use crate::data::{read_document_range, DataError};
+use crate::model::{Decoder, KvCache, Model, ModelError, Tokenizer};
 
 /// Why an evaluation could not run. Messages name the file (and line) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +62,7 @@ pub enum EvalError {
     Invalid(String),
 }
 
-/// The tasks `worker eval` runs.
+/// The tasks `worker eval` runs (the contract's [`EvalTaskKind`], which names them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {
@@ -74,13 +77,105 @@ pub enum Task {
 }
 
 impl Task {
-    /// The name used on the command line and in result files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Task::Mmlu => "mmlu",
-            Task::MmluCloze => "mmlu-cloze",
-            Task::Boolq => "boolq",
-            Task::C4Loss => "c4-loss",
+    /// The name used on the command line, in result files and in sweep files.
+    pub fn name(self) -> String {
+        EvalTaskKind::from(self).name()
+    }
+}
+
+impl From<Task> for EvalTaskKind {
+    fn from(t: Task) -> Self {
+        match t {
+            Task::Mmlu => EvalTaskKind::Mmlu,
+            Task::MmluCloze => EvalTaskKind::MmluCloze,
+            Task::Boolq => EvalTaskKind::Boolq,
+            Task::C4Loss => EvalTaskKind::C4Loss,
+        }
+    }
+}
+
+impl TryFrom<EvalTaskKind> for Task {
+    type Error = EvalError;
+    fn try_from(k: EvalTaskKind) -> Result<Self, EvalError> {
+        match k {
+            EvalTaskKind::Mmlu => Ok(Task::Mmlu),
+            EvalTaskKind::MmluCloze => Ok(Task::MmluCloze),
+            EvalTaskKind::Boolq => Ok(Task::Boolq),
+            EvalTaskKind::C4Loss => Ok(Task::C4Loss),
+            EvalTaskKind::Unspecified => Err(EvalError::Invalid("the eval task is not set".into())),
+        }
+    }
+}
+
+/// One evaluation: which task on which data, with every setting that moves its number.
+/// [`EvalSpec::new`] fills in the contract's defaults for the task, the same a sweep's eval task
+/// gets when its file is silent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalSpec {
+    /// Which task.
+    pub task: Task,
+    /// MMLU: the CSV folder, a cais/mmlu Parquet or JSON lines; BoolQ: JSON lines or Parquet;
+    /// c4-loss: JSON lines / json.gz / Parquet / text.
+    pub data: PathBuf,
+    /// MMLU few-shot examples when `data` is not the CSV folder with its `dev/`.
+    pub dev: Option<PathBuf>,
+    /// At most this many items (c4-loss: documents).
+    pub limit: Option<usize>,
+    /// MMLU: the first this many questions of each subject.
+    pub limit_per_subject: Option<usize>,
+    /// MMLU letter form: examples per prompt.
+    pub shots: usize,
+    /// c4-loss: tokens per document.
+    pub seq_len: usize,
+    /// c4-loss: documents skipped first (kept apart from calibration and healing).
+    pub first_doc: usize,
+    /// Sequences per forward pass.
+    pub batch: usize,
+}
+
+impl EvalSpec {
+    /// `task` on `data` with the task's defaults.
+    pub fn new(task: Task, data: impl Into<PathBuf>) -> Self {
+        let d = prunesweep_proto::v1::EvalTask::with_defaults(task.into(), "");
+        EvalSpec {
+            task,
+            data: data.into(),
+            dev: None,
+            limit: d.limit.map(|l| l as usize),
+            limit_per_subject: None,
+            shots: d.shots.unwrap_or(prunesweep_proto::defaults::MMLU_SHOTS) as usize,
+            seq_len: d.seq_len.unwrap_or(prunesweep_proto::defaults::C4_LOSS_SEQ_LEN) as usize,
+            first_doc: d.first_doc.unwrap_or(0) as usize,
+            batch: d.batch_size as usize,
+        }
+    }
+}
+
+/// The evaluation stage, as `worker eval` and a sweep's baseline and cells run it: load the
+/// task's data, cut it to the limits, evaluate. `progress(done, total)` after each batch.
+pub fn run(model: &Model, spec: &EvalSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<EvalReport, EvalError> {
+    match spec.task {
+        Task::Mmlu | Task::MmluCloze => {
+            let mut data = mmlu::MmluData::load(&spec.data, spec.dev.as_deref())?;
+            data.truncate(spec.limit_per_subject, spec.limit);
+            let total = data.questions.len();
+            let mut on_batch = |n: usize| progress(n, total);
+            if spec.task == Task::Mmlu {
+                mmlu::evaluate_letter(model, &data, spec.shots, spec.batch, &mut on_batch)
+            } else {
+                mmlu::evaluate_cloze(model, &data, spec.batch, &mut on_batch)
+            }
+        }
+        Task::Boolq => {
+            let mut items = boolq::load(&spec.data)?;
+            items.truncate(spec.limit.unwrap_or(usize::MAX));
+            let total = items.len();
+            boolq::evaluate(model, &items, spec.batch, &mut |n| progress(n, total))
+        }
+        Task::C4Loss => {
+            let docs = read_document_range(&spec.data, spec.first_doc, spec.limit)?;
+            let total = docs.len();
+            c4_loss::evaluate(model, &docs, spec.seq_len, spec.batch, &mut |n| progress(n, total))
         }
     }
 }
@@ -98,7 +193,7 @@ pub struct SubjectScore {
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
     /// Task name.
-    pub task: &'static str,
+    pub task: String,
     /// Share correct (accuracy tasks; per question, i.e. weighted by subject size for MMLU).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<f64>,

@@ -1,6 +1,8 @@
 //! Healing (Gromov et al. 2024, App. A.1): after a cut, train LoRA adapters on C4 with the base
 //! frozen in 4 bits (QLoRA), so that the seam between the layers left on either side closes.
 //!
+//! - [`HealConfig`], [`HealSpec`], [`TargetSet`]: what a run is told (`heal/config.rs`);
+//!   [`prepare`] turns a spec into a [`Trainer`], for `worker heal` and a sweep's cells alike.
 //! - [`packing`]: documents → fixed-length training chunks.
 //! - [`loss`]: the next-token loss (fused cross-entropy).
 //! - [`optim`]: AdamW, the cosine schedule with warmup, gradient clipping.
@@ -16,6 +18,7 @@
 
 pub mod adapter;
 pub mod checkpoint;
+mod config;
 pub mod loss;
 pub mod optim;
 pub mod packing;
@@ -31,6 +34,7 @@ use serde_json::{json, Value};
 use crate::model::lora::{mix_seed, LoraSpec};
 use crate::model::{candle_message, Model, ModelError};
 use checkpoint::Checkpoint;
+pub use config::{HealConfig, HealSpec, TargetSet};
 pub use loss::next_token_loss;
 use optim::{clip_grad_norm, cosine_lr, AdamW};
 use packing::PackedChunks;
@@ -87,101 +91,6 @@ pub enum HealError {
     Candle(#[from] candle_core::Error),
 }
 
-/// The settings of a healing run. [`Default`] is the paper's (App. A.1) with a 2048-token
-/// sequence; `lora.targets` empty means the paper's FFN-only targets for the family.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HealConfig {
-    /// Optimizer updates.
-    pub steps: usize,
-    /// Sequences per update (global batch).
-    pub batch: usize,
-    /// Sequences per forward/backward pass; `batch / micro_batch` passes are accumulated.
-    pub micro_batch: usize,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// Rank, α, dropout, targets.
-    pub lora: LoraSpec,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Linear warmup updates.
-    pub warmup: usize,
-    /// AdamW decoupled weight decay (HF Trainer default 0).
-    pub weight_decay: f64,
-    /// Global gradient-norm clip (HF Trainer default 1.0).
-    pub max_grad_norm: f64,
-    /// Seeds adapter init, dropout and nothing else (the data order is fixed).
-    pub seed: u64,
-    /// Write a checkpoint every K updates (and at the end).
-    pub checkpoint_every: usize,
-    /// Freeze the base in NF4 (QLoRA); `false` trains against the dense base (plain LoRA).
-    pub quantize: bool,
-}
-
-impl Default for HealConfig {
-    fn default() -> Self {
-        HealConfig {
-            steps: 5000,
-            batch: 16,
-            micro_batch: 4,
-            seq_len: 2048,
-            lora: LoraSpec { rank: 64, alpha: 64.0, dropout: 0.05, targets: Vec::new() },
-            lr: 3e-4,
-            warmup: 100,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            seed: 0,
-            checkpoint_every: 100,
-            quantize: true,
-        }
-    }
-}
-
-impl HealConfig {
-    /// Checks ranges that do not depend on the model (rank and targets are checked on attach).
-    pub fn validate(&self) -> Result<(), HealError> {
-        let bad = |m: String| Err(HealError::Config(m));
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!("--lr must be a positive number, got {}", self.lr));
-        }
-        if self.steps == 0 {
-            return bad("--steps must be at least 1".into());
-        }
-        if self.micro_batch == 0 || self.batch == 0 || self.batch % self.micro_batch != 0 {
-            return bad(format!(
-                "--batch ({}) must be a positive multiple of --micro-batch ({})",
-                self.batch, self.micro_batch
-            ));
-        }
-        if self.seq_len < 2 {
-            return bad(format!("--seq-len must be at least 2 tokens, got {}", self.seq_len));
-        }
-        if !(0.0..1.0).contains(&self.lora.dropout) {
-            return bad(format!("--dropout must be in [0, 1), got {}", self.lora.dropout));
-        }
-        if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
-            return bad(format!("--alpha must be positive, got {}", self.lora.alpha));
-        }
-        if self.checkpoint_every == 0 {
-            return bad("--checkpoint-every must be at least 1".into());
-        }
-        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
-            return bad(format!("the gradient clip must be positive, got {}", self.max_grad_norm));
-        }
-        Ok(())
-    }
-
-    /// Micro-batches per update.
-    pub fn accumulation(&self) -> usize {
-        self.batch / self.micro_batch
-    }
-}
-
-/// The FFN projections the paper puts adapters on: gate/up/down (gated MLPs) or fc1/fc2 (Phi-2).
-pub fn ffn_targets(model: &Model) -> Vec<String> {
-    let all = model.decoder.adapter_targets();
-    all.into_iter().filter(|t| ["gate_proj", "up_proj", "down_proj", "fc1", "fc2"].contains(&t.as_str())).collect()
-}
-
 /// One update's figures.
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
@@ -212,6 +121,7 @@ pub enum HealEnd {
 pub struct Trainer<'m> {
     model: &'m mut Model,
     cfg: HealConfig,
+    lora: LoraSpec,
     data: PackedChunks,
     out: PathBuf,
     fingerprint: Value,
@@ -233,16 +143,14 @@ impl<'m> Trainer<'m> {
     /// fingerprint.
     pub fn new(
         model: &'m mut Model,
-        mut cfg: HealConfig,
+        cfg: HealConfig,
         data: PackedChunks,
         out: &Path,
         identity: Value,
         resume: bool,
     ) -> Result<Self, HealError> {
         cfg.validate()?;
-        if cfg.lora.targets.is_empty() {
-            cfg.lora.targets = ffn_targets(model);
-        }
+        let lora = cfg.lora(&model.decoder);
         if data.is_empty() {
             return Err(HealError::Config(format!(
                 "the data gave no full {}-token sequence; use more documents or a shorter --seq-len",
@@ -251,20 +159,21 @@ impl<'m> Trainer<'m> {
         }
         std::fs::create_dir_all(out).map_err(|e| HealError::Io { path: out.to_path_buf(), source: e })?;
         let quantized = if cfg.quantize { model.decoder.quantize_nf4()? } else { (0, 0) };
-        model.decoder.attach_adapters(&cfg.lora, cfg.seed)?;
+        model.decoder.attach_adapters(&lora, cfg.seed)?;
         let params = model.decoder.adapter_vars();
         let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
         let opt = AdamW::new(&vars, cfg.weight_decay)?;
         let fingerprint = json!({
             "identity": identity,
             "steps": cfg.steps, "batch": cfg.batch, "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len,
-            "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "targets": cfg.lora.targets,
+            "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora.targets,
             "lr": cfg.lr, "warmup": cfg.warmup, "weight_decay": cfg.weight_decay,
             "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "quantize": cfg.quantize,
         });
         let mut trainer = Trainer {
             model,
             cfg,
+            lora,
             data,
             out: out.to_path_buf(),
             fingerprint,
@@ -289,9 +198,14 @@ impl<'m> Trainer<'m> {
         Ok(trainer)
     }
 
-    /// The settings in force (targets filled in).
+    /// The settings in force.
     pub fn config(&self) -> &HealConfig {
         &self.cfg
+    }
+
+    /// The adapters' settings, targets resolved for the model's family.
+    pub fn lora(&self) -> &LoraSpec {
+        &self.lora
     }
 
     /// Updates done so far (including those restored from a checkpoint).
@@ -479,8 +393,33 @@ impl<'m> Trainer<'m> {
         if let (Some(m), Some(e)) = (info.as_object_mut(), extra.as_object()) {
             m.extend(e.clone());
         }
-        adapter::save(self.model, &self.cfg.lora, dir, info)
+        adapter::save(self.model, &self.lora, dir, info)
     }
+}
+
+/// The healing stage, as `worker heal` and a sweep's cells run it: reads and packs the training
+/// data, then prepares the [`Trainer`] (quantized base, fresh adapters, a checkpoint restored
+/// with `resume`). `identity` names the model and data in the checkpoint's fingerprint.
+pub fn prepare<'m>(
+    model: &'m mut Model,
+    spec: &HealSpec,
+    out: &Path,
+    identity: Value,
+    resume: bool,
+) -> Result<Trainer<'m>, HealError> {
+    let cfg = &spec.config;
+    cfg.validate()?;
+    let docs = crate::data::read_document_range(&spec.data, spec.first_doc, None)?;
+    let sequences = cfg.steps * cfg.batch;
+    let chunks = PackedChunks::pack(&model.tokenizer, &docs, eos_id(model)?, cfg.seq_len, sequences)?;
+    if chunks.len() < sequences {
+        tracing::warn!(
+            chunks = chunks.len(),
+            needed = sequences,
+            "the data holds fewer sequences than the run uses; it will be repeated (epochs)"
+        );
+    }
+    Trainer::new(model, cfg.clone(), chunks, out, identity, resume)
 }
 
 /// The end-of-sequence id used to join documents: `eos_token_id` from the config, else the

@@ -52,6 +52,25 @@ impl Family {
         }
     }
 
+    /// The feed-forward modules an adapter can target, by the names PEFT gives them: what the
+    /// paper heals (App. A.1) and `--targets ffn` selects.
+    pub fn ffn_modules(self) -> &'static [&'static str] {
+        match self {
+            Family::Llama | Family::Mistral | Family::Qwen2 => &["gate_proj", "up_proj", "down_proj"],
+            Family::Phi3 => &["gate_up_proj", "down_proj"],
+            Family::Phi => &["fc1", "fc2"],
+        }
+    }
+
+    /// The attention modules an adapter can target, by the names PEFT gives them.
+    pub fn attention_modules(self) -> &'static [&'static str] {
+        match self {
+            Family::Llama | Family::Mistral | Family::Qwen2 => &["q_proj", "k_proj", "v_proj", "o_proj"],
+            Family::Phi3 => &["qkv_proj", "o_proj"],
+            Family::Phi => &["q_proj", "k_proj", "v_proj", "dense"],
+        }
+    }
+
     /// Every supported `model_type`, for error messages.
     pub const SUPPORTED: &'static str = "llama, mistral, qwen2, phi3, phi (Phi-2)";
 

@@ -4,6 +4,9 @@
 //! - [`config`]: `config.json` / GGUF metadata → [`Config`] (five families).
 //! - [`decoder`]: the transformer itself ([`Decoder`]); the index convention of the residual
 //!   states is written at its top.
+//! - [`layers`]: its projections, norms and feed-forward networks; [`attention`]: rotary
+//!   positions, the prefix [`KvCache`], attention and its mask; `adapters`: [`Decoder`]'s LoRA
+//!   methods (attach, load, list, merge).
 //! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors.
 //! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
 //! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
@@ -12,9 +15,12 @@
 //! - [`masked_softmax`], [`silu_mul`]: attention's mask + softmax, and the gated MLP's
 //!   activation, each in one pass (inference on CPU).
 
+mod adapters;
+pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod frozen;
+pub mod layers;
 pub mod lora;
 pub mod masked_softmax;
 pub mod nf4;
@@ -28,8 +34,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde_json::Value;
 
+pub use attention::KvCache;
 pub use config::{Config, Family};
-pub use decoder::{Decoder, KvCache};
+pub use decoder::Decoder;
 pub use tokenizer::Tokenizer;
 pub use weights::ModelSource;
 

@@ -26,7 +26,8 @@ use prunesweep_proto::v1::{
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use pipeline::{JobFailure, Pipeline, Progress};
+use crate::job::{Job, JobError};
+use pipeline::{Pipeline, Progress};
 
 /// Where and as whom the worker serves.
 #[derive(Debug, Clone)]
@@ -181,9 +182,16 @@ async fn run_leased(
     mut pipeline: Pipeline,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> (Pipeline, bool) {
-    let job = lease.job.clone().unwrap_or_default();
-    let (job_id, lease_id) = (job.job_id, lease.lease_id.clone());
-    tracing::info!(job_id, kind = job.kind, key = %job.key, attempt = lease.attempt, "leased");
+    let spec = lease.job.clone().unwrap_or_default();
+    let (job_id, lease_id) = (spec.job_id, lease.lease_id.clone());
+    tracing::info!(job_id, kind = spec.kind, key = %spec.key, attempt = lease.attempt, "leased");
+    let job = match Job::try_from(&spec) {
+        Ok(job) => job,
+        Err(e) => {
+            report(session, &lease_id, job_id, Err(e)).await;
+            return (pipeline, false);
+        }
+    };
     let progress = Arc::new(Progress::default());
     let prog = progress.clone();
     let mut handle = tokio::task::spawn_blocking(move || {
@@ -191,7 +199,7 @@ async fn run_leased(
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pipeline.run(&job, &prog))).unwrap_or_else(
             |payload| {
                 pipeline.forget_model();
-                Err(JobFailure::panicked(payload.as_ref()))
+                Err(JobError::panicked(payload.as_ref()))
             },
         );
         (pipeline, out)
@@ -234,7 +242,7 @@ async fn run_leased(
 }
 
 /// Sends `CompleteJob` or `FailJob`, retrying transport failures for up to ~5 minutes.
-async fn report(session: &mut Session, lease_id: &str, job_id: i64, outcome: Result<pipeline::JobOutput, JobFailure>) {
+async fn report(session: &mut Session, lease_id: &str, job_id: i64, outcome: Result<pipeline::JobOutput, JobError>) {
     let mut backoff = Backoff::new();
     for _ in 0..20 {
         let sent = match &outcome {
@@ -256,9 +264,9 @@ async fn report(session: &mut Session, lease_id: &str, job_id: i64, outcome: Res
                     worker_id: session.worker_id.clone(),
                     lease_id: lease_id.to_string(),
                     job_id,
-                    message: f.message.clone(),
-                    error_kind: f.kind.to_string(),
-                    retryable: f.retryable,
+                    message: f.to_string(),
+                    error_kind: f.kind().to_string(),
+                    retryable: f.is_retryable(),
                 };
                 session.client.fail_job(req).await.map(|_| ())
             }
@@ -267,7 +275,7 @@ async fn report(session: &mut Session, lease_id: &str, job_id: i64, outcome: Res
             Ok(()) => {
                 match &outcome {
                     Ok(_) => tracing::info!(job_id, "completed"),
-                    Err(f) => tracing::warn!(job_id, kind = f.kind, error = %f.message, "failed"),
+                    Err(f) => tracing::warn!(job_id, kind = f.kind(), error = %f, "failed"),
                 }
                 return;
             }

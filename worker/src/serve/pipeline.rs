@@ -1,9 +1,10 @@
 //! One job of a sweep, run in this process: load the model (reusing the one already loaded),
 //! then score, or evaluate the unpruned model, or prune → heal → evaluate one cell.
 //!
-//! The job arrives as the contract's [`JobSpec`]; the results leave as its [`ResultRow`]s,
-//! [`Distance`]s and [`PhaseTiming`]s. Failures say whether another attempt could succeed: a
-//! missing model path or malformed data never will, so the coordinator does not retry them.
+//! The job arrives validated ([`Job`]); each stage is the same `run` the CLI calls
+//! ([`score::run`], [`prune::run`], [`heal::prepare`], [`eval::run`]). The results leave as the
+//! contract's [`ResultRow`]s, [`Distance`]s and [`PhaseTiming`]s; failures are [`JobError`]s,
+//! which say whether another attempt could succeed.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,18 +12,14 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::Device;
-use prunesweep_proto::v1::{
-    job_spec::Amount, Distance, EvalTask, JobKind, JobSpec, PhaseTiming, PruneMethod, ResultRow,
-};
+use prunesweep_proto::v1::{Distance, DistanceMetric, PhaseTiming, ResultRow};
 
-use crate::data::{read_document_range, read_documents};
-use crate::eval::{boolq, c4_loss, mmlu, EvalReport};
-use crate::heal::packing::PackedChunks;
-use crate::heal::{eos_id, HealConfig, HealEnd, Trainer};
-use crate::model::lora::LoraSpec;
+use crate::eval::{self, EvalSpec};
+use crate::heal::{self, HealEnd, HealError, HealSpec};
+use crate::job::{Cell, Job, JobError, Work};
 use crate::model::{Model, ModelError};
-use crate::prune::{layers_for_fraction, PrunePlan};
-use crate::score::{score_layers, AngularDistances, BlockInfluence, Calibration};
+use crate::prune::{self, LayerScores, PruneError};
+use crate::score::{self, ScoreSpec};
 
 /// What a finished job reports (the fields of `CompleteJobRequest`).
 #[derive(Debug, Clone, Default)]
@@ -37,46 +34,6 @@ pub struct JobOutput {
     pub num_layers: Option<u32>,
     /// Seconds per phase.
     pub timings: Vec<PhaseTiming>,
-}
-
-/// Why a job did not finish (the fields of `FailJobRequest`), or that it was stopped.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobFailure {
-    /// Stable label: `model_load`, `invalid_spec`, `data`, `runtime`, `stopped`.
-    pub kind: &'static str,
-    /// What went wrong, naming the file or setting.
-    pub message: String,
-    /// Whether another attempt may succeed.
-    pub retryable: bool,
-}
-
-impl JobFailure {
-    fn new(kind: &'static str, retryable: bool, message: impl Into<String>) -> Self {
-        JobFailure { kind, message: message.into(), retryable }
-    }
-
-    fn spec(message: impl Into<String>) -> Self {
-        Self::new("invalid_spec", false, message)
-    }
-
-    fn stopped() -> Self {
-        Self::new("stopped", true, "stopped before it finished (cancelled, lease lost, or worker shutting down)")
-    }
-
-    /// A job that panicked: retryable (the sweep's max attempts bound it), with the panic text.
-    pub fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
-        let text = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
-        Self::new("panic", true, format!("the job panicked: {text}"))
-    }
-
-    /// Whether this is the stop requested through [`Progress::stop`].
-    pub fn is_stop(&self) -> bool {
-        self.kind == "stopped"
-    }
 }
 
 /// Shared between the job and the heartbeat loop: the phase for heartbeats, and the stop flag
@@ -98,9 +55,9 @@ impl Progress {
         *self.phase.lock().expect("never poisoned") = (phase.to_string(), fraction.clamp(0.0, 1.0));
     }
 
-    fn check(&self) -> Result<(), JobFailure> {
+    fn check(&self) -> Result<(), JobError> {
         if self.stop.load(Ordering::SeqCst) {
-            Err(JobFailure::stopped())
+            Err(JobError::Stopped)
         } else {
             Ok(())
         }
@@ -119,11 +76,38 @@ fn timing(phase: &str, since: Instant) -> PhaseTiming {
     PhaseTiming { phase: phase.to_string(), seconds: since.elapsed().as_secs_f64() }
 }
 
-fn model_failure(source: &str, e: ModelError) -> JobFailure {
+fn model_failure(source: &str, e: ModelError) -> JobError {
     match e {
         // A tensor op failing mid-load (out of memory, a device error) may pass on another try.
-        ModelError::Candle(e) => JobFailure::new("runtime", true, format!("loading {source}: {e}")),
-        other => JobFailure::new("model_load", false, other.to_string()),
+        ModelError::Candle(e) => JobError::Runtime(format!("loading {source}: {e}")),
+        other => JobError::ModelLoad(other.to_string()),
+    }
+}
+
+fn prune_failure(e: PruneError) -> JobError {
+    match e {
+        PruneError::NoMethod | PruneError::NoScores(_) => {
+            JobError::Spec { field: "method".into(), message: e.to_string() }
+        }
+        other => JobError::Unfit(other.to_string()),
+    }
+}
+
+fn heal_failure(e: HealError) -> JobError {
+    match e {
+        HealError::Candle(_) => JobError::Runtime(e.to_string()),
+        HealError::Checkpoint { .. } | HealError::Io { .. } => JobError::Checkpoint(e.to_string()),
+        HealError::Data(_) => JobError::Data(e.to_string()),
+        HealError::NonFinite { .. } => JobError::Diverged(e.to_string()),
+        HealError::Config(_) | HealError::Model(_) => JobError::Unfit(e.to_string()),
+    }
+}
+
+fn eval_failure(spec: &EvalSpec, e: eval::EvalError) -> JobError {
+    let message = format!("{} ({}): {e}", spec.task.name(), spec.data.display());
+    match e {
+        eval::EvalError::Candle(_) => JobError::Runtime(message),
+        _ => JobError::Data(message),
     }
 }
 
@@ -144,7 +128,7 @@ impl Pipeline {
     }
 
     /// The job's model, fresh (unpruned, no adapters); loaded once and cloned (weights are shared).
-    fn model(&mut self, source: &str) -> Result<Model, JobFailure> {
+    fn model(&mut self, source: &str) -> Result<Model, JobError> {
         if self.loaded.as_ref().map(|(s, _)| s.as_str()) != Some(source) {
             self.loaded = None;
             let model = Model::load(Path::new(source), &self.device).map_err(|e| model_failure(source, e))?;
@@ -154,176 +138,103 @@ impl Pipeline {
     }
 
     /// Runs one job to completion, or until `progress.stop` is set.
-    pub fn run(&mut self, job: &JobSpec, progress: &Progress) -> Result<JobOutput, JobFailure> {
-        let source =
-            job.model.as_ref().map(|m| m.source.clone()).ok_or_else(|| JobFailure::spec("the job has no model"))?;
+    pub fn run(&mut self, job: &Job, progress: &Progress) -> Result<JobOutput, JobError> {
         let mut out = JobOutput::default();
         progress.set("load", 0.0);
         let t = Instant::now();
-        let mut model = self.model(&source)?;
+        let mut model = self.model(&job.model)?;
         out.timings.push(timing("load", t));
         out.num_layers = Some(model.decoder.num_blocks() as u32);
         progress.check()?;
-        match JobKind::try_from(job.kind).unwrap_or(JobKind::Unspecified) {
-            JobKind::Score => self.score(job, &model, progress, &mut out)?,
-            JobKind::Baseline => evaluate(&job.eval, &model, progress, &mut out)?,
-            JobKind::Cell => {
-                self.prune(job, &mut model, &mut out)?;
+        match &job.work {
+            Work::Score(spec) => score_model(spec, &model, progress, &mut out)?,
+            Work::Baseline(tasks) => evaluate(tasks, &model, progress, &mut out)?,
+            Work::Cell(cell) => {
+                prune_model(cell, &mut model, &mut out)?;
                 progress.check()?;
-                self.heal(job, &mut model, progress, &mut out)?;
-                progress.check()?;
-                evaluate(&job.eval, &model, progress, &mut out)?;
+                if let Some(spec) = &cell.heal {
+                    self.heal(job, spec, &mut model, progress, &mut out)?;
+                    progress.check()?;
+                }
+                evaluate(&cell.eval, &model, progress, &mut out)?;
             }
-            JobKind::Unspecified => return Err(JobFailure::spec(format!("job {} has no kind", job.job_id))),
         }
         Ok(out)
     }
 
-    fn score(&self, job: &JobSpec, model: &Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobFailure> {
-        let cal = job.calibration.as_ref().ok_or_else(|| JobFailure::spec("a score job needs calibration data"))?;
-        progress.set("score", 0.0);
-        let t = Instant::now();
-        let data_err = |e: String| JobFailure::new("data", false, e);
-        let docs =
-            read_documents(Path::new(&cal.path), Some(cal.samples as usize)).map_err(|e| data_err(e.to_string()))?;
-        let calibration = Calibration::from_documents(&model.tokenizer, &docs, cal.seq_len as usize)
-            .map_err(|e| data_err(e.to_string()))?;
-        let total = calibration.tokens().max(1);
-        let scores = score_layers(&model.decoder, &calibration, 8, &mut |done| {
-            progress.set("score", done as f64 / total as f64)
-        })
-        .map_err(|e| JobFailure::new("runtime", true, e.to_string()))?;
-        let layers = scores.distances.num_layers;
-        for n in 1..=layers {
-            for l in 0..=layers - n {
-                out.distances.push(Distance {
-                    metric: "angular".into(),
-                    n: n as u32,
-                    l: l as u32,
-                    value: scores.distances.get(n, l),
-                });
-            }
-        }
-        for (l, &v) in scores.influence.scores.iter().enumerate() {
-            out.distances.push(Distance { metric: "block_influence".into(), n: 1, l: l as u32, value: v });
-        }
-        out.timings.push(timing("score", t));
-        Ok(())
-    }
-
-    fn prune(&self, job: &JobSpec, model: &mut Model, out: &mut JobOutput) -> Result<(), JobFailure> {
-        let t = Instant::now();
-        let layers = model.decoder.num_blocks();
-        let n = match job.amount {
-            Some(Amount::Fraction(f)) => layers_for_fraction(f, layers).map_err(|e| JobFailure::spec(e.to_string()))?,
-            Some(Amount::N(n)) => n as usize,
-            None => return Err(JobFailure::spec("a cell needs a fraction or n")),
-        };
-        let rows = |metric: &str| -> Vec<&Distance> { job.distances.iter().filter(|d| d.metric == metric).collect() };
-        let plan = match PruneMethod::try_from(job.method).unwrap_or(PruneMethod::Unspecified) {
-            PruneMethod::Deepest => PrunePlan::deepest(layers, n),
-            PruneMethod::Angular => {
-                let entries: Vec<(usize, usize, f64)> =
-                    rows("angular").iter().map(|d| (d.n as usize, d.l as usize, d.value)).collect();
-                let table = AngularDistances::from_entries(&entries)
-                    .map_err(|e| JobFailure::spec(format!("the job's angular distances: {e}")))?;
-                if table.num_layers != layers {
-                    return Err(JobFailure::spec(format!(
-                        "the distances are for {} layers, the model has {layers}",
-                        table.num_layers
-                    )));
-                }
-                PrunePlan::angular(&table, n)
-            }
-            PruneMethod::BlockInfluence => {
-                let mut scores = vec![f64::NAN; layers];
-                for d in rows("block_influence") {
-                    if let Some(s) = scores.get_mut(d.l as usize) {
-                        *s = d.value;
-                    }
-                }
-                if scores.iter().any(|s| s.is_nan()) {
-                    return Err(JobFailure::spec(format!(
-                        "the job's Block Influence table does not cover all {layers} layers"
-                    )));
-                }
-                PrunePlan::block_influence(&BlockInfluence { scores }, n)
-            }
-            PruneMethod::Unspecified => return Err(JobFailure::spec("a cell needs a method")),
-        }
-        .map_err(|e| JobFailure::spec(e.to_string()))?;
-        model.decoder.remove_layers(&plan.dropped).map_err(|e| JobFailure::spec(e.to_string()))?;
-        out.layers_dropped = plan.dropped.iter().map(|&l| l as u32).collect();
-        out.timings.push(timing("prune", t));
-        Ok(())
-    }
-
     fn heal(
         &self,
-        job: &JobSpec,
+        job: &Job,
+        spec: &HealSpec,
         model: &mut Model,
         progress: &Progress,
         out: &mut JobOutput,
-    ) -> Result<(), JobFailure> {
-        let Some(q) = job.heal.as_ref().and_then(|h| h.qlora.as_ref()) else { return Ok(()) };
+    ) -> Result<(), JobError> {
         progress.set("heal", 0.0);
         let t = Instant::now();
-        let data = q
-            .data_path
-            .clone()
-            .or_else(|| job.calibration.as_ref().map(|c| c.path.clone()))
-            .ok_or_else(|| JobFailure::spec("healing needs data (qlora.data_path or the calibration data)"))?;
-        let steps = q.steps as usize;
-        let batch = (q.batch_size as usize).max(1);
-        let targets =
-            if q.target_modules.is_empty() { model.decoder.adapter_targets() } else { q.target_modules.clone() };
-        let cfg = HealConfig {
-            steps,
-            batch,
-            micro_batch: batch,
-            seq_len: q.seq_len as usize,
-            lora: LoraSpec { rank: q.rank as usize, alpha: q.alpha, dropout: q.dropout as f32, targets },
-            lr: q.learning_rate,
-            // The paper's 100 warmup steps, kept to a tenth of short runs.
-            warmup: (steps / 10).min(100),
-            seed: job.seed,
-            checkpoint_every: 50,
-            quantize: q.quantize_base,
-            ..HealConfig::default()
-        };
-        let spec_err = |e: crate::heal::HealError| JobFailure::spec(e.to_string());
-        cfg.validate().map_err(spec_err)?;
-        let docs = read_documents(Path::new(&data), None).map_err(|e| JobFailure::new("data", false, e.to_string()))?;
-        let eos = eos_id(model).map_err(spec_err)?;
-        let chunks = PackedChunks::pack(&model.tokenizer, &docs, eos, cfg.seq_len, steps * batch)
-            .map_err(|e| JobFailure::new("data", false, e.to_string()))?;
         // Per job key: a re-leased job (after preemption) resumes from its checkpoint.
         let dir = self.work_dir.join("jobs").join(&job.key).join("heal");
         let identity = serde_json::json!({ "job": job.key, "kept_layers": model.decoder.kept_layers() });
-        let mut trainer = Trainer::new(model, cfg, chunks, &dir, identity, true).map_err(|e| match e {
-            crate::heal::HealError::Checkpoint { .. } => JobFailure::new("checkpoint", false, e.to_string()),
-            other => spec_err(other),
-        })?;
+        let steps = spec.config.steps.max(1);
+        let mut trainer = heal::prepare(model, spec, &dir, identity, true).map_err(heal_failure)?;
         let end = trainer
-            .run(&progress.stop, &mut |s| progress.set("heal", s.step as f64 / steps.max(1) as f64))
-            .map_err(|e| JobFailure::new("heal", matches!(e, crate::heal::HealError::Candle(_)), e.to_string()))?;
+            .run(&progress.stop, &mut |s| progress.set("heal", s.step as f64 / steps as f64))
+            .map_err(heal_failure)?;
         if end == HealEnd::Preempted {
-            return Err(JobFailure::stopped());
+            return Err(JobError::Stopped);
         }
         out.timings.push(timing("heal", t));
         Ok(())
     }
 }
 
-/// Runs every evaluation task of the job and appends its metrics.
-fn evaluate(tasks: &[EvalTask], model: &Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobFailure> {
+fn score_model(spec: &ScoreSpec, model: &Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobError> {
+    progress.set("score", 0.0);
     let t = Instant::now();
-    for (i, task) in tasks.iter().enumerate() {
+    let (_, scores) = score::run(&model.decoder, &model.tokenizer, spec, &mut |done, total| {
+        progress.set("score", done as f64 / total.max(1) as f64)
+    })
+    .map_err(|e| match e {
+        score::ScoreError::Candle(_) => JobError::Runtime(e.to_string()),
+        other => JobError::Data(other.to_string()),
+    })?;
+    let layers = scores.distances.num_layers;
+    for n in 1..=layers {
+        for l in 0..=layers - n {
+            out.distances.push(Distance {
+                metric: DistanceMetric::Angular as i32,
+                n: n as u32,
+                l: l as u32,
+                value: scores.distances.get(n, l),
+            });
+        }
+    }
+    for (l, &v) in scores.influence.scores.iter().enumerate() {
+        out.distances.push(Distance { metric: DistanceMetric::BlockInfluence as i32, n: 1, l: l as u32, value: v });
+    }
+    out.timings.push(timing("score", t));
+    Ok(())
+}
+
+fn prune_model(cell: &Cell, model: &mut Model, out: &mut JobOutput) -> Result<(), JobError> {
+    let t = Instant::now();
+    let scores = LayerScores { distances: cell.distances.as_ref(), influence: cell.influence.as_ref() };
+    let plan = cell.prune.plan(model.decoder.num_blocks(), scores).map_err(prune_failure)?;
+    let dropped = prune::run(&mut model.decoder, &plan).map_err(|e| JobError::Unfit(e.to_string()))?;
+    out.layers_dropped = dropped.iter().map(|&l| l as u32).collect();
+    out.timings.push(timing("prune", t));
+    Ok(())
+}
+
+/// Runs every evaluation task of the job and appends its metrics.
+fn evaluate(tasks: &[EvalSpec], model: &Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobError> {
+    let t = Instant::now();
+    for (i, spec) in tasks.iter().enumerate() {
         progress.check()?;
         progress.set("eval", i as f64 / tasks.len().max(1) as f64);
-        let report = eval_task(task, model)?;
+        let report = eval::run(model, spec, &mut |_, _| {}).map_err(|e| eval_failure(spec, e))?;
         let mut push = |metric: &str, value: f64| {
-            out.results.push(ResultRow { task: task.task.clone(), metric: metric.into(), value })
+            out.results.push(ResultRow { task: spec.task.name(), metric: metric.into(), value })
         };
         if let Some(a) = report.accuracy {
             push("accuracy", a);
@@ -340,50 +251,10 @@ fn evaluate(tasks: &[EvalTask], model: &Model, progress: &Progress, out: &mut Jo
     Ok(())
 }
 
-fn eval_task(task: &EvalTask, model: &Model) -> Result<EvalReport, JobFailure> {
-    let path = Path::new(&task.path);
-    let limit = task.limit.map(|l| l as usize);
-    let data_err =
-        |e: crate::eval::EvalError| JobFailure::new("data", false, format!("{} ({}): {e}", task.task, task.path));
-    let batch = 8;
-    match task.task.as_str() {
-        "mmlu" | "mmlu-cloze" => {
-            let mut data = mmlu::MmluData::load(path, task.dev_path.as_deref().map(Path::new)).map_err(data_err)?;
-            data.truncate(task.limit_per_subject.map(|k| k as usize), limit);
-            if task.task == "mmlu" {
-                mmlu::evaluate_letter(model, &data, task.shots.unwrap_or(5) as usize, batch, &mut |_| {})
-            } else {
-                mmlu::evaluate_cloze(model, &data, batch, &mut |_| {})
-            }
-            .map_err(data_err)
-        }
-        "boolq" => {
-            let mut items = boolq::load(path).map_err(data_err)?;
-            items.truncate(limit.unwrap_or(usize::MAX));
-            boolq::evaluate(model, &items, batch, &mut |_| {}).map_err(data_err)
-        }
-        "c4-loss" => {
-            let docs = read_document_range(path, task.first_doc.unwrap_or(0) as usize, Some(limit.unwrap_or(256)))
-                .map_err(|e| JobFailure::new("data", false, e.to_string()))?;
-            c4_loss::evaluate(model, &docs, task.seq_len.unwrap_or(512) as usize, batch, &mut |_| {}).map_err(data_err)
-        }
-        other => Err(JobFailure::spec(format!("unknown eval task `{other}`; known: mmlu, mmlu-cloze, boolq, c4-loss"))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn panics_become_retryable_failures_with_their_text() {
-        let payload = std::panic::catch_unwind(|| panic!("boom {}", 1)).unwrap_err();
-        let f = JobFailure::panicked(payload.as_ref());
-        assert_eq!((f.kind, f.retryable), ("panic", true));
-        assert!(f.message.contains("boom 1"), "{}", f.message);
-        let payload = std::panic::catch_unwind(|| panic!("static text")).unwrap_err();
-        assert!(JobFailure::panicked(payload.as_ref()).message.contains("static text"));
-    }
+    use crate::eval::{c4_loss, Task};
 
     #[test]
     fn loss_tasks_start_at_first_doc() {
@@ -393,27 +264,23 @@ mod tests {
         let path = dir.path().join("docs.jsonl");
         let docs = ["The first document.", "A second one, longer than the first.", "Third: held out.", "Fourth."];
         std::fs::write(&path, docs.map(|d| format!("{{\"text\": \"{d}\"}}\n")).concat()).unwrap();
-        let task = |first_doc| EvalTask {
-            task: "c4-loss".into(),
-            path: path.display().to_string(),
-            limit: Some(1),
-            seq_len: Some(16),
-            first_doc,
-            ..EvalTask::default()
-        };
-        let held_out = eval_task(&task(Some(2)), &model).unwrap();
+        let task =
+            |first_doc| EvalSpec { limit: Some(1), seq_len: 16, first_doc, ..EvalSpec::new(Task::C4Loss, &path) };
+        let run = |spec: &EvalSpec| eval::run(&model, spec, &mut |_, _| {}).map_err(|e| eval_failure(spec, e));
+        let held_out = run(&task(2)).unwrap();
         let direct = c4_loss::evaluate(&model, &[docs[2].to_string()], 16, 8, &mut |_| {}).unwrap();
         assert_eq!((held_out.n, held_out.loss), (1, direct.loss));
-        assert_ne!(eval_task(&task(None), &model).unwrap().loss, direct.loss, "unset starts at document 0");
-        let f = eval_task(&task(Some(4)), &model).unwrap_err();
-        assert_eq!((f.kind, f.retryable), ("data", false));
-        assert!(f.message.contains("none from document 4 on; lower `first_doc`"), "{}", f.message);
+        assert_ne!(run(&task(0)).unwrap().loss, direct.loss, "0 starts at document 0");
+        let f = run(&task(4)).unwrap_err();
+        assert_eq!((f.kind(), f.is_retryable()), ("data", false));
+        assert!(f.to_string().contains("none from document 4 on; lower `first_doc`"), "{f}");
     }
 
     #[test]
-    fn a_job_without_a_model_or_kind_is_an_invalid_spec() {
+    fn a_missing_model_is_a_non_retryable_load_failure() {
         let mut p = Pipeline::new(Device::Cpu, std::env::temp_dir());
-        let f = p.run(&JobSpec::default(), &Progress::default()).unwrap_err();
-        assert_eq!((f.kind, f.retryable), ("invalid_spec", false));
+        let job = Job { id: 1, key: "k".into(), model: "/no/such/model".into(), work: Work::Baseline(Vec::new()) };
+        let f = p.run(&job, &Progress::default()).unwrap_err();
+        assert_eq!((f.kind(), f.is_retryable()), ("model_load", false), "{f}");
     }
 }

@@ -1,8 +1,10 @@
 //! The tonic services: `SweepService` (clients) and `WorkerService` (workers).
 //!
 //! This is the only place that sees protobuf types: requests become domain values, the store does
-//! the work, and results become protobuf again. Store errors become gRPC statuses through one
-//! `From<StoreError> for Status` that names every variant.
+//! the work, and results become protobuf again ([`convert`] holds every conversion). Store errors
+//! become gRPC statuses through one `From<StoreError> for Status` that names every variant.
+
+mod convert;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,13 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::group_commit::GroupCommit;
-use crate::job::{JobKind, JobState};
 use crate::server::Config;
-use crate::store::{
-    now_ms, Completion, DistanceRow, Failure, HeartbeatOutcome, JobRow, JobStore, LeaseRequest, ResultValue,
-    StoreError, SweepCounts, Timing, WorkerInfo,
-};
-use crate::sweep::{Amount, CellSpec, Method, SweepSpec};
+use crate::store::{now_ms, Failure, HeartbeatOutcome, JobStore, LeaseRequest, StoreError, WorkerInfo};
+use crate::sweep::SweepSpec;
+use convert::{job_result, job_spec, sweep_status};
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
@@ -63,116 +62,6 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn pb_state(s: JobState) -> pb::JobState {
-    match s {
-        JobState::Blocked => pb::JobState::Blocked,
-        JobState::Pending => pb::JobState::Pending,
-        JobState::Leased => pb::JobState::Leased,
-        JobState::Succeeded => pb::JobState::Succeeded,
-        JobState::Failed => pb::JobState::Failed,
-        JobState::Cancelled => pb::JobState::Cancelled,
-    }
-}
-
-fn pb_kind(k: JobKind) -> pb::JobKind {
-    match k {
-        JobKind::Score => pb::JobKind::Score,
-        JobKind::Baseline => pb::JobKind::Baseline,
-        JobKind::Cell => pb::JobKind::Cell,
-    }
-}
-
-fn pb_method(m: Option<Method>) -> pb::PruneMethod {
-    match m {
-        None => pb::PruneMethod::Unspecified,
-        Some(Method::Angular) => pb::PruneMethod::Angular,
-        Some(Method::Deepest) => pb::PruneMethod::Deepest,
-        Some(Method::BlockInfluence) => pb::PruneMethod::BlockInfluence,
-    }
-}
-
-fn pb_status(c: &SweepCounts) -> pb::SweepStatus {
-    let n = |s| c.count(s);
-    pb::SweepStatus {
-        name: c.name.clone(),
-        state: c.state.clone(),
-        blocked: n(JobState::Blocked),
-        pending: n(JobState::Pending),
-        leased: n(JobState::Leased),
-        succeeded: n(JobState::Succeeded),
-        failed: n(JobState::Failed),
-        cancelled: n(JobState::Cancelled),
-        created_at_ms: c.created_at,
-        priority: c.priority,
-    }
-}
-
-fn pb_distance(d: &DistanceRow) -> pb::Distance {
-    pb::Distance { metric: d.metric.clone(), n: d.n, l: d.l, value: d.value }
-}
-
-/// The job spec a worker runs.
-fn pb_spec(job: &JobRow, distances: &[DistanceRow]) -> pb::JobSpec {
-    let s: &CellSpec = &job.spec;
-    pb::JobSpec {
-        job_id: job.id,
-        sweep: job.sweep.clone(),
-        key: job.key.clone(),
-        kind: pb_kind(job.kind) as i32,
-        model: Some(pb::ModelRef {
-            name: s.model.name.clone(),
-            source: s.model.source.clone(),
-            revision: s.model.revision.clone(),
-        }),
-        calibration: s.calibration.as_ref().map(|c| pb::CalibrationData {
-            path: c.path.clone(),
-            samples: c.samples,
-            seq_len: c.seq_len,
-        }),
-        method: pb_method(s.method) as i32,
-        amount: s.amount.map(|a| match a {
-            Amount::Fraction(f) => pb::job_spec::Amount::Fraction(f),
-            Amount::N(n) => pb::job_spec::Amount::N(n),
-        }),
-        heal: s.heal.as_ref().map(|h| pb::HealSpec {
-            name: h.name.clone(),
-            qlora: h.qlora.as_ref().map(|q| pb::QLoraSettings {
-                rank: q.rank,
-                alpha: q.alpha,
-                dropout: q.dropout,
-                steps: q.steps,
-                learning_rate: q.learning_rate,
-                batch_size: q.batch_size,
-                seq_len: q.seq_len,
-                data_path: q.data.clone(),
-                target_modules: q.target_modules.clone(),
-                quantize_base: q.quantize_base,
-            }),
-        }),
-        eval: s
-            .eval
-            .iter()
-            .map(|e| pb::EvalTask {
-                task: e.task.as_str().to_string(),
-                path: e.path.clone(),
-                limit: e.limit,
-                shots: e.shots,
-                seq_len: e.seq_len,
-                first_doc: e.first_doc,
-                limit_per_subject: e.limit_per_subject,
-                dev_path: e.dev_path.clone(),
-            })
-            .collect(),
-        seed: s.seed.unwrap_or_default(),
-        distances: distances.iter().map(pb_distance).collect(),
-        spec_json: s.canonical_json(),
-    }
-}
-
-fn pb_timings(t: &[Timing]) -> Vec<pb::PhaseTiming> {
-    t.iter().map(|t| pb::PhaseTiming { phase: t.phase.clone(), seconds: t.seconds }).collect()
-}
-
 #[tonic::async_trait]
 impl pb::sweep_service_server::SweepService for Coordinator {
     async fn submit_sweep(
@@ -196,7 +85,7 @@ impl pb::sweep_service_server::SweepService for Coordinator {
 
     async fn get_sweep(&self, request: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepStatus>, Status> {
         let counts = self.store.sweep(&request.into_inner().sweep).await?;
-        Ok(Response::new(pb_status(&counts)))
+        Ok(Response::new(sweep_status(&counts)))
     }
 
     async fn list_sweeps(
@@ -204,7 +93,7 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         _request: Request<pb::ListSweepsRequest>,
     ) -> Result<Response<pb::ListSweepsResponse>, Status> {
         let sweeps = self.store.sweeps().await?;
-        Ok(Response::new(pb::ListSweepsResponse { sweeps: sweeps.iter().map(pb_status).collect() }))
+        Ok(Response::new(pb::ListSweepsResponse { sweeps: sweeps.iter().map(sweep_status).collect() }))
     }
 
     async fn cancel_sweep(
@@ -260,12 +149,12 @@ impl pb::sweep_service_server::SweepService for Coordinator {
                     let event = pb::JobEvent {
                         seq: e.seq,
                         job_id: e.job_id,
-                        kind: pb_kind(e.kind) as i32,
-                        state: pb_state(e.state) as i32,
+                        kind: pb::JobKind::from(e.kind) as i32,
+                        state: pb::JobState::from(e.state) as i32,
                         worker_id: e.worker_id,
                         message: e.message,
                         at_ms: e.at,
-                        status: Some(pb_status(&counts)),
+                        status: Some(sweep_status(&counts)),
                     };
                     if tx.send(Ok(event)).await.is_err() {
                         return; // the client went away
@@ -290,25 +179,7 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         request: Request<pb::ListResultsRequest>,
     ) -> Result<Response<pb::ListResultsResponse>, Status> {
         let jobs = self.store.results(&request.into_inner().sweep).await?;
-        let jobs = jobs
-            .into_iter()
-            .map(|j| pb::JobResult {
-                job_id: j.job.id,
-                kind: pb_kind(j.job.kind) as i32,
-                state: pb_state(j.job.state) as i32,
-                spec: Some(pb_spec(&j.job, &[])),
-                layers_dropped: j.job.layers_dropped.clone(),
-                num_layers: j.job.num_layers,
-                timings: pb_timings(&j.job.timings),
-                results: j
-                    .results
-                    .into_iter()
-                    .map(|r| pb::ResultRow { task: r.task, metric: r.metric, value: r.value })
-                    .collect(),
-                error: j.job.error,
-                attempts: j.job.attempts,
-            })
-            .collect();
+        let jobs = jobs.into_iter().map(job_result).collect();
         Ok(Response::new(pb::ListResultsResponse { jobs }))
     }
 }
@@ -346,7 +217,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
                 tracing::debug!(job = leased.job.id, worker = %req.worker_id, "leased");
                 let lease = pb::Lease {
                     lease_id: leased.lease_id,
-                    job: Some(pb_spec(&leased.job, &leased.distances)),
+                    job: Some(job_spec(&leased.job, &leased.distances)),
                     expires_at_ms: leased.expires_at,
                     attempt: leased.job.attempts + 1,
                 };
@@ -388,23 +259,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         request: Request<pb::CompleteJobRequest>,
     ) -> Result<Response<pb::CompleteJobResponse>, Status> {
         let req = request.into_inner();
-        let completion = Completion {
-            job_id: req.job_id,
-            lease_id: req.lease_id,
-            results: req
-                .results
-                .into_iter()
-                .map(|r| ResultValue { task: r.task, metric: r.metric, value: r.value })
-                .collect(),
-            distances: req
-                .distances
-                .into_iter()
-                .map(|d| DistanceRow { metric: d.metric, n: d.n, l: d.l, value: d.value })
-                .collect(),
-            layers_dropped: req.layers_dropped,
-            num_layers: req.num_layers,
-            timings: req.timings.into_iter().map(|t| Timing { phase: t.phase, seconds: t.seconds }).collect(),
-        };
+        let completion = convert::completion(req)?;
         self.writes.complete(completion).await?;
         self.wake.notify_waiters();
         Ok(Response::new(pb::CompleteJobResponse {}))
@@ -422,6 +277,6 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         let state = self.store.fail(&failure, now_ms()).await?;
         tracing::warn!(job = failure.job_id, kind = %failure.error_kind, %state, "job failed: {}", failure.message);
         self.wake.notify_waiters();
-        Ok(Response::new(pb::FailJobResponse { state: pb_state(state) as i32 }))
+        Ok(Response::new(pb::FailJobResponse { state: pb::JobState::from(state) as i32 }))
     }
 }

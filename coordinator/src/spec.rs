@@ -1,0 +1,85 @@
+//! A job's content: the resolved [`JobSpec`] the store keeps and the worker runs, and its key.
+//!
+//! Expansion ([`SweepSpec::expand`](crate::sweep::SweepSpec::expand)) writes every setting that
+//! can change a result into the spec: sample counts and lengths, every healing setting (warmup,
+//! micro-batch, targets, checkpoint cadence, …), the eval tasks' shots, limits, lengths and batch.
+//! The key is the sha256 of the spec's canonical JSON, so a result is filed under exactly the
+//! settings that produced it, and a change of a default makes new jobs instead of reusing old
+//! results.
+//!
+//! Specs stored before a field existed still read: a field they lack takes its serde default,
+//! and a worker refuses (non-retryably, naming the field) a setting that came back unset.
+
+use prunesweep_proto::v1::PruneMethod;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::job::JobKind;
+use crate::sweep::{CalibrationSpec, EvalTaskSpec, HealVariant};
+
+/// The model as a job sees it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+pub struct ModelRef {
+    /// Short name used in results and plots.
+    pub name: String,
+    /// Path or HF id; the affinity key.
+    pub source: String,
+    /// HF revision.
+    #[serde(default)]
+    pub revision: Option<String>,
+}
+
+/// How many layers a cell drops.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Amount {
+    /// A fraction of the layers in [0, 1).
+    Fraction(f64),
+    /// An explicit count.
+    N(u32),
+}
+
+/// The content of one job, every setting resolved; its canonical JSON's sha256 is the job key.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct JobSpec {
+    /// Score, baseline or cell.
+    pub kind: JobKind,
+    /// The model.
+    pub model: ModelRef,
+    /// Calibration data (score jobs, and cells whose method needs scores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationSpec>,
+    /// Method (cells).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<PruneMethod>,
+    /// Amount (cells).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<Amount>,
+    /// Healing (cells with a QLoRA variant); `None` means no healing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heal: Option<HealVariant>,
+    /// Evaluation tasks (baseline and cells).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eval: Vec<EvalTaskSpec>,
+    /// Seed (baseline and cells).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl JobSpec {
+    /// Canonical JSON: object keys sorted (serde_json's `Value` map is ordered), no whitespace.
+    pub fn canonical_json(&self) -> String {
+        let value = serde_json::to_value(self).expect("a JobSpec always serializes to JSON");
+        serde_json::to_string(&value).expect("a JSON value always serializes")
+    }
+
+    /// The content key: hex sha256 of [`Self::canonical_json`].
+    pub fn key(&self) -> String {
+        hex::encode(Sha256::digest(self.canonical_json().as_bytes()))
+    }
+
+    /// The heal variant's display name (`none` without healing).
+    pub fn heal_name(&self) -> &str {
+        self.heal.as_ref().map_or("none", |h| h.name.as_str())
+    }
+}

@@ -1,0 +1,256 @@
+//! Self-attention: rotary position tables ([`Rotary`]), the prefix key/value cache ([`KvCache`]),
+//! grouped-query [`Attention`] with chunked scores, and the additive mask it applies
+//! (causal, packed segments, sliding window).
+//!
+//! Kept apart from [`super::decoder`] because it is the one part of a block with its own
+//! position, caching and memory logic; the decoder builds the rotary tables and the mask once per
+//! call and hands them to every block.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use super::config::Config;
+use super::layers::Linear;
+use super::masked_softmax::masked_softmax;
+use super::weights::WeightMap;
+use super::ModelError;
+
+/// Rotary position tables for one forward call: `cos`, `sin` of shape `[T, rotary_dim / 2]`.
+#[derive(Debug)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// Tables for the given positions, one row per token.
+    pub fn new(cfg: &Config, positions: &[usize], dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let inv_freq = cfg.inv_freq();
+        let half = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (positions.len(), 1), device)?;
+        let freqs = pos.matmul(&inv_freq)?;
+        Ok(Rotary { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+
+    /// Rotates the first `rotary_dim` features of each head (`x`: `[B, heads, T, head_dim]`), HF's
+    /// `rotate_half` layout; the rest pass through (partial rotary, Phi-2).
+    fn apply(&self, x: &Tensor, rotary_dim: usize) -> candle_core::Result<Tensor> {
+        // The fused kernel has no backward pass; while healing, gradients flow through here.
+        let rope = |x: &Tensor| {
+            if x.track_op() {
+                candle_nn::rotary_emb::rope_slow(x, &self.cos, &self.sin)
+            } else {
+                candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)
+            }
+        };
+        let head_dim = x.dim(D::Minus1)?;
+        if rotary_dim == head_dim {
+            return rope(&x.contiguous()?);
+        }
+        let rot = x.narrow(D::Minus1, 0, rotary_dim)?.contiguous()?;
+        let pass = x.narrow(D::Minus1, rotary_dim, head_dim - rotary_dim)?;
+        let rot = rope(&rot)?;
+        Tensor::cat(&[&rot, &pass], D::Minus1)
+    }
+}
+
+/// Keys and values of a prompt prefix, per block, computed once and reused by every sequence of a
+/// batch that starts with that prefix (MMLU's shared few-shot header).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Per kept block: keys (after rotary) and values, each `[1, kv_heads, P, head_dim]`.
+    pub layers: Vec<(Tensor, Tensor)>,
+    /// Prefix length P.
+    pub len: usize,
+}
+
+/// Multi-head attention with grouped-query heads, rotary positions and an optional sliding window.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+}
+
+impl Attention {
+    pub(super) fn load(w: &mut WeightMap, prefix: &str, cfg: &Config) -> Result<Self, ModelError> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let o_name = output_projection_name(cfg.parallel_block);
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q_out, h, cfg.qkv_bias)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv_out, h, cfg.qkv_bias)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv_out, h, cfg.qkv_bias)?,
+            o_proj: Linear::load(w, &format!("{prefix}.{o_name}"), h, q_out, cfg.o_bias)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            rotary_dim: cfg.rotary_dim,
+        })
+    }
+
+    /// The projections under their HF names (`dense` is Phi-2's output projection).
+    pub(super) fn projections(&self, parallel: bool) -> [(&'static str, &Linear); 4] {
+        let o_name = output_projection_name(parallel);
+        [("q_proj", &self.q_proj), ("k_proj", &self.k_proj), ("v_proj", &self.v_proj), (o_name, &self.o_proj)]
+    }
+
+    pub(super) fn projections_mut(&mut self, parallel: bool) -> [(&'static str, &mut Linear); 4] {
+        let o_name = output_projection_name(parallel);
+        [
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            (o_name, &mut self.o_proj),
+        ]
+    }
+
+    /// `x`: `[B, T, H]` (already normed). `prefix`: cached keys/values the tokens also attend to.
+    /// `record`: where to store this call's keys/values (building a prefix cache). `chunk`: the
+    /// scores computed at once during inference (see [`super::Decoder::set_attention_chunk`]).
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        chunk: usize,
+        prefix: Option<&(Tensor, Tensor)>,
+        record: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rotary.apply(&q, self.rotary_dim)?;
+        let k = rotary.apply(&k, self.rotary_dim)?;
+        if let Some(rec) = record {
+            rec.push((k.clone(), v.clone()));
+        }
+        let p = prefix.map(|(pk, _)| pk.dim(2)).transpose()?.unwrap_or(0);
+        let (k, v) = match prefix {
+            Some((pk, pv)) => {
+                let shape = (b, nkv, p, hd);
+                (Tensor::cat(&[&pk.broadcast_as(shape)?, &k], 2)?, Tensor::cat(&[&pv.broadcast_as(shape)?, &v], 2)?)
+            }
+            None => (k, v),
+        };
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let s = p + t;
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q * scale)?;
+        // Inference takes the queries in chunks whose scores stay near `chunk` values (long
+        // prompts would otherwise materialise [B, nh, T, P+T] at once), and a chunk reads
+        // only the keys up to its last row: the decoder's masks never show row `i` a key past
+        // `P + i`. Training keeps one chunk (the graph holds every piece anyway).
+        let rows = if q.track_op() { t } else { (chunk / (b * nh * s)).clamp(1, t) };
+        let mut chunks = Vec::with_capacity(t.div_ceil(rows));
+        for start in (0..t).step_by(rows) {
+            let len = rows.min(t - start);
+            let keys = if q.track_op() { s } else { (p + start + len).min(s) };
+            let (qc, mc) = if len == t {
+                (q.clone(), mask.clone())
+            } else {
+                (q.narrow(2, start, len)?, mask.narrow(0, start, len)?)
+            };
+            let (kc, vc, mc) = if keys == s {
+                (k.clone(), v.clone(), mc)
+            } else {
+                (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?, mc.narrow(1, 0, keys)?)
+            };
+            // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
+            // head are laid out next to each other, so [B, nh, L, hd] views as [B, nkv, rep·L, hd].
+            let qc = qc.contiguous()?.reshape((b, nkv, rep * len, hd))?;
+            let scores = qc.matmul(&kc.t()?)?.reshape((b, nh, len, keys))?.to_dtype(DType::F32)?;
+            let probs = masked_softmax(&scores, &mc)?.to_dtype(vc.dtype())?;
+            chunks.push(probs.reshape((b, nkv, rep * len, keys))?.matmul(&vc)?.reshape((b, nh, len, hd))?);
+        }
+        let out = if chunks.len() == 1 { chunks.pop().expect("one chunk") } else { Tensor::cat(&chunks, 2)? };
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// The HF name of the attention output projection: `dense` in Phi-2 (parallel blocks), `o_proj`
+/// elsewhere.
+fn output_projection_name(parallel: bool) -> &'static str {
+    if parallel {
+        "dense"
+    } else {
+        "o_proj"
+    }
+}
+
+/// Attention scores computed at once per query chunk during inference, by default (8 MB of f32).
+pub const SCORES_PER_CHUNK: usize = 2 << 20;
+
+/// `[T, P+T]` additive mask for `segments` (lengths summing to `T`) laid end to end after a shared
+/// prefix of `P` tokens: a token sees the prefix and the earlier tokens of its own segment, and with
+/// a window `W` only keys less than `W` positions back. One segment is the plain causal mask. Row
+/// `i` never sees a key past `P + i` (attention relies on it to skip those keys).
+pub(super) fn attention_mask(
+    segments: &[usize],
+    p: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let t: usize = segments.iter().sum();
+    let s = p + t;
+    let mut mask = vec![f32::NEG_INFINITY; t * s];
+    let mut start = 0;
+    for &len in segments {
+        for i in 0..len {
+            let (row, qpos) = ((start + i) * s, p + i);
+            let near = |kpos: usize| window.is_none_or(|w| qpos - kpos < w);
+            for j in (0..p).filter(|&j| near(j)) {
+                mask[row + j] = 0.0;
+            }
+            for k in (0..=i).filter(|&k| near(p + k)) {
+                mask[row + p + start + k] = 0.0;
+            }
+        }
+        start += len;
+    }
+    Tensor::from_vec(mask, (t, s), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn visible(m: &Tensor) -> Vec<Vec<bool>> {
+        m.to_vec2::<f32>().unwrap().iter().map(|r| r.iter().map(|v| *v == 0.0).collect()).collect()
+    }
+
+    #[test]
+    fn mask_is_causal_with_prefix_and_window() {
+        let m = attention_mask(&[2], 3, None, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(m[1], vec![0.0; 5]);
+        let v = visible(&attention_mask(&[4], 0, Some(2), &Device::Cpu).unwrap());
+        assert_eq!(v[3], vec![false, false, true, true]);
+        assert_eq!(v[1], vec![true, true, false, false]);
+    }
+
+    #[test]
+    fn packed_segments_see_the_prefix_and_themselves() {
+        // Prefix of 2, then segments of 2 and 3 tokens.
+        let v = visible(&attention_mask(&[2, 3], 2, None, &Device::Cpu).unwrap());
+        let (t, f) = (true, false);
+        assert_eq!(v[0], vec![t, t, t, f, f, f, f]);
+        assert_eq!(v[1], vec![t, t, t, t, f, f, f]);
+        assert_eq!(v[2], vec![t, t, f, f, t, f, f], "the second segment does not see the first");
+        assert_eq!(v[4], vec![t, t, f, f, t, t, t]);
+        // A window of 2 counts positions within the segment's own sequence (prefix + segment).
+        let v = visible(&attention_mask(&[2, 3], 2, Some(2), &Device::Cpu).unwrap());
+        assert_eq!(v[2], vec![f, t, f, f, t, f, f]);
+        assert_eq!(v[4], vec![f, f, f, f, f, t, t]);
+    }
+}
