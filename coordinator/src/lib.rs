@@ -12,11 +12,13 @@
 //! - [`group_commit`]: leases and completions that arrive together share one transaction.
 //! - [`service`]: the tonic services; protobuf ↔ domain conversion happens only there
 //!   (`service/convert.rs`).
+//! - [`config`]: lease timing and long-poll limits ([`Config::for_lease_ttl`]).
 //! - [`server`]: [`server::run`] serves both services on a bound listener until a shutdown future
 //!   resolves, with the lease reaper alongside.
 //! - [`export`]: results → CSV / Parquet (polars).
 //! - [`plot`]: results → accuracy-versus-fraction-dropped charts (SVG + PNG).
 
+pub mod config;
 pub mod export;
 pub mod group_commit;
 pub mod job;
@@ -28,4 +30,5 @@ pub mod spec;
 pub mod store;
 pub mod sweep;
 
-pub use server::{run, Config};
+pub use config::Config;
+pub use server::run;

@@ -211,21 +211,25 @@ async fn watch(client: &mut SweepServiceClient<Channel>, sweep: &str) -> Result<
     Ok(())
 }
 
+/// Waits for Ctrl-C or SIGTERM (what Slurm, Kubernetes and systemd send) and names it.
+async fn shutdown_signal() -> &'static str {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler needs no privileges");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
 async fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Serve { listen, database, lease_ttl_secs } => {
             let store = store::open(&database).await.with_context(|| format!("opening {database}"))?;
             let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
-            let lease_ttl = Duration::from_secs(lease_ttl_secs.max(1));
-            let config = Config {
-                lease_ttl,
-                heartbeat_interval: lease_ttl / 4,
-                reap_interval: (lease_ttl / 4).min(Duration::from_secs(5)),
-                ..Config::default()
-            };
+            let config = Config::for_lease_ttl(Duration::from_secs(lease_ttl_secs));
             let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
-                tracing::info!("Ctrl-C: shutting down");
+                let signal = shutdown_signal().await;
+                tracing::info!("{signal}: shutting down");
             };
             prunesweep_coordinator::run(listener, store, config, shutdown).await?;
         }
@@ -339,12 +343,7 @@ async fn run_local(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config = Config {
-        lease_ttl: Duration::from_secs(60),
-        heartbeat_interval: Duration::from_secs(5),
-        reap_interval: Duration::from_secs(5),
-        ..Config::default()
-    };
+    let config = Config::for_lease_ttl(Duration::from_secs(60));
     let server = tokio::spawn(prunesweep_coordinator::run(listener, store, config, async {
         let _ = stop_rx.await;
     }));

@@ -14,35 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tonic::transport::server::TcpIncoming;
 
+use crate::config::Config;
 use crate::service::Coordinator;
 use crate::store::{now_ms, JobStore};
-
-/// Lease timing and polling limits.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// How long a lease lasts without a heartbeat.
-    pub lease_ttl: Duration,
-    /// How often workers should heartbeat (told to them at registration).
-    pub heartbeat_interval: Duration,
-    /// How often the reaper looks for expired leases.
-    pub reap_interval: Duration,
-    /// The longest a `LeaseJob` long-poll waits.
-    pub max_wait: Duration,
-    /// How often `WatchSweep` polls the event log.
-    pub watch_poll: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            lease_ttl: Duration::from_secs(60),
-            heartbeat_interval: Duration::from_secs(15),
-            reap_interval: Duration::from_secs(5),
-            max_wait: Duration::from_secs(30),
-            watch_poll: Duration::from_millis(500),
-        }
-    }
-}
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]

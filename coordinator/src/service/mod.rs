@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::group_commit::GroupCommit;
-use crate::server::Config;
+use crate::config::Config;
 use crate::store::{now_ms, Failure, HeartbeatOutcome, JobStore, LeaseRequest, StoreError, WorkerInfo};
 use crate::sweep::SweepSpec;
 use convert::{job_result, job_spec, sweep_status};

@@ -1,0 +1,47 @@
+//! The coordinator's timing: lease length, heartbeat and reaper intervals, long-poll limits. Read
+//! by the server (reaper) and the services (lease, register, watch); set by `main` from its flags.
+
+use std::time::Duration;
+
+/// Lease timing and polling limits.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// How often workers should heartbeat (told to them at registration).
+    pub heartbeat_interval: Duration,
+    /// How often the reaper looks for expired leases.
+    pub reap_interval: Duration,
+    /// The longest a `LeaseJob` long-poll waits.
+    pub max_wait: Duration,
+    /// How often `WatchSweep` polls the event log.
+    pub watch_poll: Duration,
+}
+
+impl Config {
+    /// The timing for leases of `lease_ttl`: workers heartbeat four times per lease, and the
+    /// reaper looks as often, at least every 5 s, so an expired lease is found within ~¼ of its
+    /// length.
+    pub fn for_lease_ttl(lease_ttl: Duration) -> Self {
+        let lease_ttl = lease_ttl.max(Duration::from_secs(1));
+        Config {
+            lease_ttl,
+            heartbeat_interval: lease_ttl / 4,
+            reap_interval: (lease_ttl / 4).min(Duration::from_secs(5)),
+            ..Config::default()
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(15),
+            reap_interval: Duration::from_secs(5),
+            max_wait: Duration::from_secs(30),
+            watch_poll: Duration::from_millis(500),
+        }
+    }
+}
+
