@@ -1,4 +1,5 @@
-//! Text documents for calibration (scoring), healing and held-out loss.
+//! Text documents for calibration (scoring), healing and held-out loss, and [`records`]: the one
+//! reader of JSON lines and Parquet that the evaluation sets (MMLU, BoolQ) also read through.
 //!
 //! Formats, chosen by file name:
 //! - `*.jsonl`, `*.json`: JSON lines, one object per line with a `text` field (C4's format);
@@ -63,22 +64,71 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     move |source| DataError::Io { path: path.to_path_buf(), source }
 }
 
-/// Reads up to `limit` documents (all when `None`) from `path`, in file order.
-pub fn read_documents(path: &Path, limit: Option<usize>) -> Result<Vec<String>, DataError> {
+/// One record of a JSON lines or Parquet file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// 1-based line (JSON lines) or row (Parquet), for error messages.
+    pub line: u64,
+    /// The record's fields.
+    pub value: serde_json::Value,
+}
+
+/// How a data file is read, from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    JsonLines { gzip: bool },
+    Parquet,
+    PlainText,
+}
+
+fn format(path: &Path) -> Format {
     let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-    let limit = limit.unwrap_or(usize::MAX);
-    let docs = if name.ends_with(".parquet") {
-        read_parquet_text(path, "text", limit)?
+    if name.ends_with(".parquet") {
+        Format::Parquet
     } else if name.ends_with(".jsonl.gz") || name.ends_with(".json.gz") {
-        let file = std::fs::File::open(path).map_err(io(path))?;
-        read_json_lines(path, BufReader::new(flate2::read::GzDecoder::new(file)), limit)?
+        Format::JsonLines { gzip: true }
     } else if name.ends_with(".jsonl") || name.ends_with(".json") {
-        let file = std::fs::File::open(path).map_err(io(path))?;
-        read_json_lines(path, BufReader::new(file), limit)?
+        Format::JsonLines { gzip: false }
     } else {
+        Format::PlainText
+    }
+}
+
+/// The first `limit` records of a JSON lines file (`.jsonl`, `.json`, optionally `.gz`: one
+/// object a line, blank lines skipped) or a Parquet file (each row as an object; only `columns`
+/// are read when given), in file order. Other names are read as JSON lines.
+pub fn records(path: &Path, columns: Option<&[&str]>, limit: usize) -> Result<Vec<Record>, DataError> {
+    match format(path) {
+        Format::Parquet => read_parquet_records(path, columns, limit),
+        Format::JsonLines { gzip: true } => {
+            let file = std::fs::File::open(path).map_err(io(path))?;
+            read_json_lines(path, BufReader::new(flate2::read::GzDecoder::new(file)), limit)
+        }
+        Format::JsonLines { gzip: false } | Format::PlainText => {
+            let file = std::fs::File::open(path).map_err(io(path))?;
+            read_json_lines(path, BufReader::new(file), limit)
+        }
+    }
+}
+
+/// Reads up to `limit` documents (all when `None`) from `path`, in file order: the `text` field
+/// of JSON lines and Parquet records, or plain text.
+pub fn read_documents(path: &Path, limit: Option<usize>) -> Result<Vec<String>, DataError> {
+    let limit = limit.unwrap_or(usize::MAX);
+    let docs: Vec<String> = if format(path) == Format::PlainText {
         let mut text = String::new();
         std::fs::File::open(path).map_err(io(path))?.read_to_string(&mut text).map_err(io(path))?;
         split_plain_text(&text).into_iter().take(limit).collect()
+    } else {
+        let text = |r: Record| match r.value.get("text") {
+            Some(serde_json::Value::String(t)) => Ok(t.clone()),
+            _ => Err(DataError::Line {
+                path: path.to_path_buf(),
+                line: r.line as usize,
+                message: "no string field `text`".into(),
+            }),
+        };
+        records(path, Some(&["text"]), limit)?.into_iter().map(text).collect::<Result<_, _>>()?
     };
     if docs.is_empty() {
         return Err(DataError::Empty { path: path.to_path_buf() });
@@ -97,39 +147,72 @@ pub fn read_document_range(path: &Path, first: usize, count: Option<usize>) -> R
     Ok(docs)
 }
 
-fn read_json_lines(path: &Path, reader: impl BufRead, limit: usize) -> Result<Vec<String>, DataError> {
-    let mut docs = Vec::new();
+fn read_json_lines(path: &Path, reader: impl BufRead, limit: usize) -> Result<Vec<Record>, DataError> {
+    let mut out = Vec::new();
     for (i, line) in reader.lines().enumerate() {
-        if docs.len() >= limit {
+        if out.len() >= limit {
             break;
         }
         let line = line.map_err(io(path))?;
         if line.trim().is_empty() {
             continue;
         }
-        let err = |message: String| DataError::Line { path: path.to_path_buf(), line: i + 1, message };
-        let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| err(format!("invalid JSON: {e}")))?;
-        let text = value
-            .get("text")
-            .and_then(serde_json::Value::as_str)
-            .ok_or_else(|| err("no string field `text`".into()))?;
-        docs.push(text.to_string());
+        let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| DataError::Line {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message: format!("invalid JSON: {e}"),
+        })?;
+        out.push(Record { line: i as u64 + 1, value });
     }
-    Ok(docs)
+    Ok(out)
 }
 
-/// Reads one string column of a Parquet file.
-pub fn read_parquet_text(path: &Path, column: &str, limit: usize) -> Result<Vec<String>, DataError> {
+fn read_parquet_records(path: &Path, columns: Option<&[&str]>, limit: usize) -> Result<Vec<Record>, DataError> {
     use polars::prelude::*;
     let err = |message: String| DataError::Parquet { path: path.to_path_buf(), message };
     let file = std::fs::File::open(path).map_err(io(path))?;
-    let df = ParquetReader::new(file)
-        .with_columns(Some(vec![column.to_string()]))
-        .finish()
-        .map_err(|e| err(format!("cannot read Parquet (need a string column `{column}`): {e}")))?;
-    let col = df.column(column).map_err(|e| err(e.to_string()))?;
-    let strings = col.str().map_err(|_| err(format!("column `{column}` is {}, not a string", col.dtype())))?;
-    Ok(strings.iter().flatten().take(limit).map(str::to_string).collect())
+    let mut reader = ParquetReader::new(file).with_slice(Some((0, limit)));
+    if let Some(columns) = columns {
+        reader = reader.with_columns(Some(columns.iter().map(|c| c.to_string()).collect()));
+    }
+    let df = reader.finish().map_err(|e| {
+        let need = columns.map_or(String::new(), |c| {
+            format!(" (need columns {})", c.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "))
+        });
+        err(format!("cannot read Parquet{need}: {e}"))
+    })?;
+    let mut out = Vec::with_capacity(df.height());
+    for i in 0..df.height() {
+        let mut fields = serde_json::Map::new();
+        for column in df.columns() {
+            let cell = column.get(i).map_err(|e| err(format!("row {}: {e}", i + 1)))?;
+            fields.insert(column.name().to_string(), any_value_json(&cell));
+        }
+        out.push(Record { line: i as u64 + 1, value: serde_json::Value::Object(fields) });
+    }
+    Ok(out)
+}
+
+/// A Parquet cell as JSON: strings, booleans, numbers, lists and nulls (what the data sets hold).
+fn any_value_json(v: &polars::prelude::AnyValue) -> serde_json::Value {
+    use polars::prelude::AnyValue;
+    use serde_json::Value;
+    match v {
+        AnyValue::Null => Value::Null,
+        AnyValue::Boolean(b) => Value::Bool(*b),
+        AnyValue::String(s) => Value::String(s.to_string()),
+        AnyValue::StringOwned(s) => Value::String(s.to_string()),
+        AnyValue::List(series) => Value::Array(series.iter().map(|x| any_value_json(&x)).collect()),
+        other => {
+            if let Some(i) = other.extract::<i64>() {
+                Value::from(i)
+            } else if let Some(f) = other.extract::<f64>() {
+                Value::from(f)
+            } else {
+                Value::String(other.to_string())
+            }
+        }
+    }
 }
 
 fn split_plain_text(text: &str) -> Vec<String> {
@@ -200,5 +283,10 @@ mod tests {
         let mut df = df!("body" => ["p"]).unwrap();
         ParquetWriter::new(std::fs::File::create(&pq).unwrap()).finish(&mut df).unwrap();
         assert!(read_documents(&pq, None).unwrap_err().to_string().contains("`text`"));
+        // Records keep every column of a row, lists and numbers included.
+        let mut df = df!("q" => ["a?", "b?"], "n" => [1i64, 2]).unwrap();
+        ParquetWriter::new(std::fs::File::create(&pq).unwrap()).finish(&mut df).unwrap();
+        let rows = records(&pq, None, 9).unwrap();
+        assert_eq!(rows[1], Record { line: 2, value: serde_json::json!({"q": "b?", "n": 2}) });
     }
 }

@@ -42,27 +42,10 @@ fn parse_label(v: &Value) -> Option<bool> {
 
 /// Reads BoolQ items from JSON lines or Parquet.
 pub fn load(path: &Path) -> Result<Vec<BoolqItem>, EvalError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-    let rows: Vec<(u64, Value)> = if name.ends_with(".parquet") {
-        read_parquet_rows(path)?
-    } else {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| crate::data::DataError::Io { path: path.to_path_buf(), source })?;
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l).map(|v| (i as u64 + 1, v)).map_err(|e| EvalError::Row {
-                    path: path.to_path_buf(),
-                    line: i as u64 + 1,
-                    message: format!("invalid JSON: {e}"),
-                })
-            })
-            .collect::<Result<_, _>>()?
-    };
+    let rows = crate::data::records(path, None, usize::MAX)?;
     let items: Vec<BoolqItem> =
         rows.into_iter()
-            .map(|(line, v)| {
+            .map(|crate::data::Record { line, value: v }| {
                 let row = |message: String| EvalError::Row { path: path.to_path_buf(), line, message };
                 let text = |k: &str| {
                     v.get(k)
@@ -80,37 +63,6 @@ pub fn load(path: &Path) -> Result<Vec<BoolqItem>, EvalError> {
         return Err(EvalError::Invalid(format!("{}: no BoolQ items", path.display())));
     }
     Ok(items)
-}
-
-fn read_parquet_rows(path: &Path) -> Result<Vec<(u64, Value)>, EvalError> {
-    use polars::prelude::*;
-    let err = |m: String| EvalError::Invalid(format!("{}: {m}", path.display()));
-    let file =
-        std::fs::File::open(path).map_err(|source| crate::data::DataError::Io { path: path.to_path_buf(), source })?;
-    let df = ParquetReader::new(file).finish().map_err(|e| err(format!("cannot read Parquet: {e}")))?;
-    let strings = |name: &str| -> Result<Vec<Option<String>>, EvalError> {
-        let c = df.column(name).map_err(|_| err(format!("no column `{name}`")))?;
-        Ok(c.str().map_err(|e| err(e.to_string()))?.iter().map(|s| s.map(str::to_string)).collect())
-    };
-    let (passage, question) = (strings("passage")?, strings("question")?);
-    let label_col =
-        df.column("label").or_else(|_| df.column("answer")).map_err(|_| err("no column `label` or `answer`".into()))?;
-    let labels: Vec<Option<bool>> = match label_col.dtype() {
-        DataType::Boolean => label_col.bool().map_err(|e| err(e.to_string()))?.iter().collect(),
-        DataType::String => label_col
-            .str()
-            .map_err(|e| err(e.to_string()))?
-            .iter()
-            .map(|s| s.and_then(|s| parse_label(&json!(s))))
-            .collect(),
-        _ => {
-            let c = label_col.cast(&DataType::Int64).map_err(|e| err(e.to_string()))?;
-            c.i64().map_err(|e| err(e.to_string()))?.iter().map(|v| v.and_then(|v| parse_label(&json!(v)))).collect()
-        }
-    };
-    Ok((0..df.height())
-        .map(|i| (i as u64 + 1, json!({"passage": passage[i], "question": question[i], "label": labels[i]})))
-        .collect())
 }
 
 /// Evaluates `items`; longer prompts are batched together (less padding), results stay in data order.

@@ -30,6 +30,7 @@ use serde_json::json;
 use super::{
     choice_tokens, common_prefix_len, scored_positions, EvalError, EvalReport, Layout, Pick, SubjectScore, Task,
 };
+use crate::data::{records, Record};
 use crate::model::Model;
 
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
@@ -210,15 +211,24 @@ fn read_csv(path: &Path, subject: &str) -> Result<Vec<MmluQuestion>, EvalError> 
     Ok(out)
 }
 
+/// Per-subject running indices, as the CSV layout numbers its questions.
+#[derive(Default)]
+struct SubjectIndex(BTreeMap<String, usize>);
+
+impl SubjectIndex {
+    fn next(&mut self, subject: &str) -> usize {
+        let index = self.0.entry(subject.to_string()).or_default();
+        *index += 1;
+        *index - 1
+    }
+}
+
 fn read_jsonl(path: &Path) -> Result<(Vec<MmluQuestion>, Vec<String>), EvalError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| crate::data::DataError::Io { path: path.to_path_buf(), source })?;
     let mut out: Vec<MmluQuestion> = Vec::new();
     let mut skipped = Vec::new();
-    let mut per_subject: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let row = |message: String| EvalError::Row { path: path.to_path_buf(), line: i as u64 + 1, message };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| row(format!("invalid JSON: {e}")))?;
+    let mut index = SubjectIndex::default();
+    for Record { line, value: v } in records(path, None, usize::MAX)? {
+        let row = |message: String| EvalError::Row { path: path.to_path_buf(), line, message };
         let field = |k: &str| {
             v.get(k)
                 .and_then(serde_json::Value::as_str)
@@ -227,63 +237,51 @@ fn read_jsonl(path: &Path) -> Result<(Vec<MmluQuestion>, Vec<String>), EvalError
         };
         let answer = field("correct_answer")?;
         let Some(answer) = LETTERS.iter().position(|l| *l == answer.trim()) else {
-            skipped.push(format!("{}:{}: answer `{answer}` is not one of A, B, C, D", path.display(), i + 1));
+            skipped.push(format!("{}:{line}: answer `{answer}` is not one of A, B, C, D", path.display()));
             continue;
         };
         let subject = field("topic")?.trim().replace(' ', "_");
-        let index = per_subject.entry(subject.clone()).or_default();
         out.push(MmluQuestion {
+            index: index.next(&subject),
             subject,
-            index: *index,
             question: field("question")?,
             choices: [field("answer_a")?, field("answer_b")?, field("answer_c")?, field("answer_d")?],
             answer,
         });
-        *index += 1;
     }
     Ok((out, skipped))
 }
 
+/// The `cais/mmlu` layout: `question`, `subject`, `choices` (a list of 4), `answer` (0..=3).
 fn read_parquet(path: &Path) -> Result<Vec<MmluQuestion>, EvalError> {
-    use polars::prelude::*;
-    let err = |message: String| EvalError::Invalid(format!("{}: {message}", path.display()));
-    let file =
-        std::fs::File::open(path).map_err(|source| crate::data::DataError::Io { path: path.to_path_buf(), source })?;
-    let df = ParquetReader::new(file).finish().map_err(|e| err(format!("cannot read Parquet: {e}")))?;
-    let col = |name: &str| {
-        df.column(name)
-            .map_err(|_| err(format!("no column `{name}` (expected cais/mmlu: question, subject, choices, answer)")))
-    };
-    let question = col("question")?.str().map_err(|e| err(e.to_string()))?.clone();
-    let subject = col("subject")?.str().map_err(|e| err(e.to_string()))?.clone();
-    let choices = col("choices")?.list().map_err(|e| err(e.to_string()))?.clone();
-    let answer = col("answer")?.cast(&DataType::Int64).map_err(|e| err(e.to_string()))?;
-    let answer = answer.i64().map_err(|e| err(e.to_string()))?;
+    let columns = ["question", "subject", "choices", "answer"];
     let mut out = Vec::new();
-    let mut per_subject: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 0..df.height() {
-        let row = |m: String| err(format!("row {i}: {m}"));
-        let texts: Vec<String> = choices
-            .get_as_series(i)
+    let mut index = SubjectIndex::default();
+    for Record { line, value: v } in records(path, Some(&columns), usize::MAX)? {
+        let row = |m: String| EvalError::Row { path: path.to_path_buf(), line, message: m };
+        let text = |k: &str| v.get(k).and_then(serde_json::Value::as_str).map(str::to_string).unwrap_or_default();
+        let texts: Vec<String> = v
+            .get("choices")
+            .and_then(serde_json::Value::as_array)
             .ok_or_else(|| row("null choices".into()))?
-            .str()
-            .map_err(|e| row(e.to_string()))?
             .iter()
-            .map(|s| s.unwrap_or_default().to_string())
+            .map(|c| c.as_str().unwrap_or_default().to_string())
             .collect();
         let choices: [String; 4] =
             texts.try_into().map_err(|t: Vec<String>| row(format!("{} choices, expected 4", t.len())))?;
-        let a = answer.get(i).filter(|a| (0..4).contains(a)).ok_or_else(|| row("answer is not 0..=3".into()))?;
-        let subject = subject.get(i).unwrap_or_default().to_string();
-        let index = per_subject.entry(subject.clone()).or_default();
+        let answer = v
+            .get("answer")
+            .and_then(serde_json::Value::as_i64)
+            .filter(|a| (0..4).contains(a))
+            .ok_or_else(|| row("answer is not 0..=3".into()))?;
+        let subject = text("subject");
         out.push(MmluQuestion {
+            index: index.next(&subject),
             subject,
-            index: *index,
-            question: question.get(i).unwrap_or_default().to_string(),
+            question: text("question"),
             choices,
-            answer: a as usize,
+            answer: answer as usize,
         });
-        *index += 1;
     }
     Ok(out)
 }
