@@ -83,3 +83,30 @@ impl JobSpec {
         self.heal.as_ref().map_or("none", |h| h.name.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prunesweep_proto::v1::{AdapterTargets, PruneMethod};
+
+    use super::*;
+    use crate::sweep::TargetModules;
+
+    /// A cell as a coordinator stored it before settings were resolved (session 4's format).
+    const STORED_BEFORE_RESOLUTION: &str = r#"{"amount":{"fraction":0.25},"calibration":{"path":"c4.jsonl","samples":4,"seq_len":16},"eval":[{"limit":4,"path":"c4.jsonl","seq_len":null,"shots":null,"task":"c4-loss","first_doc":100}],"heal":{"name":"qlora-r8","qlora":{"alpha":16.0,"batch_size":4,"data":"c4.jsonl","dropout":0.05,"learning_rate":0.0003,"quantize_base":true,"rank":8,"seq_len":256,"steps":10,"target_modules":[]}},"kind":"cell","method":"angular","model":{"name":"tiny-llama","revision":null,"source":"worker/tests/fixtures/tiny-llama"},"seed":0}"#;
+
+    #[test]
+    fn specs_stored_before_resolution_still_read() {
+        let spec: JobSpec = serde_json::from_str(STORED_BEFORE_RESOLUTION).unwrap();
+        assert_eq!(
+            (spec.kind, spec.method, spec.amount),
+            (JobKind::Cell, Some(PruneMethod::Angular), Some(Amount::Fraction(0.25)))
+        );
+        assert_eq!(spec.heal_name(), "qlora-r8");
+        let q = spec.heal.as_ref().unwrap().qlora.as_ref().unwrap();
+        // An empty list always meant every linear layer; fields it lacks read as unset.
+        assert_eq!(q.target_modules, TargetModules::Set(AdapterTargets::AllLinear));
+        assert_eq!((q.micro_batch_size, q.warmup_steps), (None, None));
+        assert_eq!(spec.eval[0].first_doc, Some(100));
+        assert_eq!(spec.calibration.as_ref().unwrap().batch_size, prunesweep_proto::defaults::BATCH_SIZE);
+    }
+}
