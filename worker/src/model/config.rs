@@ -256,6 +256,55 @@ struct RawConfig {
     qk_layernorm: Option<bool>,
 }
 
+impl RawConfig {
+    /// `head_dim` and the key/value head count, checked against the attention heads.
+    fn heads(&self) -> Result<(usize, usize), String> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none()
+        {
+            return Err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads);
+        let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        if num_kv_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
+                self.num_attention_heads
+            ));
+        }
+        if self.qk_layernorm == Some(true) {
+            return Err("qk_layernorm = true is not supported".into());
+        }
+        Ok((head_dim, num_kv_heads))
+    }
+
+    /// RoPE: θ, scaling and the rotated width of a head. transformers >= 5 writes
+    /// `rope_parameters` (theta, type and scaling in one object); older configs use `rope_theta` +
+    /// `rope_scaling`.
+    fn rotary(&self, head_dim: usize) -> Result<(f64, RopeScaling, usize), String> {
+        let params = self.rope_parameters.as_ref().filter(|v| v.is_object());
+        let rope_theta = self
+            .rope_theta
+            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10_000.0);
+        let scaling_source = self.rope_scaling.as_ref().filter(|v| v.is_object()).or(params);
+        let rope_scaling = parse_rope_scaling(scaling_source)?;
+        let partial = self
+            .partial_rotary_factor
+            .or_else(|| params.and_then(|p| p.get("partial_rotary_factor")).and_then(Value::as_f64))
+            .unwrap_or(1.0);
+        let rotary_dim = ((head_dim as f64) * partial) as usize;
+        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+            return Err(format!(
+                "partial_rotary_factor {partial} gives a rotary width of {rotary_dim} for head_dim {head_dim}; it must be even and positive"
+            ));
+        }
+        Ok((rope_theta, rope_scaling, rotary_dim))
+    }
+}
+
 impl Config {
     /// Parses a `config.json` file.
     pub fn from_file(path: &Path) -> Result<(Config, Value), ModelError> {
@@ -281,42 +330,8 @@ impl Config {
         if c.num_hidden_layers == 0 {
             return Err("num_hidden_layers is 0".into());
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 && c.head_dim.is_none() {
-            return Err(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                c.hidden_size, c.num_attention_heads
-            ));
-        }
-        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
-        let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        if num_kv_heads == 0 || c.num_attention_heads % num_kv_heads != 0 {
-            return Err(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
-                c.num_attention_heads
-            ));
-        }
-        if c.qk_layernorm == Some(true) {
-            return Err("qk_layernorm = true is not supported".into());
-        }
-        // transformers >= 5 writes `rope_parameters` (theta, type and scaling in one object);
-        // older configs use `rope_theta` + `rope_scaling`.
-        let params = c.rope_parameters.as_ref().filter(|v| v.is_object());
-        let rope_theta = c
-            .rope_theta
-            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(10_000.0);
-        let scaling_source = c.rope_scaling.as_ref().filter(|v| v.is_object()).or(params);
-        let rope_scaling = parse_rope_scaling(scaling_source)?;
-        let partial = c
-            .partial_rotary_factor
-            .or_else(|| params.and_then(|p| p.get("partial_rotary_factor")).and_then(Value::as_f64))
-            .unwrap_or(1.0);
-        let rotary_dim = ((head_dim as f64) * partial) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
-            return Err(format!(
-                "partial_rotary_factor {partial} gives a rotary width of {rotary_dim} for head_dim {head_dim}; it must be even and positive"
-            ));
-        }
+        let (head_dim, num_kv_heads) = c.heads()?;
+        let (rope_theta, rope_scaling, rotary_dim) = c.rotary(head_dim)?;
         let default_act = if family == Family::Phi { "gelu_new" } else { "silu" };
         let act_name = c.hidden_act.clone().unwrap_or_else(|| default_act.to_string());
         let activation = Activation::parse(&act_name).ok_or_else(|| {

@@ -92,26 +92,9 @@ impl Tokenizer {
         let bpe =
             BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| err(format!("building BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
         let pre =
             md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
-        let split = |pattern: &str| -> Result<PreTokenizerWrapper, ModelError> {
-            let s = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| err(format!("pre-tokenizer regex: {e}")))?;
-            Ok(s.into())
-        };
-        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-            "default" | "gpt2" | "gpt-2" | "smollm" => byte_level.into(),
-            "llama-bpe" | "llama3" => {
-                Sequence::new(vec![split(LLAMA3_SPLIT)?, ByteLevel::new(false, true, false).into()]).into()
-            }
-            "qwen2" => Sequence::new(vec![split(QWEN2_SPLIT)?, ByteLevel::new(false, true, false).into()]).into(),
-            other => {
-                return Err(err(format!(
-                    "GGUF pre-tokenizer `{other}` is not supported (supported: default, gpt2, smollm, llama-bpe, qwen2); use the HF directory with its tokenizer.json"
-                )))
-            }
-        };
+        let pre_tokenizer = gguf_pre_tokenizer(&pre).map_err(err)?;
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         // Control (3) and user-defined (4) tokens are matched whole in text, as transformers does.
@@ -173,5 +156,22 @@ impl Tokenizer {
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
         let path = dir.join("tokenizer.json");
         self.inner.save(&path, false).map_err(|e| ModelError::Tokenizer { path, message: e.to_string() })
+    }
+}
+/// The pre-tokenizer a GGUF's `tokenizer.ggml.pre` names: GPT-2's byte level, or the Llama-3 /
+/// Qwen2 regex split before it.
+fn gguf_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, String> {
+    let split = |pattern: &str| -> Result<PreTokenizerWrapper, String> {
+        let s = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| format!("pre-tokenizer regex: {e}"))?;
+        Ok(s.into())
+    };
+    match pre {
+        "default" | "gpt2" | "gpt-2" | "smollm" => Ok(ByteLevel::new(false, true, true).into()),
+        "llama-bpe" | "llama3" => Ok(Sequence::new(vec![split(LLAMA3_SPLIT)?, ByteLevel::new(false, true, false).into()]).into()),
+        "qwen2" => Ok(Sequence::new(vec![split(QWEN2_SPLIT)?, ByteLevel::new(false, true, false).into()]).into()),
+        other => Err(format!(
+            "GGUF pre-tokenizer `{other}` is not supported (supported: default, gpt2, smollm, llama-bpe, qwen2); use the HF directory with its tokenizer.json"
+        )),
     }
 }

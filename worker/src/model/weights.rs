@@ -297,6 +297,38 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel, ModelError> {
             })
         }
     };
+    let cfg_json = gguf_config_json(path, &content, family, &arch)?;
+    let config = Config::from_json(&cfg_json).map_err(corrupt)?;
+    let (head_dim, n_heads, n_kv) = (config.head_dim, config.num_heads, config.num_kv_heads);
+    let mut tensors = HashMap::new();
+    for (name, _) in content.tensor_infos.iter() {
+        let Some(hf) = gguf_to_hf_name(name) else { continue };
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| corrupt(format!("tensor `{name}`: {} (truncated file?)", candle_message(&e))))?;
+        let mut t = q.dequantize(&Device::Cpu)?;
+        // llama.cpp's converter permutes q/k rows for its interleaved rotary (llama arch only):
+        // HF rows (head, half, j) are stored as (head, j, half). Undo it.
+        if family == Family::Llama && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight")) {
+            let heads = if name.ends_with("attn_q.weight") { n_heads } else { n_kv };
+            let (rows, cols) = t.dims2()?;
+            t = t.reshape((heads, head_dim / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?;
+        }
+        tensors.insert(hf, t);
+    }
+    Ok(GgufModel { config, config_json: cfg_json, tensors, metadata: content.metadata })
+}
+
+/// The HF `config.json` a GGUF's metadata describes (llama.cpp keys under `{arch}.`), refusing
+/// what the decoder would compute differently (partial rotary, RoPE scaling).
+fn gguf_config_json(
+    path: &Path,
+    content: &gguf_file::Content,
+    family: Family,
+    arch: &str,
+) -> Result<Value, ModelError> {
+    let corrupt = |message: String| ModelError::Corrupt { path: path.to_path_buf(), message };
+    let md = &content.metadata;
     let get_u = |key: &str| -> Result<usize, ModelError> {
         md.get(&format!("{arch}.{key}"))
             .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
@@ -352,25 +384,7 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel, ModelError> {
             return Err(corrupt(format!("rope scaling `{kind}` in GGUF is not supported; use the HF directory")));
         }
     }
-    let config = Config::from_json(&cfg_json).map_err(corrupt)?;
-    let head_dim = config.head_dim;
-    let mut tensors = HashMap::new();
-    for (name, _) in content.tensor_infos.iter() {
-        let Some(hf) = gguf_to_hf_name(name) else { continue };
-        let q = content
-            .tensor(&mut file, name, &Device::Cpu)
-            .map_err(|e| corrupt(format!("tensor `{name}`: {} (truncated file?)", candle_message(&e))))?;
-        let mut t = q.dequantize(&Device::Cpu)?;
-        // llama.cpp's converter permutes q/k rows for its interleaved rotary (llama arch only):
-        // HF rows (head, half, j) are stored as (head, j, half). Undo it.
-        if family == Family::Llama && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight")) {
-            let heads = if name.ends_with("attn_q.weight") { n_heads } else { n_kv };
-            let (rows, cols) = t.dims2()?;
-            t = t.reshape((heads, head_dim / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?;
-        }
-        tensors.insert(hf, t);
-    }
-    Ok(GgufModel { config, config_json: cfg_json, tensors, metadata: content.metadata })
+    Ok(cfg_json)
 }
 
 /// llama.cpp tensor names → HF names.
