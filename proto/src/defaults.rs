@@ -37,7 +37,7 @@ pub fn warmup_steps(steps: u32) -> u32 {
 /// Sequences per forward/backward pass for a global batch of `batch`: 4 (a memory choice; the
 /// update is the same) when it divides the batch, else the whole batch in one pass.
 pub fn micro_batch_size(batch: u32) -> u32 {
-    if batch % 4 == 0 {
+    if batch.is_multiple_of(4) {
         4
     } else {
         batch

@@ -111,8 +111,8 @@ pub enum Work {
     Score(ScoreSpec),
     /// Evaluate the unpruned model.
     Baseline(Vec<EvalSpec>),
-    /// Prune, maybe heal, evaluate.
-    Cell(Cell),
+    /// Prune, maybe heal, evaluate (boxed: its tables and settings dwarf the other variants).
+    Cell(Box<Cell>),
 }
 
 /// One point of a sweep.
@@ -147,7 +147,7 @@ impl TryFrom<&pb::JobSpec> for Job {
         let work = match kind {
             pb::JobKind::Score => Work::Score(score_spec(spec)?),
             pb::JobKind::Baseline => Work::Baseline(eval_specs(&spec.eval)?),
-            pb::JobKind::Cell => Work::Cell(cell(spec)?),
+            pb::JobKind::Cell => Work::Cell(Box::new(cell(spec)?)),
             pb::JobKind::Unspecified => {
                 return Err(JobError::spec(
                     "kind",
@@ -299,7 +299,8 @@ mod tests {
 
     #[test]
     fn missing_or_unknown_values_are_non_retryable_and_named() {
-        let cases: Vec<(Box<dyn Fn(&mut pb::JobSpec)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut pb::JobSpec)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|s| s.kind = 9), "`kind`"),
             (Box::new(|s| s.model = None), "`model`"),
             (Box::new(|s| s.method = 0), "`method`"),
