@@ -17,6 +17,7 @@
 //!   resolves, with the lease reaper alongside.
 //! - [`export`]: results → CSV / Parquet (polars).
 //! - [`plot`]: results → accuracy-versus-fraction-dropped charts (SVG + PNG).
+//! - `testing` (feature `test-util`): the store and server harness shared with the worker's tests.
 
 pub mod config;
 pub mod export;
@@ -29,6 +30,8 @@ pub mod service;
 pub mod spec;
 pub mod store;
 pub mod sweep;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use config::Config;
 pub use server::run;

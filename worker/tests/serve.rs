@@ -6,76 +6,25 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::c4_sample;
-use prunesweep_coordinator::store::{JobStore, PgStore, SqliteStore};
-use prunesweep_coordinator::Config;
+use prunesweep_coordinator::store::JobStore;
+use prunesweep_coordinator::testing::{self, start_server, wait_until_done, worker_process_config};
 use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
-use prunesweep_proto::v1::{GetSweepRequest, JobKind, JobState, ListResultsRequest, SubmitSweepRequest};
-use sqlx::{AssertSqlSafe, Connection};
+use prunesweep_proto::v1::{JobKind, JobState, ListResultsRequest, SubmitSweepRequest};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the worker crate sits in the workspace").to_path_buf()
 }
 
-/// The tiny sweep with absolute data paths. `extra` goes at the end (e.g. a heal variant).
+/// The shared tiny sweep ([`testing::tiny_sweep`]) on the C4 sample, its c4-loss at 16 tokens
+/// from document 100 on, seed 0, 3 attempts. `extra` goes at the end (e.g. a heal variant).
 fn tiny_sweep(name: &str, model: &str, extra: &str) -> String {
-    let c4 = c4_sample();
-    let c4 = c4.display();
-    format!(
-        "name: {name}\nmodels:\n  - name: tiny-llama\n    path: {model}\n\
-         calibration:\n  path: {c4}\n  samples: 4\n  seq_len: 16\n\
-         methods: [angular, deepest]\nfractions: [0.25, 0.5]\n\
-         eval:\n  - task: c4-loss\n    path: {c4}\n    limit: 4\n    seq_len: 16\n    first_doc: 100\n\
-         seed: 0\nmax_attempts: 3\n{extra}"
-    )
-}
-
-async fn sqlite_store(dir: &Path) -> Arc<dyn JobStore> {
-    let url = format!("sqlite://{}", dir.join("coordinator.sqlite").display());
-    Arc::new(SqliteStore::connect(&url).await.expect("open SQLite store"))
-}
-
-/// A Postgres store in a private schema (tests run in parallel); returns it and the schema.
-async fn postgres_store() -> (Arc<dyn JobStore>, String) {
-    let url =
-        std::env::var("PRUNESWEEP_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("ps_serve_{}", std::process::id());
-    let mut conn = sqlx::PgConnection::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("Postgres at {url} (set PRUNESWEEP_TEST_POSTGRES): {e}"));
-    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))).execute(&mut conn).await.unwrap();
-    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut conn).await.unwrap();
-    let options = sqlx::postgres::PgConnectOptions::from_str(&url).unwrap().options([("search_path", schema.as_str())]);
-    (Arc::new(PgStore::connect_with(options, 8).await.expect("open Postgres store")), schema)
-}
-
-/// Lease timing for tests: short leases so a killed worker's job comes back quickly.
-fn config() -> Config {
-    Config {
-        lease_ttl: Duration::from_secs(3),
-        heartbeat_interval: Duration::from_millis(300),
-        reap_interval: Duration::from_millis(200),
-        max_wait: Duration::from_secs(1),
-        watch_poll: Duration::from_millis(50),
-    }
-}
-
-async fn start_coordinator(store: Arc<dyn JobStore>) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        prunesweep_coordinator::run(listener, store, config(), async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("coordinator");
-    });
-    (format!("http://{addr}"), tx)
+    let c4 = c4_sample().display().to_string();
+    testing::tiny_sweep(name, model, &c4, &format!("seed: 0\nmax_attempts: 3\n{extra}"))
+        .replace("    limit: 4\n", "    limit: 4\n    seq_len: 16\n    first_doc: 100\n")
 }
 
 fn spawn_worker(url: &str, work_dir: &Path, name: &str) -> Child {
@@ -106,29 +55,16 @@ fn stop(mut child: Child) -> Option<i32> {
     }
 }
 
-async fn wait_done(url: &str, sweep: &str, timeout: Duration) -> prunesweep_proto::v1::SweepStatus {
-    let mut client = SweepServiceClient::connect(url.to_string()).await.unwrap();
-    let t0 = Instant::now();
-    loop {
-        let s = client.get_sweep(GetSweepRequest { sweep: sweep.into() }).await.unwrap().into_inner();
-        if s.blocked + s.pending + s.leased == 0 {
-            return s;
-        }
-        assert!(t0.elapsed() < timeout, "sweep {sweep} not done after {timeout:?}: {s:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn two_workers_finish_the_tiny_sweep(store: Arc<dyn JobStore>) {
     let tmp = tempfile::tempdir().unwrap();
-    let (url, stop_coordinator) = start_coordinator(store).await;
+    let (url, server) = start_server(store, worker_process_config()).await;
     let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
-    let yaml = tiny_sweep("serve-e2e", "worker/tests/fixtures/tiny-llama", "");
+    let yaml = tiny_sweep("serve-e2e", testing::TINY_MODEL, "");
     let submitted =
         client.submit_sweep(SubmitSweepRequest { yaml: yaml.clone(), file_name: None }).await.unwrap().into_inner();
     assert_eq!(submitted.jobs_total, 6, "1 score + 1 baseline + 4 cells");
     let workers = [spawn_worker(&url, &tmp.path().join("w1"), "w1"), spawn_worker(&url, &tmp.path().join("w2"), "w2")];
-    let status = wait_done(&url, "serve-e2e", Duration::from_secs(180)).await;
+    let status = wait_until_done(&url, "serve-e2e", Duration::from_secs(180)).await;
     assert_eq!((status.succeeded, status.failed), (6, 0), "{status:?}");
 
     let results =
@@ -161,32 +97,34 @@ async fn two_workers_finish_the_tiny_sweep(store: Arc<dyn JobStore>) {
     for w in workers {
         assert_eq!(stop(w), Some(0), "a worker stops cleanly on SIGTERM");
     }
-    let _ = stop_coordinator.send(());
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_finish_the_tiny_sweep_on_sqlite() {
-    let tmp = tempfile::tempdir().unwrap();
-    two_workers_finish_the_tiny_sweep(sqlite_store(tmp.path()).await).await;
+    let store = testing::sqlite().await;
+    two_workers_finish_the_tiny_sweep(store.store.clone()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_finish_the_tiny_sweep_on_postgres() {
-    let (store, _schema) = postgres_store().await;
-    two_workers_finish_the_tiny_sweep(store).await;
+    let store = testing::postgres().await;
+    two_workers_finish_the_tiny_sweep(store.store.clone()).await;
+    store.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_model_fails_once_with_its_path_and_a_killed_worker_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let (url, stop_coordinator) = start_coordinator(sqlite_store(tmp.path()).await).await;
+    let store = testing::sqlite().await;
+    let (url, server) = start_server(store.store.clone(), worker_process_config()).await;
     let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
     // A model path that does not exist on the worker: every job of the sweep fails for good,
     // with the path in the error, after one attempt (not retried to max_attempts).
     let yaml = tiny_sweep("missing-model", "/nonexistent/model-dir", "");
     client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap();
     let w = spawn_worker(&url, &tmp.path().join("w"), "w");
-    let status = wait_done(&url, "missing-model", Duration::from_secs(60)).await;
+    let status = wait_until_done(&url, "missing-model", Duration::from_secs(60)).await;
     assert_eq!(status.succeeded, 0);
     let jobs =
         client.list_results(ListResultsRequest { sweep: "missing-model".into() }).await.unwrap().into_inner().jobs;
@@ -199,7 +137,7 @@ async fn a_missing_model_fails_once_with_its_path_and_a_killed_worker_loses_noth
     // A worker killed (SIGKILL, no goodbye) in the middle of a healing job: the lease expires, the
     // job is leased again by another worker and the sweep finishes.
     let heal = "heal:\n  - name: qlora\n    qlora: {rank: 2, alpha: 4, dropout: 0.0, steps: 400, learning_rate: 0.001, batch_size: 2, seq_len: 16}\n";
-    let yaml = tiny_sweep("killed-worker", "worker/tests/fixtures/tiny-llama", heal);
+    let yaml = tiny_sweep("killed-worker", testing::TINY_MODEL, heal);
     client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap();
     let mut victim = spawn_worker(&url, &tmp.path().join("victim"), "victim");
     // Let it take a healing cell: its checkpoint folder appears under its work dir.
@@ -213,7 +151,7 @@ async fn a_missing_model_fails_once_with_its_path_and_a_killed_worker_loses_noth
     victim.kill().unwrap();
     victim.wait().unwrap();
     let rescuer = spawn_worker(&url, &tmp.path().join("rescuer"), "rescuer");
-    let status = wait_done(&url, "killed-worker", Duration::from_secs(300)).await;
+    let status = wait_until_done(&url, "killed-worker", Duration::from_secs(300)).await;
     let jobs =
         client.list_results(ListResultsRequest { sweep: "killed-worker".into() }).await.unwrap().into_inner().jobs;
     let errors: Vec<_> = jobs.iter().filter_map(|j| j.error.clone()).collect();
@@ -222,5 +160,5 @@ async fn a_missing_model_fails_once_with_its_path_and_a_killed_worker_loses_noth
     let retried: Vec<i64> = jobs.iter().filter(|j| j.attempts >= 1).map(|j| j.job_id).collect();
     assert!(!retried.is_empty(), "the victim's job was leased again");
     stop(rescuer);
-    let _ = stop_coordinator.send(());
+    server.shutdown().await;
 }

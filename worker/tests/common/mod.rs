@@ -1,12 +1,15 @@
-//! Shared helpers for the worker's integration tests: fixture paths, the real SmolLM2 checkpoint,
-//! and the error measure the parity tests state their tolerances in.
+//! Shared helpers for the worker's integration tests: fixture paths, the real SmolLM2 checkpoint
+//! and the shared data (needed by the `smollm2_*.rs` files), the error measure the parity tests
+//! state their tolerances in, and the `worker` binary.
 
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use prunesweep_worker::forward::forward_ids;
+use prunesweep_worker::model::{Model, ModelError};
 
 /// `worker/tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -28,7 +31,7 @@ pub fn smollm2_gguf() -> PathBuf {
 }
 
 /// Loads a safetensors file into f32/i64 CPU tensors.
-pub fn load_tensors(path: &std::path::Path) -> HashMap<String, Tensor> {
+pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).expect("reference file loads")
 }
 
@@ -41,6 +44,12 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max);
     diff / scale
+}
+
+/// The logits at the last of `ids`.
+pub fn last_logits(model: &Model, ids: &[u32]) -> Tensor {
+    let out = forward_ids(model, ids).unwrap();
+    out.logits.get(ids.len() - 1).unwrap()
 }
 
 /// i64 reference ids → u32.
@@ -62,6 +71,32 @@ pub fn c4_sample() -> PathBuf {
     shared_data().join("c4/c4-en-train.00000-of-01024.first1000.jsonl")
 }
 
+/// The transformers reference for the evaluation tests (`scripts/reference/make_eval_reference.py`).
+pub fn eval_reference() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/eval_reference.json")).unwrap()).unwrap()
+}
+
+/// A copy of two MMLU subjects of the shared data (test + dev CSVs) in a temp folder.
+pub fn two_subjects(dir: &Path) -> PathBuf {
+    let root = dir.join("mmlu");
+    for split in ["test", "dev"] {
+        std::fs::create_dir_all(root.join(split)).unwrap();
+        for s in ["abstract_algebra", "high_school_geography"] {
+            let f = format!("{s}_{split}.csv");
+            std::fs::copy(shared_data().join("mmlu").join(split).join(&f), root.join(split).join(&f)).unwrap();
+        }
+    }
+    root
+}
+
+/// The error of loading `path`, which must fail, and whose message must be one line.
+pub fn load_err(path: &Path) -> String {
+    let err: ModelError = Model::load(path, &Device::Cpu).expect_err("loading must fail");
+    let msg = err.to_string();
+    assert!(!msg.contains('\n'), "error is one line: {msg}");
+    msg
+}
+
 /// Runs the `worker` binary: (success, stdout, stderr).
 pub fn worker(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker")).args(args).output().unwrap();
@@ -70,4 +105,10 @@ pub fn worker(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs the `worker` binary: (success, stdout followed by stderr).
+pub fn worker_log(args: &[&str]) -> (bool, String) {
+    let (ok, out, err) = worker(args);
+    (ok, out + &err)
 }
