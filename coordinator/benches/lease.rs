@@ -114,8 +114,6 @@ async fn bench(label: &str, store: Arc<dyn JobStore>, jobs: usize, clients: usiz
                     let req = pb::LeaseJobRequest {
                         worker_id: worker_id.clone(),
                         held_models: vec!["m.gguf".into()],
-                        device: "cpu".into(),
-                        free_memory_bytes: None,
                         wait_ms: 0,
                     };
                     let Some(lease) = w.lease_job(req).await.expect("lease").into_inner().lease else {

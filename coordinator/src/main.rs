@@ -7,6 +7,7 @@
 //! coordinator submit experiments/tiny-test.yaml
 //! coordinator status                                  # every sweep
 //! coordinator status tiny-test --watch                # counts + progress bar until done
+//! coordinator workers                                 # registered workers and their jobs
 //! coordinator cancel tiny-test
 //! coordinator retry tiny-test --failed
 //! coordinator export tiny-test --format csv --out results/tiny-test/results.csv
@@ -90,6 +91,11 @@ enum Command {
         /// Follow the sweep with a progress bar until it is done.
         #[arg(long, requires = "sweep")]
         watch: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Registered workers: device, memory, version, when each was last seen, the job it holds.
+    Workers {
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -181,6 +187,66 @@ fn print_table(sweeps: &[pb::SweepStatus]) {
     }
 }
 
+/// How long before `now_ms` `at_ms` was, roughly: `12s ago`, `5m ago`, `3h ago`, `2d ago`.
+fn ago(now_ms: i64, at_ms: i64) -> String {
+    let s = (now_ms - at_ms).max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// A sweep's running jobs under its counts (nothing when none runs).
+fn print_running(running: &[pb::RunningJob]) {
+    if running.is_empty() {
+        return;
+    }
+    let now = store::now_ms();
+    println!();
+    println!("{:>8} {:<8} {:<24} {:<8} {:>8} {:>14}", "JOB", "KIND", "WORKER", "PHASE", "PROGRESS", "LAST HEARTBEAT");
+    for r in running {
+        println!(
+            "{:>8} {:<8} {:<24} {:<8} {:>8} {:>14}",
+            r.job_id,
+            r.kind().name(),
+            r.worker_name.as_deref().unwrap_or(&r.worker_id),
+            r.phase.as_deref().unwrap_or("-"),
+            r.progress.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * p)),
+            r.heartbeat_at_ms.map_or("-".to_string(), |t| ago(now, t)),
+        );
+    }
+}
+
+/// The registered workers, most recently seen first.
+fn print_workers(workers: &[pb::WorkerStatus]) {
+    let now = store::now_ms();
+    println!(
+        "{:<8} {:<24} {:<8} {:>9} {:<10} {:>10} {:>10} JOB",
+        "ID", "NAME", "DEVICE", "MEMORY", "VERSION", "REGISTERED", "LAST SEEN"
+    );
+    for w in workers {
+        let memory = w.memory_bytes.map_or("-".to_string(), |m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64));
+        let job = match (w.job_id, &w.sweep) {
+            (Some(id), Some(sweep)) => format!("{id} ({sweep})"),
+            (Some(id), None) => id.to_string(),
+            (None, _) => "-".to_string(),
+        };
+        println!(
+            "{:<8} {:<24} {:<8} {:>9} {:<10} {:>10} {:>10} {}",
+            w.worker_id.get(..8).unwrap_or(&w.worker_id),
+            w.name,
+            w.device,
+            memory,
+            w.version,
+            ago(now, w.registered_at_ms),
+            ago(now, w.last_seen_ms),
+            job
+        );
+    }
+}
+
 async fn watch(client: &mut SweepServiceClient<Channel>, sweep: &str) -> Result<()> {
     let status = client.get_sweep(pb::GetSweepRequest { sweep: sweep.to_string() }).await?.into_inner();
     let total =
@@ -264,9 +330,17 @@ async fn run(args: Args) -> Result<()> {
             let mut c = connect(&client).await?;
             match sweep {
                 Some(sweep) if follow => watch(&mut c, &sweep).await?,
-                Some(sweep) => print_table(&[c.get_sweep(pb::GetSweepRequest { sweep }).await?.into_inner()]),
+                Some(sweep) => {
+                    let status = c.get_sweep(pb::GetSweepRequest { sweep }).await?.into_inner();
+                    print_table(std::slice::from_ref(&status));
+                    print_running(&status.running);
+                }
                 None => print_table(&c.list_sweeps(pb::ListSweepsRequest {}).await?.into_inner().sweeps),
             }
+        }
+        Command::Workers { client } => {
+            let reply = connect(&client).await?.list_workers(pb::ListWorkersRequest {}).await?;
+            print_workers(&reply.into_inner().workers);
         }
         Command::Cancel { sweep, client } => {
             let reply = connect(&client).await?.cancel_sweep(pb::CancelSweepRequest { sweep: sweep.clone() }).await?;

@@ -38,8 +38,6 @@ fn lease_req(worker_id: &str, wait_ms: u64) -> pb::LeaseJobRequest {
     pb::LeaseJobRequest {
         worker_id: worker_id.into(),
         held_models: vec!["worker/tests/fixtures/tiny-llama".into()],
-        device: "cpu".into(),
-        free_memory_bytes: None,
         wait_ms,
     }
 }
@@ -220,6 +218,47 @@ async fn silent_worker_loses_its_job(store: &TestStore) {
     server.shutdown().await;
 }
 
+async fn get_sweep_shows_running_jobs_and_list_workers_their_holders(store: &TestStore) {
+    let (url, server) = common::start_server(store.store.clone(), common::fast_config()).await;
+    let (mut sweeps, mut w) = clients(&url).await;
+    sweeps.submit_sweep(submit_req(common::TINY)).await.unwrap();
+    let busy = register(&mut w, "busy").await;
+    let idle = register(&mut w, "idle").await;
+    let lease = w.lease_job(lease_req(&busy, 0)).await.unwrap().into_inner().lease.unwrap();
+    let job_id = lease.job.as_ref().unwrap().job_id;
+    let hb = pb::HeartbeatRequest {
+        worker_id: busy.clone(),
+        lease_id: lease.lease_id.clone(),
+        job_id,
+        phase: Some("score".into()),
+        progress: Some(1.5),
+    };
+    let renewed = w.heartbeat(hb).await.unwrap().into_inner();
+    assert_eq!(renewed.action(), pb::HeartbeatAction::Continue);
+    let status = sweeps.get_sweep(pb::GetSweepRequest { sweep: "tiny".into() }).await.unwrap().into_inner();
+    assert_eq!(status.running.len(), 1);
+    let r = &status.running[0];
+    assert_eq!((r.job_id, r.kind(), r.worker_id.as_str()), (job_id, pb::JobKind::Score, busy.as_str()));
+    assert_eq!((r.worker_name.as_deref(), r.phase.as_deref()), (Some("busy"), Some("score")));
+    assert_eq!(r.progress, Some(1.0), "progress past 1 (rounding) is shown as done");
+    assert!(r.heartbeat_at_ms.is_some());
+    assert_eq!(r.lease_expires_at_ms, renewed.expires_at_ms);
+    let list = sweeps.list_sweeps(pb::ListSweepsRequest {}).await.unwrap().into_inner();
+    assert!(list.sweeps[0].running.is_empty(), "only GetSweep lists running jobs");
+    let workers = sweeps.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    assert_eq!(workers.len(), 2);
+    let find = |id: &str| workers.iter().find(|x| x.worker_id == id).unwrap();
+    assert_eq!((find(&busy).job_id, find(&busy).sweep.as_deref()), (Some(job_id), Some("tiny")));
+    assert_eq!((find(&busy).name.as_str(), find(&busy).device.as_str()), ("busy", "cpu"));
+    assert_eq!(find(&busy).memory_bytes, Some(1 << 30));
+    assert!(find(&busy).last_seen_ms >= find(&busy).registered_at_ms);
+    assert_eq!(find(&idle).job_id, None);
+    w.complete_job(complete_req(&busy, &lease)).await.unwrap();
+    let status = sweeps.get_sweep(pb::GetSweepRequest { sweep: "tiny".into() }).await.unwrap().into_inner();
+    assert!(status.running.is_empty());
+    server.shutdown().await;
+}
+
 async fn bad_input_is_rejected_clearly(store: &TestStore) {
     let (url, server) = common::start_server(store.store.clone(), common::fast_config()).await;
     let (mut sweeps, mut w) = clients(&url).await;
@@ -289,6 +328,7 @@ both_backends!(
     two_workers_finish_the_sweep,
     cancel_stops_leasing,
     silent_worker_loses_its_job,
+    get_sweep_shows_running_jobs_and_list_workers_their_holders,
     bad_input_is_rejected_clearly,
     concurrent_submits_make_one_sweep,
 );

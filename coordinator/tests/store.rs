@@ -6,9 +6,10 @@ mod common;
 
 use std::collections::HashSet;
 
-use prunesweep_coordinator::job::{JobKind, JobState};
+use prunesweep_coordinator::job::{JobKind, JobState, SweepState};
 use prunesweep_coordinator::store::{
-    Completion, DistanceRow, Failure, HeartbeatOutcome, JobStore, LeaseRequest, LeasedJob, ResultValue, StoreError,
+    Completion, DistanceRow, Failure, Heartbeat, HeartbeatOutcome, JobStore, LeaseRequest, LeasedJob, ResultValue,
+    StoreError, WorkerInfo,
 };
 use prunesweep_coordinator::sweep::SweepSpec;
 use prunesweep_proto::v1::PruneMethod as Method;
@@ -26,6 +27,18 @@ async fn submit(store: &dyn JobStore, spec: &SweepSpec) -> prunesweep_coordinato
 
 async fn lease(store: &dyn JobStore, worker: &str, now: i64) -> Option<LeasedJob> {
     store.lease_next(worker, &[], TTL, now).await.unwrap()
+}
+
+/// `worker`'s heartbeat for the job it leased.
+fn beat(worker: &str, l: &LeasedJob, phase: Option<&str>, progress: Option<f64>) -> Heartbeat {
+    Heartbeat {
+        worker_id: worker.into(),
+        lease_id: l.lease_id.clone(),
+        job_id: l.job.id,
+        phase: phase.map(str::to_string),
+        progress,
+        ttl_ms: TTL,
+    }
 }
 
 fn done(l: &LeasedJob) -> Completion {
@@ -115,7 +128,7 @@ async fn expired_leases_are_reclaimed_until_max_attempts(store: &dyn JobStore) {
     submit(store, &tiny()).await;
     let score = lease(store, "w1", T0).await.unwrap();
     assert_eq!(score.job.kind, JobKind::Score);
-    let hb = store.heartbeat("w1", &score.lease_id, score.job.id, Some("score"), TTL, T0 + 800).await.unwrap();
+    let hb = store.heartbeat(&beat("w1", &score, Some("score"), None), T0 + 800).await.unwrap();
     assert_eq!(hb, HeartbeatOutcome::Renewed(T0 + 800 + TTL));
     assert_eq!(store.reclaim_expired(T0 + 1500).await.unwrap(), 0, "the heartbeat renewed the lease");
     assert_eq!(store.reclaim_expired(T0 + 1801).await.unwrap(), 1);
@@ -156,7 +169,7 @@ async fn stale_lease_cannot_complete(store: &dyn JobStore) {
         retryable: true,
     };
     assert!(matches!(store.fail(&fail, T0 + TTL + 3).await.unwrap_err(), StoreError::StaleLease { .. }));
-    let hb = store.heartbeat("w1", &old.lease_id, old.job.id, None, TTL, T0 + TTL + 4).await.unwrap();
+    let hb = store.heartbeat(&beat("w1", &old, None, None), T0 + TTL + 4).await.unwrap();
     assert_eq!(hb, HeartbeatOutcome::Lost);
     store.complete(&done(&new), T0 + TTL + 5).await.unwrap();
     assert_eq!(store.job(new.job.id).await.unwrap().state, JobState::Succeeded);
@@ -197,18 +210,97 @@ async fn cancel_stops_leasing_and_tells_workers(store: &dyn JobStore) {
     let running = lease(store, "w1", T0).await.unwrap();
     assert_eq!(store.cancel("tiny", T0 + 1).await.unwrap(), 6);
     assert!(lease(store, "w2", T0 + 2).await.is_none());
-    let hb = store.heartbeat("w1", &running.lease_id, running.job.id, None, TTL, T0 + 3).await.unwrap();
+    let hb = store.heartbeat(&beat("w1", &running, None, None), T0 + 3).await.unwrap();
     assert_eq!(hb, HeartbeatOutcome::Cancelled);
     assert!(matches!(store.complete(&done(&running), T0 + 4).await.unwrap_err(), StoreError::StaleLease { .. }));
     let counts = store.sweep("tiny").await.unwrap();
     assert_eq!(counts.count(JobState::Cancelled), 6);
-    assert_eq!(counts.state, "cancelled");
+    assert_eq!(counts.state, SweepState::Cancelled);
     // Resubmitting a cancelled sweep adds nothing runnable; retry reopens it.
     submit(store, &tiny()).await;
     assert!(lease(store, "w2", T0 + 5).await.is_none());
     assert_eq!(store.retry("tiny", true, T0 + 6).await.unwrap(), 6);
     assert!(lease(store, "w2", T0 + 7).await.is_some());
     assert!(matches!(store.cancel("nope", T0).await.unwrap_err(), StoreError::SweepNotFound(_)));
+}
+
+/// The cells of a sweep: the jobs that wait for the score job (and the deepest ones that do not).
+async fn cells(store: &dyn JobStore, sweep: &str) -> Vec<JobState> {
+    let results = store.results(sweep).await.unwrap();
+    results.iter().filter(|r| r.job.kind == JobKind::Cell).map(|r| r.job.state).collect()
+}
+
+async fn a_cancelled_score_job_cannot_requeue_its_cells(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let score = lease(store, "w1", T0).await.unwrap();
+    assert_eq!(score.job.kind, JobKind::Score);
+    assert_eq!(store.cancel("tiny", T0 + 1).await.unwrap(), 6);
+    // The worker finishes before it hears of the cancel, and reports with its lease.
+    let err = store.complete(&done(&score), T0 + 2).await.unwrap_err();
+    assert!(matches!(err, StoreError::StaleLease { .. }), "{err}");
+    let outcomes = store.complete_batch(&[done(&score)], T0 + 3).await.unwrap();
+    assert!(matches!(outcomes[0], Err(StoreError::StaleLease { .. })), "{:?}", outcomes[0]);
+    assert_eq!(cells(store, "tiny").await, [JobState::Cancelled; 4]);
+    let counts = store.sweep("tiny").await.unwrap();
+    assert_eq!(counts.count(JobState::Cancelled), 6);
+    assert!(counts.is_done());
+    assert!(lease(store, "w2", T0 + 4).await.is_none());
+    assert!(store.job(score.job.id).await.unwrap().layers_dropped.is_empty(), "nothing of the report is kept");
+}
+
+async fn a_cancel_racing_a_score_completion_leaves_no_cell_runnable(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let score = lease(store, "w1", T0).await.unwrap();
+    let completion = done(&score);
+    let (cancelled, completed) = tokio::join!(store.cancel("tiny", T0 + 1), store.complete(&completion, T0 + 1));
+    let cancelled = cancelled.unwrap();
+    // Either order is fine; what matters is that the cancel, whenever it lands, has the last word.
+    match completed {
+        Ok(()) => assert_eq!(cancelled, 5, "the score job finished first; the rest were cancelled"),
+        Err(StoreError::StaleLease { .. }) => assert_eq!(cancelled, 6, "the cancel came first"),
+        Err(e) => panic!("{e}"),
+    }
+    assert_eq!(cells(store, "tiny").await, [JobState::Cancelled; 4]);
+    assert!(store.sweep("tiny").await.unwrap().is_done());
+    assert!(lease(store, "w2", T0 + 2).await.is_none());
+}
+
+async fn heartbeats_show_where_running_jobs_are(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let info = |name: &str| WorkerInfo {
+        name: name.into(),
+        device: "cuda:0".into(),
+        memory_bytes: Some(80 << 30),
+        version: "0.1.0".into(),
+    };
+    let busy = store.register_worker(&info("busy"), T0).await.unwrap();
+    let idle = store.register_worker(&info("idle"), T0 + 1).await.unwrap();
+    let score = lease(store, &busy, T0 + 10).await.unwrap();
+    let running = store.running("tiny").await.unwrap();
+    assert_eq!(running.len(), 1);
+    assert_eq!((running[0].phase.as_deref(), running[0].progress, running[0].heartbeat_at), (None, None, None));
+    let hb = store.heartbeat(&beat(&busy, &score, Some("score"), Some(0.25)), T0 + 100).await.unwrap();
+    assert_eq!(hb, HeartbeatOutcome::Renewed(T0 + 100 + TTL));
+    // A heartbeat without a phase keeps the last one.
+    store.heartbeat(&beat(&busy, &score, None, Some(0.5)), T0 + 200).await.unwrap();
+    let running = store.running("tiny").await.unwrap();
+    assert_eq!(running.len(), 1);
+    let r = &running[0];
+    assert_eq!((r.job_id, r.kind), (score.job.id, JobKind::Score));
+    assert_eq!((r.worker_id.as_deref(), r.worker_name.as_deref()), (Some(busy.as_str()), Some("busy")));
+    assert_eq!((r.phase.as_deref(), r.progress), (Some("score"), Some(0.5)));
+    assert_eq!((r.heartbeat_at, r.lease_expires_at), (Some(T0 + 200), T0 + 200 + TTL));
+    let workers = store.workers().await.unwrap();
+    let names: Vec<&str> = workers.iter().map(|w| w.info.name.as_str()).collect();
+    assert_eq!(names, ["busy", "idle"], "most recently seen first");
+    assert_eq!((workers[0].id.as_str(), workers[0].last_seen, workers[0].registered_at), (busy.as_str(), T0 + 200, T0));
+    assert_eq!((workers[0].job_id, workers[0].sweep.as_deref()), (Some(score.job.id), Some("tiny")));
+    assert_eq!((workers[1].id.as_str(), workers[1].last_seen, workers[1].job_id), (idle.as_str(), T0 + 1, None));
+    assert_eq!(workers[1].info, info("idle"));
+    store.complete(&done(&score), T0 + 300).await.unwrap();
+    assert!(store.running("tiny").await.unwrap().is_empty());
+    assert_eq!(store.workers().await.unwrap()[0].job_id, None, "a finished job is nobody's");
+    assert!(matches!(store.running("nope").await.unwrap_err(), StoreError::SweepNotFound(_)));
 }
 
 async fn concurrent_submits_make_one_sweep(store: &dyn JobStore) {
@@ -294,12 +386,7 @@ async fn unknown_names_are_not_found(store: &dyn JobStore) {
     assert!(matches!(store.job(12345).await.unwrap_err(), StoreError::JobNotFound(12345)));
     let id = store
         .register_worker(
-            &prunesweep_coordinator::store::WorkerInfo {
-                name: "w".into(),
-                device: "cpu".into(),
-                memory_bytes: Some(1 << 30),
-                version: "0".into(),
-            },
+            &WorkerInfo { name: "w".into(), device: "cpu".into(), memory_bytes: Some(1 << 30), version: "0".into() },
             T0,
         )
         .await
@@ -341,6 +428,9 @@ both_backends!(
     stale_lease_cannot_complete,
     failures_retry_or_stop,
     cancel_stops_leasing_and_tells_workers,
+    a_cancelled_score_job_cannot_requeue_its_cells,
+    a_cancel_racing_a_score_completion_leaves_no_cell_runnable,
+    heartbeats_show_where_running_jobs_are,
     concurrent_submits_make_one_sweep,
     concurrent_leases_never_share_a_job,
     batches_answer_each_call_in_order,

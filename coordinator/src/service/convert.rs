@@ -5,9 +5,11 @@ use prunesweep_proto::v1 as pb;
 use prunesweep_proto::Vocabulary;
 use tonic::Status;
 
-use crate::job::{JobKind, JobState};
+use crate::job::{JobKind, JobState, SweepState};
 use crate::spec::Amount;
-use crate::store::{Completion, DistanceRow, JobResults, JobRow, ResultValue, SweepCounts, Timing};
+use crate::store::{
+    Completion, DistanceRow, Heartbeat, JobResults, JobRow, ResultValue, RunningJob, SweepCounts, Timing, WorkerRow,
+};
 use crate::sweep::{CalibrationSpec, EvalTaskSpec, HealVariant, QLoraSpec, TargetModules};
 
 impl From<JobState> for pb::JobState {
@@ -33,12 +35,21 @@ impl From<JobKind> for pb::JobKind {
     }
 }
 
-/// A sweep's counts as the contract reports them.
+impl From<SweepState> for pb::SweepState {
+    fn from(s: SweepState) -> Self {
+        match s {
+            SweepState::Active => pb::SweepState::Active,
+            SweepState::Cancelled => pb::SweepState::Cancelled,
+        }
+    }
+}
+
+/// A sweep's counts as the contract reports them (no running jobs: `GetSweep` adds those).
 pub fn sweep_status(c: &SweepCounts) -> pb::SweepStatus {
     let n = |s| c.count(s);
     pb::SweepStatus {
         name: c.name.clone(),
-        state: pb::SweepState::from_name(&c.state).unwrap_or(pb::SweepState::Unspecified) as i32,
+        state: pb::SweepState::from(c.state) as i32,
         blocked: n(JobState::Blocked),
         pending: n(JobState::Pending),
         leased: n(JobState::Leased),
@@ -47,6 +58,38 @@ pub fn sweep_status(c: &SweepCounts) -> pb::SweepStatus {
         cancelled: n(JobState::Cancelled),
         created_at_ms: c.created_at,
         priority: c.priority,
+        running: Vec::new(),
+    }
+}
+
+impl From<&RunningJob> for pb::RunningJob {
+    fn from(r: &RunningJob) -> Self {
+        pb::RunningJob {
+            job_id: r.job_id,
+            kind: pb::JobKind::from(r.kind) as i32,
+            worker_id: r.worker_id.clone().unwrap_or_default(),
+            worker_name: r.worker_name.clone(),
+            phase: r.phase.clone(),
+            progress: r.progress,
+            heartbeat_at_ms: r.heartbeat_at,
+            lease_expires_at_ms: r.lease_expires_at,
+        }
+    }
+}
+
+impl From<&WorkerRow> for pb::WorkerStatus {
+    fn from(w: &WorkerRow) -> Self {
+        pb::WorkerStatus {
+            worker_id: w.id.clone(),
+            name: w.info.name.clone(),
+            device: w.info.device.clone(),
+            memory_bytes: w.info.memory_bytes,
+            version: w.info.version.clone(),
+            registered_at_ms: w.registered_at,
+            last_seen_ms: w.last_seen,
+            job_id: w.job_id,
+            sweep: w.sweep.clone(),
+        }
     }
 }
 
@@ -161,6 +204,19 @@ pub fn job_result(j: JobResults) -> pb::JobResult {
             .collect(),
         error: j.job.error,
         attempts: j.job.attempts,
+    }
+}
+
+/// A worker's heartbeat. Progress is a display value, so one outside [0, 1] (rounding) is clamped
+/// and a non-finite one dropped rather than refused: refusing would stop the worker's job.
+pub fn heartbeat(req: pb::HeartbeatRequest, ttl_ms: i64) -> Heartbeat {
+    Heartbeat {
+        worker_id: req.worker_id,
+        lease_id: req.lease_id,
+        job_id: req.job_id,
+        phase: req.phase,
+        progress: req.progress.filter(|p| p.is_finite()).map(|p| p.clamp(0.0, 1.0)),
+        ttl_ms,
     }
 }
 

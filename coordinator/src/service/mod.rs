@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::group_commit::GroupCommit;
 use crate::config::Config;
+use crate::group_commit::GroupCommit;
 use crate::store::{now_ms, Failure, HeartbeatOutcome, JobStore, LeaseRequest, StoreError, WorkerInfo};
 use crate::sweep::SweepSpec;
 use convert::{job_result, job_spec, sweep_status};
@@ -84,8 +84,12 @@ impl pb::sweep_service_server::SweepService for Coordinator {
     }
 
     async fn get_sweep(&self, request: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepStatus>, Status> {
-        let counts = self.store.sweep(&request.into_inner().sweep).await?;
-        Ok(Response::new(sweep_status(&counts)))
+        let sweep = request.into_inner().sweep;
+        let counts = self.store.sweep(&sweep).await?;
+        let running = self.store.running(&sweep).await?;
+        let mut status = sweep_status(&counts);
+        status.running = running.iter().map(pb::RunningJob::from).collect();
+        Ok(Response::new(status))
     }
 
     async fn list_sweeps(
@@ -182,6 +186,14 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         let jobs = jobs.into_iter().map(job_result).collect();
         Ok(Response::new(pb::ListResultsResponse { jobs }))
     }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self.store.workers().await?;
+        Ok(Response::new(pb::ListWorkersResponse { workers: workers.iter().map(pb::WorkerStatus::from).collect() }))
+    }
 }
 
 #[tonic::async_trait]
@@ -240,12 +252,8 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let req = request.into_inner();
-        let ttl = ms(self.config.lease_ttl);
-        let outcome = self
-            .store
-            .heartbeat(&req.worker_id, &req.lease_id, req.job_id, req.phase.as_deref(), ttl, now_ms())
-            .await?;
+        let beat = convert::heartbeat(request.into_inner(), ms(self.config.lease_ttl));
+        let outcome = self.store.heartbeat(&beat, now_ms()).await?;
         let (action, expires_at_ms) = match outcome {
             HeartbeatOutcome::Renewed(t) => (pb::HeartbeatAction::Continue, t),
             HeartbeatOutcome::Cancelled => (pb::HeartbeatAction::Cancel, 0),

@@ -2,24 +2,33 @@
 //!
 //! The database is the source of truth; the coordinator holds no queue in memory (the group-commit
 //! queues hold calls only while they wait for the next transaction). Methods are named after
-//! transitions (`lease_batch`, `heartbeat`, `complete_batch`, `fail`, `reclaim_expired`) and apply
-//! [`crate::job::transition`] inside one transaction each. Both backends share their SQL
-//! (`$1`-style parameters work in both) through the `impl_store!` macro in `common.rs`; what
-//! differs (how a write transaction begins, row locking, the candidate queries) lives in
-//! `sqlite.rs` / `postgres.rs`. Times are milliseconds since the Unix epoch, passed in by the
-//! caller so that tests control the clock.
+//! transitions (`lease_batch`, `heartbeat`, `complete_batch`, `fail`, `reclaim_expired`). Every
+//! call is one transaction; a write reads the rows it changes (locking them on Postgres), asks
+//! [`crate::job`] what they become ([`crate::job::transition`], [`crate::job::JobStatus::initial`],
+//! [`crate::job::heartbeat`]), and writes that.
+//!
+//! - [`dialect`]: what differs between SQLite and Postgres ([`Dialect`]: a few queries, row
+//!   locking, how a write transaction begins); `sqlite.rs` / `postgres.rs` implement it and open
+//!   the database.
+//! - `sql/`: the queries, written once and generic over the [`Dialect`], one file per concept.
+//!
+//! Times are milliseconds since the Unix epoch, passed in by the caller so that tests control the
+//! clock.
 
-mod common;
+pub mod dialect;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use self::dialect::Dialect;
 pub use self::postgres::PgStore;
+pub use self::sql::SqlStore;
 pub use self::sqlite::SqliteStore;
-use crate::job::{InvalidTransition, JobKind, JobState};
+use crate::job::{InvalidTransition, JobKind, JobState, SweepState};
 use crate::spec::JobSpec;
 use crate::sweep::{PlannedJob, SweepSpec};
 
@@ -68,8 +77,8 @@ pub enum StoreError {
 pub struct SweepCounts {
     /// Sweep name.
     pub name: String,
-    /// `active` or `cancelled`.
-    pub state: String,
+    /// Whether its jobs may run.
+    pub state: SweepState,
     /// Priority.
     pub priority: i32,
     /// Creation time.
@@ -213,6 +222,61 @@ pub struct WorkerInfo {
     pub version: String,
 }
 
+/// A worker's heartbeat for the job it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heartbeat {
+    /// The worker.
+    pub worker_id: String,
+    /// The lease it renews.
+    pub lease_id: String,
+    /// The job under the lease.
+    pub job_id: i64,
+    /// The phase the job is in (`load`, `score`, `prune`, `heal`, `eval`); `None` keeps the last.
+    pub phase: Option<String>,
+    /// Progress within the phase, in [0, 1]; `None` keeps the last.
+    pub progress: Option<f64>,
+    /// How long the renewed lease lasts without another heartbeat.
+    pub ttl_ms: i64,
+}
+
+/// A leased job as its heartbeats describe it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningJob {
+    /// The job.
+    pub job_id: i64,
+    /// Its kind.
+    pub kind: JobKind,
+    /// The worker holding it.
+    pub worker_id: Option<String>,
+    /// That worker's name, if it is registered here.
+    pub worker_name: Option<String>,
+    /// Its last reported phase.
+    pub phase: Option<String>,
+    /// Its last reported progress within the phase, in [0, 1].
+    pub progress: Option<f64>,
+    /// Its last heartbeat; `None` before the first.
+    pub heartbeat_at: Option<i64>,
+    /// When its lease expires without another heartbeat.
+    pub lease_expires_at: i64,
+}
+
+/// A registered worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRow {
+    /// Its id.
+    pub id: String,
+    /// What it registered as.
+    pub info: WorkerInfo,
+    /// When it registered.
+    pub registered_at: i64,
+    /// Its registration or its last heartbeat, whichever is later.
+    pub last_seen: i64,
+    /// The job it holds under a lease, if any.
+    pub job_id: Option<i64>,
+    /// That job's sweep.
+    pub sweep: Option<String>,
+}
+
 /// What a heartbeat found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeartbeatOutcome {
@@ -286,7 +350,7 @@ pub struct JobResults {
     pub results: Vec<ResultValue>,
 }
 
-/// The store's operations. Every write is one transaction.
+/// The store's operations. Every call is one transaction.
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
     /// Insert the sweep (if new) and the jobs it does not have yet, in one transaction.
@@ -316,16 +380,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// answer (`None` when nothing was runnable for it). This is the coordinator's group commit:
     /// the lease calls that arrive while one transaction runs share the next one.
     async fn lease_batch(&self, requests: &[LeaseRequest], now: i64) -> Result<Vec<Option<LeasedJob>>, StoreError>;
-    /// Renew a lease.
-    async fn heartbeat(
-        &self,
-        worker_id: &str,
-        lease_id: &str,
-        job_id: i64,
-        phase: Option<&str>,
-        ttl_ms: i64,
-        now: i64,
-    ) -> Result<HeartbeatOutcome, StoreError>;
+    /// Renew a lease and record the job's phase and progress, or say why the worker should stop.
+    async fn heartbeat(&self, beat: &Heartbeat, now: i64) -> Result<HeartbeatOutcome, StoreError>;
     /// Finish a job with its results; unblocks the jobs that depend on it.
     async fn complete(&self, completion: &Completion, now: i64) -> Result<(), StoreError> {
         let mut outcomes = self.complete_batch(std::slice::from_ref(completion), now).await?;
@@ -349,8 +405,10 @@ pub trait JobStore: Send + Sync + 'static {
     async fn job(&self, job_id: i64) -> Result<JobRow, StoreError>;
     /// Every job of a sweep with its results, in id order.
     async fn results(&self, sweep: &str) -> Result<Vec<JobResults>, StoreError>;
-    /// A score job's distance table.
-    async fn distances(&self, job_id: i64) -> Result<Vec<DistanceRow>, StoreError>;
+    /// A sweep's leased jobs with their last heartbeat, in id order.
+    async fn running(&self, sweep: &str) -> Result<Vec<RunningJob>, StoreError>;
+    /// Every registered worker, most recently seen first.
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError>;
 }
 
 /// Open (creating if needed) and migrate the store at `url`: `sqlite://PATH`, `sqlite::memory:`,

@@ -1,34 +1,29 @@
 //! The Postgres backend (`--database postgres://...`): several coordinators' worth of concurrency,
 //! claims with `FOR UPDATE SKIP LOCKED` so concurrent leases never wait on each other.
 
+use std::future::Future;
 use std::str::FromStr;
 
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, SqlSafeStr};
+use sqlx::{Pool, Postgres, Transaction};
 
-use super::common::impl_store;
+use super::dialect::Dialect;
+use super::sql::{migrations, SqlStore};
 use super::StoreError;
 
 /// A job store in a Postgres database.
-#[derive(Debug, Clone)]
-pub struct PgStore {
-    /// The connection pool.
-    pub(crate) pool: PgPool,
-}
+pub type PgStore = SqlStore<Postgres>;
 
 /// The Postgres migrations, embedded in the binary.
 pub fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        include_str!("../../migrations/postgres/0001_init.sql").into_sql_str(),
-        false,
-    )])
+    migrations([
+        ("init", include_str!("../../migrations/postgres/0001_init.sql")),
+        ("heartbeat progress", include_str!("../../migrations/postgres/0002_heartbeat_progress.sql")),
+    ])
 }
 
-impl PgStore {
+impl SqlStore<Postgres> {
     /// Connect and migrate.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with(PgConnectOptions::from_str(url)?, 16).await
@@ -38,24 +33,24 @@ impl PgStore {
     pub async fn connect_with(options: PgConnectOptions, max_connections: u32) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new().max_connections(max_connections).connect_with(options).await?;
         migrator().run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self::new(pool))
     }
-
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        self.pool.begin().await
-    }
-
-    const LOCK: &'static str = " FOR UPDATE";
-
-    const CANDIDATES_HELD: &'static str = "SELECT id FROM jobs WHERE state = 'pending' \
-        AND model IN (SELECT jsonb_array_elements_text($1::jsonb)) ORDER BY priority DESC, id LIMIT $2 \
-        FOR UPDATE SKIP LOCKED";
-
-    const CANDIDATES_ANY: &'static str =
-        "SELECT id FROM jobs WHERE state = 'pending' ORDER BY priority DESC, id LIMIT $1 FOR UPDATE SKIP LOCKED";
-
-    const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, attempts, max_attempts, worker_id, lease_id \
-        FROM jobs WHERE state = 'leased' AND lease_expires_at < $1 ORDER BY id FOR UPDATE SKIP LOCKED";
 }
 
-impl_store!(PgStore, sqlx::Postgres);
+impl Dialect for Postgres {
+    const LOCK: &'static str = " FOR UPDATE";
+
+    const CANDIDATES_HELD: &'static str = "SELECT id, state, attempts, max_attempts FROM jobs WHERE state = $1 \
+        AND model IN (SELECT jsonb_array_elements_text($2::jsonb)) ORDER BY priority DESC, id LIMIT $3 \
+        FOR UPDATE SKIP LOCKED";
+
+    const CANDIDATES_ANY: &'static str = "SELECT id, state, attempts, max_attempts FROM jobs WHERE state = $1 \
+        ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED";
+
+    const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, state, attempts, max_attempts, worker_id, lease_id \
+        FROM jobs WHERE state = $1 AND lease_expires_at < $2 ORDER BY id FOR UPDATE SKIP LOCKED";
+
+    fn begin_write(pool: &Pool<Self>) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send {
+        pool.begin()
+    }
+}

@@ -4,35 +4,30 @@
 //! `SQLITE_BUSY`; write transactions still begin with `BEGIN IMMEDIATE` so that a pool with more
 //! connections could not deadlock on a read-to-write upgrade.
 
+use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{SqlSafeStr, SqlitePool};
+use sqlx::{Pool, Sqlite, Transaction};
 
-use super::common::impl_store;
+use super::dialect::Dialect;
+use super::sql::{migrations, SqlStore};
 use super::StoreError;
 
 /// A job store in a SQLite database.
-#[derive(Debug, Clone)]
-pub struct SqliteStore {
-    /// The connection pool (one connection).
-    pub(crate) pool: SqlitePool,
-}
+pub type SqliteStore = SqlStore<Sqlite>;
 
 /// The SQLite migrations, embedded in the binary.
 pub fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        include_str!("../../migrations/sqlite/0001_init.sql").into_sql_str(),
-        false,
-    )])
+    migrations([
+        ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
+        ("heartbeat progress", include_str!("../../migrations/sqlite/0002_heartbeat_progress.sql")),
+    ])
 }
 
-impl SqliteStore {
+impl SqlStore<Sqlite> {
     /// Open (creating the file and its directory if needed) and migrate. Accepts `sqlite://PATH`,
     /// `sqlite:PATH`, `sqlite::memory:` or a bare path.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -50,23 +45,23 @@ impl SqliteStore {
         }
         let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
         migrator().run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self::new(pool))
     }
-
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
-    }
-
-    const LOCK: &'static str = "";
-
-    const CANDIDATES_HELD: &'static str = "SELECT id FROM jobs WHERE state = 'pending' \
-        AND model IN (SELECT value FROM json_each($1)) ORDER BY priority DESC, id LIMIT $2";
-
-    const CANDIDATES_ANY: &'static str =
-        "SELECT id FROM jobs WHERE state = 'pending' ORDER BY priority DESC, id LIMIT $1";
-
-    const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, attempts, max_attempts, worker_id, lease_id \
-        FROM jobs WHERE state = 'leased' AND lease_expires_at < $1 ORDER BY id";
 }
 
-impl_store!(SqliteStore, sqlx::Sqlite);
+impl Dialect for Sqlite {
+    const LOCK: &'static str = "";
+
+    const CANDIDATES_HELD: &'static str = "SELECT id, state, attempts, max_attempts FROM jobs WHERE state = $1 \
+        AND model IN (SELECT value FROM json_each($2)) ORDER BY priority DESC, id LIMIT $3";
+
+    const CANDIDATES_ANY: &'static str =
+        "SELECT id, state, attempts, max_attempts FROM jobs WHERE state = $1 ORDER BY priority DESC, id LIMIT $2";
+
+    const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, state, attempts, max_attempts, worker_id, lease_id \
+        FROM jobs WHERE state = $1 AND lease_expires_at < $2 ORDER BY id";
+
+    fn begin_write(pool: &Pool<Self>) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send {
+        pool.begin_with("BEGIN IMMEDIATE")
+    }
+}

@@ -137,8 +137,6 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
         let req = LeaseJobRequest {
             worker_id: session.worker_id.clone(),
             held_models: held,
-            device: cfg.device_name.clone(),
-            free_memory_bytes: None,
             wait_ms: cfg.lease_wait.as_millis() as u64,
         };
         let leased = tokio::select! {

@@ -1,0 +1,308 @@
+//! The store's SQL, written once for both backends: [`SqlStore`] implements [`JobStore`] for any
+//! [`Dialect`] by opening one transaction ([`Tx`]) per call and running the queries of one of
+//! these files in it:
+//!
+//! - `submit.rs`: a sweep and its jobs, each starting in [`crate::job::JobStatus::initial`];
+//! - `lease.rs`: the lease batch (model affinity, one `UPDATE` for the batch);
+//! - `complete.rs`: completions and failures, and what they do to the jobs that wait for them;
+//! - `reap.rs`: expired leases;
+//! - `control.rs`: cancel and retry, a user's decisions about a whole sweep;
+//! - `workers.rs`: registration, heartbeats, the worker list;
+//! - `read.rs`: counts, events, jobs, results, running jobs;
+//! - `rows.rs`: the one list of job columns and the row → [`crate::job::JobStatus`] / [`JobRow`]
+//!   readers.
+//!
+//! # Bounds
+//!
+//! The query code is generic over the database `DB`, and sqlx states what a database can do as
+//! bounds on other types (`&mut DB::Connection` runs queries; `i64` encodes for `DB`). Rust does
+//! not infer those from `DB: Dialect`, so every `impl` block of [`Tx`] repeats the same `where`
+//! clause: the connection runs queries, columns are found by name, `&str` is a [`Param`], and
+//! `i64`, `f64`, `String` and their `Option`s are [`Scalar`]s of `DB`. Each file has one such
+//! block (this one two: the shared helpers, and the [`JobStore`] impl).
+//!
+//! # Batches
+//!
+//! The hot writes, [`JobStore::lease_batch`] and [`JobStore::complete_batch`], take a fixed
+//! number of statements per batch (per-row values go in `CASE id WHEN … THEN …` and multi-row
+//! `INSERT`s): a statement's round trip, not the work in it, is what a small transaction costs.
+
+mod complete;
+mod control;
+mod lease;
+mod read;
+mod reap;
+mod rows;
+mod submit;
+mod workers;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{ColumnIndex, Database, Executor, Pool, QueryBuilder, Row, SqlSafeStr, Transaction};
+
+use super::dialect::{Dialect, Param, Scalar};
+use super::{
+    Completion, EventRow, Failure, Heartbeat, HeartbeatOutcome, JobResults, JobRow, JobStore, LeaseRequest, LeasedJob,
+    RunningJob, StoreError, SubmitOutcome, SweepCounts, WorkerInfo, WorkerRow,
+};
+use crate::job::JobState;
+use crate::sweep::{PlannedJob, SweepSpec};
+
+/// A job store in a database of dialect `DB` ([`super::SqliteStore`], [`super::PgStore`]).
+#[derive(Debug, Clone)]
+pub struct SqlStore<DB: Database> {
+    /// The connection pool.
+    pool: Pool<DB>,
+}
+
+impl<DB: Database> SqlStore<DB> {
+    /// A store over a migrated pool.
+    pub(super) fn new(pool: Pool<DB>) -> Self {
+        Self { pool }
+    }
+}
+
+/// A migrator over `(description, sql)` migrations, numbered from 1 in order.
+pub(super) fn migrations<const N: usize>(sql: [(&'static str, &'static str); N]) -> Migrator {
+    let migrations = sql.into_iter().zip(1..).map(|((description, sql), version)| {
+        Migration::new(version, description.into(), MigrationType::Simple, sql.into_sql_str(), false)
+    });
+    Migrator::with_migrations(migrations.collect())
+}
+
+/// One transaction of the store. Each [`JobStore`] call opens one, runs its queries in it (the
+/// methods in this folder's files) and commits it, so a call's writes land together or not at all.
+pub(super) struct Tx<DB: Database> {
+    tx: Transaction<'static, DB>,
+}
+
+impl<DB: Dialect> Tx<DB> {
+    /// A transaction that writes ([`Dialect::begin_write`]).
+    async fn write(pool: &Pool<DB>) -> Result<Self, sqlx::Error> {
+        Ok(Self { tx: DB::begin_write(pool).await? })
+    }
+
+    /// A transaction that only reads: on SQLite its statements share one snapshot.
+    async fn read(pool: &Pool<DB>) -> Result<Self, sqlx::Error> {
+        Ok(Self { tx: pool.begin().await? })
+    }
+
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    /// The connection, to run a query on.
+    fn conn(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
+}
+
+/// An event row to append: a job's new state.
+pub(super) struct NewEvent {
+    pub(super) sweep_id: i64,
+    pub(super) job_id: i64,
+    pub(super) state: JobState,
+    pub(super) worker_id: Option<String>,
+    pub(super) message: Option<String>,
+}
+
+/// Rows per multi-row `INSERT` (6 parameters a row stays far below SQLite's and Postgres' limits).
+pub(super) const ROWS_PER_INSERT: usize = 1000;
+
+impl<DB: Dialect> Tx<DB>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row> + Param<DB>,
+    i64: Scalar<DB>,
+    Option<i64>: Scalar<DB>,
+    f64: Scalar<DB>,
+    Option<f64>: Scalar<DB>,
+    String: Scalar<DB>,
+    Option<String>: Scalar<DB>,
+{
+    /// Append events, many rows per statement.
+    pub(super) async fn insert_events(&mut self, events: &[NewEvent], now: i64) -> Result<(), sqlx::Error> {
+        for chunk in events.chunks(ROWS_PER_INSERT) {
+            let mut insert =
+                QueryBuilder::<DB>::new("INSERT INTO events (sweep_id, job_id, state, worker_id, message, at) ");
+            insert.push_values(chunk, |mut row, e| {
+                row.push_bind(e.sweep_id)
+                    .push_bind(e.job_id)
+                    .push_bind(e.state.as_str())
+                    .push_bind(e.worker_id.clone())
+                    .push_bind(e.message.clone())
+                    .push_bind(now);
+            });
+            insert.build().execute(self.conn()).await?;
+        }
+        Ok(())
+    }
+
+    /// The id of the sweep named `name`.
+    pub(super) async fn sweep_id(&mut self, name: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT id FROM sweeps WHERE name = $1")
+            .bind(name)
+            .fetch_optional(self.conn())
+            .await?
+            .ok_or_else(|| StoreError::SweepNotFound(name.to_string()))?;
+        Ok(row.try_get("id")?)
+    }
+}
+
+/// `, column = CASE id WHEN … THEN … END`: a per-row value in one `UPDATE`.
+pub(super) fn push_case<DB, T>(update: &mut QueryBuilder<DB>, column: &str, values: impl IntoIterator<Item = (i64, T)>)
+where
+    DB: Database,
+    i64: Scalar<DB>,
+    T: Param<DB>,
+{
+    update.push(", ").push(column).push(" = CASE id");
+    for (id, value) in values {
+        update.push(" WHEN ").push_bind(id).push(" THEN ").push_bind(value);
+    }
+    update.push(" END");
+}
+
+/// `id IN (…)`.
+pub(super) fn push_ids<DB>(query: &mut QueryBuilder<DB>, ids: impl Iterator<Item = i64>)
+where
+    DB: Database,
+    i64: Scalar<DB>,
+{
+    query.push("id IN (");
+    let mut list = query.separated(", ");
+    for id in ids {
+        list.push_bind(id);
+    }
+    query.push(")");
+}
+
+/// Each method opens a transaction, runs one `Tx` method from the files above, and commits.
+#[async_trait]
+impl<DB: Dialect> JobStore for SqlStore<DB>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row> + Param<DB>,
+    i64: Scalar<DB>,
+    Option<i64>: Scalar<DB>,
+    f64: Scalar<DB>,
+    Option<f64>: Scalar<DB>,
+    String: Scalar<DB>,
+    Option<String>: Scalar<DB>,
+{
+    async fn submit(&self, spec: &SweepSpec, jobs: &[PlannedJob], now: i64) -> Result<SubmitOutcome, StoreError> {
+        let mut tx = Tx::write(&self.pool).await?;
+        let outcome = tx.submit(spec, jobs, now).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn sweep(&self, name: &str) -> Result<SweepCounts, StoreError> {
+        let mut tx = Tx::read(&self.pool).await?;
+        let counts = tx.sweep(name).await?;
+        tx.commit().await?;
+        Ok(counts)
+    }
+
+    async fn sweeps(&self) -> Result<Vec<SweepCounts>, StoreError> {
+        let mut tx = Tx::read(&self.pool).await?;
+        let sweeps = tx.sweeps().await?;
+        tx.commit().await?;
+        Ok(sweeps)
+    }
+
+    async fn cancel(&self, name: &str, now: i64) -> Result<u32, StoreError> {
+        let mut tx = Tx::write(&self.pool).await?;
+        let cancelled = tx.cancel(name, now).await?;
+        tx.commit().await?;
+        Ok(cancelled)
+    }
+
+    async fn retry(&self, name: &str, include_cancelled: bool, now: i64) -> Result<u32, StoreError> {
+        let mut tx = Tx::write(&self.pool).await?;
+        let requeued = tx.retry(name, include_cancelled, now).await?;
+        tx.commit().await?;
+        Ok(requeued)
+    }
+
+    async fn register_worker(&self, worker: &WorkerInfo, now: i64) -> Result<String, StoreError> {
+        let mut tx = Tx::write(&self.pool).await?;
+        let id = tx.register_worker(worker, now).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn lease_batch(&self, requests: &[LeaseRequest], now: i64) -> Result<Vec<Option<LeasedJob>>, StoreError> {
+        let mut tx = Tx::write(&self.pool).await?;
+        let leases = tx.lease_batch(requests, now).await?;
+        tx.commit().await?;
+        Ok(leases)
+    }
+
+    async fn heartbeat(&self, beat: &Heartbeat, now: i64) -> Result<HeartbeatOutcome, StoreError> {
+        let mut tx = Tx::write(&self.pool).await?;
+        let outcome = tx.heartbeat(beat, now).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn complete_batch(
+        &self,
+        completions: &[Completion],
+        now: i64,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let mut tx = Tx::write(&self.pool).await?;
+        let outcomes = tx.complete_batch(completions, now).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn fail(&self, failure: &Failure, now: i64) -> Result<JobState, StoreError> {
+        let mut tx = Tx::write(&self.pool).await?;
+        let state = tx.fail(failure, now).await?;
+        tx.commit().await?;
+        Ok(state)
+    }
+
+    async fn reclaim_expired(&self, now: i64) -> Result<u32, StoreError> {
+        let mut tx = Tx::write(&self.pool).await?;
+        let reclaimed = tx.reclaim_expired(now).await?;
+        tx.commit().await?;
+        Ok(reclaimed)
+    }
+
+    async fn events(&self, sweep: &str, after_seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
+        let mut tx = Tx::read(&self.pool).await?;
+        let events = tx.events(sweep, after_seq, limit).await?;
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    async fn job(&self, job_id: i64) -> Result<JobRow, StoreError> {
+        let mut tx = Tx::read(&self.pool).await?;
+        let job = tx.job(job_id).await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    async fn results(&self, sweep: &str) -> Result<Vec<JobResults>, StoreError> {
+        let mut tx = Tx::read(&self.pool).await?;
+        let results = tx.results(sweep).await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn running(&self, sweep: &str) -> Result<Vec<RunningJob>, StoreError> {
+        let mut tx = Tx::read(&self.pool).await?;
+        let running = tx.running(sweep).await?;
+        tx.commit().await?;
+        Ok(running)
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let mut tx = Tx::read(&self.pool).await?;
+        let workers = tx.workers().await?;
+        tx.commit().await?;
+        Ok(workers)
+    }
+}

@@ -1,0 +1,140 @@
+//! Submitting a sweep: the sweep row (created, or its spec replaced), then each planned job it
+//! does not have yet, in the state [`JobStatus::initial`] gives it.
+
+use std::collections::HashMap;
+
+use sqlx::{ColumnIndex, Executor, Row};
+
+use super::rows::{parse, to_u32};
+use super::{NewEvent, Tx};
+use crate::job::{JobState, JobStatus, SweepState};
+use crate::store::dialect::{Dialect, Param, Scalar};
+use crate::store::{StoreError, SubmitOutcome};
+use crate::sweep::{PlannedJob, SweepSpec};
+
+impl<DB: Dialect> Tx<DB>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row> + Param<DB>,
+    i64: Scalar<DB>,
+    Option<i64>: Scalar<DB>,
+    f64: Scalar<DB>,
+    Option<f64>: Scalar<DB>,
+    String: Scalar<DB>,
+    Option<String>: Scalar<DB>,
+{
+    /// Insert the sweep (if new) and the jobs it does not have yet. Jobs come in dependency order
+    /// (a job's dependency is planned before it), so each one's dependency is known when it is
+    /// inserted.
+    pub(super) async fn submit(
+        &mut self,
+        spec: &SweepSpec,
+        jobs: &[PlannedJob],
+        now: i64,
+    ) -> Result<SubmitOutcome, StoreError> {
+        let (sweep_id, created, sweep_state) = self.upsert_sweep(spec, now).await?;
+        let mut known: HashMap<&str, (i64, JobState)> = HashMap::new();
+        let mut events = Vec::new();
+        for job in jobs {
+            let dependency = match &job.depends_on {
+                Some(key) => Some(
+                    *known
+                        .get(key.as_str())
+                        .ok_or_else(|| StoreError::Corrupt(format!("job {} depends on unknown key {key}", job.key)))?,
+                ),
+                None => None,
+            };
+            let status = JobStatus::initial(spec.max_attempts, dependency.map(|d| d.1), sweep_state);
+            let entry = match self.insert_job(sweep_id, spec, job, status, dependency.map(|d| d.0), now).await? {
+                Some(id) => {
+                    events.push(NewEvent { sweep_id, job_id: id, state: status.state, worker_id: None, message: None });
+                    (id, status.state)
+                }
+                None => self.existing_job(sweep_id, &job.key).await?,
+            };
+            known.insert(job.key.as_str(), entry);
+        }
+        self.insert_events(&events, now).await?;
+        let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE sweep_id = $1")
+            .bind(sweep_id)
+            .fetch_one(self.conn())
+            .await?
+            .try_get("n")?;
+        Ok(SubmitOutcome {
+            created,
+            jobs_added: to_u32(events.len() as i64, "jobs added")?,
+            jobs_total: to_u32(total, "job count")?,
+        })
+    }
+
+    /// Create the sweep, or replace its spec; returns its id, whether it is new, and its state.
+    async fn upsert_sweep(&mut self, spec: &SweepSpec, now: i64) -> Result<(i64, bool, SweepState), StoreError> {
+        let spec_json = serde_json::to_string(spec).expect("a SweepSpec always serializes");
+        let inserted = sqlx::query(
+            "INSERT INTO sweeps (name, spec, state, priority, max_attempts, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (name) DO NOTHING RETURNING id, state",
+        )
+        .bind(spec.name.as_str())
+        .bind(&spec_json)
+        .bind(SweepState::Active.as_str())
+        .bind(i64::from(spec.priority))
+        .bind(i64::from(spec.max_attempts))
+        .bind(now)
+        .fetch_optional(self.conn())
+        .await?;
+        let created = inserted.is_some();
+        let row = match inserted {
+            Some(row) => row,
+            None => {
+                sqlx::query("UPDATE sweeps SET spec = $1, updated_at = $2 WHERE name = $3 RETURNING id, state")
+                    .bind(&spec_json)
+                    .bind(now)
+                    .bind(spec.name.as_str())
+                    .fetch_one(self.conn())
+                    .await?
+            }
+        };
+        Ok((row.try_get("id")?, created, parse(&row.try_get::<String, _>("state")?)?))
+    }
+
+    /// Insert one job; `None` if the sweep already has a job with its key.
+    async fn insert_job(
+        &mut self,
+        sweep_id: i64,
+        spec: &SweepSpec,
+        job: &PlannedJob,
+        status: JobStatus,
+        depends_on: Option<i64>,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO jobs (sweep_id, key, kind, model, spec, state, attempts, max_attempts, priority, \
+             depends_on, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+             ON CONFLICT (sweep_id, key) DO NOTHING RETURNING id",
+        )
+        .bind(sweep_id)
+        .bind(&job.key)
+        .bind(job.spec.kind.as_str())
+        .bind(&job.spec.model.source)
+        .bind(job.spec.canonical_json())
+        .bind(status.state.as_str())
+        .bind(i64::from(status.attempts))
+        .bind(i64::from(status.max_attempts))
+        .bind(i64::from(spec.priority))
+        .bind(depends_on)
+        .bind(now)
+        .fetch_optional(self.conn())
+        .await?;
+        Ok(row.map(|row| row.try_get("id")).transpose()?)
+    }
+
+    /// The id and state of the sweep's job with `key`.
+    async fn existing_job(&mut self, sweep_id: i64, key: &str) -> Result<(i64, JobState), StoreError> {
+        let row = sqlx::query("SELECT id, state FROM jobs WHERE sweep_id = $1 AND key = $2")
+            .bind(sweep_id)
+            .bind(key)
+            .fetch_one(self.conn())
+            .await?;
+        Ok((row.try_get("id")?, parse(&row.try_get::<String, _>("state")?)?))
+    }
+}
