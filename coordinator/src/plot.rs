@@ -62,11 +62,16 @@ pub fn charts(rows: &[ExportRow]) -> Vec<Chart> {
     for (task, rows) in by_task {
         let Some(metric) = metric_for(&rows) else { continue };
         let rows: Vec<&ExportRow> = rows.into_iter().filter(|r| r.metric == metric).collect();
-        let baselines: BTreeMap<&str, f64> =
-            rows.iter().filter(|r| r.kind == "baseline").map(|r| (r.model.as_str(), r.value)).collect();
+        let baselines: BTreeMap<&str, f64> = rows
+            .iter()
+            .filter(|r| r.kind == "baseline" && r.value.is_finite())
+            .map(|r| (r.model.as_str(), r.value))
+            .collect();
         let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        for r in rows.iter().filter(|r| r.kind == "cell") {
-            let Some(x) = r.fraction_dropped else { continue };
+        // A non-finite value (a diverged loss stored before values were checked) has no place on
+        // an axis: it is left out, not drawn to infinity.
+        for r in rows.iter().filter(|r| r.kind == "cell" && r.value.is_finite()) {
+            let Some(x) = r.fraction_dropped.filter(|x| x.is_finite()) else { continue };
             let label = format!("{} · {} · {}", r.model, r.method, r.heal);
             let line = lines
                 .entry(label)
@@ -85,7 +90,20 @@ pub fn charts(rows: &[ExportRow]) -> Vec<Chart> {
     out
 }
 
-/// Writes `dir/<task>.svg` and `dir/<task>.png`; returns the two paths.
+/// A task name as a file name: letters, digits, `-` and `_` kept, anything else (a path
+/// separator, a dot) replaced by `_`, so that a name from the store never writes outside the plot folder.
+fn file_stem(task: &str) -> String {
+    let stem: String =
+        task.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') { c } else { '_' }).collect();
+    if stem.is_empty() {
+        "task".into()
+    } else {
+        stem
+    }
+}
+
+/// Writes `dir/<task>.svg` and `dir/<task>.png` (the task name made safe as a file name); returns
+/// the two paths.
 pub fn write_chart(chart: &Chart, sweep: &str, dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     REGISTER.call_once(|| {
         if plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_err() {
@@ -93,7 +111,8 @@ pub fn write_chart(chart: &Chart, sweep: &str, dir: &Path) -> Result<(PathBuf, P
         }
     });
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (svg, png) = (dir.join(format!("{}.svg", chart.task)), dir.join(format!("{}.png", chart.task)));
+    let stem = file_stem(&chart.task);
+    let (svg, png) = (dir.join(format!("{stem}.svg")), dir.join(format!("{stem}.png")));
     let size = (900u32, 600u32);
     draw(SVGBackend::new(&svg, size).into_drawing_area(), chart, sweep)
         .map_err(|e| format!("{}: {e}", svg.display()))?;
@@ -178,5 +197,21 @@ mod tests {
         let text = std::fs::read_to_string(svg).unwrap();
         assert!(text.contains("demo: mmlu") && text.contains("m · angular · none"), "labels are in the SVG");
         assert!(std::fs::metadata(png).unwrap().len() > 1000);
+    }
+
+    #[test]
+    fn hostile_names_and_infinite_values_stay_in_bounds() {
+        let rows = vec![
+            row("baseline", "none", 0.0, "../../escaped", "accuracy", 0.5),
+            row("cell", "angular", 0.25, "../../escaped", "accuracy", f64::INFINITY),
+            row("cell", "angular", 0.5, "../../escaped", "accuracy", 0.3),
+        ];
+        let charts = charts(&rows);
+        assert_eq!(charts[0].curves[0].points, vec![(0.0, 0.5), (0.5, 0.3)], "the infinite value is left out");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("plots");
+        let (svg, png) = write_chart(&charts[0], "demo", &out).unwrap();
+        assert_eq!((svg.parent(), png.parent()), (Some(out.as_path()), Some(out.as_path())));
+        assert_eq!(svg.file_name().unwrap(), "______escaped.svg");
     }
 }

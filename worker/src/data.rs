@@ -42,6 +42,22 @@ pub enum DataError {
         /// What went wrong.
         message: String,
     },
+    /// The path is not a regular file (a directory, a device such as `/dev/zero`, a pipe).
+    #[error("{}: not a regular file; give a data file", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A line or a text file is larger than the reader accepts.
+    #[error("{}: {what} is larger than {limit} bytes; is this the right file?", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// What is too large (`line 3`, `the file`).
+        what: String,
+        /// The limit.
+        limit: u64,
+    },
     /// The file holds no documents.
     #[error("{}: no documents (empty file, or no non-empty `text`)", path.display())]
     Empty {
@@ -62,6 +78,20 @@ pub enum DataError {
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     move |source| DataError::Io { path: path.to_path_buf(), source }
+}
+
+/// The longest JSON line read (a C4 document is a few KiB; a file with no newlines is not JSON lines).
+const MAX_LINE_BYTES: u64 = 64 << 20;
+/// The largest plain-text file read whole.
+const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// Opens a data file, refusing what is not a regular file (a device would be read forever).
+fn open(path: &Path) -> Result<std::fs::File, DataError> {
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    if !file.metadata().map_err(io(path))?.is_file() {
+        return Err(DataError::NotAFile { path: path.to_path_buf() });
+    }
+    Ok(file)
 }
 
 /// One record of a JSON lines or Parquet file.
@@ -101,12 +131,10 @@ pub fn records(path: &Path, columns: Option<&[&str]>, limit: usize) -> Result<Ve
     match format(path) {
         Format::Parquet => read_parquet_records(path, columns, limit),
         Format::JsonLines { gzip: true } => {
-            let file = std::fs::File::open(path).map_err(io(path))?;
-            read_json_lines(path, BufReader::new(flate2::read::GzDecoder::new(file)), limit)
+            read_json_lines(path, BufReader::new(flate2::read::GzDecoder::new(open(path)?)), limit)
         }
         Format::JsonLines { gzip: false } | Format::PlainText => {
-            let file = std::fs::File::open(path).map_err(io(path))?;
-            read_json_lines(path, BufReader::new(file), limit)
+            read_json_lines(path, BufReader::new(open(path)?), limit)
         }
     }
 }
@@ -117,7 +145,11 @@ pub fn read_documents(path: &Path, limit: Option<usize>) -> Result<Vec<String>, 
     let limit = limit.unwrap_or(usize::MAX);
     let docs: Vec<String> = if format(path) == Format::PlainText {
         let mut text = String::new();
-        std::fs::File::open(path).map_err(io(path))?.read_to_string(&mut text).map_err(io(path))?;
+        open(path)?.take(MAX_TEXT_BYTES + 1).read_to_string(&mut text).map_err(io(path))?;
+        if text.len() as u64 > MAX_TEXT_BYTES {
+            let what = "the file".to_string();
+            return Err(DataError::TooLarge { path: path.to_path_buf(), what, limit: MAX_TEXT_BYTES });
+        }
         split_plain_text(&text).into_iter().take(limit).collect()
     } else {
         let text = |r: Record| match r.value.get("text") {
@@ -147,22 +179,28 @@ pub fn read_document_range(path: &Path, first: usize, count: Option<usize>) -> R
     Ok(docs)
 }
 
-fn read_json_lines(path: &Path, reader: impl BufRead, limit: usize) -> Result<Vec<Record>, DataError> {
+fn read_json_lines(path: &Path, mut reader: impl BufRead, limit: usize) -> Result<Vec<Record>, DataError> {
     let mut out = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        if out.len() >= limit {
+    let mut buf = Vec::new();
+    let mut line = 0u64;
+    while out.len() < limit {
+        buf.clear();
+        let n = (&mut reader).take(MAX_LINE_BYTES + 1).read_until(b'\n', &mut buf).map_err(io(path))?;
+        if n == 0 {
             break;
         }
-        let line = line.map_err(io(path))?;
-        if line.trim().is_empty() {
+        line += 1;
+        if n as u64 > MAX_LINE_BYTES {
+            let what = format!("line {line}");
+            return Err(DataError::TooLarge { path: path.to_path_buf(), what, limit: MAX_LINE_BYTES });
+        }
+        let err = |message: String| DataError::Line { path: path.to_path_buf(), line: line as usize, message };
+        let text = std::str::from_utf8(&buf).map_err(|e| err(format!("not UTF-8: {e}")))?;
+        if text.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| DataError::Line {
-            path: path.to_path_buf(),
-            line: i + 1,
-            message: format!("invalid JSON: {e}"),
-        })?;
-        out.push(Record { line: i as u64 + 1, value });
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        out.push(Record { line, value });
     }
     Ok(out)
 }
@@ -170,8 +208,7 @@ fn read_json_lines(path: &Path, reader: impl BufRead, limit: usize) -> Result<Ve
 fn read_parquet_records(path: &Path, columns: Option<&[&str]>, limit: usize) -> Result<Vec<Record>, DataError> {
     use polars::prelude::*;
     let err = |message: String| DataError::Parquet { path: path.to_path_buf(), message };
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let mut reader = ParquetReader::new(file).with_slice(Some((0, limit)));
+    let mut reader = ParquetReader::new(open(path)?).with_slice(Some((0, limit)));
     if let Some(columns) = columns {
         reader = reader.with_columns(Some(columns.iter().map(|c| c.to_string()).collect()));
     }
@@ -264,6 +301,21 @@ mod tests {
         assert_eq!(read_document_range(&p, 0, Some(9)).unwrap(), vec!["a", "b", "c"]);
         let e = read_document_range(&p, 3, Some(2)).unwrap_err().to_string();
         assert!(e.ends_with("d.jsonl: holds 3 documents, none from document 3 on; lower `first_doc`"), "{e}");
+    }
+
+    #[test]
+    fn devices_and_oversized_lines_are_refused() {
+        let e = read_documents(Path::new("/dev/zero"), Some(1)).unwrap_err().to_string();
+        assert_eq!(e, "/dev/zero: not a regular file; give a data file");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(MAX_LINE_BYTES + 10).unwrap(); // one line of zero bytes, no newline
+        let e = read_documents(&p, Some(1)).unwrap_err().to_string();
+        assert!(
+            e.ends_with(&format!("d.jsonl: line 1 is larger than {MAX_LINE_BYTES} bytes; is this the right file?")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub enum JobError {
     /// Training diverged (a non-finite loss): the same settings will diverge again.
     #[error("{0}")]
     Diverged(String),
+    /// A measured value came out NaN or infinite: reported as a failure with its reason, never as
+    /// a result.
+    #[error("{0}")]
+    NotFinite(String),
     /// The job panicked (a bug, or a kernel assertion).
     #[error("the job panicked: {0}")]
     Panic(String),
@@ -65,6 +69,7 @@ impl JobError {
             JobError::Checkpoint(_) => "checkpoint",
             JobError::Runtime(_) => "runtime",
             JobError::Diverged(_) => "diverged",
+            JobError::NotFinite(_) => "not_finite",
             JobError::Panic(_) => "panic",
             JobError::Stopped => "stopped",
         }

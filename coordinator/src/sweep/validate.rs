@@ -180,7 +180,7 @@ fn validate_qlora(q: &QLoraSpec) -> Result<(), (&'static str, String)> {
     positive("checkpoint_every", q.checkpoint_every)?;
     if let Some(micro) = q.micro_batch_size {
         positive("micro_batch_size", micro)?;
-        if q.batch_size % micro != 0 {
+        if !q.batch_size.is_multiple_of(micro) {
             let m = format!("batch_size ({}) must be a multiple of micro_batch_size ({micro})", q.batch_size);
             return Err(("micro_batch_size", m));
         }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use candle_core::Device;
 use prunesweep_proto::v1::{Distance, DistanceMetric, PhaseTiming, ResultRow};
 
-use crate::eval::{self, EvalSpec};
+use crate::eval::{self, EvalReport, EvalSpec, Task};
 use crate::heal::{self, HealEnd, HealError, HealSpec};
 use crate::job::{Cell, Job, JobError, Work};
 use crate::model::{Model, ModelError};
@@ -199,6 +199,12 @@ fn score_model(spec: &ScoreSpec, model: &Model, progress: &Progress, out: &mut J
         other => JobError::Data(other.to_string()),
     })?;
     let layers = scores.distances.num_layers;
+    let all_scores = scores.influence.scores.iter().chain((1..=layers).flat_map(|n| scores.distances.row(n)));
+    if let Some(bad) = all_scores.copied().find(|v| !v.is_finite()) {
+        return Err(JobError::NotFinite(format!(
+            "a layer score came out {bad}: the model's residual stream is not finite"
+        )));
+    }
     for n in 1..=layers {
         for l in 0..=layers - n {
             out.distances.push(Distance {
@@ -226,6 +232,30 @@ fn prune_model(cell: &Cell, model: &mut Model, out: &mut JobOutput) -> Result<()
     Ok(())
 }
 
+/// A report's metrics as result rows; a value that is not finite fails the job instead.
+fn result_rows(task: Task, report: &EvalReport) -> Result<Vec<ResultRow>, JobError> {
+    let metrics = [
+        ("accuracy", report.accuracy),
+        ("loss", report.loss),
+        ("normalized_loss", report.normalized_loss),
+        ("n", Some(report.n as f64)),
+    ];
+    let mut rows = Vec::new();
+    for (metric, value) in metrics {
+        let Some(value) = value else { continue };
+        if !value.is_finite() {
+            return Err(JobError::NotFinite(format!(
+                "{} {metric} came out {value} on {} items: the model's outputs are not finite (cut too deep, \
+                 or healing diverged); nothing is reported as a result",
+                task.name(),
+                report.n
+            )));
+        }
+        rows.push(ResultRow { task: task.name(), metric: metric.into(), value });
+    }
+    Ok(rows)
+}
+
 /// Runs every evaluation task of the job and appends its metrics.
 fn evaluate(tasks: &[EvalSpec], model: &Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobError> {
     let t = Instant::now();
@@ -233,19 +263,7 @@ fn evaluate(tasks: &[EvalSpec], model: &Model, progress: &Progress, out: &mut Jo
         progress.check()?;
         progress.set("eval", i as f64 / tasks.len().max(1) as f64);
         let report = eval::run(model, spec, &mut |_, _| {}).map_err(|e| eval_failure(spec, e))?;
-        let mut push = |metric: &str, value: f64| {
-            out.results.push(ResultRow { task: spec.task.name(), metric: metric.into(), value })
-        };
-        if let Some(a) = report.accuracy {
-            push("accuracy", a);
-        }
-        if let Some(l) = report.loss {
-            push("loss", l);
-        }
-        if let Some(l) = report.normalized_loss {
-            push("normalized_loss", l);
-        }
-        push("n", report.n as f64);
+        out.results.extend(result_rows(spec.task, &report)?);
     }
     out.timings.push(timing("eval", t));
     Ok(())
@@ -254,7 +272,19 @@ fn evaluate(tasks: &[EvalSpec], model: &Model, progress: &Progress, out: &mut Jo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::{c4_loss, Task};
+    use crate::eval::c4_loss;
+
+    #[test]
+    fn a_non_finite_metric_fails_the_job_instead_of_becoming_a_result() {
+        let mut report = EvalReport::new(Task::C4Loss);
+        (report.n, report.loss, report.normalized_loss) = (4, Some(3.5), Some(0.3));
+        let rows = result_rows(Task::C4Loss, &report).unwrap();
+        assert_eq!(rows.iter().map(|r| r.metric.as_str()).collect::<Vec<_>>(), ["loss", "normalized_loss", "n"]);
+        report.loss = Some(f64::NAN);
+        let e = result_rows(Task::C4Loss, &report).unwrap_err();
+        assert_eq!((e.kind(), e.is_retryable()), ("not_finite", false));
+        assert!(e.to_string().contains("c4-loss loss came out NaN on 4 items"), "{e}");
+    }
 
     #[test]
     fn loss_tasks_start_at_first_doc() {
