@@ -289,16 +289,7 @@ async fn shutdown_signal() -> &'static str {
 
 async fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Serve { listen, database, lease_ttl_secs } => {
-            let store = store::open(&database).await.with_context(|| format!("opening {database}"))?;
-            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
-            let config = Config::for_lease_ttl(Duration::from_secs(lease_ttl_secs));
-            let shutdown = async {
-                let signal = shutdown_signal().await;
-                tracing::info!("{signal}: shutting down");
-            };
-            prunesweep_coordinator::run(listener, store, config, shutdown).await?;
-        }
+        Command::Serve { listen, database, lease_ttl_secs } => serve(&listen, &database, lease_ttl_secs).await?,
         Command::Plan { file, json } => {
             let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let jobs = SweepSpec::parse(&yaml, &file.display().to_string())?.expand();
@@ -308,24 +299,7 @@ async fn run(args: Args) -> Result<()> {
                 print!("{}", plan::to_table(&jobs));
             }
         }
-        Command::Submit { file, client } => {
-            let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let name = file.display().to_string();
-            // Validate here first: the same checks as the coordinator, without a round trip.
-            SweepSpec::parse(&yaml, &name)?;
-            let reply = connect(&client)
-                .await?
-                .submit_sweep(pb::SubmitSweepRequest { yaml, file_name: Some(name) })
-                .await?
-                .into_inner();
-            println!(
-                "sweep {}: {} ({} jobs added, {} in total)",
-                reply.sweep,
-                if reply.created { "created" } else { "extended" },
-                reply.jobs_added,
-                reply.jobs_total
-            );
-        }
+        Command::Submit { file, client } => submit(&file, &client).await?,
         Command::Status { sweep, watch: follow, client } => {
             let mut c = connect(&client).await?;
             match sweep {
@@ -359,20 +333,54 @@ async fn run(args: Args) -> Result<()> {
         Command::Run { file, workers, device, worker_bin, out } => {
             run_local(file, workers, device, worker_bin, out).await?
         }
-        Command::Export { sweep, format, out, client } => {
-            let reply = connect(&client).await?.list_results(pb::ListResultsRequest { sweep: sweep.clone() }).await?;
-            let rows = export::rows_from_pb(&sweep, &reply.into_inner().jobs);
-            if rows.is_empty() {
-                bail!("sweep {sweep} has no results yet");
-            }
-            let format = match format {
-                FormatArg::Csv => Format::Csv,
-                FormatArg::Parquet => Format::Parquet,
-            };
-            export::write(&rows, format, &out)?;
-            println!("wrote {} rows to {}", rows.len(), out.display());
-        }
+        Command::Export { sweep, format, out, client } => export_results(&sweep, format, &out, &client).await?,
     }
+    Ok(())
+}
+
+/// `coordinator serve`: the store, both services and the reaper until Ctrl-C or SIGTERM.
+async fn serve(listen: &str, database: &str, lease_ttl_secs: u64) -> Result<()> {
+    let store = store::open(database).await.with_context(|| format!("opening {database}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let config = Config::for_lease_ttl(Duration::from_secs(lease_ttl_secs));
+    let shutdown = async {
+        let signal = shutdown_signal().await;
+        tracing::info!("{signal}: shutting down");
+    };
+    prunesweep_coordinator::run(listener, store, config, shutdown).await?;
+    Ok(())
+}
+
+/// `coordinator submit`: validated here first (the coordinator's checks, without a round trip).
+async fn submit(file: &std::path::Path, client: &ClientArgs) -> Result<()> {
+    let yaml = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let name = file.display().to_string();
+    SweepSpec::parse(&yaml, &name)?;
+    let reply =
+        connect(client).await?.submit_sweep(pb::SubmitSweepRequest { yaml, file_name: Some(name) }).await?.into_inner();
+    println!(
+        "sweep {}: {} ({} jobs added, {} in total)",
+        reply.sweep,
+        if reply.created { "created" } else { "extended" },
+        reply.jobs_added,
+        reply.jobs_total
+    );
+    Ok(())
+}
+
+/// `coordinator export`: one row per cell × metric, as CSV or Parquet.
+async fn export_results(sweep: &str, format: FormatArg, out: &std::path::Path, client: &ClientArgs) -> Result<()> {
+    let reply = connect(client).await?.list_results(pb::ListResultsRequest { sweep: sweep.to_string() }).await?;
+    let rows = export::rows_from_pb(sweep, &reply.into_inner().jobs);
+    if rows.is_empty() {
+        bail!("sweep {sweep} has no results yet");
+    }
+    let format = match format {
+        FormatArg::Csv => Format::Csv,
+        FormatArg::Parquet => Format::Parquet,
+    };
+    export::write(&rows, format, out)?;
+    println!("wrote {} rows to {}", rows.len(), out.display());
     Ok(())
 }
 
@@ -430,16 +438,16 @@ async fn run_local(
         "sweep {sweep}: {} jobs ({} new); {workers} local workers on {device}",
         reply.jobs_total, reply.jobs_added
     );
-    let mut children = Vec::new();
-    for i in 0..workers.max(1) {
-        let child = std::process::Command::new(&worker_bin)
-            .args(["serve", "--coordinator", &url, "--device", &device, "--name", &format!("local-{i}")])
-            .arg("--work-dir")
-            .arg(dir.join("work"))
-            .spawn()
-            .with_context(|| format!("starting {}", worker_bin.display()))?;
-        children.push(child);
-    }
+    let children = (0..workers.max(1))
+        .map(|i| {
+            std::process::Command::new(&worker_bin)
+                .args(["serve", "--coordinator", &url, "--device", &device, "--name", &format!("local-{i}")])
+                .arg("--work-dir")
+                .arg(dir.join("work"))
+                .spawn()
+                .with_context(|| format!("starting {}", worker_bin.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let followed = tokio::select! {
         r = watch(&mut client, &sweep) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the sweep is kept in {database}")),
@@ -452,24 +460,34 @@ async fn run_local(
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     }
     followed?;
-    let jobs = client.list_results(pb::ListResultsRequest { sweep: sweep.clone() }).await?.into_inner().jobs;
-    let rows = export::rows_from_pb(&sweep, &jobs);
-    for (format, name) in [(Format::Csv, "results.csv"), (Format::Parquet, "results.parquet")] {
-        export::write(&rows, format, &dir.join(name))?;
-    }
-    let failed: Vec<String> = jobs
-        .iter()
-        .filter(|j| j.state == pb::JobState::Failed as i32)
-        .map(|j| format!("job {}: {}", j.job_id, j.error.clone().unwrap_or_default()))
-        .collect();
-    println!("wrote {} rows to {}/results.{{csv,parquet}}", rows.len(), dir.display());
-    write_plots(&sweep, &rows, &dir.join("plots"))?;
+    let failed = write_results(&mut client, &sweep, &dir).await?;
     let _ = stop_tx.send(());
     let _ = server.await;
     if !failed.is_empty() {
         bail!("{} jobs failed:\n{}", failed.len(), failed.join("\n"));
     }
     Ok(())
+}
+
+/// A finished sweep's `results.csv`, `results.parquet` and `plots/` under `dir`; returns the
+/// failed jobs' errors.
+async fn write_results(
+    client: &mut SweepServiceClient<Channel>,
+    sweep: &str,
+    dir: &std::path::Path,
+) -> Result<Vec<String>> {
+    let jobs = client.list_results(pb::ListResultsRequest { sweep: sweep.to_string() }).await?.into_inner().jobs;
+    let rows = export::rows_from_pb(sweep, &jobs);
+    for (format, name) in [(Format::Csv, "results.csv"), (Format::Parquet, "results.parquet")] {
+        export::write(&rows, format, &dir.join(name))?;
+    }
+    println!("wrote {} rows to {}/results.{{csv,parquet}}", rows.len(), dir.display());
+    write_plots(sweep, &rows, &dir.join("plots"))?;
+    Ok(jobs
+        .iter()
+        .filter(|j| j.state == pb::JobState::Failed as i32)
+        .map(|j| format!("job {}: {}", j.job_id, j.error.clone().unwrap_or_default()))
+        .collect())
 }
 
 fn main() -> Result<()> {

@@ -23,7 +23,8 @@ pub fn to_json(jobs: &[PlannedJob]) -> Value {
     )
 }
 
-/// One line per setting of a JSON object (`heal.qlora.rank = 8`), keys sorted.
+/// One line per setting of a JSON object (`heal.qlora.rank = 8`), keys sorted; unset ones (null:
+/// not applicable to the task, or "all") left out.
 fn settings(prefix: &str, value: &Value, out: &mut BTreeMap<String, String>) {
     match value {
         Value::Object(map) => {
@@ -31,6 +32,7 @@ fn settings(prefix: &str, value: &Value, out: &mut BTreeMap<String, String>) {
                 settings(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, v, out);
             }
         }
+        Value::Null => {}
         other => {
             out.insert(prefix.to_string(), other.to_string());
         }
@@ -64,7 +66,7 @@ pub fn to_table(jobs: &[PlannedJob]) -> String {
             s.model.name,
             s.method.map_or("-".into(), |m| m.name()),
             amount,
-            s.heal_name(),
+            if s.kind == crate::job::JobKind::Cell { s.heal_name() } else { "-" },
             short(&j.key),
         );
     }
