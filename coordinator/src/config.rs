@@ -12,6 +12,10 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// How often the reaper looks for expired leases.
     pub reap_interval: Duration,
+    /// How long after a start the reaper waits before its first look: a coordinator coming back
+    /// from an outage lets live workers heartbeat their leases first, so that its own downtime
+    /// does not expire them (and charge their jobs an attempt).
+    pub startup_grace: Duration,
     /// The longest a `LeaseJob` long-poll waits.
     pub max_wait: Duration,
     /// How often `WatchSweep` polls the event log.
@@ -21,13 +25,14 @@ pub struct Config {
 impl Config {
     /// The timing for leases of `lease_ttl`: workers heartbeat four times per lease, and the
     /// reaper looks as often, at least every 5 s, so an expired lease is found within ~¼ of its
-    /// length.
+    /// length; after a start it first waits one lease length (every live worker heartbeats in it).
     pub fn for_lease_ttl(lease_ttl: Duration) -> Self {
         let lease_ttl = lease_ttl.max(Duration::from_secs(1));
         Config {
             lease_ttl,
             heartbeat_interval: lease_ttl / 4,
             reap_interval: (lease_ttl / 4).min(Duration::from_secs(5)),
+            startup_grace: lease_ttl,
             ..Config::default()
         }
     }
@@ -39,6 +44,7 @@ impl Default for Config {
             lease_ttl: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(15),
             reap_interval: Duration::from_secs(5),
+            startup_grace: Duration::from_secs(60),
             max_wait: Duration::from_secs(30),
             watch_poll: Duration::from_millis(500),
         }

@@ -188,6 +188,11 @@ pub enum Trigger {
     Lease,
     /// The worker reported success.
     Complete,
+    /// The worker reported success under the job's last lease after that lease expired and the
+    /// job went back to the queue, before anyone leased it again (the worker finished while the
+    /// coordinator was down, or its heartbeats did not get through): the work is done, so it is
+    /// accepted and the attempt the expiry charged is given back.
+    CompleteAfterExpiry,
     /// The worker reported a failure.
     Fail {
         /// Whether another attempt may succeed.
@@ -265,6 +270,7 @@ pub fn transition(status: JobStatus, trigger: Trigger) -> Result<JobStatus, Inva
         (S::Blocked, T::DependencyFailed) => to(S::Failed, status.attempts),
         (S::Pending, T::Lease) => to(S::Leased, status.attempts),
         (S::Leased, T::Complete) => to(S::Succeeded, status.attempts),
+        (S::Pending, T::CompleteAfterExpiry) => to(S::Succeeded, status.attempts.saturating_sub(1)),
         (S::Leased, T::Fail { retryable: false }) => to(S::Failed, status.attempts + 1),
         (S::Leased, T::Fail { retryable: true } | T::LeaseExpired) => {
             let attempts = status.attempts + 1;
@@ -325,6 +331,18 @@ mod tests {
             assert_eq!(s.attempts, attempt);
             let want = if attempt < 3 { JobState::Pending } else { JobState::Failed };
             assert_eq!(s.state, want);
+        }
+    }
+
+    #[test]
+    fn a_completion_after_expiry_succeeds_and_gives_the_attempt_back() {
+        let s = transition(status(JobState::Leased, 0), Trigger::LeaseExpired).unwrap();
+        assert_eq!(s, status(JobState::Pending, 1));
+        let s = transition(s, Trigger::CompleteAfterExpiry).unwrap();
+        assert_eq!(s, status(JobState::Succeeded, 0));
+        // Only a job still waiting: once leased again (or finished) the old lease is stale.
+        for state in [JobState::Leased, JobState::Failed, JobState::Cancelled, JobState::Succeeded] {
+            assert!(transition(status(state, 1), Trigger::CompleteAfterExpiry).is_err(), "{state:?}");
         }
     }
 

@@ -35,7 +35,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reaper = tokio::spawn(reap(store.clone(), config.reap_interval, wake.clone(), stop_rx));
+    let reaper = tokio::spawn(reap(store.clone(), config.startup_grace, config.reap_interval, wake.clone(), stop_rx));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "coordinator listening");
     }
@@ -53,8 +53,18 @@ pub async fn run(
     Ok(result?)
 }
 
-/// Return expired leases to the queue every `interval` until `stop` turns true.
-async fn reap(store: Arc<dyn JobStore>, interval: Duration, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+/// After `grace`, return expired leases to the queue every `interval` until `stop` turns true.
+async fn reap(
+    store: Arc<dyn JobStore>,
+    grace: Duration,
+    interval: Duration,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = tokio::time::sleep(grace) => {}
+        _ = stop.changed() => return,
+    }
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -75,6 +75,7 @@ pub fn fast_config() -> Config {
         lease_ttl: Duration::from_millis(600),
         heartbeat_interval: Duration::from_millis(150),
         reap_interval: Duration::from_millis(100),
+        startup_grace: Duration::from_millis(600),
         max_wait: Duration::from_secs(2),
         watch_poll: Duration::from_millis(50),
     }
@@ -87,6 +88,7 @@ pub fn worker_process_config() -> Config {
         lease_ttl: Duration::from_secs(3),
         heartbeat_interval: Duration::from_millis(300),
         reap_interval: Duration::from_millis(200),
+        startup_grace: Duration::from_secs(3),
         max_wait: Duration::from_secs(1),
         watch_poll: Duration::from_millis(50),
     }

@@ -176,6 +176,23 @@ async fn stale_lease_cannot_complete(store: &dyn JobStore) {
     assert!(matches!(store.complete(&done(&new), T0 + TTL + 6).await.unwrap_err(), StoreError::StaleLease { .. }));
 }
 
+/// A worker that finishes while its lease has expired (the coordinator was down, or its
+/// heartbeats did not get through) still delivers, as long as nobody leased the job again: the
+/// result is kept, the attempt the expiry charged is given back, and the score job's cells unblock.
+async fn a_completion_after_expiry_is_kept_until_the_job_is_leased_again(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let score = lease(store, "w1", T0).await.unwrap();
+    assert_eq!(store.reclaim_expired(T0 + TTL + 1).await.unwrap(), 1);
+    assert_eq!(store.job(score.job.id).await.unwrap().attempts, 1);
+    store.complete(&done(&score), T0 + TTL + 2).await.unwrap();
+    let job = store.job(score.job.id).await.unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Succeeded, 0), "no attempt charged");
+    assert_eq!(store.sweep("tiny").await.unwrap().count(JobState::Blocked), 0, "its cells are runnable");
+    // The same report again is stale (and a lease taken in between makes it stale too:
+    // `stale_lease_cannot_complete`).
+    assert!(matches!(store.complete(&done(&score), T0 + TTL + 3).await.unwrap_err(), StoreError::StaleLease { .. }));
+}
+
 async fn failures_retry_or_stop(store: &dyn JobStore) {
     submit(store, &tiny()).await;
     let l = lease(store, "w1", T0).await.unwrap();
@@ -426,6 +443,7 @@ both_backends!(
     affinity_prefers_held_models,
     expired_leases_are_reclaimed_until_max_attempts,
     stale_lease_cannot_complete,
+    a_completion_after_expiry_is_kept_until_the_job_is_leased_again,
     failures_retry_or_stop,
     cancel_stops_leasing_and_tells_workers,
     a_cancelled_score_job_cannot_requeue_its_cells,

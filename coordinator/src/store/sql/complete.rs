@@ -37,7 +37,7 @@ fn check_completions<'a>(
             Some(_) if done.contains(&c.job_id) => {
                 Err(StoreError::StaleLease { job_id: c.job_id, lease_id: c.lease_id.clone() })
             }
-            Some(row) => row.check(&c.lease_id).and_then(|status| Ok((row, transition(status, Trigger::Complete)?))),
+            Some(row) => row.complete(&c.lease_id).map(|next| (row, next)),
         };
         match checked {
             Ok((row, next)) => {
@@ -189,6 +189,8 @@ where
             accepted.iter().map(|a| (a.row.id, a.completion.num_layers.map(i64::from))),
         );
         push_case(&mut update, "timings", accepted.iter().map(|a| (a.row.id, timings(a.completion))));
+        // A completion after its lease expired gives back the attempt the expiry charged.
+        push_case(&mut update, "attempts", accepted.iter().map(|a| (a.row.id, i64::from(a.next.attempts))));
         update.push(" WHERE ");
         push_ids(&mut update, accepted.iter().map(|a| a.row.id));
         update.build().execute(self.conn()).await?;

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use sqlx::{ColumnIndex, Executor, Row};
 
 use super::Tx;
-use crate::job::{JobKind, JobState, JobStatus};
+use crate::job::{transition, JobKind, JobState, JobStatus, Trigger};
 use crate::store::dialect::{Dialect, Param, Scalar};
 use crate::store::{JobRow, StoreError};
 
@@ -60,6 +60,18 @@ impl LeaseRow {
             return Err(StoreError::StaleLease { job_id: self.id, lease_id: lease_id.to_string() });
         }
         Ok(self.status)
+    }
+
+    /// The job's status after a completion under `lease_id`: the lease's own job completes; a job
+    /// whose lease expired, still waiting under that lease, completes after its expiry. Any other
+    /// lease is stale.
+    pub(super) fn complete(&self, lease_id: &str) -> Result<JobStatus, StoreError> {
+        let trigger = match self.status.state {
+            JobState::Pending if self.is_current(lease_id) => Trigger::CompleteAfterExpiry,
+            _ => Trigger::Complete,
+        };
+        let status = if trigger == Trigger::Complete { self.check(lease_id)? } else { self.status };
+        Ok(transition(status, trigger)?)
     }
 }
 
