@@ -67,8 +67,12 @@ async fn two_workers_finish_the_tiny_sweep(store: Arc<dyn JobStore>) {
     let status = wait_until_done(&url, "serve-e2e", Duration::from_secs(180)).await;
     assert_eq!((status.succeeded, status.failed), (6, 0), "{status:?}");
 
-    let results =
-        client.list_results(ListResultsRequest { sweep: "serve-e2e".into() }).await.unwrap().into_inner().jobs;
+    let results = client
+        .list_results(ListResultsRequest { sweep: "serve-e2e".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
     for job in &results {
         assert_eq!(job.state, JobState::Succeeded as i32);
         assert_eq!(job.num_layers, Some(4));
@@ -126,8 +130,12 @@ async fn a_missing_model_fails_once_with_its_path_and_a_killed_worker_loses_noth
     let w = spawn_worker(&url, &tmp.path().join("w"), "w");
     let status = wait_until_done(&url, "missing-model", Duration::from_secs(60)).await;
     assert_eq!(status.succeeded, 0);
-    let jobs =
-        client.list_results(ListResultsRequest { sweep: "missing-model".into() }).await.unwrap().into_inner().jobs;
+    let jobs = client
+        .list_results(ListResultsRequest { sweep: "missing-model".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
     let score = jobs.iter().find(|j| j.kind == JobKind::Score as i32).unwrap();
     assert_eq!(score.state, JobState::Failed as i32);
     assert_eq!(score.attempts, 1, "a missing path is not retried");
@@ -152,8 +160,12 @@ async fn a_missing_model_fails_once_with_its_path_and_a_killed_worker_loses_noth
     victim.wait().unwrap();
     let rescuer = spawn_worker(&url, &tmp.path().join("rescuer"), "rescuer");
     let status = wait_until_done(&url, "killed-worker", Duration::from_secs(300)).await;
-    let jobs =
-        client.list_results(ListResultsRequest { sweep: "killed-worker".into() }).await.unwrap().into_inner().jobs;
+    let jobs = client
+        .list_results(ListResultsRequest { sweep: "killed-worker".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
     let errors: Vec<_> = jobs.iter().filter_map(|j| j.error.clone()).collect();
     assert_eq!(status.failed, 0, "{status:?}: {errors:?}");
     // `attempts` counts the attempts that ended without success: the victim's expired lease.
@@ -161,4 +173,98 @@ async fn a_missing_model_fails_once_with_its_path_and_a_killed_worker_loses_noth
     assert!(!retried.is_empty(), "the victim's job was leased again");
     stop(rescuer);
     server.shutdown().await;
+}
+
+/// Serves `store` on `addr` until the returned task is aborted (a coordinator killed without
+/// warning: connections drop, nothing is flushed beyond what the store committed).
+fn serve_on(listener: tokio::net::TcpListener, store: Arc<dyn JobStore>) -> tokio::task::JoinHandle<()> {
+    let config = prunesweep_coordinator::Config {
+        lease_ttl: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(300),
+        reap_interval: Duration::from_millis(200),
+        startup_grace: Duration::from_secs(2),
+        ..worker_process_config()
+    };
+    tokio::spawn(async move {
+        let _ = prunesweep_coordinator::run(listener, store, config, std::future::pending()).await;
+    })
+}
+
+/// The coordinator dies while a worker heals a cell, and comes back after more than a lease
+/// length: the finished result waits in the worker's outbox and is delivered when it returns; no
+/// attempt is charged and the job is not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_finished_during_a_coordinator_outage_is_delivered_when_it_returns() {
+    coordinator_outage(false).await;
+}
+
+/// As above, and the worker is SIGKILLed during the outage too: a new worker on the same work
+/// dir delivers the report from the outbox it finds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_outlives_its_workers_restart_in_the_outbox() {
+    coordinator_outage(true).await;
+}
+
+async fn coordinator_outage(kill_worker: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", tmp.path().join("coordinator.sqlite").display());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let url = format!("http://{addr}");
+    let server = serve_on(listener, prunesweep_coordinator::store::open(&database).await.unwrap());
+    let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
+    let heal = "heal:\n  - name: qlora\n    qlora: {rank: 2, alpha: 4, dropout: 0.0, steps: 300, learning_rate: 0.001, batch_size: 2, seq_len: 16}\n";
+    let yaml = tiny_sweep("outage", testing::TINY_MODEL, heal)
+        .replace("methods: [angular, deepest]", "methods: [deepest]")
+        .replace("fractions: [0.25, 0.5]", "fractions: [0.25]")
+        + "baseline: false\n";
+    let submitted = client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap().into_inner();
+    assert_eq!(submitted.jobs_total, 1, "one healed deepest cell");
+    let work = tmp.path().join("w");
+    let mut worker = spawn_worker(&url, &work, "w");
+    // The healing cell starts (its checkpoint folder appears): kill the coordinator.
+    let t0 = Instant::now();
+    while !work.join("jobs").is_dir() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the worker never started healing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.abort();
+    let _ = server.await;
+    // The job finishes during the outage: its report waits in the outbox.
+    let outbox = work.join("outbox");
+    let t0 = Instant::now();
+    while std::fs::read_dir(&outbox).map_or(true, |mut d| d.next().is_none()) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no report reached the outbox");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if kill_worker {
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+        worker = spawn_worker(&url, &work, "w-restarted");
+    }
+    // Down for longer than a lease, then back on the same address and database.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let store = prunesweep_coordinator::store::open(&database).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = serve_on(listener, store.clone());
+    let status = wait_until_done(&url, "outage", Duration::from_secs(120)).await;
+    assert_eq!((status.succeeded, status.failed), (1, 0), "{status:?}");
+    let jobs = client
+        .list_results(ListResultsRequest { sweep: "outage".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    for job in &jobs {
+        assert_eq!(job.attempts, 0, "no attempt charged for the outage: {job:?}");
+        assert!(!job.results.is_empty(), "{job:?}");
+    }
+    let events = store.events("outage", 0, 1000).await.unwrap();
+    for job in &jobs {
+        let leases = events.iter().filter(|e| e.job_id == job.job_id && e.state.as_str() == "leased").count();
+        assert_eq!(leases, 1, "job {} ran once", job.job_id);
+    }
+    assert!(std::fs::read_dir(&outbox).unwrap().next().is_none(), "the outbox is empty once delivered");
+    stop(worker);
+    server.abort();
 }

@@ -8,8 +8,16 @@
 //! (Ctrl-C / SIGTERM) the worker stops leasing, stops its job at the next safe point (healing
 //! writes a checkpoint first) and reports it as a retryable failure, so the job is leased again.
 //!
+//! A report is written to the [`outbox`] before it is sent, and stays there until a coordinator
+//! accepts it (or refuses it for good), so a job that finishes while the coordinator is down is
+//! delivered when it comes back, even across a restart of this worker. `--coordinator` takes a
+//! comma-separated list: a worker that cannot reach one coordinator moves on to the next (several
+//! coordinators on one Postgres serve the same jobs).
+//!
 //! - [`pipeline`]: what running one job means (load, score, prune, heal, eval).
+//! - [`outbox`]: reports kept on disk until delivered.
 
+pub mod outbox;
 pub mod pipeline;
 
 use std::future::Future;
@@ -27,12 +35,13 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::job::{Job, JobError};
+use outbox::{Outbox, Report};
 use pipeline::{Pipeline, Progress};
 
 /// Where and as whom the worker serves.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// `http://host:port` of the coordinator.
+    /// `http://host:port` of the coordinator, or several separated by commas (tried in turn).
     pub coordinator: String,
     /// Name shown in the coordinator (default `host:device`).
     pub name: String,
@@ -85,17 +94,72 @@ fn transient(status: &tonic::Status) -> bool {
     )
 }
 
+/// The coordinators a worker may talk to, and the one it talks to now.
+struct Coordinators {
+    endpoints: Vec<(String, Endpoint)>,
+    current: usize,
+}
+
+impl Coordinators {
+    /// `http://a:50051,http://b:50051`.
+    fn parse(list: &str) -> Result<Self, ServeError> {
+        let endpoints = list
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|url| {
+                let endpoint = Endpoint::from_shared(url.to_string())
+                    .map_err(|_| ServeError::BadUrl(url.to_string()))?
+                    .connect_timeout(Duration::from_secs(5));
+                Ok((url.to_string(), endpoint))
+            })
+            .collect::<Result<Vec<_>, ServeError>>()?;
+        if endpoints.is_empty() {
+            return Err(ServeError::BadUrl(list.to_string()));
+        }
+        Ok(Coordinators { endpoints, current: 0 })
+    }
+
+    fn client(&self) -> WorkerServiceClient<Channel> {
+        WorkerServiceClient::new(self.endpoints[self.current].1.connect_lazy())
+    }
+
+    fn url(&self) -> &str {
+        &self.endpoints[self.current].0
+    }
+
+    /// Moves on to the next coordinator (a no-op with one); says whether there was another.
+    fn rotate(&mut self) -> bool {
+        self.current = (self.current + 1) % self.endpoints.len();
+        self.endpoints.len() > 1
+    }
+}
+
 /// A registered session with the coordinator.
 struct Session {
+    coordinators: Coordinators,
     client: WorkerServiceClient<Channel>,
     worker_id: String,
     heartbeat: Duration,
+    outbox: Outbox,
 }
 
-async fn register(endpoint: &Endpoint, cfg: &ServeConfig) -> Result<Session, ServeError> {
+impl Session {
+    /// After a transport failure: talk to the next coordinator, under the same worker id (a
+    /// coordinator on the same database knows it; one that does not answers NOT_FOUND, and the
+    /// worker registers again).
+    fn fail_over(&mut self) {
+        if self.coordinators.rotate() {
+            self.client = self.coordinators.client();
+            tracing::warn!(coordinator = %self.coordinators.url(), "switching to the next coordinator");
+        }
+    }
+}
+
+async fn register(mut coordinators: Coordinators, cfg: &ServeConfig) -> Result<Session, ServeError> {
     let mut backoff = Backoff::new();
     loop {
-        let client = WorkerServiceClient::new(endpoint.connect_lazy());
+        let client = coordinators.client();
         let mut c = client.clone();
         let req = RegisterRequest {
             name: cfg.name.clone(),
@@ -106,11 +170,15 @@ async fn register(endpoint: &Endpoint, cfg: &ServeConfig) -> Result<Session, Ser
         match c.register(req).await {
             Ok(r) => {
                 let r = r.into_inner();
-                tracing::info!(worker_id = %r.worker_id, coordinator = %cfg.coordinator, "registered");
+                tracing::info!(worker_id = %r.worker_id, coordinator = %coordinators.url(), "registered");
                 let heartbeat = Duration::from_millis(r.heartbeat_interval_ms.max(100));
-                return Ok(Session { client, worker_id: r.worker_id, heartbeat });
+                let outbox = Outbox::new(&cfg.work_dir);
+                return Ok(Session { coordinators, client, worker_id: r.worker_id, heartbeat, outbox });
             }
-            Err(s) if transient(&s) => backoff.wait("register", &s).await,
+            Err(s) if transient(&s) => {
+                backoff.wait("register", &s).await;
+                coordinators.rotate();
+            }
             Err(status) => return Err(ServeError::Refused { call: "Register", status }),
         }
     }
@@ -118,12 +186,10 @@ async fn register(endpoint: &Endpoint, cfg: &ServeConfig) -> Result<Session, Ser
 
 /// Serves until `shutdown` resolves (or `max_jobs` are done).
 pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-    let endpoint = Endpoint::from_shared(cfg.coordinator.clone())
-        .map_err(|_| ServeError::BadUrl(cfg.coordinator.clone()))?
-        .connect_timeout(Duration::from_secs(5));
+    let coordinators = Coordinators::parse(&cfg.coordinator)?;
     tokio::pin!(shutdown);
     let mut session = tokio::select! {
-        s = register(&endpoint, &cfg) => s?,
+        s = register(coordinators, &cfg) => s?,
         _ = &mut shutdown => return Ok(()),
     };
     let mut pipeline = Some(Pipeline::new(device, cfg.work_dir.clone()));
@@ -133,6 +199,7 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
         if cfg.max_jobs.is_some_and(|m| done >= m) {
             return Ok(());
         }
+        replay(&mut session).await;
         let held = pipeline.as_ref().map(Pipeline::held_models).unwrap_or_default();
         let req = LeaseJobRequest {
             worker_id: session.worker_id.clone(),
@@ -153,11 +220,13 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
             }
             Err(s) if s.code() == Code::NotFound || s.code() == Code::PermissionDenied => {
                 tracing::warn!(error = %s.message(), "the coordinator does not know this worker; registering again");
-                session = register(&endpoint, &cfg).await?;
+                let Session { coordinators, .. } = session;
+                session = register(coordinators, &cfg).await?;
                 continue;
             }
             Err(s) if transient(&s) => {
                 backoff.wait("lease", &s).await;
+                session.fail_over();
                 continue;
             }
             Err(status) => return Err(ServeError::Refused { call: "LeaseJob", status }),
@@ -239,51 +308,98 @@ async fn run_leased(
     (pipeline, shutting_down)
 }
 
-/// Sends `CompleteJob` or `FailJob`, retrying transport failures for up to ~5 minutes.
+/// Writes the job's report to the outbox, then delivers it.
 async fn report(session: &mut Session, lease_id: &str, job_id: i64, outcome: Result<pipeline::JobOutput, JobError>) {
+    let report = match &outcome {
+        Ok(out) => Report::Complete(CompleteJobRequest {
+            worker_id: session.worker_id.clone(),
+            lease_id: lease_id.to_string(),
+            job_id,
+            results: out.results.clone(),
+            distances: out.distances.clone(),
+            layers_dropped: out.layers_dropped.clone(),
+            num_layers: out.num_layers,
+            timings: out.timings.clone(),
+        }),
+        Err(f) => Report::Fail(FailJobRequest {
+            worker_id: session.worker_id.clone(),
+            lease_id: lease_id.to_string(),
+            job_id,
+            message: f.to_string(),
+            error_kind: f.kind().to_string(),
+            retryable: f.is_retryable(),
+        }),
+    };
+    let stored = match session.outbox.put(&report) {
+        Ok(path) => Some(path),
+        Err(e) => {
+            tracing::error!(job_id, error = %e, "could not write the report to the outbox; sending it unsaved");
+            None
+        }
+    };
+    match deliver(session, &report, 8).await {
+        Delivery::Accepted | Delivery::Refused => {
+            if let Some(path) = stored {
+                session.outbox.remove(&path);
+            }
+            match &outcome {
+                Ok(_) => tracing::info!(job_id, "completed"),
+                Err(f) => tracing::warn!(job_id, kind = f.kind(), error = %f, "failed"),
+            }
+        }
+        Delivery::Unreachable => {
+            tracing::error!(job_id, "no coordinator reachable; the report waits in the outbox and is sent later")
+        }
+    }
+}
+
+/// What became of a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// A coordinator took it.
+    Accepted,
+    /// A coordinator refused it for good (a stale lease: the job was leased again; a cancelled
+    /// sweep): there is nothing to keep.
+    Refused,
+    /// No coordinator answered within the tries.
+    Unreachable,
+}
+
+/// Sends one report, with backoff and failover over up to `tries` transport failures.
+async fn deliver(session: &mut Session, report: &Report, tries: usize) -> Delivery {
     let mut backoff = Backoff::new();
-    for _ in 0..20 {
-        let sent = match &outcome {
-            Ok(out) => {
-                let req = CompleteJobRequest {
-                    worker_id: session.worker_id.clone(),
-                    lease_id: lease_id.to_string(),
-                    job_id,
-                    results: out.results.clone(),
-                    distances: out.distances.clone(),
-                    layers_dropped: out.layers_dropped.clone(),
-                    num_layers: out.num_layers,
-                    timings: out.timings.clone(),
-                };
-                session.client.complete_job(req).await.map(|_| ())
-            }
-            Err(f) => {
-                let req = FailJobRequest {
-                    worker_id: session.worker_id.clone(),
-                    lease_id: lease_id.to_string(),
-                    job_id,
-                    message: f.to_string(),
-                    error_kind: f.kind().to_string(),
-                    retryable: f.is_retryable(),
-                };
-                session.client.fail_job(req).await.map(|_| ())
-            }
+    for _ in 0..tries {
+        let sent = match report {
+            Report::Complete(r) => session.client.complete_job(r.clone()).await.map(|_| ()),
+            Report::Fail(r) => session.client.fail_job(r.clone()).await.map(|_| ()),
         };
         match sent {
-            Ok(()) => {
-                match &outcome {
-                    Ok(_) => tracing::info!(job_id, "completed"),
-                    Err(f) => tracing::warn!(job_id, kind = f.kind(), error = %f, "failed"),
-                }
-                return;
+            Ok(()) => return Delivery::Accepted,
+            Err(s) if transient(&s) => {
+                backoff.wait("reporting the job", &s).await;
+                session.fail_over();
             }
-            Err(s) if transient(&s) => backoff.wait("reporting the job", &s).await,
             Err(s) => {
-                // A stale lease (the job was re-leased) or a cancelled sweep: nothing to keep.
-                tracing::warn!(job_id, error = %s.message(), "the coordinator refused the report; dropping it");
-                return;
+                tracing::warn!(job_id = report.job_id(), error = %s.message(), "the coordinator refused the report; dropping it");
+                return Delivery::Refused;
             }
         }
     }
-    tracing::error!(job_id, "could not reach the coordinator to report the job; it will be leased again");
+    Delivery::Unreachable
+}
+
+/// Delivers the outbox's reports (left by a coordinator's outage or this worker's restart), one
+/// try each; stops at the first coordinator that does not answer.
+async fn replay(session: &mut Session) {
+    for stored in session.outbox.pending() {
+        let job_id = stored.report.job_id();
+        match deliver(session, &stored.report, 1).await {
+            Delivery::Accepted => {
+                tracing::info!(job_id, "delivered a report kept in the outbox");
+                session.outbox.remove(&stored.path);
+            }
+            Delivery::Refused => session.outbox.remove(&stored.path),
+            Delivery::Unreachable => return,
+        }
+    }
 }
