@@ -268,3 +268,48 @@ async fn coordinator_outage(kill_worker: bool) {
     stop(worker);
     server.abort();
 }
+
+/// Two coordinators on one Postgres; a worker given both (`--coordinator a,b`) finishes the sweep
+/// on the second after the first stops mid-sweep, and no job fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_fails_over_between_two_coordinators_on_postgres() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = testing::postgres().await;
+    let (url_a, server_a) = start_server(pg.store.clone(), worker_process_config()).await;
+    let (url_b, server_b) = start_server(pg.store.clone(), worker_process_config()).await;
+    let mut client = SweepServiceClient::connect(url_a.clone()).await.unwrap();
+    // Healed cells, so the sweep outlasts the first coordinator.
+    let heal = "heal:\n  - name: qlora\n    qlora: {rank: 2, alpha: 4, dropout: 0.0, steps: 150, learning_rate: 0.001, batch_size: 2, seq_len: 16}\n";
+    let yaml = tiny_sweep("failover", testing::TINY_MODEL, heal);
+    client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap();
+    let worker = spawn_worker(&format!("{url_a},{url_b}"), &tmp.path().join("w"), "w");
+    // The first job done through A, A goes away.
+    let t0 = Instant::now();
+    loop {
+        let status = testing::sweep_counts(
+            &client
+                .get_sweep(prunesweep_proto::v1::GetSweepRequest { sweep: "failover".into() })
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        if status.count(prunesweep_coordinator::job::JobState::Succeeded) >= 1 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no job finished through the first coordinator");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server_a.shutdown().await;
+    let at_stop = status_now(&url_b, "failover").await;
+    assert!(at_stop.succeeded < 6, "jobs were left for the second coordinator: {at_stop:?}");
+    let status = wait_until_done(&url_b, "failover", Duration::from_secs(180)).await;
+    assert_eq!((status.succeeded, status.failed), (6, 0), "{status:?}");
+    stop(worker);
+    server_b.shutdown().await;
+    pg.cleanup().await;
+}
+
+async fn status_now(url: &str, sweep: &str) -> prunesweep_proto::v1::SweepStatus {
+    let mut client = SweepServiceClient::connect(url.to_string()).await.unwrap();
+    client.get_sweep(prunesweep_proto::v1::GetSweepRequest { sweep: sweep.into() }).await.unwrap().into_inner()
+}

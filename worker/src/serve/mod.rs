@@ -31,10 +31,12 @@ use prunesweep_proto::v1::worker_service_client::WorkerServiceClient;
 use prunesweep_proto::v1::{
     CompleteJobRequest, FailJobRequest, HeartbeatAction, HeartbeatRequest, Lease, LeaseJobRequest, RegisterRequest,
 };
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::job::{Job, JobError};
+use channel::Bearer;
 use outbox::{Outbox, Report};
 use pipeline::{Pipeline, Progress};
 
@@ -53,7 +55,14 @@ pub struct ServeConfig {
     pub lease_wait: Duration,
     /// Stop after this many jobs (tests, batch use); `None` serves until shutdown.
     pub max_jobs: Option<usize>,
+    /// The worker token sent on every call (`PRUNESWEEP_TOKEN` or `--token-file`).
+    pub token: Option<String>,
+    /// The CA certificate (PEM) trusted for `https://` coordinators; `None`: the system's roots.
+    pub ca: Option<Vec<u8>>,
 }
+
+/// A `WorkerService` client that sends the worker token on every call.
+type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// What stops `serve` with an error.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +70,17 @@ pub enum ServeError {
     /// The coordinator address does not parse.
     #[error("--coordinator `{0}` is not a URL like http://host:50051")]
     BadUrl(String),
+    /// The TLS settings (`--ca`) for a coordinator were refused.
+    #[error("TLS settings for {url}: {source}")]
+    Tls {
+        /// The coordinator URL.
+        url: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The token cannot be sent as an HTTP header.
+    #[error("the token must be printable ASCII")]
+    BadToken,
     /// The coordinator rejected the worker for good (not a transport problem).
     #[error("the coordinator refused {call}: {status}")]
     Refused {
@@ -98,30 +118,33 @@ fn transient(status: &tonic::Status) -> bool {
 struct Coordinators {
     endpoints: Vec<(String, Endpoint)>,
     current: usize,
+    bearer: Bearer,
 }
 
 impl Coordinators {
-    /// `http://a:50051,http://b:50051`.
-    fn parse(list: &str) -> Result<Self, ServeError> {
+    /// `cfg.coordinator`: `http://a:50051,http://b:50051` (`https://` with TLS).
+    fn parse(cfg: &ServeConfig) -> Result<Self, ServeError> {
+        let list = &cfg.coordinator;
         let endpoints = list
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(|url| {
-                let endpoint = Endpoint::from_shared(url.to_string())
-                    .map_err(|_| ServeError::BadUrl(url.to_string()))?
-                    .connect_timeout(Duration::from_secs(5));
+                Endpoint::from_shared(url.to_string()).map_err(|_| ServeError::BadUrl(url.to_string()))?;
+                let endpoint = channel::endpoint(url, cfg.ca.as_deref(), cfg.lease_wait)
+                    .map_err(|source| ServeError::Tls { url: url.to_string(), source })?;
                 Ok((url.to_string(), endpoint))
             })
             .collect::<Result<Vec<_>, ServeError>>()?;
         if endpoints.is_empty() {
             return Err(ServeError::BadUrl(list.to_string()));
         }
-        Ok(Coordinators { endpoints, current: 0 })
+        let bearer = Bearer::new(cfg.token.as_deref()).ok_or(ServeError::BadToken)?;
+        Ok(Coordinators { endpoints, current: 0, bearer })
     }
 
-    fn client(&self) -> WorkerServiceClient<Channel> {
-        WorkerServiceClient::new(self.endpoints[self.current].1.connect_lazy())
+    fn client(&self) -> Client {
+        WorkerServiceClient::with_interceptor(self.endpoints[self.current].1.connect_lazy(), self.bearer.clone())
     }
 
     fn url(&self) -> &str {
@@ -138,7 +161,7 @@ impl Coordinators {
 /// A registered session with the coordinator.
 struct Session {
     coordinators: Coordinators,
-    client: WorkerServiceClient<Channel>,
+    client: Client,
     worker_id: String,
     heartbeat: Duration,
     outbox: Outbox,
@@ -186,7 +209,7 @@ async fn register(mut coordinators: Coordinators, cfg: &ServeConfig) -> Result<S
 
 /// Serves until `shutdown` resolves (or `max_jobs` are done).
 pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-    let coordinators = Coordinators::parse(&cfg.coordinator)?;
+    let coordinators = Coordinators::parse(&cfg)?;
     tokio::pin!(shutdown);
     let mut session = tokio::select! {
         s = register(coordinators, &cfg) => s?,
@@ -290,8 +313,14 @@ async fn run_leased(
                         progress.stop.store(true, Ordering::SeqCst);
                     }
                     Ok(_) => {}
-                    // The lease may still be renewed by a later heartbeat; the reaper decides.
-                    Err(s) => tracing::warn!(job_id, error = %s.message(), "heartbeat failed"),
+                    // The lease may still be renewed by a later heartbeat (to the next coordinator,
+                    // when there are several); the reaper decides.
+                    Err(s) => {
+                        tracing::warn!(job_id, error = %s.message(), "heartbeat failed");
+                        if transient(&s) {
+                            session.fail_over();
+                        }
+                    }
                 }
             }
             _ = shutdown.as_mut(), if !shutting_down => {
