@@ -1,9 +1,10 @@
-//! The coordinator's timing: lease length, heartbeat and reaper intervals, long-poll limits. Read
-//! by the server (reaper) and the services (lease, register, watch); set by `main` from its flags.
+//! The coordinator's timing and limits: lease length, heartbeat and reaper intervals, long-poll
+//! limits, the jobs one submit may plan. Read by the server (reaper) and the services (lease,
+//! register, watch, submit); set by `main` from its flags.
 
 use std::time::Duration;
 
-/// Lease timing and polling limits.
+/// Lease timing, polling limits and the submit cap.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// How long a lease lasts without a heartbeat.
@@ -20,6 +21,9 @@ pub struct Config {
     pub max_wait: Duration,
     /// How often `WatchSweep` polls the event log.
     pub watch_poll: Duration,
+    /// The most jobs one `SubmitSweep` may plan, counted before any is built
+    /// (`coordinator serve --max-jobs-per-submit`).
+    pub max_jobs_per_submit: u64,
 }
 
 impl Config {
@@ -47,6 +51,7 @@ impl Default for Config {
             startup_grace: Duration::from_secs(60),
             max_wait: Duration::from_secs(30),
             watch_poll: Duration::from_millis(500),
+            max_jobs_per_submit: crate::sweep::DEFAULT_MAX_JOBS_PER_SUBMIT,
         }
     }
 }

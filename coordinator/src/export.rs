@@ -1,12 +1,46 @@
 //! Results → a table. This is the client edge: it reads the `ListResults` reply (protobuf) and
 //! writes a table (one row per job × result: model, method, heal, fraction, layers dropped,
-//! task, metric, value, timings) → CSV or Parquet with polars.
+//! task, metric, value, timings) → CSV or Parquet with polars. [`fetch_results`] reads every
+//! page of the reply.
 
 use std::path::Path;
 
 use polars::prelude::*;
 use prunesweep_proto::v1 as pb;
+use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
 use prunesweep_proto::Vocabulary;
+use tonic::codegen::{Body, Bytes, StdError};
+
+/// Every job of `sweep` with its results, in job-id order: `ListResults` page after page (each
+/// page well under the 4 MiB message limit), until the coordinator gives no `next_page_token`.
+/// Any transport: a plain [`Channel`](tonic::transport::Channel) or one with an interceptor.
+pub async fn fetch_results<T>(
+    client: &mut SweepServiceClient<T>,
+    sweep: &str,
+) -> Result<Vec<pb::JobResult>, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    let mut jobs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = pb::ListResultsRequest { sweep: sweep.to_string(), page_size: 0, page_token: page_token.clone() };
+        let page = client.list_results(request).await?.into_inner();
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            return Ok(jobs);
+        }
+        if page.next_page_token == page_token {
+            return Err(tonic::Status::internal(format!(
+                "ListResults of {sweep} gave the same page token twice ({page_token:?}): stopping rather than looping"
+            )));
+        }
+        page_token = page.next_page_token;
+    }
+}
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

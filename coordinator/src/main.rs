@@ -27,7 +27,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pb::sweep_service_client::SweepServiceClient;
 use prunesweep_coordinator::export::{self, Format};
 use prunesweep_coordinator::store::{self, DEFAULT_DATABASE_URL};
-use prunesweep_coordinator::sweep::SweepSpec;
+use prunesweep_coordinator::sweep::{self, SweepSpec};
 use prunesweep_coordinator::Config;
 use prunesweep_coordinator::{plan, plot};
 use prunesweep_proto::v1 as pb;
@@ -67,6 +67,10 @@ enum Command {
         /// Lease length without a heartbeat, in seconds.
         #[arg(long, default_value_t = 60)]
         lease_ttl_secs: u64,
+        /// The most jobs one submit may plan (models × methods × amounts × heal variants, plus
+        /// score and baseline jobs); a bigger sweep is refused before anything is written.
+        #[arg(long, default_value_t = sweep::DEFAULT_MAX_JOBS_PER_SUBMIT)]
+        max_jobs_per_submit: u64,
     },
     /// Show the jobs a sweep file expands to, with every resolved setting (no coordinator needed):
     /// what a submit would store, to check before spending GPU hours.
@@ -289,10 +293,15 @@ async fn shutdown_signal() -> &'static str {
 
 async fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Serve { listen, database, lease_ttl_secs } => serve(&listen, &database, lease_ttl_secs).await?,
+        Command::Serve { listen, database, lease_ttl_secs, max_jobs_per_submit } => {
+            let config = Config { max_jobs_per_submit, ..Config::for_lease_ttl(Duration::from_secs(lease_ttl_secs)) };
+            serve(&listen, &database, config).await?
+        }
         Command::Plan { file, json } => {
             let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let jobs = SweepSpec::parse(&yaml, &file.display().to_string())?.expand();
+            let spec = SweepSpec::parse(&yaml, &file.display().to_string())?;
+            spec.check_job_count(sweep::DEFAULT_MAX_JOBS_PER_SUBMIT, &file.display().to_string())?;
+            let jobs = spec.expand();
             if json {
                 println!("{}", serde_json::to_string_pretty(&plan::to_json(&jobs))?);
             } else {
@@ -326,8 +335,8 @@ async fn run(args: Args) -> Result<()> {
             println!("sweep {sweep}: {} jobs requeued", reply.into_inner().jobs_requeued);
         }
         Command::Plot { sweep, out, client } => {
-            let reply = connect(&client).await?.list_results(pb::ListResultsRequest { sweep: sweep.clone() }).await?;
-            let rows = export::rows_from_pb(&sweep, &reply.into_inner().jobs);
+            let jobs = export::fetch_results(&mut connect(&client).await?, &sweep).await?;
+            let rows = export::rows_from_pb(&sweep, &jobs);
             write_plots(&sweep, &rows, &out)?;
         }
         Command::Run { file, workers, device, worker_bin, out } => {
@@ -339,10 +348,9 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// `coordinator serve`: the store, both services and the reaper until Ctrl-C or SIGTERM.
-async fn serve(listen: &str, database: &str, lease_ttl_secs: u64) -> Result<()> {
+async fn serve(listen: &str, database: &str, config: Config) -> Result<()> {
     let store = store::open(database).await.with_context(|| format!("opening {database}"))?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-    let config = Config::for_lease_ttl(Duration::from_secs(lease_ttl_secs));
     let shutdown = async {
         let signal = shutdown_signal().await;
         tracing::info!("{signal}: shutting down");
@@ -370,8 +378,8 @@ async fn submit(file: &std::path::Path, client: &ClientArgs) -> Result<()> {
 
 /// `coordinator export`: one row per cell × metric, as CSV or Parquet.
 async fn export_results(sweep: &str, format: FormatArg, out: &std::path::Path, client: &ClientArgs) -> Result<()> {
-    let reply = connect(client).await?.list_results(pb::ListResultsRequest { sweep: sweep.to_string() }).await?;
-    let rows = export::rows_from_pb(sweep, &reply.into_inner().jobs);
+    let jobs = export::fetch_results(&mut connect(client).await?, sweep).await?;
+    let rows = export::rows_from_pb(sweep, &jobs);
     if rows.is_empty() {
         bail!("sweep {sweep} has no results yet");
     }
@@ -476,7 +484,7 @@ async fn write_results(
     sweep: &str,
     dir: &std::path::Path,
 ) -> Result<Vec<String>> {
-    let jobs = client.list_results(pb::ListResultsRequest { sweep: sweep.to_string() }).await?.into_inner().jobs;
+    let jobs = export::fetch_results(client, sweep).await?;
     let rows = export::rows_from_pb(sweep, &jobs);
     for (format, name) in [(Format::Csv, "results.csv"), (Format::Parquet, "results.parquet")] {
         export::write(&rows, format, &dir.join(name))?;

@@ -78,6 +78,7 @@ pub fn fast_config() -> Config {
         startup_grace: Duration::from_millis(600),
         max_wait: Duration::from_secs(2),
         watch_poll: Duration::from_millis(50),
+        ..Config::default()
     }
 }
 
@@ -91,6 +92,7 @@ pub fn worker_process_config() -> Config {
         startup_grace: Duration::from_secs(3),
         max_wait: Duration::from_secs(1),
         watch_poll: Duration::from_millis(50),
+        ..Config::default()
     }
 }
 

@@ -138,7 +138,11 @@ async fn two_workers_finish_the_sweep(store: &TestStore) {
     assert!(!again.created);
     assert_eq!((again.jobs_added, again.jobs_total), (0, 6), "resubmitting adds nothing");
 
-    let results = sweeps.list_results(pb::ListResultsRequest { sweep: "tiny".into() }).await.unwrap().into_inner();
+    let results = sweeps
+        .list_results(pb::ListResultsRequest { sweep: "tiny".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let rows = export::rows_from_pb("tiny", &results.jobs);
     assert_eq!(rows.len(), 5, "baseline + 2 methods x 2 fractions, one metric each");
     let baseline: Vec<_> = rows.iter().filter(|r| r.kind == "baseline").collect();

@@ -5,13 +5,17 @@
 //! become gRPC statuses through one `From<StoreError> for Status` that names every variant.
 
 mod convert;
+pub mod limits;
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use prost::Message;
 use prunesweep_proto::v1 as pb;
+use prunesweep_proto::v1::sweep_service_server::SweepServiceServer;
+use prunesweep_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -56,6 +60,21 @@ impl Coordinator {
         let writes = GroupCommit::start(store.clone());
         Self { store, writes, config, wake }
     }
+
+    /// The client service, with this module's message-size limits
+    /// ([`limits::MAX_DECODING_MESSAGE_SIZE`], [`limits::MAX_ENCODING_MESSAGE_SIZE`]).
+    pub fn sweep_service(&self) -> SweepServiceServer<Coordinator> {
+        SweepServiceServer::new(self.clone())
+            .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_SIZE)
+            .max_encoding_message_size(limits::MAX_ENCODING_MESSAGE_SIZE)
+    }
+
+    /// The worker service, with the same message-size limits.
+    pub fn worker_service(&self) -> WorkerServiceServer<Coordinator> {
+        WorkerServiceServer::new(self.clone())
+            .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_SIZE)
+            .max_encoding_message_size(limits::MAX_ENCODING_MESSAGE_SIZE)
+    }
 }
 
 fn ms(d: Duration) -> i64 {
@@ -71,6 +90,8 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         let req = request.into_inner();
         let file = req.file_name.as_deref().unwrap_or("<sweep>");
         let spec = SweepSpec::parse(&req.yaml, file).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        spec.check_job_count(self.config.max_jobs_per_submit, file)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let jobs = spec.expand();
         let out = self.store.submit(&spec, &jobs, now_ms()).await?;
         self.wake.notify_waiters();
@@ -182,9 +203,37 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         &self,
         request: Request<pb::ListResultsRequest>,
     ) -> Result<Response<pb::ListResultsResponse>, Status> {
-        let jobs = self.store.results(&request.into_inner().sweep).await?;
-        let jobs = jobs.into_iter().map(job_result).collect();
-        Ok(Response::new(pb::ListResultsResponse { jobs }))
+        let req = request.into_inner();
+        let after = match req.page_token.as_str() {
+            "" => 0,
+            token => token.parse::<i64>().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "`page_token` {token:?} is not one this coordinator gave: pass the previous reply's \
+                     `next_page_token`, or nothing for the first page"
+                ))
+            })?,
+        };
+        let size = match req.page_size {
+            0 => limits::MAX_RESULTS_PAGE_SIZE,
+            n => n.min(limits::MAX_RESULTS_PAGE_SIZE),
+        };
+        let page = self.store.results_page(&req.sweep, after, size).await?;
+        let full = page.len() == size as usize;
+        let (mut jobs, mut bytes, mut last) = (Vec::with_capacity(page.len()), 0, after);
+        let mut cut = false;
+        for job in page {
+            let job = job_result(job);
+            let len = job.encoded_len();
+            if !jobs.is_empty() && bytes + len > limits::RESULTS_PAGE_BYTES {
+                cut = true;
+                break;
+            }
+            bytes += len;
+            last = job.job_id;
+            jobs.push(job);
+        }
+        let next_page_token = if full || cut { last.to_string() } else { String::new() };
+        Ok(Response::new(pb::ListResultsResponse { jobs, next_page_token }))
     }
 
     async fn list_workers(
@@ -200,6 +249,7 @@ impl pb::sweep_service_server::SweepService for Coordinator {
 impl pb::worker_service_server::WorkerService for Coordinator {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = request.into_inner();
+        limits::check_register(&req)?;
         let info =
             WorkerInfo { name: req.name, device: req.device, memory_bytes: req.memory_bytes, version: req.version };
         let worker_id = self.store.register_worker(&info, now_ms()).await?;
@@ -216,6 +266,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         if req.worker_id.is_empty() {
             return Err(Status::invalid_argument("`worker_id` is required: call Register first"));
         }
+        limits::check_lease(&req)?;
         let wait = Duration::from_millis(req.wait_ms).min(self.config.max_wait);
         let deadline = tokio::time::Instant::now() + wait;
         let ttl = ms(self.config.lease_ttl);
@@ -252,7 +303,9 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let beat = convert::heartbeat(request.into_inner(), ms(self.config.lease_ttl));
+        let req = request.into_inner();
+        limits::check_heartbeat(&req)?;
+        let beat = convert::heartbeat(req, ms(self.config.lease_ttl));
         let outcome = self.store.heartbeat(&beat, now_ms()).await?;
         let (action, expires_at_ms) = match outcome {
             HeartbeatOutcome::Renewed(t) => (pb::HeartbeatAction::Continue, t),
@@ -267,6 +320,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         request: Request<pb::CompleteJobRequest>,
     ) -> Result<Response<pb::CompleteJobResponse>, Status> {
         let req = request.into_inner();
+        limits::check_completion(&req)?;
         let completion = convert::completion(req)?;
         self.writes.complete(completion).await?;
         self.wake.notify_waiters();
@@ -274,7 +328,8 @@ impl pb::worker_service_server::WorkerService for Coordinator {
     }
 
     async fn fail_job(&self, request: Request<pb::FailJobRequest>) -> Result<Response<pb::FailJobResponse>, Status> {
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        limits::check_failure(&mut req)?;
         let failure = Failure {
             job_id: req.job_id,
             lease_id: req.lease_id,

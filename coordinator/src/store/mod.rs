@@ -403,8 +403,14 @@ pub trait JobStore: Send + Sync + 'static {
     async fn events(&self, sweep: &str, after_seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError>;
     /// A job.
     async fn job(&self, job_id: i64) -> Result<JobRow, StoreError>;
-    /// Every job of a sweep with its results, in id order.
-    async fn results(&self, sweep: &str) -> Result<Vec<JobResults>, StoreError>;
+    /// Every job of a sweep with its results, in id order (in one read: for tests and small
+    /// sweeps; `ListResults` reads [`results_page`](JobStore::results_page)s).
+    async fn results(&self, sweep: &str) -> Result<Vec<JobResults>, StoreError> {
+        self.results_page(sweep, 0, u32::MAX).await
+    }
+    /// Up to `limit` jobs of a sweep with an id above `after_job_id`, with their results, in id
+    /// order.
+    async fn results_page(&self, sweep: &str, after_job_id: i64, limit: u32) -> Result<Vec<JobResults>, StoreError>;
     /// A sweep's leased jobs with their last heartbeat, in id order.
     async fn running(&self, sweep: &str) -> Result<Vec<RunningJob>, StoreError>;
     /// Every registered worker, most recently seen first.

@@ -11,11 +11,15 @@
 
 mod expand;
 mod file;
+mod limits;
 mod validate;
 
 pub use expand::PlannedJob;
 pub use file::{
     CalibrationSpec, EvalTaskSpec, Fraction, HealVariant, ModelSpec, QLoraSpec, SweepName, SweepSpec, TargetModules,
+};
+pub use limits::{
+    DEFAULT_MAX_JOBS_PER_SUBMIT, MAX_AMOUNTS, MAX_DESCRIPTION_LEN, MAX_LIST_LEN, MAX_N, MAX_NAME_LEN, MAX_PATH_LEN,
 };
 pub use validate::needs_scores;
 
@@ -41,10 +45,26 @@ pub enum SweepError {
         /// What is wrong.
         message: String,
     },
+    /// The sweep plans more jobs than one submit may add (counted before any is built).
+    #[error(
+        "{file}: the sweep expands to {count} jobs (models × methods × (fractions + n) × heal variants, plus \
+         score and baseline jobs), over the limit of {cap} per submit; split it into smaller sweeps, or raise \
+         the limit with `coordinator serve --max-jobs-per-submit N`"
+    )]
+    TooManyJobs {
+        /// The file name (or `<input>`).
+        file: String,
+        /// The jobs the sweep would plan.
+        count: u64,
+        /// The limit.
+        cap: u64,
+    },
 }
 
 impl SweepSpec {
-    /// Parse and validate a sweep file's text. `file` names the file in error messages.
+    /// Parse and validate a sweep file's text. `file` names the file in error messages. The
+    /// job count is not checked here: callers check it with
+    /// [`check_job_count`](SweepSpec::check_job_count) against their own limit before expanding.
     pub fn parse(yaml: &str, file: &str) -> Result<Self, SweepError> {
         // Sweep files are small: budgets far below serde-saphyr's defaults.
         let mut budget = serde_saphyr::Budget::default();

@@ -32,6 +32,7 @@ impl SweepSpec {
     /// Checks what serde cannot: consistency between fields, ranges, duplicates.
     pub(super) fn validate(&self, file: &str) -> Result<(), SweepError> {
         let check = Check { file };
+        self.validate_sizes(file)?;
         self.validate_models(&check)?;
         if self.methods.is_empty() {
             return Err(check.invalid("methods", "list at least one of angular, deepest, block-influence"));

@@ -285,9 +285,9 @@ where
         Ok(job)
     }
 
-    async fn results(&self, sweep: &str) -> Result<Vec<JobResults>, StoreError> {
+    async fn results_page(&self, sweep: &str, after_job_id: i64, limit: u32) -> Result<Vec<JobResults>, StoreError> {
         let mut tx = Tx::read(&self.pool).await?;
-        let results = tx.results(sweep).await?;
+        let results = tx.results(sweep, after_job_id, i64::from(limit)).await?;
         tx.commit().await?;
         Ok(results)
     }

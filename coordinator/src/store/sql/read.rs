@@ -104,21 +104,35 @@ where
         Self::job_from_row(&row)
     }
 
-    /// Every job of a sweep with its results, in id order.
-    pub(super) async fn results(&mut self, sweep: &str) -> Result<Vec<JobResults>, StoreError> {
+    /// Up to `limit` jobs of a sweep with id above `after_job_id`, with their results, in id order.
+    pub(super) async fn results(
+        &mut self,
+        sweep: &str,
+        after_job_id: i64,
+        limit: i64,
+    ) -> Result<Vec<JobResults>, StoreError> {
         let sweep_id = self.sweep_id(sweep).await?;
-        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE sweep_id = $1 ORDER BY id");
-        let jobs = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(sweep_id).fetch_all(self.conn()).await?;
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE sweep_id = $1 AND id > $2 ORDER BY id LIMIT $3");
+        let jobs = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(sweep_id)
+            .bind(after_job_id)
+            .bind(limit)
+            .fetch_all(self.conn())
+            .await?;
         let mut out: Vec<JobResults> = jobs
             .iter()
             .map(|row| Ok(JobResults { job: Self::job_from_row(row)?, results: Vec::new() }))
             .collect::<Result<_, StoreError>>()?;
+        let (Some(first), Some(last)) = (out.first(), out.last()) else { return Ok(out) };
+        let (first, last) = (first.job.id, last.job.id);
         let index: HashMap<i64, usize> = out.iter().enumerate().map(|(i, j)| (j.job.id, i)).collect();
         let rows = sqlx::query(
             "SELECT r.job_id, r.task, r.metric, r.value FROM results r JOIN jobs j ON j.id = r.job_id \
-             WHERE j.sweep_id = $1 ORDER BY r.job_id, r.task, r.metric",
+             WHERE j.sweep_id = $1 AND r.job_id >= $2 AND r.job_id <= $3 ORDER BY r.job_id, r.task, r.metric",
         )
         .bind(sweep_id)
+        .bind(first)
+        .bind(last)
         .fetch_all(self.conn())
         .await?;
         for row in rows {
