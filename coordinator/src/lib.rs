@@ -14,11 +14,13 @@
 //!   (`service/convert.rs`).
 //! - [`config`]: lease timing and long-poll limits ([`Config::for_lease_ttl`]).
 //! - [`server`]: [`server::run`] serves both services on a bound listener until a shutdown future
-//!   resolves, with the lease reaper alongside.
+//!   resolves, with the lease reaper alongside ([`server::serve`]: with tokens and TLS).
+//! - [`auth`]: bearer tokens in two roles (users, workers), TLS settings, client endpoints.
 //! - [`export`]: results → CSV / Parquet (polars).
 //! - [`plot`]: results → accuracy-versus-fraction-dropped charts (SVG + PNG).
 //! - `testing` (feature `test-util`): the store and server harness shared with the worker's tests.
 
+pub mod auth;
 pub mod config;
 pub mod export;
 pub mod group_commit;

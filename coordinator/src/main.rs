@@ -2,7 +2,8 @@
 //!
 //! ```sh
 //! coordinator serve                                   # SQLite at results/coordinator.sqlite, :50051
-//! coordinator serve --database postgres://postgres@127.0.0.1:5432/test --listen 0.0.0.0:50051
+//! coordinator serve --database postgres://postgres@127.0.0.1:5432/test --listen 0.0.0.0:50051 \
+//!     --token-file users.tokens --worker-token-file workers.tokens --tls-cert cert.pem --tls-key key.pem
 //! coordinator plan experiments/tiny-test.yaml           # the jobs and every resolved setting
 //! coordinator submit experiments/tiny-test.yaml
 //! coordinator status                                  # every sweep
@@ -16,7 +17,8 @@
 //! ```
 //!
 //! Every flag also reads an environment variable (`PRUNESWEEP_LISTEN`, `PRUNESWEEP_DATABASE`,
-//! `PRUNESWEEP_COORDINATOR`).
+//! `PRUNESWEEP_COORDINATOR`, `PRUNESWEEP_TOKEN_FILE`, `PRUNESWEEP_CA`); clients take their token
+//! from `PRUNESWEEP_TOKEN` before `--token-file`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +27,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pb::sweep_service_client::SweepServiceClient;
+use prunesweep_coordinator::auth::{self, ClientAuth, Security, Tokens};
 use prunesweep_coordinator::export::{self, Format};
 use prunesweep_coordinator::store::{self, DEFAULT_DATABASE_URL};
 use prunesweep_coordinator::sweep::{self, SweepSpec};
@@ -32,7 +35,11 @@ use prunesweep_coordinator::Config;
 use prunesweep_coordinator::{plan, plot};
 use prunesweep_proto::v1 as pb;
 use prunesweep_proto::Vocabulary;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A `SweepService` client that sends the user's token on every call.
+type Client = SweepServiceClient<InterceptedService<Channel, ClientAuth>>;
 
 #[derive(Parser)]
 #[command(name = "coordinator", version, about = "prunesweep coordinator: sweeps, job store, leases over gRPC")]
@@ -43,9 +50,42 @@ struct Args {
 
 #[derive(clap::Args)]
 struct ClientArgs {
-    /// The coordinator's URL.
+    /// The coordinator's URL (`https://` with TLS).
     #[arg(long, env = "PRUNESWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     coordinator: String,
+    /// A file holding the user token (`PRUNESWEEP_TOKEN`, when set, is used instead).
+    #[arg(long, env = "PRUNESWEEP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the coordinator's; default: the system's roots.
+    #[arg(long, env = "PRUNESWEEP_CA")]
+    ca: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// A coordinator this process started (plain HTTP/2 on loopback, no token).
+    fn local(url: String) -> Self {
+        ClientArgs { coordinator: url, token_file: None, ca: None }
+    }
+}
+
+/// `serve`'s tokens and TLS.
+#[derive(clap::Args)]
+struct SecurityArgs {
+    /// User tokens (SweepService), one per line, `#` comments; needs --worker-token-file.
+    #[arg(long, env = "PRUNESWEEP_USER_TOKENS")]
+    token_file: Option<PathBuf>,
+    /// Worker tokens (WorkerService), one per line, `#` comments; needs --token-file.
+    #[arg(long, env = "PRUNESWEEP_WORKER_TOKENS")]
+    worker_token_file: Option<PathBuf>,
+    /// The server's certificate chain (PEM); clients then use https:// (needs --tls-key).
+    #[arg(long, env = "PRUNESWEEP_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "PRUNESWEEP_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Serve a non-loopback address without tokens (a trusted network only).
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,7 +96,7 @@ enum FormatArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the job store over gRPC until Ctrl-C.
+    /// Serve the job store over gRPC until Ctrl-C or SIGTERM.
     Serve {
         /// Address to listen on.
         #[arg(long, env = "PRUNESWEEP_LISTEN", default_value = "127.0.0.1:50051")]
@@ -71,6 +111,8 @@ enum Command {
         /// score and baseline jobs); a bigger sweep is refused before anything is written.
         #[arg(long, default_value_t = sweep::DEFAULT_MAX_JOBS_PER_SUBMIT)]
         max_jobs_per_submit: u64,
+        #[command(flatten)]
+        security: SecurityArgs,
     },
     /// Show the jobs a sweep file expands to, with every resolved setting (no coordinator needed):
     /// what a submit would store, to check before spending GPU hours.
@@ -163,10 +205,14 @@ enum Command {
     },
 }
 
-async fn connect(args: &ClientArgs) -> Result<SweepServiceClient<Channel>> {
-    SweepServiceClient::connect(args.coordinator.clone())
-        .await
-        .with_context(|| format!("connecting to the coordinator at {}", args.coordinator))
+/// A client of the coordinator at `args.coordinator`, with its token, TLS, a 5-minute deadline
+/// per call (a `status --watch` stream is bounded only by its first reply) and keepalives.
+async fn connect(args: &ClientArgs) -> Result<Client> {
+    let token = auth::client_token(args.token_file.as_deref())?;
+    let endpoint = auth::client_endpoint(&args.coordinator, args.ca.as_deref(), Duration::from_secs(300))?;
+    let channel =
+        endpoint.connect().await.with_context(|| format!("connecting to the coordinator at {}", args.coordinator))?;
+    Ok(SweepServiceClient::with_interceptor(channel, ClientAuth::new(token.as_deref())?))
 }
 
 fn print_table(sweeps: &[pb::SweepStatus]) {
@@ -251,7 +297,7 @@ fn print_workers(workers: &[pb::WorkerStatus]) {
     }
 }
 
-async fn watch(client: &mut SweepServiceClient<Channel>, sweep: &str) -> Result<()> {
+async fn watch(client: &mut Client, sweep: &str) -> Result<()> {
     let status = client.get_sweep(pb::GetSweepRequest { sweep: sweep.to_string() }).await?.into_inner();
     let total =
         |s: &pb::SweepStatus| u64::from(s.blocked + s.pending + s.leased + s.succeeded + s.failed + s.cancelled);
@@ -293,9 +339,9 @@ async fn shutdown_signal() -> &'static str {
 
 async fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Serve { listen, database, lease_ttl_secs, max_jobs_per_submit } => {
+        Command::Serve { listen, database, lease_ttl_secs, max_jobs_per_submit, security } => {
             let config = Config { max_jobs_per_submit, ..Config::for_lease_ttl(Duration::from_secs(lease_ttl_secs)) };
-            serve(&listen, &database, config).await?
+            serve(&listen, &database, config, &security).await?
         }
         Command::Plan { file, json } => {
             let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -347,15 +393,23 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `coordinator serve`: the store, both services and the reaper until Ctrl-C or SIGTERM.
-async fn serve(listen: &str, database: &str, config: Config) -> Result<()> {
-    let store = store::open(database).await.with_context(|| format!("opening {database}"))?;
+/// `coordinator serve`: the store, both services and the reaper until Ctrl-C or SIGTERM; a
+/// non-loopback address needs tokens (or `--insecure`).
+async fn serve(listen: &str, database: &str, config: Config, args: &SecurityArgs) -> Result<()> {
+    let tokens = Tokens::from_files(args.token_file.as_deref(), args.worker_token_file.as_deref())?;
+    let tls = auth::server_tls(args.tls_cert.as_deref(), args.tls_key.as_deref())?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    auth::check_exposure(listener.local_addr()?, &tokens, args.insecure)?;
+    if !tokens.enabled() {
+        tracing::warn!("no --token-file: every caller is trusted");
+    }
+    let security = Security { tokens, tls };
+    let store = store::open(database).await.with_context(|| format!("opening {database}"))?;
     let shutdown = async {
         let signal = shutdown_signal().await;
         tracing::info!("{signal}: shutting down");
     };
-    prunesweep_coordinator::run(listener, store, config, shutdown).await?;
+    prunesweep_coordinator::server::serve(listener, store, config, security, shutdown).await?;
     Ok(())
 }
 
@@ -437,7 +491,7 @@ async fn run_local(
     let server = tokio::spawn(prunesweep_coordinator::run(listener, store, config, async {
         let _ = stop_rx.await;
     }));
-    let mut client = connect(&ClientArgs { coordinator: url.clone() }).await?;
+    let mut client = connect(&ClientArgs::local(url.clone())).await?;
     let reply = client
         .submit_sweep(pb::SubmitSweepRequest { yaml, file_name: Some(file.display().to_string()) })
         .await?
@@ -480,7 +534,7 @@ async fn run_local(
 /// A finished sweep's `results.csv`, `results.parquet` and `plots/` under `dir`; returns the
 /// failed jobs' errors.
 async fn write_results(
-    client: &mut SweepServiceClient<Channel>,
+    client: &mut Client,
     sweep: &str,
     dir: &std::path::Path,
 ) -> Result<Vec<String>> {

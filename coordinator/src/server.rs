@@ -1,8 +1,10 @@
-//! Serving: both gRPC services on one listener, plus the lease reaper, until shutdown.
+//! Serving: both gRPC services and `grpc.health.v1` on one listener, plus the lease reaper, until
+//! shutdown.
 //!
 //! [`run`] takes a bound listener (tests bind `127.0.0.1:0`), the store and a shutdown future, as
 //! mini-redis's `server::run` does. When the future resolves the server stops accepting, lets
-//! in-flight calls finish, and stops the reaper.
+//! in-flight calls finish, and stops the reaper. [`serve`] is the same with tokens and TLS
+//! ([`Security`]); the health service answers without a token.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,8 +14,10 @@ use prunesweep_proto::v1::sweep_service_server::SweepServiceServer;
 use prunesweep_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
+use crate::auth::{Role, Security};
 use crate::config::Config;
 use crate::service::Coordinator;
 use crate::store::{now_ms, JobStore};
@@ -26,11 +30,23 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serve until `shutdown` resolves.
+/// Serve until `shutdown` resolves, without tokens or TLS.
 pub async fn run(
     listener: TcpListener,
     store: Arc<dyn JobStore>,
     config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    serve(listener, store, config, Security::default(), shutdown).await
+}
+
+/// Serve until `shutdown` resolves, checking `security`'s tokens on every call of both services
+/// and speaking TLS if it has a certificate.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn JobStore>,
+    config: Config,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let wake = Arc::new(Notify::new());
@@ -40,12 +56,27 @@ pub async fn run(
         tracing::info!(%addr, "coordinator listening");
     }
     let coordinator = Coordinator::new(store, config, wake);
-    let result = tonic::transport::Server::builder()
-        .add_service(SweepServiceServer::new(coordinator.clone()))
-        .add_service(WorkerServiceServer::new(coordinator))
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SweepServiceServer<Coordinator>>().await;
+    health.set_serving::<WorkerServiceServer<Coordinator>>().await;
+    let tokens = security.tokens;
+    let mut builder = tonic::transport::Server::builder()
+        // A peer that vanishes (power loss, dropped route) is noticed and its connection closed.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = security.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let incoming = TcpIncoming::from(listener)
         // No Nagle delay on replies: a small response held back for the peer's delayed ACK costs
         // a worker ~40 ms per call (tonic sets this only on listeners it binds itself).
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    let result = builder
+        .add_service(health_service)
+        .add_service(InterceptedService::new(coordinator.sweep_service(), tokens.interceptor(Role::User)))
+        .add_service(InterceptedService::new(coordinator.worker_service(), tokens.interceptor(Role::Worker)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = stop_tx.send(true);
     let _ = reaper.await;

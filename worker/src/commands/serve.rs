@@ -1,6 +1,6 @@
 //! `worker serve`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,9 +11,15 @@ use prunesweep_worker::serve::{serve, ServeConfig};
 /// Arguments of `worker serve`.
 #[derive(Args)]
 pub struct ServeArgs {
-    /// The coordinator's address.
+    /// The coordinator's address (`https://` with TLS), or several separated by commas.
     #[arg(long, env = "PRUNESWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     coordinator: String,
+    /// A file holding the worker token (`PRUNESWEEP_TOKEN`, when set, is used instead).
+    #[arg(long, env = "PRUNESWEEP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the coordinator's; default: the system's roots.
+    #[arg(long, env = "PRUNESWEEP_CA")]
+    ca: Option<PathBuf>,
     /// cpu, cuda or cuda:N (cuda needs a build with --features cuda).
     #[arg(long, default_value = "cpu", env = "PRUNESWEEP_DEVICE")]
     device: String,
@@ -31,6 +37,21 @@ pub struct ServeArgs {
     lease_wait_secs: u64,
 }
 
+/// The worker token: `PRUNESWEEP_TOKEN` if set, else the first line of `file` that is not blank
+/// or a `#` comment, else none.
+fn token(file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    if let Some(t) = std::env::var("PRUNESWEEP_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+        return Ok(Some(t));
+    }
+    let Some(file) = file else { return Ok(None) };
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let first = text.lines().map(|l| l.split_once('#').map_or(l, |(before, _)| before).trim()).find(|l| !l.is_empty());
+    match first {
+        Some(t) => Ok(Some(t.to_string())),
+        None => anyhow::bail!("{}: no token in it (one per line; `#` starts a comment)", file.display()),
+    }
+}
+
 /// Registers, then leases and runs jobs until Ctrl-C / SIGTERM.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
@@ -44,6 +65,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         work_dir: args.work_dir,
         lease_wait: Duration::from_secs(args.lease_wait_secs),
         max_jobs: args.max_jobs,
+        token: token(args.token_file.as_deref())?,
+        ca: args
+            .ca
+            .as_deref()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+            .transpose()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {

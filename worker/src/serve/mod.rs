@@ -16,7 +16,9 @@
 //!
 //! - [`pipeline`]: what running one job means (load, score, prune, heal, eval).
 //! - [`outbox`]: reports kept on disk until delivered.
+//! - [`channel`]: the connection to a coordinator (token, TLS, deadlines, keepalives).
 
+pub mod channel;
 pub mod outbox;
 pub mod pipeline;
 
