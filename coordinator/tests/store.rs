@@ -77,6 +77,32 @@ async fn submit_is_idempotent(store: &dyn JobStore) {
     assert_eq!(store.sweeps().await.unwrap().len(), 1);
 }
 
+/// 2,602 jobs: written in three transactions of up to 1,000, the same as one.
+async fn a_big_submit_is_written_in_chunks(store: &dyn JobStore) {
+    let n: Vec<String> = (1..=1300).map(|n| n.to_string()).collect();
+    let big = common::TINY.replace("fractions: [0.25, 0.5]", &format!("n: [{}]", n.join(", ")));
+    let spec = SweepSpec::parse(&big, "big.yaml").unwrap();
+    let out = submit(store, &spec).await;
+    assert!(out.created);
+    assert_eq!((out.jobs_added, out.jobs_total), (2602, 2602));
+    let counts = store.sweep("tiny").await.unwrap();
+    assert_eq!(counts.count(JobState::Blocked), 1300, "every angular cell waits for the score job");
+    assert_eq!(counts.count(JobState::Pending), 1302, "score, baseline, deepest cells");
+    let again = submit(store, &spec).await;
+    assert_eq!((again.created, again.jobs_added, again.jobs_total), (false, 0, 2602));
+    // The score job finishes: the cells of every chunk are released.
+    let score = lease(store, "w", T0).await.unwrap();
+    assert_eq!(score.job.kind, JobKind::Score);
+    store.complete(&done(&score), T0 + 1).await.unwrap();
+    let counts = store.sweep("tiny").await.unwrap();
+    assert_eq!((counts.count(JobState::Blocked), counts.count(JobState::Pending)), (0, 2601));
+    // An extension after the score job finished: its new cells are runnable at once.
+    let wider = SweepSpec::parse(&big.replace(", 1300]", ", 1300, 1301]"), "big.yaml").unwrap();
+    let out = submit(store, &wider).await;
+    assert_eq!((out.jobs_added, out.jobs_total), (2, 2604));
+    assert_eq!(store.sweep("tiny").await.unwrap().count(JobState::Blocked), 0);
+}
+
 async fn leases_follow_dependencies(store: &dyn JobStore) {
     submit(store, &tiny()).await;
     let mut leased = Vec::new();
@@ -439,6 +465,7 @@ macro_rules! both_backends {
 
 both_backends!(
     submit_is_idempotent,
+    a_big_submit_is_written_in_chunks,
     leases_follow_dependencies,
     affinity_prefers_held_models,
     expired_leases_are_reclaimed_until_max_attempts,

@@ -350,10 +350,11 @@ pub struct JobResults {
     pub results: Vec<ResultValue>,
 }
 
-/// The store's operations. Every call is one transaction.
+/// The store's operations. Every call is one transaction, but for a submit of more than 1,000 jobs.
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
-    /// Insert the sweep (if new) and the jobs it does not have yet, in one transaction.
+    /// Insert the sweep (if new) and the jobs it does not have yet: in one transaction up to 1,000
+    /// jobs, a bigger submit in a transaction per 1,000 (so it never holds the store for long).
     async fn submit(&self, spec: &SweepSpec, jobs: &[PlannedJob], now: i64) -> Result<SubmitOutcome, StoreError>;
     /// Job counts of one sweep.
     async fn sweep(&self, name: &str) -> Result<SweepCounts, StoreError>;

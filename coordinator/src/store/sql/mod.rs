@@ -36,6 +36,8 @@ mod rows;
 mod submit;
 mod workers;
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{ColumnIndex, Database, Executor, Pool, QueryBuilder, Row, SqlSafeStr, Transaction};
@@ -108,6 +110,12 @@ pub(super) struct NewEvent {
 
 /// Rows per multi-row `INSERT` (6 parameters a row stays far below SQLite's and Postgres' limits).
 pub(super) const ROWS_PER_INSERT: usize = 1000;
+
+/// Jobs per submit transaction. A bigger submit commits after each chunk, so a lease or a
+/// heartbeat waits for one chunk (tens of milliseconds on SQLite, whose pool has one connection),
+/// never for the whole sweep. A submit that fails part-way keeps the chunks it wrote; submitting
+/// again adds the rest (jobs are keyed by content).
+const SUBMIT_CHUNK: usize = 1000;
 
 impl<DB: Dialect> Tx<DB>
 where
@@ -191,10 +199,19 @@ where
     Option<String>: Scalar<DB>,
 {
     async fn submit(&self, spec: &SweepSpec, jobs: &[PlannedJob], now: i64) -> Result<SubmitOutcome, StoreError> {
+        let mut chunks = jobs.chunks(SUBMIT_CHUNK);
+        let mut known = HashMap::new();
         let mut tx = Tx::write(&self.pool).await?;
-        let outcome = tx.submit(spec, jobs, now).await?;
+        let (sweep_id, created, mut added) =
+            tx.submit_first(spec, chunks.next().unwrap_or(&[]), &mut known, now).await?;
+        for chunk in chunks {
+            tx.commit().await?;
+            tx = Tx::write(&self.pool).await?;
+            added += tx.submit_more(sweep_id, spec, chunk, &mut known, now).await?;
+        }
+        let jobs_total = tx.job_total(sweep_id).await?;
         tx.commit().await?;
-        Ok(outcome)
+        Ok(SubmitOutcome { created, jobs_added: added, jobs_total })
     }
 
     async fn sweep(&self, name: &str) -> Result<SweepCounts, StoreError> {

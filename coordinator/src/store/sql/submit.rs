@@ -1,7 +1,9 @@
 //! Submitting a sweep: the sweep row (created, or its spec replaced), then each planned job it
-//! does not have yet, in the state [`JobStatus::initial`] gives it.
+//! does not have yet, in the state [`JobStatus::initial`] gives it. A big submit is written in
+//! chunks, each its own short transaction, so that leases and heartbeats get the connection in
+//! between (SQLite has one).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::{ColumnIndex, Executor, Row};
 
@@ -9,7 +11,7 @@ use super::rows::{parse, to_u32};
 use super::{NewEvent, Tx};
 use crate::job::{JobState, JobStatus, SweepState};
 use crate::store::dialect::{Dialect, Param, Scalar};
-use crate::store::{StoreError, SubmitOutcome};
+use crate::store::StoreError;
 use crate::sweep::{PlannedJob, SweepSpec};
 
 impl<DB: Dialect> Tx<DB>
@@ -23,17 +25,65 @@ where
     String: Scalar<DB>,
     Option<String>: Scalar<DB>,
 {
-    /// Insert the sweep (if new) and the jobs it does not have yet. Jobs come in dependency order
-    /// (a job's dependency is planned before it), so each one's dependency is known when it is
-    /// inserted.
-    pub(super) async fn submit(
+    /// Create the sweep or replace its spec, then insert the first `jobs` it does not have yet;
+    /// returns the sweep's id, whether it is new, and the jobs added. Jobs come in dependency
+    /// order (a job's dependency is planned before it), so each one's dependency is in `known`
+    /// (key → id and state) when it is inserted.
+    pub(super) async fn submit_first<'k>(
         &mut self,
         spec: &SweepSpec,
-        jobs: &[PlannedJob],
+        jobs: &'k [PlannedJob],
+        known: &mut HashMap<&'k str, (i64, JobState)>,
         now: i64,
-    ) -> Result<SubmitOutcome, StoreError> {
+    ) -> Result<(i64, bool, u32), StoreError> {
         let (sweep_id, created, sweep_state) = self.upsert_sweep(spec, now).await?;
-        let mut known: HashMap<&str, (i64, JobState)> = HashMap::new();
+        let added = self.insert_jobs(sweep_id, sweep_state, spec, jobs, known, now).await?;
+        Ok((sweep_id, created, added))
+    }
+
+    /// Insert more of a submit's jobs, in a transaction of their own: the sweep's state and the
+    /// states of these jobs' dependencies are read again first (a cancel, or a score job that
+    /// finished, since the previous chunk); returns the jobs added.
+    pub(super) async fn submit_more<'k>(
+        &mut self,
+        sweep_id: i64,
+        spec: &SweepSpec,
+        jobs: &'k [PlannedJob],
+        known: &mut HashMap<&'k str, (i64, JobState)>,
+        now: i64,
+    ) -> Result<u32, StoreError> {
+        let row = sqlx::query("SELECT state FROM sweeps WHERE id = $1").bind(sweep_id).fetch_one(self.conn()).await?;
+        let sweep_state: SweepState = parse(&row.try_get::<String, _>("state")?)?;
+        let deps: HashSet<&str> = jobs.iter().filter_map(|j| j.depends_on.as_deref()).collect();
+        for key in deps {
+            if let Some((&key, _)) = known.get_key_value(key) {
+                let entry = self.existing_job(sweep_id, key).await?;
+                known.insert(key, entry);
+            }
+        }
+        self.insert_jobs(sweep_id, sweep_state, spec, jobs, known, now).await
+    }
+
+    /// How many jobs the sweep has.
+    pub(super) async fn job_total(&mut self, sweep_id: i64) -> Result<u32, StoreError> {
+        let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE sweep_id = $1")
+            .bind(sweep_id)
+            .fetch_one(self.conn())
+            .await?
+            .try_get("n")?;
+        to_u32(total, "job count")
+    }
+
+    /// Insert each of `jobs` the sweep does not have yet, with its creation event.
+    async fn insert_jobs<'k>(
+        &mut self,
+        sweep_id: i64,
+        sweep_state: SweepState,
+        spec: &SweepSpec,
+        jobs: &'k [PlannedJob],
+        known: &mut HashMap<&'k str, (i64, JobState)>,
+        now: i64,
+    ) -> Result<u32, StoreError> {
         let mut events = Vec::new();
         for job in jobs {
             let dependency = match &job.depends_on {
@@ -55,16 +105,7 @@ where
             known.insert(job.key.as_str(), entry);
         }
         self.insert_events(&events, now).await?;
-        let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE sweep_id = $1")
-            .bind(sweep_id)
-            .fetch_one(self.conn())
-            .await?
-            .try_get("n")?;
-        Ok(SubmitOutcome {
-            created,
-            jobs_added: to_u32(events.len() as i64, "jobs added")?,
-            jobs_total: to_u32(total, "job count")?,
-        })
+        to_u32(events.len() as i64, "jobs added")
     }
 
     /// Create the sweep, or replace its spec; returns its id, whether it is new, and its state.
