@@ -533,11 +533,7 @@ async fn run_local(
 
 /// A finished sweep's `results.csv`, `results.parquet` and `plots/` under `dir`; returns the
 /// failed jobs' errors.
-async fn write_results(
-    client: &mut Client,
-    sweep: &str,
-    dir: &std::path::Path,
-) -> Result<Vec<String>> {
+async fn write_results(client: &mut Client, sweep: &str, dir: &std::path::Path) -> Result<Vec<String>> {
     let jobs = export::fetch_results(client, sweep).await?;
     let rows = export::rows_from_pb(sweep, &jobs);
     for (format, name) in [(Format::Csv, "results.csv"), (Format::Parquet, "results.parquet")] {

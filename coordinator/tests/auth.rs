@@ -241,3 +241,23 @@ fn non_loopback_bind_without_tokens_is_refused() {
     assert!(auth::check_exposure("127.0.0.1:0".parse().unwrap(), &Tokens::none(), false).is_ok());
     assert!(matches!(Tokens::from_files(Some(Path::new("users")), None), Err(AuthError::OneRole)));
 }
+
+#[tokio::test]
+async fn the_call_deadline_does_not_cut_a_watch_stream() {
+    let server = Server::with_tokens().await;
+    let channel =
+        auth::client_endpoint(&server.url, None, Duration::from_millis(500)).unwrap().connect().await.unwrap();
+    let mut sweeps = SweepServiceClient::with_interceptor(channel, ClientAuth::new(Some(USER)).unwrap());
+    sweeps.submit_sweep(submit()).await.unwrap();
+    let request = pb::WatchSweepRequest { sweep: "tiny".into(), after_seq: 0 };
+    let mut stream = sweeps.watch_sweep(request).await.unwrap().into_inner();
+    // Drain what is there, then idle past the deadline: the stream stays open.
+    let idle = async {
+        loop {
+            stream.message().await?;
+        }
+    };
+    let outcome: Result<Result<(), tonic::Status>, _> = tokio::time::timeout(Duration::from_millis(1500), idle).await;
+    assert!(outcome.is_err(), "the watch stream ended within 1.5 s: {outcome:?}");
+    server.stop().await;
+}
