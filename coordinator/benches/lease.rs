@@ -48,6 +48,7 @@ async fn bench_store(label: &str, store: Arc<dyn JobStore>, jobs: usize, clients
                 let mut cycles = 0usize;
                 while let Some(l) = store.lease_next(&worker, &held, 60_000, now_ms()).await.expect("lease") {
                     let c = Completion {
+                        worker_id: worker.clone(),
                         job_id: l.job.id,
                         lease_id: l.lease_id,
                         results: vec![ResultValue { task: "c4-loss".into(), metric: "loss".into(), value: 3.0 }],

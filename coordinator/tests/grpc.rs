@@ -284,6 +284,13 @@ async fn bad_input_is_rejected_clearly(store: &TestStore) {
     assert_eq!(err.code(), Code::NotFound);
     let err = w.lease_job(lease_req("", 0)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // Leases go to registered workers only (a made-up id learns nothing about the jobs).
+    sweeps.submit_sweep(submit_req(common::TINY)).await.unwrap();
+    let err = w.lease_job(lease_req("made-up-worker", 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    assert!(err.message().contains("call Register first"), "{}", err.message());
+    let id = register(&mut w, "real").await;
+    assert!(w.lease_job(lease_req(&id, 0)).await.unwrap().into_inner().lease.is_some());
     server.shutdown().await;
 }
 

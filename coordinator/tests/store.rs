@@ -42,7 +42,12 @@ fn beat(worker: &str, l: &LeasedJob, phase: Option<&str>, progress: Option<f64>)
 }
 
 fn done(l: &LeasedJob) -> Completion {
-    let mut c = Completion { job_id: l.job.id, lease_id: l.lease_id.clone(), ..Default::default() };
+    let mut c = Completion {
+        worker_id: l.job.worker_id.clone().expect("a leased job names its worker"),
+        job_id: l.job.id,
+        lease_id: l.lease_id.clone(),
+        ..Default::default()
+    };
     match l.job.kind {
         JobKind::Score => {
             c.distances = vec![
@@ -178,6 +183,34 @@ async fn expired_leases_are_reclaimed_until_max_attempts(store: &dyn JobStore) {
     assert_eq!(store.job(score.job.id).await.unwrap().attempts, 0);
 }
 
+/// A lease is its worker's: another worker presenting it (a bug, or a forged call) can neither
+/// renew, complete nor fail the job, and nothing about the job changes.
+async fn only_the_leasing_worker_can_use_its_lease(store: &dyn JobStore) {
+    submit(store, &tiny()).await;
+    let l = lease(store, "w1", T0).await.unwrap();
+    let mut forged = done(&l);
+    forged.worker_id = "w2".into();
+    let err = store.complete(&forged, T0 + 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotYourLease { .. }), "{err}");
+    let fail = Failure {
+        worker_id: "w2".into(),
+        job_id: l.job.id,
+        lease_id: l.lease_id.clone(),
+        message: "forged".into(),
+        error_kind: "x".into(),
+        retryable: false,
+    };
+    assert!(matches!(store.fail(&fail, T0 + 1).await.unwrap_err(), StoreError::NotYourLease { .. }));
+    assert_eq!(store.heartbeat(&beat("w2", &l, None, None), T0 + 2).await.unwrap(), HeartbeatOutcome::Lost);
+    let job = store.job(l.job.id).await.unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Leased, 0), "the job is untouched");
+    assert_eq!(
+        store.heartbeat(&beat("w1", &l, None, None), T0 + 3).await.unwrap(),
+        HeartbeatOutcome::Renewed(T0 + 3 + TTL)
+    );
+    store.complete(&done(&l), T0 + 4).await.unwrap();
+}
+
 async fn stale_lease_cannot_complete(store: &dyn JobStore) {
     submit(store, &tiny()).await;
     let old = lease(store, "w1", T0).await.unwrap();
@@ -188,6 +221,7 @@ async fn stale_lease_cannot_complete(store: &dyn JobStore) {
     let err = store.complete(&done(&old), T0 + TTL + 3).await.unwrap_err();
     assert!(matches!(err, StoreError::StaleLease { .. }), "{err}");
     let fail = Failure {
+        worker_id: "w1".into(),
         job_id: old.job.id,
         lease_id: old.lease_id.clone(),
         message: "late".into(),
@@ -223,6 +257,7 @@ async fn failures_retry_or_stop(store: &dyn JobStore) {
     submit(store, &tiny()).await;
     let l = lease(store, "w1", T0).await.unwrap();
     let fail = |l: &LeasedJob, retryable| Failure {
+        worker_id: "w1".into(),
         job_id: l.job.id,
         lease_id: l.lease_id.clone(),
         message: "CUDA out of memory".into(),
@@ -470,6 +505,7 @@ both_backends!(
     affinity_prefers_held_models,
     expired_leases_are_reclaimed_until_max_attempts,
     stale_lease_cannot_complete,
+    only_the_leasing_worker_can_use_its_lease,
     a_completion_after_expiry_is_kept_until_the_job_is_leased_again,
     failures_retry_or_stop,
     cancel_stops_leasing_and_tells_workers,

@@ -233,6 +233,7 @@ pub fn completion(req: pb::CompleteJobRequest) -> Result<Completion, Status> {
         distances.push(DistanceRow { metric, n: d.n, l: d.l, value: d.value });
     }
     Ok(Completion {
+        worker_id: req.worker_id,
         job_id: req.job_id,
         lease_id: req.lease_id,
         results: req

@@ -32,6 +32,7 @@ impl From<StoreError> for Status {
         match e {
             StoreError::SweepNotFound(_) | StoreError::JobNotFound(_) => Status::not_found(msg),
             StoreError::StaleLease { .. } | StoreError::Transition(_) => Status::failed_precondition(msg),
+            StoreError::NotYourLease { .. } => Status::permission_denied(msg),
             StoreError::BadUrl(_) => Status::invalid_argument(msg),
             StoreError::Corrupt(_) | StoreError::Migrate(_) => Status::internal(msg),
             StoreError::Database(_) | StoreError::Unavailable(_) => Status::unavailable(msg),
@@ -51,6 +52,9 @@ pub struct Coordinator {
     /// Woken when jobs may have become runnable (submit, complete, fail, retry, reclaim), so that
     /// long-polling `LeaseJob` calls retry at once.
     wake: Arc<Notify>,
+    /// Worker ids known to be registered: checked against the store once, then remembered, so
+    /// that a lease poll costs no extra query.
+    known_workers: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Coordinator {
@@ -58,7 +62,7 @@ impl Coordinator {
     /// so it must be called inside a Tokio runtime.
     pub fn new(store: Arc<dyn JobStore>, config: Config, wake: Arc<Notify>) -> Self {
         let writes = GroupCommit::start(store.clone());
-        Self { store, writes, config, wake }
+        Self { store, writes, config, wake, known_workers: Arc::default() }
     }
 
     /// The client service, with this module's message-size limits
@@ -74,6 +78,21 @@ impl Coordinator {
         WorkerServiceServer::new(self.clone())
             .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(limits::MAX_ENCODING_MESSAGE_SIZE)
+    }
+}
+
+impl Coordinator {
+    /// Leases go to registered workers only: an unknown id gets NOT_FOUND, on which a worker
+    /// registers again.
+    async fn check_registered(&self, worker_id: &str) -> Result<(), Status> {
+        if self.known_workers.lock().expect("never poisoned").contains(worker_id) {
+            return Ok(());
+        }
+        if !self.store.worker_exists(worker_id).await? {
+            return Err(Status::not_found(format!("worker {worker_id:?} is not registered: call Register first")));
+        }
+        self.known_workers.lock().expect("never poisoned").insert(worker_id.to_string());
+        Ok(())
     }
 }
 
@@ -253,6 +272,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         let info =
             WorkerInfo { name: req.name, device: req.device, memory_bytes: req.memory_bytes, version: req.version };
         let worker_id = self.store.register_worker(&info, now_ms()).await?;
+        self.known_workers.lock().expect("never poisoned").insert(worker_id.clone());
         tracing::info!(%worker_id, name = %info.name, device = %info.device, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
@@ -267,6 +287,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
             return Err(Status::invalid_argument("`worker_id` is required: call Register first"));
         }
         limits::check_lease(&req)?;
+        self.check_registered(&req.worker_id).await?;
         let wait = Duration::from_millis(req.wait_ms).min(self.config.max_wait);
         let deadline = tokio::time::Instant::now() + wait;
         let ttl = ms(self.config.lease_ttl);
@@ -331,6 +352,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         let mut req = request.into_inner();
         limits::check_failure(&mut req)?;
         let failure = Failure {
+            worker_id: req.worker_id,
             job_id: req.job_id,
             lease_id: req.lease_id,
             message: req.message,

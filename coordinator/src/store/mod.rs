@@ -55,6 +55,14 @@ pub enum StoreError {
     /// The requested change is not allowed in the job's state.
     #[error(transparent)]
     Transition(#[from] InvalidTransition),
+    /// A worker reported (or renewed) a lease another worker holds.
+    #[error("job {job_id} is leased to another worker, not to {worker_id}")]
+    NotYourLease {
+        /// The job.
+        job_id: i64,
+        /// The worker that called.
+        worker_id: String,
+    },
     /// The database URL is not one we understand.
     #[error("unsupported database URL {0:?}: expected sqlite://PATH, sqlite::memory: or postgres://...")]
     BadUrl(String),
@@ -291,6 +299,8 @@ pub enum HeartbeatOutcome {
 /// A successful job's report.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Completion {
+    /// The worker reporting it: it must be the one holding the lease.
+    pub worker_id: String,
     /// The job.
     pub job_id: i64,
     /// The lease it ran under.
@@ -310,6 +320,8 @@ pub struct Completion {
 /// A failed job's report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
+    /// The worker reporting it: it must be the one holding the lease.
+    pub worker_id: String,
     /// The job.
     pub job_id: i64,
     /// The lease it ran under.
@@ -416,6 +428,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn running(&self, sweep: &str) -> Result<Vec<RunningJob>, StoreError>;
     /// Every registered worker, most recently seen first.
     async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError>;
+    /// Whether `worker_id` was registered (with any coordinator on this store).
+    async fn worker_exists(&self, worker_id: &str) -> Result<bool, StoreError>;
 }
 
 /// Open (creating if needed) and migrate the store at `url`: `sqlite://PATH`, `sqlite::memory:`,

@@ -37,7 +37,7 @@ fn check_completions<'a>(
             Some(_) if done.contains(&c.job_id) => {
                 Err(StoreError::StaleLease { job_id: c.job_id, lease_id: c.lease_id.clone() })
             }
-            Some(row) => row.complete(&c.lease_id).map(|next| (row, next)),
+            Some(row) => row.complete(&c.worker_id, &c.lease_id).map(|next| (row, next)),
         };
         match checked {
             Ok((row, next)) => {
@@ -87,7 +87,7 @@ where
     /// Record a failure; returns the job's new state (pending or failed).
     pub(super) async fn fail(&mut self, f: &Failure, now: i64) -> Result<JobState, StoreError> {
         let row = self.lock_lease_row(f.job_id).await?;
-        let next = transition(row.check(&f.lease_id)?, Trigger::Fail { retryable: f.retryable })?;
+        let next = transition(row.check(&f.worker_id, &f.lease_id)?, Trigger::Fail { retryable: f.retryable })?;
         sqlx::query(
             "UPDATE jobs SET state = $1, attempts = $2, error = $3, error_kind = $4, updated_at = $5, \
              finished_at = $6 WHERE id = $7",

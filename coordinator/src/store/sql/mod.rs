@@ -322,4 +322,11 @@ where
         tx.commit().await?;
         Ok(workers)
     }
+
+    async fn worker_exists(&self, worker_id: &str) -> Result<bool, StoreError> {
+        let mut tx = Tx::read(&self.pool).await?;
+        let exists = tx.worker_exists(worker_id).await?;
+        tx.commit().await?;
+        Ok(exists)
+    }
 }

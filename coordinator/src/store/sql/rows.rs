@@ -54,23 +54,42 @@ impl LeaseRow {
         self.lease_id.as_deref() == Some(lease_id)
     }
 
-    /// The job's status if it is leased under `lease_id`; a stale lease otherwise.
-    pub(super) fn check(&self, lease_id: &str) -> Result<JobStatus, StoreError> {
+    /// Whether `worker_id` is the worker the job was last leased to.
+    pub(super) fn is_held_by(&self, worker_id: &str) -> bool {
+        self.worker_id.as_deref() == Some(worker_id)
+    }
+
+    /// The job's status if it is leased under `lease_id` to `worker_id`; a stale lease, or
+    /// another worker's, otherwise.
+    pub(super) fn check(&self, worker_id: &str, lease_id: &str) -> Result<JobStatus, StoreError> {
         if self.status.state != JobState::Leased || !self.is_current(lease_id) {
             return Err(StoreError::StaleLease { job_id: self.id, lease_id: lease_id.to_string() });
         }
+        self.check_worker(worker_id)?;
         Ok(self.status)
+    }
+
+    fn check_worker(&self, worker_id: &str) -> Result<(), StoreError> {
+        if !self.is_held_by(worker_id) {
+            return Err(StoreError::NotYourLease { job_id: self.id, worker_id: worker_id.to_string() });
+        }
+        Ok(())
     }
 
     /// The job's status after a completion under `lease_id`: the lease's own job completes; a job
     /// whose lease expired, still waiting under that lease, completes after its expiry. Any other
     /// lease is stale.
-    pub(super) fn complete(&self, lease_id: &str) -> Result<JobStatus, StoreError> {
+    pub(super) fn complete(&self, worker_id: &str, lease_id: &str) -> Result<JobStatus, StoreError> {
         let trigger = match self.status.state {
             JobState::Pending if self.is_current(lease_id) => Trigger::CompleteAfterExpiry,
             _ => Trigger::Complete,
         };
-        let status = if trigger == Trigger::Complete { self.check(lease_id)? } else { self.status };
+        let status = if trigger == Trigger::Complete {
+            self.check(worker_id, lease_id)?
+        } else {
+            self.check_worker(worker_id)?;
+            self.status
+        };
         Ok(transition(status, trigger)?)
     }
 }

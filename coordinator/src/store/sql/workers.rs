@@ -21,6 +21,15 @@ where
     String: Scalar<DB>,
     Option<String>: Scalar<DB>,
 {
+    /// Whether `worker_id` is registered.
+    pub(super) async fn worker_exists(&mut self, worker_id: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 AS one FROM workers WHERE id = $1")
+            .bind(worker_id)
+            .fetch_optional(self.conn())
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// Register a worker; returns its new id.
     pub(super) async fn register_worker(&mut self, worker: &WorkerInfo, now: i64) -> Result<String, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
@@ -48,7 +57,9 @@ where
             .execute(self.conn())
             .await?;
         let row = self.lock_lease_row(beat.job_id).await?;
-        match heartbeat(row.status.state, row.is_current(&beat.lease_id)) {
+        // Another worker presenting this lease is told it is lost, as a stale lease would be.
+        let yours = row.is_current(&beat.lease_id) && row.is_held_by(&beat.worker_id);
+        match heartbeat(row.status.state, yours) {
             HeartbeatVerdict::Cancelled => Ok(HeartbeatOutcome::Cancelled),
             HeartbeatVerdict::Lost => Ok(HeartbeatOutcome::Lost),
             HeartbeatVerdict::Renew => {
