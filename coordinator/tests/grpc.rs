@@ -1,6 +1,7 @@
 //! End to end over gRPC: a real coordinator on 127.0.0.1:0 and the generated clients acting as
 //! fake workers, on SQLite and on Postgres (each test runs once per backend).
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -307,32 +308,6 @@ async fn concurrent_submits_make_one_sweep(store: &TestStore) {
     let s = &list.sweeps[0];
     assert_eq!(s.blocked + s.pending + s.leased + s.succeeded + s.failed + s.cancelled, 6);
     server.shutdown().await;
-}
-
-/// Runs each listed test on both backends.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let s = crate::common::sqlite().await;
-                    super::$name(&s).await;
-                    s.cleanup().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let s = crate::common::postgres().await;
-                    super::$name(&s).await;
-                    s.cleanup().await;
-                }
-            )*
-        }
-    };
 }
 
 both_backends!(

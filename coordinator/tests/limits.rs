@@ -3,6 +3,7 @@
 //! the field and the limit, and the store is unchanged; a 10^4-job sweep exports page by page.
 //! Then a property test feeds random and mutated sweep files to the parser.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -200,32 +201,6 @@ async fn a_ten_thousand_job_sweep_exports_in_pages(store: &TestStore) {
     let bad = pb::ListResultsRequest { sweep: "wide".into(), page_size: 0, page_token: "x".into() };
     refused(sweeps.list_results(bad).await, Code::InvalidArgument, &["`page_token`"]);
     server.shutdown().await;
-}
-
-/// Runs each listed test on both backends.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let s = crate::common::sqlite().await;
-                    super::$name(&s).await;
-                    s.cleanup().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let s = crate::common::postgres().await;
-                    super::$name(&s).await;
-                    s.cleanup().await;
-                }
-            )*
-        }
-    };
 }
 
 both_backends!(

@@ -4,3 +4,31 @@
 #![allow(unused_imports)]
 
 pub use prunesweep_coordinator::testing::*;
+
+/// Runs each listed test function (`async fn name(store: &TestStore)`) on both backends, as
+/// `sqlite::name` and `postgres::name`, each on a fresh store dropped after.
+#[allow(unused_macros)]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let s = crate::common::sqlite().await;
+                    super::$name(&s).await;
+                    s.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let s = crate::common::postgres().await;
+                    super::$name(&s).await;
+                    s.cleanup().await;
+                }
+            )*
+        }
+    };
+}
