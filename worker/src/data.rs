@@ -152,8 +152,9 @@ pub fn read_documents(path: &Path, limit: Option<usize>) -> Result<Vec<String>, 
         }
         split_plain_text(&text).into_iter().take(limit).collect()
     } else {
-        let text = |r: Record| match r.value.get("text") {
-            Some(serde_json::Value::String(t)) => Ok(t.clone()),
+        // The text is moved out of its record, not copied (healing reads every document).
+        let text = |mut r: Record| match r.value.get_mut("text").map(serde_json::Value::take) {
+            Some(serde_json::Value::String(t)) => Ok(t),
             _ => Err(DataError::Line {
                 path: path.to_path_buf(),
                 line: r.line as usize,

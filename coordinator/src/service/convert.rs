@@ -189,14 +189,15 @@ pub fn job_spec(job: &JobRow, distances: &[DistanceRow]) -> pb::JobSpec {
 
 /// One job with its results, as `ListResults` reports it.
 pub fn job_result(j: JobResults) -> pb::JobResult {
+    let spec = job_spec(&j.job, &[]);
     pb::JobResult {
         job_id: j.job.id,
         kind: pb::JobKind::from(j.job.kind) as i32,
         state: pb::JobState::from(j.job.state) as i32,
-        spec: Some(job_spec(&j.job, &[])),
-        layers_dropped: j.job.layers_dropped.clone(),
+        spec: Some(spec),
+        layers_dropped: j.job.layers_dropped,
         num_layers: j.job.num_layers,
-        timings: j.job.timings.iter().map(|t| pb::PhaseTiming { phase: t.phase.clone(), seconds: t.seconds }).collect(),
+        timings: j.job.timings.into_iter().map(|t| pb::PhaseTiming { phase: t.phase, seconds: t.seconds }).collect(),
         results: j
             .results
             .into_iter()

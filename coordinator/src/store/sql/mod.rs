@@ -186,6 +186,17 @@ where
 }
 
 /// Each method opens a transaction, runs one `Tx` method from the files above, and commits.
+/// One store call in one transaction: open it (`read` or `write`), run the call on it, commit,
+/// and return what the call returned.
+macro_rules! in_tx {
+    ($kind:ident, $pool:expr, $tx:ident => $call:expr) => {{
+        let mut $tx = Tx::$kind($pool).await?;
+        let out = $call.await?;
+        $tx.commit().await?;
+        Ok(out)
+    }};
+}
+
 #[async_trait]
 impl<DB: Dialect> JobStore for SqlStore<DB>
 where
@@ -215,52 +226,31 @@ where
     }
 
     async fn sweep(&self, name: &str) -> Result<SweepCounts, StoreError> {
-        let mut tx = Tx::read(&self.pool).await?;
-        let counts = tx.sweep(name).await?;
-        tx.commit().await?;
-        Ok(counts)
+        in_tx!(read, &self.pool, tx => tx.sweep(name))
     }
 
     async fn sweeps(&self) -> Result<Vec<SweepCounts>, StoreError> {
-        let mut tx = Tx::read(&self.pool).await?;
-        let sweeps = tx.sweeps().await?;
-        tx.commit().await?;
-        Ok(sweeps)
+        in_tx!(read, &self.pool, tx => tx.sweeps())
     }
 
     async fn cancel(&self, name: &str, now: i64) -> Result<u32, StoreError> {
-        let mut tx = Tx::write(&self.pool).await?;
-        let cancelled = tx.cancel(name, now).await?;
-        tx.commit().await?;
-        Ok(cancelled)
+        in_tx!(write, &self.pool, tx => tx.cancel(name, now))
     }
 
     async fn retry(&self, name: &str, include_cancelled: bool, now: i64) -> Result<u32, StoreError> {
-        let mut tx = Tx::write(&self.pool).await?;
-        let requeued = tx.retry(name, include_cancelled, now).await?;
-        tx.commit().await?;
-        Ok(requeued)
+        in_tx!(write, &self.pool, tx => tx.retry(name, include_cancelled, now))
     }
 
     async fn register_worker(&self, worker: &WorkerInfo, now: i64) -> Result<String, StoreError> {
-        let mut tx = Tx::write(&self.pool).await?;
-        let id = tx.register_worker(worker, now).await?;
-        tx.commit().await?;
-        Ok(id)
+        in_tx!(write, &self.pool, tx => tx.register_worker(worker, now))
     }
 
     async fn lease_batch(&self, requests: &[LeaseRequest], now: i64) -> Result<Vec<Option<LeasedJob>>, StoreError> {
-        let mut tx = Tx::write(&self.pool).await?;
-        let leases = tx.lease_batch(requests, now).await?;
-        tx.commit().await?;
-        Ok(leases)
+        in_tx!(write, &self.pool, tx => tx.lease_batch(requests, now))
     }
 
     async fn heartbeat(&self, beat: &Heartbeat, now: i64) -> Result<HeartbeatOutcome, StoreError> {
-        let mut tx = Tx::write(&self.pool).await?;
-        let outcome = tx.heartbeat(beat, now).await?;
-        tx.commit().await?;
-        Ok(outcome)
+        in_tx!(write, &self.pool, tx => tx.heartbeat(beat, now))
     }
 
     async fn complete_batch(
@@ -268,65 +258,38 @@ where
         completions: &[Completion],
         now: i64,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        let mut tx = Tx::write(&self.pool).await?;
-        let outcomes = tx.complete_batch(completions, now).await?;
-        tx.commit().await?;
-        Ok(outcomes)
+        in_tx!(write, &self.pool, tx => tx.complete_batch(completions, now))
     }
 
     async fn fail(&self, failure: &Failure, now: i64) -> Result<JobState, StoreError> {
-        let mut tx = Tx::write(&self.pool).await?;
-        let state = tx.fail(failure, now).await?;
-        tx.commit().await?;
-        Ok(state)
+        in_tx!(write, &self.pool, tx => tx.fail(failure, now))
     }
 
     async fn reclaim_expired(&self, now: i64) -> Result<u32, StoreError> {
-        let mut tx = Tx::write(&self.pool).await?;
-        let reclaimed = tx.reclaim_expired(now).await?;
-        tx.commit().await?;
-        Ok(reclaimed)
+        in_tx!(write, &self.pool, tx => tx.reclaim_expired(now))
     }
 
     async fn events(&self, sweep: &str, after_seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
-        let mut tx = Tx::read(&self.pool).await?;
-        let events = tx.events(sweep, after_seq, limit).await?;
-        tx.commit().await?;
-        Ok(events)
+        in_tx!(read, &self.pool, tx => tx.events(sweep, after_seq, limit))
     }
 
     async fn job(&self, job_id: i64) -> Result<JobRow, StoreError> {
-        let mut tx = Tx::read(&self.pool).await?;
-        let job = tx.job(job_id).await?;
-        tx.commit().await?;
-        Ok(job)
+        in_tx!(read, &self.pool, tx => tx.job(job_id))
     }
 
     async fn results_page(&self, sweep: &str, after_job_id: i64, limit: u32) -> Result<Vec<JobResults>, StoreError> {
-        let mut tx = Tx::read(&self.pool).await?;
-        let results = tx.results(sweep, after_job_id, i64::from(limit)).await?;
-        tx.commit().await?;
-        Ok(results)
+        in_tx!(read, &self.pool, tx => tx.results(sweep, after_job_id, i64::from(limit)))
     }
 
     async fn running(&self, sweep: &str) -> Result<Vec<RunningJob>, StoreError> {
-        let mut tx = Tx::read(&self.pool).await?;
-        let running = tx.running(sweep).await?;
-        tx.commit().await?;
-        Ok(running)
+        in_tx!(read, &self.pool, tx => tx.running(sweep))
     }
 
     async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
-        let mut tx = Tx::read(&self.pool).await?;
-        let workers = tx.workers().await?;
-        tx.commit().await?;
-        Ok(workers)
+        in_tx!(read, &self.pool, tx => tx.workers())
     }
 
     async fn worker_exists(&self, worker_id: &str) -> Result<bool, StoreError> {
-        let mut tx = Tx::read(&self.pool).await?;
-        let exists = tx.worker_exists(worker_id).await?;
-        tx.commit().await?;
-        Ok(exists)
+        in_tx!(read, &self.pool, tx => tx.worker_exists(worker_id))
     }
 }
