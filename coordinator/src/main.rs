@@ -500,12 +500,14 @@ async fn run_local(
         "sweep {sweep}: {} jobs ({} new); {workers} local workers on {device}",
         reply.jobs_total, reply.jobs_added
     );
+    let roots = read_roots(&spec);
     let children = (0..workers.max(1))
         .map(|i| {
             std::process::Command::new(&worker_bin)
                 .args(["serve", "--coordinator", &url, "--device", &device, "--name", &format!("local-{i}")])
                 .arg("--work-dir")
                 .arg(dir.join("work"))
+                .args(&roots)
                 .spawn()
                 .with_context(|| format!("starting {}", worker_bin.display()))
         })
@@ -531,6 +533,24 @@ async fn run_local(
     Ok(())
 }
 
+/// `--model-root`/`--data-root` arguments for the local workers: exactly the files the sweep
+/// names (or, for one that does not exist yet, its folder), so they read what the sweep file
+/// asks and nothing else.
+fn read_roots(spec: &SweepSpec) -> Vec<std::ffi::OsString> {
+    let mut roots = std::collections::BTreeSet::new();
+    for job in spec.expand() {
+        let models = std::iter::once(("--model-root", job.spec.model.source.as_str()));
+        for (flag, file) in models.chain(job.spec.data_files().into_iter().map(|f| ("--data-root", f))) {
+            let path = std::path::Path::new(file);
+            let root = if path.exists() { Some(path) } else { path.parent().filter(|p| p.is_dir()) };
+            if let Some(root) = root {
+                roots.insert((flag, root.to_path_buf()));
+            }
+        }
+    }
+    roots.into_iter().flat_map(|(flag, root)| [flag.into(), root.into_os_string()]).collect()
+}
+
 /// A finished sweep's `results.csv`, `results.parquet` and `plots/` under `dir`; returns the
 /// failed jobs' errors.
 async fn write_results(client: &mut Client, sweep: &str, dir: &std::path::Path) -> Result<Vec<String>> {
@@ -554,6 +574,7 @@ fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))

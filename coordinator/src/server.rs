@@ -2,8 +2,9 @@
 //! shutdown.
 //!
 //! [`run`] takes a bound listener (tests bind `127.0.0.1:0`), the store and a shutdown future, as
-//! mini-redis's `server::run` does. When the future resolves the server stops accepting, lets
-//! in-flight calls finish, and stops the reaper. [`serve`] is the same with tokens and TLS
+//! mini-redis's `server::run` does. When the future resolves the server reports NOT_SERVING on
+//! its health service, stops accepting, ends open `WatchSweep` streams (UNAVAILABLE: watch again),
+//! lets in-flight calls finish, and stops the reaper. [`serve`] is the same with tokens and TLS
 //! ([`Security`]); the health service answers without a token.
 
 use std::future::Future;
@@ -51,11 +52,12 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reaper = tokio::spawn(reap(store.clone(), config.startup_grace, config.reap_interval, wake.clone(), stop_rx));
+    let reaper =
+        tokio::spawn(reap(store.clone(), config.startup_grace, config.reap_interval, wake.clone(), stop_rx.clone()));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "coordinator listening");
     }
-    let coordinator = Coordinator::new(store, config, wake);
+    let coordinator = Coordinator::new(store, config, wake, stop_rx.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SweepServiceServer<Coordinator>>().await;
     health.set_serving::<WorkerServiceServer<Coordinator>>().await;
@@ -76,15 +78,22 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(InterceptedService::new(coordinator.sweep_service(), tokens.interceptor(Role::User)))
         .add_service(InterceptedService::new(coordinator.worker_service(), tokens.interceptor(Role::Worker)))
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            health.set_not_serving::<SweepServiceServer<Coordinator>>().await;
+            health.set_not_serving::<WorkerServiceServer<Coordinator>>().await;
+            // Streams that would never end on their own (WatchSweep) end now; unary calls finish.
+            let _ = stop_tx.send(true);
+            tracing::info!("shutting down: finishing in-flight calls");
+        })
         .await;
-    let _ = stop_tx.send(true);
     let _ = reaper.await;
     tracing::info!("coordinator stopped");
     Ok(result?)
 }
 
-/// After `grace`, return expired leases to the queue every `interval` until `stop` turns true.
+/// After `grace`, return expired leases to the queue every `interval` until `stop` turns true
+/// (or its sender, the server, is gone).
 async fn reap(
     store: Arc<dyn JobStore>,
     grace: Duration,

@@ -78,6 +78,15 @@ impl JobSpec {
         hex::encode(Sha256::digest(self.canonical_json().as_bytes()))
     }
 
+    /// The data files the job reads (calibration, healing, evaluation and few-shot files), as the
+    /// worker will see them; the model is [`ModelRef::source`].
+    pub fn data_files(&self) -> Vec<&str> {
+        let calibration = self.calibration.iter().map(|c| c.path.as_str());
+        let heal = self.heal.iter().filter_map(|h| h.qlora.as_ref()?.data.as_deref());
+        let eval = self.eval.iter().flat_map(|t| std::iter::once(t.path.as_str()).chain(t.dev_path.as_deref()));
+        calibration.chain(heal).chain(eval).collect()
+    }
+
     /// The heal variant's display name (`none` without healing).
     pub fn heal_name(&self) -> &str {
         self.heal.as_ref().map_or("none", |h| h.name.as_str())

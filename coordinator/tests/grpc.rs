@@ -310,7 +310,32 @@ async fn concurrent_submits_make_one_sweep(store: &TestStore) {
     server.shutdown().await;
 }
 
+/// An open `WatchSweep` stream (a sweep still running) does not hold a shutdown open: it ends
+/// with UNAVAILABLE naming where to resume, and the server stops within a second.
+async fn shutdown_ends_open_watch_streams(store: &TestStore) {
+    let (url, server) = common::start_server(store.store.clone(), common::fast_config()).await;
+    let (mut sweeps, _) = clients(&url).await;
+    sweeps.submit_sweep(submit_req(common::TINY)).await.unwrap();
+    let mut watch =
+        sweeps.watch_sweep(pb::WatchSweepRequest { sweep: "tiny".into(), after_seq: 0 }).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().expect("the submit's events");
+    assert!(first.seq > 0);
+    let t0 = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), server.shutdown()).await.expect("shutdown waited for the stream");
+    assert!(t0.elapsed() < Duration::from_secs(1), "shutdown took {:?}", t0.elapsed());
+    let end = loop {
+        match watch.message().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    let status = end.expect_err("the stream ends with a status, not silently");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down; watch again from after_seq"), "{status:?}");
+}
+
 both_backends!(
+    shutdown_ends_open_watch_streams,
     two_workers_finish_the_sweep,
     cancel_stops_leasing,
     silent_worker_loses_its_job,

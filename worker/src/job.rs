@@ -50,6 +50,23 @@ pub enum JobError {
     /// a result.
     #[error("{0}")]
     NotFinite(String),
+    /// A path in the spec lies outside the folders this worker was told it may read.
+    #[error(
+        "`{field}`: {path} is outside this worker's {what} roots ({roots}); start the worker with {flag} naming \
+             a folder that holds it (or correct the sweep file)"
+    )]
+    OutsideRoots {
+        /// The field, as a path into the job spec (`eval[1].path`).
+        field: String,
+        /// The path as the spec gives it.
+        path: String,
+        /// `model` or `data`.
+        what: &'static str,
+        /// The roots, comma-separated.
+        roots: String,
+        /// The flag that adds a root (`--data-root`).
+        flag: &'static str,
+    },
     /// The job panicked (a bug, or a kernel assertion).
     #[error("the job panicked: {0}")]
     Panic(String),
@@ -70,6 +87,7 @@ impl JobError {
             JobError::Runtime(_) => "runtime",
             JobError::Diverged(_) => "diverged",
             JobError::NotFinite(_) => "not_finite",
+            JobError::OutsideRoots { .. } => "outside_roots",
             JobError::Panic(_) => "panic",
             JobError::Stopped => "stopped",
         }
@@ -107,6 +125,41 @@ pub struct Job {
     pub model: String,
     /// What to do.
     pub work: Work,
+}
+
+/// Which kind of file a path in a job names (they are allowed under different roots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// The model (a path, or an HF id resolved in the local hub cache).
+    Model,
+    /// Calibration, healing or evaluation data.
+    Data,
+}
+
+impl Job {
+    /// Every file the job reads, with its field in the spec: the model, then the data.
+    pub fn files(&self) -> Vec<(String, FileKind, &std::path::Path)> {
+        let mut files = vec![("model.source".to_string(), FileKind::Model, std::path::Path::new(&self.model))];
+        fn eval<'a>(tasks: &'a [EvalSpec], files: &mut Vec<(String, FileKind, &'a std::path::Path)>) {
+            for (i, t) in tasks.iter().enumerate() {
+                files.push((format!("eval[{i}].path"), FileKind::Data, t.data.as_path()));
+                if let Some(dev) = &t.dev {
+                    files.push((format!("eval[{i}].dev_path"), FileKind::Data, dev.as_path()));
+                }
+            }
+        }
+        match &self.work {
+            Work::Score(s) => files.push(("calibration.path".into(), FileKind::Data, s.data.as_path())),
+            Work::Baseline(tasks) => eval(tasks, &mut files),
+            Work::Cell(cell) => {
+                if let Some(h) = &cell.heal {
+                    files.push(("heal.qlora.data_path".into(), FileKind::Data, h.data.as_path()));
+                }
+                eval(&cell.eval, &mut files);
+            }
+        }
+        files
+    }
 }
 
 /// What a job does.

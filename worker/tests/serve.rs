@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::c4_sample;
+use common::{c4_sample, shared_data};
 use prunesweep_coordinator::store::JobStore;
 use prunesweep_coordinator::testing::{self, start_server, wait_until_done, worker_process_config};
 use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
@@ -27,15 +27,35 @@ fn tiny_sweep(name: &str, model: &str, extra: &str) -> String {
         .replace("    limit: 4\n", "    limit: 4\n    seq_len: 16\n    first_doc: 100\n")
 }
 
-fn spawn_worker(url: &str, work_dir: &Path, name: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_worker"))
+/// `worker serve` reading models under the test fixtures and data under the shared data only.
+fn worker_command(url: &str, work_dir: &Path, name: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+    command
         .args(["serve", "--coordinator", url, "--lease-wait-secs", "1", "--name", name])
         .arg("--work-dir")
         .arg(work_dir)
+        .arg("--model-root")
+        .arg(workspace().join("worker/tests/fixtures"))
+        .arg("--data-root")
+        .arg(shared_data())
         .current_dir(workspace())
+        .stdout(Stdio::null());
+    command
+}
+
+fn spawn_worker(url: &str, work_dir: &Path, name: &str) -> Child {
+    worker_command(url, work_dir, name)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .spawn()
+        .expect("start worker serve")
+}
+
+/// A worker whose log (info and up) goes to `log`.
+fn spawn_logged_worker(url: &str, work_dir: &Path, name: &str, log: &Path) -> Child {
+    worker_command(url, work_dir, name)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("start worker serve")
 }
@@ -123,23 +143,29 @@ async fn a_missing_model_fails_once_with_its_path_and_a_killed_worker_loses_noth
     let store = testing::sqlite().await;
     let (url, server) = start_server(store.store.clone(), worker_process_config()).await;
     let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
-    // A model path that does not exist on the worker: every job of the sweep fails for good,
-    // with the path in the error, after one attempt (not retried to max_attempts).
-    let yaml = tiny_sweep("missing-model", "/nonexistent/model-dir", "");
-    client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap();
+    // A model path under the worker's model root that does not exist: every job of the sweep
+    // fails for good, with the path in the error, after one attempt (not retried to max_attempts).
+    // A model outside its roots fails the same way, naming the flag that would allow it.
     let w = spawn_worker(&url, &tmp.path().join("w"), "w");
-    let status = wait_until_done(&url, "missing-model", Duration::from_secs(60)).await;
-    assert_eq!(status.succeeded, 0);
-    let jobs = client
-        .list_results(ListResultsRequest { sweep: "missing-model".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
-    let score = jobs.iter().find(|j| j.kind == JobKind::Score as i32).unwrap();
-    assert_eq!(score.state, JobState::Failed as i32);
-    assert_eq!(score.attempts, 1, "a missing path is not retried");
-    assert!(score.error.as_deref().unwrap_or_default().contains("/nonexistent/model-dir"), "{score:?}");
+    for (sweep, model, says) in [
+        ("missing-model", "worker/tests/fixtures/no-such-model", "worker/tests/fixtures/no-such-model"),
+        ("outside-roots", "/nonexistent/model-dir", "outside this worker's model roots"),
+    ] {
+        let yaml = tiny_sweep(sweep, model, "");
+        client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap();
+        let status = wait_until_done(&url, sweep, Duration::from_secs(60)).await;
+        assert_eq!(status.succeeded, 0);
+        let jobs = client
+            .list_results(ListResultsRequest { sweep: sweep.into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs;
+        let score = jobs.iter().find(|j| j.kind == JobKind::Score as i32).unwrap();
+        assert_eq!(score.state, JobState::Failed as i32);
+        assert_eq!(score.attempts, 1, "{sweep}: not retried");
+        assert!(score.error.as_deref().unwrap_or_default().contains(says), "{sweep}: {score:?}");
+    }
     stop(w);
 
     // A worker killed (SIGKILL, no goodbye) in the middle of a healing job: the lease expires, the
@@ -175,9 +201,17 @@ async fn a_missing_model_fails_once_with_its_path_and_a_killed_worker_loses_noth
     server.shutdown().await;
 }
 
-/// Serves `store` on `addr` until the returned task is aborted (a coordinator killed without
-/// warning: connections drop, nothing is flushed beyond what the store committed).
-fn serve_on(listener: tokio::net::TcpListener, store: Arc<dyn JobStore>) -> tokio::task::JoinHandle<()> {
+/// What a coordinator child process serves: `ADDR DATABASE_URL` (see [`coordinator_process`]).
+const COORDINATOR_ENV: &str = "PRUNESWEEP_TEST_COORDINATOR";
+
+/// Not a test: the body of a coordinator child process. [`spawn_coordinator`] runs this test
+/// binary again with only this test selected and `COORDINATOR_ENV` set, so a test can SIGKILL a
+/// real coordinator process (no goodbye, nothing flushed beyond what the store committed).
+#[test]
+#[ignore = "the coordinator child process of the outage tests; runs only when they start it"]
+fn coordinator_process() {
+    let Ok(what) = std::env::var(COORDINATOR_ENV) else { return };
+    let (addr, database) = what.split_once(' ').expect("ADDR DATABASE_URL");
     let config = prunesweep_coordinator::Config {
         lease_ttl: Duration::from_secs(2),
         heartbeat_interval: Duration::from_millis(300),
@@ -185,13 +219,37 @@ fn serve_on(listener: tokio::net::TcpListener, store: Arc<dyn JobStore>) -> toki
         startup_grace: Duration::from_secs(2),
         ..worker_process_config()
     };
-    tokio::spawn(async move {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = prunesweep_coordinator::store::open(database).await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let _ = prunesweep_coordinator::run(listener, store, config, std::future::pending()).await;
-    })
+    });
 }
 
-/// The coordinator dies while a worker heals a cell, and comes back after more than a lease
-/// length: the finished result waits in the worker's outbox and is delivered when it returns; no
+/// A coordinator process serving `database` on `addr` (lease 2 s, grace 2 s); returns once it
+/// answers.
+async fn spawn_coordinator(addr: std::net::SocketAddr, database: &str) -> Child {
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["coordinator_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env(COORDINATOR_ENV, format!("{addr} {database}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the coordinator process");
+    let t0 = Instant::now();
+    while SweepServiceClient::connect(format!("http://{addr}")).await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the coordinator process never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// The coordinator process is SIGKILLed while a worker heals a cell, and comes back after more
+/// than a lease length: the finished result waits in the worker's outbox and is delivered when it returns; no
 /// attempt is charged and the job is not run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_finished_during_a_coordinator_outage_is_delivered_when_it_returns() {
@@ -208,10 +266,9 @@ async fn a_result_outlives_its_workers_restart_in_the_outbox() {
 async fn coordinator_outage(kill_worker: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", tmp.path().join("coordinator.sqlite").display());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let addr = free_addr();
     let url = format!("http://{addr}");
-    let server = serve_on(listener, prunesweep_coordinator::store::open(&database).await.unwrap());
+    let mut coordinator = spawn_coordinator(addr, &database).await;
     let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
     let heal = "heal:\n  - name: qlora\n    qlora: {rank: 2, alpha: 4, dropout: 0.0, steps: 300, learning_rate: 0.001, batch_size: 2, seq_len: 16}\n";
     let yaml = tiny_sweep("outage", testing::TINY_MODEL, heal)
@@ -228,8 +285,8 @@ async fn coordinator_outage(kill_worker: bool) {
         assert!(t0.elapsed() < Duration::from_secs(120), "the worker never started healing");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    server.abort();
-    let _ = server.await;
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
     // The job finishes during the outage: its report waits in the outbox.
     let outbox = work.join("outbox");
     let t0 = Instant::now();
@@ -244,9 +301,8 @@ async fn coordinator_outage(kill_worker: bool) {
     }
     // Down for longer than a lease, then back on the same address and database.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let store = prunesweep_coordinator::store::open(&database).await.unwrap();
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let server = serve_on(listener, store.clone());
+    let mut coordinator = spawn_coordinator(addr, &database).await;
+    let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
     let status = wait_until_done(&url, "outage", Duration::from_secs(120)).await;
     assert_eq!((status.succeeded, status.failed), (1, 0), "{status:?}");
     let jobs = client
@@ -259,6 +315,7 @@ async fn coordinator_outage(kill_worker: bool) {
         assert_eq!(job.attempts, 0, "no attempt charged for the outage: {job:?}");
         assert!(!job.results.is_empty(), "{job:?}");
     }
+    let store = prunesweep_coordinator::store::open(&database).await.unwrap();
     let events = store.events("outage", 0, 1000).await.unwrap();
     for job in &jobs {
         let leases = events.iter().filter(|e| e.job_id == job.job_id && e.state.as_str() == "leased").count();
@@ -266,7 +323,56 @@ async fn coordinator_outage(kill_worker: bool) {
     }
     assert!(std::fs::read_dir(&outbox).unwrap().next().is_none(), "the outbox is empty once delivered");
     stop(worker);
-    server.abort();
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+}
+
+/// Two workers share a work dir (a shared filesystem): the one healing a cell is SIGKILLed after
+/// a checkpoint, and the other, leasing the job once the lease expired, resumes from that
+/// checkpoint instead of step 0, and says so in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_healing_job_resumes_from_a_checkpoint_on_a_shared_work_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", tmp.path().join("coordinator.sqlite").display());
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let mut coordinator = spawn_coordinator(addr, &database).await;
+    let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
+    let heal = "heal:\n  - name: qlora\n    qlora: {rank: 2, alpha: 4, dropout: 0.0, steps: 400, learning_rate: 0.001, batch_size: 2, seq_len: 16, checkpoint_every: 10}\n";
+    let yaml = tiny_sweep("shared", testing::TINY_MODEL, heal)
+        .replace("methods: [angular, deepest]", "methods: [deepest]")
+        .replace("fractions: [0.25, 0.5]", "fractions: [0.25]")
+        + "baseline: false\n";
+    client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap();
+    let shared = tmp.path().join("shared-work");
+    let mut first = spawn_worker(&url, &shared, "first");
+    let t0 = Instant::now();
+    let checkpoint = loop {
+        let found = std::fs::read_dir(shared.join("jobs"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .map(|e| e.unwrap().path().join("heal/checkpoint.safetensors"));
+        if let Some(path) = found.filter(|p| p.is_file()) {
+            break path;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "the first worker never checkpointed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(checkpoint.is_file());
+    let log = tmp.path().join("second.log");
+    let second = spawn_logged_worker(&url, &shared, "second", &log);
+    let status = wait_until_done(&url, "shared", Duration::from_secs(180)).await;
+    assert_eq!((status.succeeded, status.failed), (1, 0), "{status:?}");
+    stop(second);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("resuming from the healing checkpoint an earlier attempt of this job left"), "{log}");
+    let resumed = log.lines().find(|l| l.contains("resumed")).unwrap_or_else(|| panic!("no resume line: {log}"));
+    let step: u64 = resumed.split("step=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
+    assert!(step >= 10, "resumed at step {step}, not 0: {resumed}");
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
 }
 
 /// Two coordinators on one Postgres; a worker given both (`--coordinator a,b`) finishes the sweep

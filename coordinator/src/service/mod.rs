@@ -55,14 +55,22 @@ pub struct Coordinator {
     /// Worker ids known to be registered: checked against the store once, then remembered, so
     /// that a lease poll costs no extra query.
     known_workers: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Turns true when the server starts shutting down: open `WatchSweep` streams end then
+    /// (UNAVAILABLE, so clients watch again elsewhere) instead of holding the shutdown open.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Coordinator {
     /// Services over `store`. `wake` is shared with the reaper. Starts the [`GroupCommit`] tasks,
     /// so it must be called inside a Tokio runtime.
-    pub fn new(store: Arc<dyn JobStore>, config: Config, wake: Arc<Notify>) -> Self {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        config: Config,
+        wake: Arc<Notify>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         let writes = GroupCommit::start(store.clone());
-        Self { store, writes, config, wake, known_workers: Arc::default() }
+        Self { store, writes, config, wake, known_workers: Arc::default(), stopping }
     }
 
     /// The client service, with this module's message-size limits
@@ -171,6 +179,7 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         let (tx, rx) = mpsc::channel(64);
         let store = self.store.clone();
         let poll = self.config.watch_poll;
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let mut after = req.after_seq;
             loop {
@@ -211,6 +220,14 @@ impl pb::sweep_service_server::SweepService for Coordinator {
                     tokio::select! {
                         _ = tokio::time::sleep(poll) => {}
                         _ = tx.closed() => return,
+                        // (The guard `wait_for` returns is not `Send`: dropped inside.)
+                        _ = async { drop(stopping.wait_for(|stop| *stop).await) } => {
+                            let _ = tx.send(Err(Status::unavailable(format!(
+                                "the coordinator is shutting down; watch again from after_seq {after} (on its \
+                                 successor, or once it is back)"
+                            )))).await;
+                            return;
+                        }
                     }
                 }
             }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use prunesweep_worker::model::parse_device;
+use prunesweep_worker::serve::roots::Roots;
 use prunesweep_worker::serve::{serve, ServeConfig};
 
 /// Arguments of `worker serve`.
@@ -29,6 +30,14 @@ pub struct ServeArgs {
     /// Per-job files (healing checkpoints, so a re-leased job resumes).
     #[arg(long, env = "PRUNESWEEP_WORK_DIR", default_value = ".cache/worker")]
     work_dir: PathBuf,
+    /// A folder (or file) jobs may read models from; repeat or separate with commas. The work dir
+    /// and the local HF hub cache are always allowed.
+    #[arg(long = "model-root", env = "PRUNESWEEP_MODEL_ROOT", value_delimiter = ',')]
+    model_roots: Vec<PathBuf>,
+    /// A folder (or file) jobs may read data from; repeat or separate with commas. The work dir
+    /// is always allowed.
+    #[arg(long = "data-root", env = "PRUNESWEEP_DATA_ROOT", value_delimiter = ',')]
+    data_roots: Vec<PathBuf>,
     /// Exit after this many jobs (default: serve until Ctrl-C / SIGTERM).
     #[arg(long)]
     max_jobs: Option<usize>,
@@ -58,7 +67,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let host = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok());
     let name =
         args.name.unwrap_or_else(|| format!("{}:{}", host.unwrap_or_else(|| "worker".into()).trim(), args.device));
+    let roots = Roots::new(&args.work_dir, &args.model_roots, &args.data_roots)?;
+    tracing::info!(roots = %roots.describe(), "jobs may read only under these roots");
     let cfg = ServeConfig {
+        roots,
         coordinator: args.coordinator,
         name,
         device_name: args.device,

@@ -146,7 +146,9 @@ impl ModelSource {
     }
 }
 
-fn hub_cache_roots() -> Vec<PathBuf> {
+/// The local Hugging Face hub caches, in the order searched: `HF_HUB_CACHE`, `HF_HOME/hub`,
+/// `~/.cache/huggingface/hub`.
+pub fn hub_cache_roots() -> Vec<PathBuf> {
     let mut roots = Vec::new();
     if let Ok(p) = std::env::var("HF_HUB_CACHE") {
         roots.push(PathBuf::from(p));

@@ -16,11 +16,13 @@
 //!
 //! - [`pipeline`]: what running one job means (load, score, prune, heal, eval).
 //! - [`outbox`]: reports kept on disk until delivered.
+//! - [`roots`]: the folders a job's model and data may come from.
 //! - [`channel`]: the connection to a coordinator (token, TLS, deadlines, keepalives).
 
 pub mod channel;
 pub mod outbox;
 pub mod pipeline;
+pub mod roots;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -53,6 +55,8 @@ pub struct ServeConfig {
     pub device_name: String,
     /// Healing checkpoints and other per-job files.
     pub work_dir: PathBuf,
+    /// Where a job's model and data may be read from.
+    pub roots: roots::Roots,
     /// Long-poll wait per `LeaseJob` call.
     pub lease_wait: Duration,
     /// Stop after this many jobs (tests, batch use); `None` serves until shutdown.
@@ -217,7 +221,7 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
         s = register(coordinators, &cfg) => s?,
         _ = &mut shutdown => return Ok(()),
     };
-    let mut pipeline = Some(Pipeline::new(device, cfg.work_dir.clone()));
+    let mut pipeline = Some(Pipeline::new(device, cfg.work_dir.clone(), cfg.roots.clone()));
     let mut done = 0usize;
     let mut backoff = Backoff::new();
     loop {

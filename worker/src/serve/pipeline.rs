@@ -20,6 +20,7 @@ use crate::job::{Cell, Job, JobError, Work};
 use crate::model::{Model, ModelError};
 use crate::prune::{self, LayerScores, PruneError};
 use crate::score::{self, ScoreSpec};
+use crate::serve::roots::Roots;
 
 /// What a finished job reports (the fields of `CompleteJobRequest`).
 #[derive(Debug, Clone, Default)]
@@ -69,6 +70,7 @@ impl Progress {
 pub struct Pipeline {
     device: Device,
     work_dir: PathBuf,
+    roots: Roots,
     loaded: Option<(String, Model)>,
 }
 
@@ -112,9 +114,10 @@ fn eval_failure(spec: &EvalSpec, e: eval::EvalError) -> JobError {
 }
 
 impl Pipeline {
-    /// A pipeline on `device`; healing checkpoints go under `work_dir/jobs/<job key>/`.
-    pub fn new(device: Device, work_dir: PathBuf) -> Self {
-        Pipeline { device, work_dir, loaded: None }
+    /// A pipeline on `device` that reads only under `roots`; healing checkpoints go under
+    /// `work_dir/jobs/<job key>/`.
+    pub fn new(device: Device, work_dir: PathBuf, roots: Roots) -> Self {
+        Pipeline { device, work_dir, roots, loaded: None }
     }
 
     /// Drops the loaded model (after a panic it may be half-changed).
@@ -140,6 +143,7 @@ impl Pipeline {
     /// Runs one job to completion, or until `progress.stop` is set.
     pub fn run(&mut self, job: &Job, progress: &Progress) -> Result<JobOutput, JobError> {
         let mut out = JobOutput::default();
+        self.roots.check(job)?;
         progress.set("load", 0.0);
         let t = Instant::now();
         let mut model = self.model(&job.model)?;
@@ -176,6 +180,14 @@ impl Pipeline {
         let dir = self.work_dir.join("jobs").join(&job.key).join("heal");
         let identity = serde_json::json!({ "job": job.key, "kept_layers": model.decoder.kept_layers() });
         let steps = spec.config.steps.max(1);
+        if dir.join(heal::CHECKPOINT_FILE).is_file() {
+            tracing::info!(
+                job = %job.key,
+                dir = %dir.display(),
+                "resuming from the healing checkpoint an earlier attempt of this job left in the work dir (this \
+                 worker's, or another worker's on a shared work dir)"
+            );
+        }
         let mut trainer = heal::prepare(model, spec, &dir, identity, true).map_err(heal_failure)?;
         let end = trainer
             .run(&progress.stop, &mut |s| progress.set("heal", s.step as f64 / steps as f64))
@@ -308,8 +320,10 @@ mod tests {
 
     #[test]
     fn a_missing_model_is_a_non_retryable_load_failure() {
-        let mut p = Pipeline::new(Device::Cpu, std::env::temp_dir());
-        let job = Job { id: 1, key: "k".into(), model: "/no/such/model".into(), work: Work::Baseline(Vec::new()) };
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Pipeline::new(Device::Cpu, dir.path().into(), Roots::new(dir.path(), &[], &[]).unwrap());
+        let model = dir.path().join("no-such-model").display().to_string();
+        let job = Job { id: 1, key: "k".into(), model, work: Work::Baseline(Vec::new()) };
         let f = p.run(&job, &Progress::default()).unwrap_err();
         assert_eq!((f.kind(), f.is_retryable()), ("model_load", false), "{f}");
     }
