@@ -2,11 +2,11 @@
 //! generates the prost messages and tonic client + server into `OUT_DIR`.
 //!
 //! The enums that sweep files and stored job specs name (prune method, eval task, adapter
-//! targets, schedule) also get serde, by their kebab-case names (`block-influence`, `c4-loss`):
+//! targets, schedule, dtype) also get serde, by their kebab-case names (`block-influence`, `c4-loss`):
 //! the same names [`vocabulary`](src/vocabulary.rs) derives, which a test holds them to.
 
 /// Enums written by name in sweep files and stored specs.
-const NAMED_ENUMS: [&str; 4] = ["PruneMethod", "EvalTaskKind", "AdapterTargets", "LrSchedule"];
+const NAMED_ENUMS: [&str; 5] = ["PruneMethod", "EvalTaskKind", "AdapterTargets", "LrSchedule", "Dtype"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=prunesweep/v1");

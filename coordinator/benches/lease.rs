@@ -116,6 +116,7 @@ async fn bench(label: &str, store: Arc<dyn JobStore>, jobs: usize, clients: usiz
                         worker_id: worker_id.clone(),
                         held_models: vec!["m.gguf".into()],
                         wait_ms: 0,
+                        free_memory_bytes: None,
                     };
                     let Some(lease) = w.lease_job(req).await.expect("lease").into_inner().lease else {
                         return cycles;

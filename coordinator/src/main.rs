@@ -273,22 +273,24 @@ fn print_running(running: &[pb::RunningJob]) {
 fn print_workers(workers: &[pb::WorkerStatus]) {
     let now = store::now_ms();
     println!(
-        "{:<8} {:<24} {:<8} {:>9} {:<10} {:>10} {:>10} JOB",
-        "ID", "NAME", "DEVICE", "MEMORY", "VERSION", "REGISTERED", "LAST SEEN"
+        "{:<8} {:<24} {:<8} {:>9} {:>9} {:<10} {:>10} {:>10} JOB",
+        "ID", "NAME", "DEVICE", "MEMORY", "FREE", "VERSION", "REGISTERED", "LAST SEEN"
     );
+    let gib = |m: Option<u64>| m.map_or("-".to_string(), |m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64));
     for w in workers {
-        let memory = w.memory_bytes.map_or("-".to_string(), |m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64));
+        let (memory, free) = (gib(w.memory_bytes), gib(w.free_memory_bytes));
         let job = match (w.job_id, &w.sweep) {
             (Some(id), Some(sweep)) => format!("{id} ({sweep})"),
             (Some(id), None) => id.to_string(),
             (None, _) => "-".to_string(),
         };
         println!(
-            "{:<8} {:<24} {:<8} {:>9} {:<10} {:>10} {:>10} {}",
+            "{:<8} {:<24} {:<8} {:>9} {:>9} {:<10} {:>10} {:>10} {}",
             w.worker_id.get(..8).unwrap_or(&w.worker_id),
             w.name,
             w.device,
             memory,
+            free,
             w.version,
             ago(now, w.registered_at_ms),
             ago(now, w.last_seen_ms),

@@ -10,7 +10,7 @@
 //! Specs stored before a field existed still read: a field they lack takes its serde default,
 //! and a worker refuses (non-retryably, naming the field) a setting that came back unset.
 
-use prunesweep_proto::v1::PruneMethod;
+use prunesweep_proto::v1::{Dtype, PruneMethod};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -27,6 +27,10 @@ pub struct ModelRef {
     /// HF revision.
     #[serde(default)]
     pub revision: Option<String>,
+    /// What to compute in; `None`: the worker device's own (f32 on CPU, bf16 on CUDA). Left out
+    /// of the canonical JSON when unset, so specs written before it keep their keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
 }
 
 /// How many layers a cell drops.

@@ -40,6 +40,7 @@ fn lease_req(worker_id: &str, wait_ms: u64) -> pb::LeaseJobRequest {
         worker_id: worker_id.into(),
         held_models: vec!["worker/tests/fixtures/tiny-llama".into()],
         wait_ms,
+        free_memory_bytes: Some(3 << 30),
     }
 }
 
@@ -256,6 +257,8 @@ async fn get_sweep_shows_running_jobs_and_list_workers_their_holders(store: &Tes
     assert_eq!((find(&busy).job_id, find(&busy).sweep.as_deref()), (Some(job_id), Some("tiny")));
     assert_eq!((find(&busy).name.as_str(), find(&busy).device.as_str()), ("busy", "cpu"));
     assert_eq!(find(&busy).memory_bytes, Some(1 << 30));
+    assert_eq!(find(&busy).free_memory_bytes, Some(3 << 30), "as its last LeaseJob reported");
+    assert_eq!(find(&idle).free_memory_bytes, None, "never leased");
     assert!(find(&busy).last_seen_ms >= find(&busy).registered_at_ms);
     assert_eq!(find(&idle).job_id, None);
     w.complete_job(complete_req(&busy, &lease)).await.unwrap();

@@ -107,7 +107,7 @@ async fn huge_strings_and_hostile_names_are_refused(store: &TestStore) {
 
     // A lease with too many held models; a heartbeat with a huge phase.
     let id = workers.register(register("w1".into())).await.unwrap().into_inner().worker_id;
-    let many = pb::LeaseJobRequest { worker_id: id.clone(), held_models: vec!["m".into(); 10_000], wait_ms: 0 };
+    let many = pb::LeaseJobRequest { worker_id: id.clone(), held_models: vec!["m".into(); 10_000], wait_ms: 0, ..Default::default() };
     refused(workers.lease_job(many).await, Code::InvalidArgument, &["`held_models`", "256"]);
     let beat = pb::HeartbeatRequest {
         worker_id: id.clone(),
@@ -129,7 +129,7 @@ async fn non_finite_values_are_refused_and_the_job_stays_leased(store: &TestStor
     let id = workers.register(register).await.unwrap().into_inner().worker_id;
     let mut leases = Vec::new();
     for _ in 0..2 {
-        let req = pb::LeaseJobRequest { worker_id: id.clone(), held_models: vec![], wait_ms: 1000 };
+        let req = pb::LeaseJobRequest { worker_id: id.clone(), wait_ms: 1000, ..Default::default() };
         leases.push(workers.lease_job(req).await.unwrap().into_inner().lease.expect("a runnable job"));
     }
     let status = |s: pb::SweepStatus| (s.leased, s.succeeded);
@@ -229,7 +229,7 @@ async fn big_submit_against_leases() {
             let (mut worst, mut count) = (Duration::ZERO, 0u32);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let started = Instant::now();
-                let req = pb::LeaseJobRequest { worker_id: id.clone(), held_models: vec![], wait_ms: 0 };
+                let req = pb::LeaseJobRequest { worker_id: id.clone(), wait_ms: 0, ..Default::default() };
                 let reply = workers.lease_job(req).await;
                 worst = worst.max(started.elapsed());
                 count += 1;

@@ -4,7 +4,7 @@
 //! `as_str_name` (`PRUNE_METHOD_BLOCK_INFLUENCE` → `block-influence`), so adding a value to the
 //! contract adds its name everywhere, and no program keeps a second list of the values.
 
-use crate::v1::{AdapterTargets, DistanceMetric, EvalTaskKind, JobKind, JobState, LrSchedule, PruneMethod, SweepState};
+use crate::v1::{AdapterTargets, DistanceMetric, Dtype, EvalTaskKind, JobKind, JobState, LrSchedule, PruneMethod, SweepState};
 
 /// A contract enum with names. Every value but `UNSPECIFIED` has one.
 pub trait Vocabulary: Sized + Copy + 'static {
@@ -92,6 +92,7 @@ vocabulary! {
     SweepState => "SWEEP_STATE_", "sweep state";
     AdapterTargets => "ADAPTER_TARGETS_", "adapter target set";
     LrSchedule => "LR_SCHEDULE_", "learning-rate schedule";
+    Dtype => "DTYPE_", "dtype";
 }
 
 #[cfg(test)]
@@ -132,5 +133,7 @@ mod tests {
         serde_names_agree::<EvalTaskKind>();
         serde_names_agree::<AdapterTargets>();
         serde_names_agree::<LrSchedule>();
+        serde_names_agree::<Dtype>();
+        assert_eq!(Dtype::all().iter().map(|d| d.name()).collect::<Vec<_>>(), ["f32", "bf16"]);
     }
 }

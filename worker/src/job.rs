@@ -123,6 +123,8 @@ pub struct Job {
     pub key: String,
     /// The model's source: a path, or an HF id in the local cache.
     pub model: String,
+    /// What to compute in; `None`: the device's own ([`crate::model::default_dtype`]).
+    pub dtype: Option<candle_core::DType>,
     /// What to do.
     pub work: Work,
 }
@@ -213,7 +215,19 @@ impl TryFrom<&pb::JobSpec> for Job {
                 ))
             }
         };
-        Ok(Job { id: spec.job_id, key: spec.key.clone(), model: model.source.clone(), work })
+        let dtype = match pb::Dtype::try_from(model.dtype) {
+            Ok(pb::Dtype::Unspecified) => None,
+            Ok(pb::Dtype::F32) => Some(candle_core::DType::F32),
+            Ok(pb::Dtype::Bf16) => Some(candle_core::DType::BF16),
+            Err(_) => {
+                let known: Vec<String> = pb::Dtype::all().into_iter().map(|d| d.name()).collect();
+                return Err(JobError::spec(
+                    "model.dtype",
+                    format!("unknown value {}; known: {}", model.dtype, known.join(", ")),
+                ));
+            }
+        };
+        Ok(Job { id: spec.job_id, key: spec.key.clone(), model: model.source.clone(), dtype, work })
     }
 }
 
@@ -335,7 +349,7 @@ mod tests {
             job_id: 7,
             key: "k".into(),
             kind: pb::JobKind::Cell as i32,
-            model: Some(pb::ModelRef { name: "m".into(), source: "m.gguf".into(), revision: None }),
+            model: Some(pb::ModelRef { name: "m".into(), source: "m.gguf".into(), ..Default::default() }),
             method: pb::PruneMethod::Deepest as i32,
             amount: Some(pb::job_spec::Amount::N(2)),
             heal: Some(pb::HealSpec { name: "h".into(), qlora: Some(q) }),

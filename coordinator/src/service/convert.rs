@@ -89,6 +89,7 @@ impl From<&WorkerRow> for pb::WorkerStatus {
             last_seen_ms: w.last_seen,
             job_id: w.job_id,
             sweep: w.sweep.clone(),
+            free_memory_bytes: None,
         }
     }
 }
@@ -172,6 +173,7 @@ pub fn job_spec(job: &JobRow, distances: &[DistanceRow]) -> pb::JobSpec {
             name: s.model.name.clone(),
             source: s.model.source.clone(),
             revision: s.model.revision.clone(),
+            dtype: s.model.dtype.unwrap_or(pb::Dtype::Unspecified) as i32,
         }),
         calibration: s.calibration.as_ref().map(pb::CalibrationData::from),
         method: s.method.unwrap_or(pb::PruneMethod::Unspecified) as i32,

@@ -55,6 +55,8 @@ pub struct Coordinator {
     /// Worker ids known to be registered: checked against the store once, then remembered, so
     /// that a lease poll costs no extra query.
     known_workers: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Each worker's free device memory as its last `LeaseJob` here reported it.
+    free_memory: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
     /// Turns true when the server starts shutting down: open `WatchSweep` streams end then
     /// (UNAVAILABLE, so clients watch again elsewhere) instead of holding the shutdown open.
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -70,7 +72,7 @@ impl Coordinator {
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let writes = GroupCommit::start(store.clone());
-        Self { store, writes, config, wake, known_workers: Arc::default(), stopping }
+        Self { store, writes, config, wake, known_workers: Arc::default(), free_memory: Arc::default(), stopping }
     }
 
     /// The client service, with this module's message-size limits
@@ -277,7 +279,12 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         _request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self.store.workers().await?;
-        Ok(Response::new(pb::ListWorkersResponse { workers: workers.iter().map(pb::WorkerStatus::from).collect() }))
+        let free = self.free_memory.lock().expect("never poisoned");
+        let workers = workers
+            .iter()
+            .map(|w| pb::WorkerStatus { free_memory_bytes: free.get(&w.id).copied(), ..pb::WorkerStatus::from(w) })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 }
 
@@ -305,6 +312,9 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         }
         limits::check_lease(&req)?;
         self.check_registered(&req.worker_id).await?;
+        if let Some(free) = req.free_memory_bytes {
+            self.free_memory.lock().expect("never poisoned").insert(req.worker_id.clone(), free);
+        }
         let wait = Duration::from_millis(req.wait_ms).min(self.config.max_wait);
         let deadline = tokio::time::Instant::now() + wait;
         let ttl = ms(self.config.lease_ttl);

@@ -54,6 +54,7 @@ impl SweepSpec {
                 name: m.name.clone(),
                 source: m.path.clone().or_else(|| m.hf.clone()).expect("validated: path or hf"),
                 revision: m.revision.clone(),
+                dtype: m.dtype,
             })
             .collect()
     }

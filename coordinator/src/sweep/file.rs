@@ -7,7 +7,9 @@
 
 use std::fmt;
 
-use prunesweep_proto::v1::{AdapterTargets, CalibrationData, EvalTaskKind, LrSchedule, PruneMethod, QLoraSettings};
+use prunesweep_proto::v1::{
+    AdapterTargets, CalibrationData, Dtype, EvalTaskKind, LrSchedule, PruneMethod, QLoraSettings,
+};
 use prunesweep_proto::{defaults, Vocabulary};
 use serde::{Deserialize, Serialize};
 
@@ -145,6 +147,10 @@ pub struct ModelSpec {
     /// HF revision for `hf`.
     #[serde(default)]
     pub revision: Option<String>,
+    /// `f32` or `bf16`; default: the worker device's own (f32 on CPU, bf16 on CUDA). `bf16` on a
+    /// CPU worker runs the GPU code path.
+    #[serde(default)]
+    pub dtype: Option<Dtype>,
 }
 
 /// Calibration data for scoring. Also the stored job spec's calibration, every field resolved.

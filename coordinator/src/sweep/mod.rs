@@ -242,6 +242,7 @@ mod tests {
             ("learning_rate: 0.0003}", "learning_rate: 0.0003, target_modules: all-linear}"),
             ("learning_rate: 0.0003}", "learning_rate: 0.0003, checkpoint_every: 5}"),
             ("first_doc: 100\n", "first_doc: 100\n    batch_size: 4\n"),
+            ("path: worker/tests/fixtures/tiny-llama\n", "path: worker/tests/fixtures/tiny-llama\n    dtype: bf16\n"),
         ] {
             let changed = keys(&yaml.replace(from, to));
             let moved = changed.iter().filter(|k| !base.contains(k)).count();
@@ -276,6 +277,13 @@ mod tests {
         let spec = parse(&with("target_modules: [q_proj, v_proj]")).unwrap();
         let q = spec.heal[1].qlora.as_ref().unwrap();
         assert_eq!(q.target_modules, TargetModules::Modules(vec!["q_proj".into(), "v_proj".into()]));
+        let model = "path: worker/tests/fixtures/tiny-llama\n";
+        let bf16 = parse(&tiny().replace(model, &format!("{model}    dtype: bf16\n"))).unwrap().expand();
+        assert!(bf16.iter().all(|j| j.spec.model.dtype == Some(prunesweep_proto::v1::Dtype::Bf16)));
+        for (dtype, says) in [("unspecified", "`unspecified` is not a dtype; use one of f32, bf16"), ("fp8", "fp8")] {
+            let err = parse(&tiny().replace(model, &format!("{model}    dtype: {dtype}\n"))).unwrap_err().to_string();
+            assert!(err.contains(says), "{dtype}: {err}");
+        }
         let err = parse(&tiny().replace("[angular, deepest]", "[angular, unspecified]")).unwrap_err().to_string();
         assert!(err.contains("`methods[1]`") && err.contains("angular, deepest, block-influence"), "{err}");
     }

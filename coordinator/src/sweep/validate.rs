@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use prunesweep_proto::v1::{AdapterTargets, EvalTaskKind, LrSchedule, PruneMethod};
+use prunesweep_proto::v1::{AdapterTargets, Dtype, EvalTaskKind, LrSchedule, PruneMethod};
 use prunesweep_proto::Vocabulary;
 
 use super::{EvalTaskSpec, QLoraSpec, SweepError, SweepSpec, TargetModules};
@@ -84,6 +84,9 @@ impl SweepSpec {
             }
             if m.revision.is_some() && m.hf.is_none() {
                 return Err(check.invalid(format!("{field}.revision"), "only applies to `hf` models"));
+            }
+            if let Some(dtype) = m.dtype {
+                named(dtype, Dtype::Unspecified).map_err(|m| check.invalid(format!("{field}.dtype"), m))?;
             }
         }
         Ok(())

@@ -33,7 +33,7 @@ pub fn cross_entropy(logits: &Tensor, targets: Vec<u32>) -> candle_core::Result<
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
         candle_core::bail!("cross_entropy: target {bad} is outside the vocabulary of {v}");
     }
-    if !logits.device().is_cpu() || logits.dtype() != DType::F32 {
+    if !crate::model::kernels::fused_cpu(logits) {
         let t = Tensor::from_vec(targets, n, logits.device())?;
         return candle_nn::loss::cross_entropy(logits, &t);
     }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use super::decoder::Decoder;
 use super::frozen::Weight;
@@ -79,7 +79,8 @@ impl Decoder {
     /// module's parts share its A and split its B by rows.
     pub fn attach_adapters(&mut self, spec: &LoraSpec, seed: u64) -> Result<(), ModelError> {
         self.check_adapter_spec(spec)?;
-        let (device, dtype) = (self.device().clone(), self.dtype());
+        // Adapters are f32 whatever the base's dtype, as PEFT keeps them.
+        let (device, dtype) = (self.device().clone(), DType::F32);
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
         for (_, parts) in self.targeted_mut(spec) {
             let (out_dim, in_dim) = module_dims(&parts)?;
@@ -99,7 +100,7 @@ impl Decoder {
         origin: &str,
     ) -> Result<(), ModelError> {
         self.check_adapter_spec(spec)?;
-        let (device, dtype) = (self.device().clone(), self.dtype());
+        let (device, dtype) = (self.device().clone(), DType::F32);
         let mut used = 0;
         for (name, parts) in self.targeted_mut(spec) {
             let (out_dim, in_dim) = module_dims(&parts)?;

@@ -40,7 +40,7 @@ impl Weight {
 
     /// `x Wᵀ` for `x: [n, in]` → `[n, out]`; gradients flow to `x` only.
     pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let frozen_op = x.device().is_cpu() && x.dtype() == DType::F32;
+        let frozen_op = super::kernels::fused_cpu(x);
         match self {
             // Inference: the plain product (no graph is recorded anyway).
             Weight::Dense(w) if !x.track_op() || !frozen_op => x.matmul(&w.t()?),

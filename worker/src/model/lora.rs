@@ -85,8 +85,11 @@ impl Lora {
         })
     }
 
-    /// The adapter's contribution for `x: [n, in]` → `[n, out]`.
+    /// The adapter's contribution for `x: [n, in]` → `[n, out]`, computed in the adapter's dtype
+    /// (f32) and returned in `x`'s (PEFT casts the same way around a bf16 base).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let out_dtype = x.dtype();
+        let x = &x.to_dtype(self.a.dtype())?;
         let (a, b) = match self.dropout_seed {
             Some(_) => (self.a.as_tensor().clone(), self.b.as_tensor().clone()),
             None => (self.a.as_detached_tensor(), self.b.as_detached_tensor()),
@@ -101,7 +104,7 @@ impl Lora {
             }
             _ => x.clone(),
         };
-        x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
+        (x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?.to_dtype(out_dtype)
     }
 
     /// `(α/r) · B A`, `[out, in]`: what merging adds to the base weight.

@@ -18,7 +18,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Ten
     if scores.track_op() {
         return candle_nn::ops::softmax(&scores.broadcast_add(mask)?, candle_core::D::Minus1);
     }
-    if !scores.device().is_cpu() || scores.dtype() != DType::F32 || mask.dtype() != DType::F32 {
+    if !super::kernels::fused_cpu(scores) || mask.dtype() != DType::F32 {
         return candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?);
     }
     scores.contiguous()?.apply_op2_no_bwd(mask, &MaskedSoftmax)

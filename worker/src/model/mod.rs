@@ -14,12 +14,14 @@
 //!   low-rank adapters that healing trains.
 //! - [`masked_softmax`], [`silu_mul`]: attention's mask + softmax, and the gated MLP's
 //!   activation, each in one pass (inference on CPU).
+//! - [`kernels`]: when those fused CPU kernels run, and when the stock ops CUDA and bf16 run.
 
 mod adapters;
 pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod frozen;
+pub mod kernels;
 pub mod layers;
 pub mod lora;
 pub mod masked_softmax;
@@ -179,10 +181,15 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a model from anything [`ModelSource::resolve`] accepts. Weights are f32 on CPU and
-    /// bf16 on CUDA; GGUF weights are dequantized.
+    /// Loads a model from anything [`ModelSource::resolve`] accepts, in the device's own dtype
+    /// ([`default_dtype`]: f32 on CPU, bf16 on CUDA); GGUF weights are dequantized.
     pub fn load(path: &Path, device: &Device) -> Result<Model, ModelError> {
-        let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+        Self::load_as(path, device, default_dtype(device))
+    }
+
+    /// [`Model::load`] in `dtype` (f32 or bf16). bf16 on a CPU runs exactly the code CUDA runs:
+    /// the CPU's fused f32 kernels step aside for stock candle ops.
+    pub fn load_as(path: &Path, device: &Device, dtype: DType) -> Result<Model, ModelError> {
         let source = ModelSource::resolve(path)?;
         let (decoder, tokenizer, config_json) = match &source {
             ModelSource::HfDir(dir) => {
@@ -220,6 +227,24 @@ impl Model {
             self.decoder.num_blocks(),
             self.decoder.cfg.num_layers
         )
+    }
+}
+
+/// The dtype a model runs in on `device` unless told otherwise: f32 on a CPU, bf16 on CUDA.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+/// The dtype named on the command line or in a job: `f32` or `bf16`.
+pub fn parse_dtype(name: &str) -> Result<DType, String> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("dtype `{other}` is not supported; use f32 or bf16")),
     }
 }
 

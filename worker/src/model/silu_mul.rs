@@ -15,11 +15,7 @@ use super::masked_softmax::exp;
 
 /// `gate / (1 + e^(−gate)) · up`, elementwise; `gate` and `up` have the same shape.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    let fused = !gate.track_op()
-        && !up.track_op()
-        && gate.device().is_cpu()
-        && gate.dtype() == DType::F32
-        && up.dtype() == DType::F32;
+    let fused = !gate.track_op() && !up.track_op() && super::kernels::fused_cpu(gate) && up.dtype() == DType::F32;
     if !fused {
         return candle_nn::ops::silu(gate)? * up;
     }

@@ -234,6 +234,7 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
             worker_id: session.worker_id.clone(),
             held_models: held,
             wait_ms: cfg.lease_wait.as_millis() as u64,
+            free_memory_bytes: None,
         };
         let leased = tokio::select! {
             r = session.client.lease_job(req) => r,

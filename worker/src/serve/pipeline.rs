@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use prunesweep_proto::v1::{Distance, DistanceMetric, PhaseTiming, ResultRow};
 
 use crate::eval::{self, EvalReport, EvalSpec, Task};
 use crate::heal::{self, HealEnd, HealError, HealSpec};
 use crate::job::{Cell, Job, JobError, Work};
-use crate::model::{Model, ModelError};
+use crate::model::{default_dtype, Model, ModelError};
 use crate::prune::{self, LayerScores, PruneError};
 use crate::score::{self, ScoreSpec};
 use crate::serve::roots::Roots;
@@ -71,7 +71,8 @@ pub struct Pipeline {
     device: Device,
     work_dir: PathBuf,
     roots: Roots,
-    loaded: Option<(String, Model)>,
+    /// The last model loaded: its source, its dtype, the model.
+    loaded: Option<(String, DType, Model)>,
 }
 
 fn timing(phase: &str, since: Instant) -> PhaseTiming {
@@ -127,17 +128,19 @@ impl Pipeline {
 
     /// Model sources held in memory (the affinity hint of `LeaseJob`).
     pub fn held_models(&self) -> Vec<String> {
-        self.loaded.iter().map(|(s, _)| s.clone()).collect()
+        self.loaded.iter().map(|(s, _, _)| s.clone()).collect()
     }
 
-    /// The job's model, fresh (unpruned, no adapters); loaded once and cloned (weights are shared).
-    fn model(&mut self, source: &str) -> Result<Model, JobError> {
-        if self.loaded.as_ref().map(|(s, _)| s.as_str()) != Some(source) {
+    /// The job's model, fresh (unpruned, no adapters), in `dtype` (`None`: the device's own);
+    /// loaded once and cloned (weights are shared).
+    fn model(&mut self, source: &str, dtype: Option<DType>) -> Result<Model, JobError> {
+        let dtype = dtype.unwrap_or_else(|| default_dtype(&self.device));
+        if !matches!(&self.loaded, Some((s, d, _)) if s == source && *d == dtype) {
             self.loaded = None;
-            let model = Model::load(Path::new(source), &self.device).map_err(|e| model_failure(source, e))?;
-            self.loaded = Some((source.to_string(), model));
+            let model = Model::load_as(Path::new(source), &self.device, dtype).map_err(|e| model_failure(source, e))?;
+            self.loaded = Some((source.to_string(), dtype, model));
         }
-        Ok(self.loaded.as_ref().expect("just loaded").1.clone())
+        Ok(self.loaded.as_ref().expect("just loaded").2.clone())
     }
 
     /// Runs one job to completion, or until `progress.stop` is set.
@@ -146,7 +149,7 @@ impl Pipeline {
         self.roots.check(job)?;
         progress.set("load", 0.0);
         let t = Instant::now();
-        let mut model = self.model(&job.model)?;
+        let mut model = self.model(&job.model, job.dtype)?;
         out.timings.push(timing("load", t));
         out.num_layers = Some(model.decoder.num_blocks() as u32);
         progress.check()?;
@@ -323,7 +326,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = Pipeline::new(Device::Cpu, dir.path().into(), Roots::new(dir.path(), &[], &[]).unwrap());
         let model = dir.path().join("no-such-model").display().to_string();
-        let job = Job { id: 1, key: "k".into(), model, work: Work::Baseline(Vec::new()) };
+        let job = Job { id: 1, key: "k".into(), model, dtype: None, work: Work::Baseline(Vec::new()) };
         let f = p.run(&job, &Progress::default()).unwrap_err();
         assert_eq!((f.kind(), f.is_retryable()), ("model_load", false), "{f}");
     }

@@ -128,6 +128,7 @@ mod tests {
             id: 1,
             key: "k".into(),
             model: model.into(),
+            dtype: None,
             work: Work::Baseline(vec![EvalSpec::new(Task::Boolq, data)]),
         }
     }
