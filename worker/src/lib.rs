@@ -17,6 +17,7 @@
 //! - [`serve`]: the worker side of the coordinator's contract (lease, run, heartbeat, report).
 
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod forward;
 pub mod heal;

@@ -1,6 +1,7 @@
 //! Command-line definitions and one module per subcommand. Errors become `anyhow` here, at the
 //! binary's edge; the library returns typed errors.
 
+mod doctor;
 mod eval;
 mod forward;
 mod heal;
@@ -16,7 +17,7 @@ use prunesweep_worker::score::ScoreSpec;
 
 /// prunesweep worker: score, prune, heal and evaluate LLM layers.
 #[derive(Parser)]
-#[command(name = "worker", version)]
+#[command(name = "worker", version = prunesweep_worker::device::version_line())]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,6 +40,9 @@ enum Command {
     /// Serve a coordinator: register, lease jobs (score / baseline / prune → heal → eval), run
     /// them here, report the results; reconnects with backoff.
     Serve(serve::ServeArgs),
+    /// What this build and machine have: CUDA or not, each GPU with its free memory, host memory;
+    /// with --device, whether that device works (non-zero exit if not).
+    Doctor(doctor::DoctorArgs),
 }
 
 impl Cli {
@@ -51,6 +55,7 @@ impl Cli {
             Command::Eval(a) => eval::run(a),
             Command::Heal(a) => heal::run(a),
             Command::Serve(a) => serve::run(a),
+            Command::Doctor(a) => doctor::run(a),
         }
     }
 }
