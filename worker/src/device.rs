@@ -157,6 +157,11 @@ mod cuda {
         let (free, _) = device.cuda_stream().context().mem_get_info().ok()?;
         Some(free as u64)
     }
+
+    pub(super) fn total_bytes(device: &candle_core::CudaDevice) -> Option<u64> {
+        let (_, total) = device.cuda_stream().context().mem_get_info().ok()?;
+        Some(total as u64)
+    }
 }
 
 /// Every CUDA device the driver shows, with its name and free/total memory. Errors say plainly
@@ -204,6 +209,18 @@ pub fn free_memory(device: &Device) -> Option<u64> {
         Device::Cpu => cpu_available_bytes(),
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => cuda::free_bytes(cuda),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// All the memory where `device` keeps its tensors, in bytes (the GPU's, or the host's); `None`
+/// where it cannot be told.
+pub fn total_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => cpu_total_bytes(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda::total_bytes(cuda),
         #[allow(unreachable_patterns)]
         _ => None,
     }

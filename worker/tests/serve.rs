@@ -118,6 +118,13 @@ async fn two_workers_finish_the_tiny_sweep(store: Arc<dyn JobStore>) {
     // Resubmitting adds nothing.
     let again = client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap().into_inner();
     assert_eq!(again.jobs_added, 0);
+    // Each worker registered its device's memory and reports what is free when it leases.
+    let listed = client.list_workers(prunesweep_proto::v1::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    assert_eq!(listed.len(), 2);
+    for w in &listed {
+        let (total, free) = (w.memory_bytes.unwrap_or(0), w.free_memory_bytes.unwrap_or(0));
+        assert!(total > 0 && free > 0 && free <= total, "{w:?}");
+    }
     for w in workers {
         assert_eq!(stop(w), Some(0), "a worker stops cleanly on SIGTERM");
     }

@@ -11,8 +11,9 @@ mod serve;
 
 use std::path::PathBuf;
 
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
-use prunesweep_worker::model::{parse_device, LayerBlock, Model};
+use prunesweep_worker::model::{default_dtype, parse_device, parse_dtype, LayerBlock, Model};
 use prunesweep_worker::score::ScoreSpec;
 
 /// prunesweep worker: score, prune, heal and evaluate LLM layers.
@@ -73,6 +74,10 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N (cuda needs a build with --features cuda).
     #[arg(long, default_value = "cpu", env = "PRUNESWEEP_DEVICE")]
     pub device: String,
+    /// f32 or bf16; default: the device's own (f32 on cpu, bf16 on cuda). bf16 on a CPU runs the
+    /// GPU code path (stock candle ops instead of the CPU's fused f32 kernels).
+    #[arg(long, value_parser = parse_dtype, env = "PRUNESWEEP_DTYPE")]
+    pub dtype: Option<DType>,
     /// A LoRA adapter folder (from `worker heal`, or PEFT) applied on top of the model, unmerged.
     /// The model must have the depth it was trained on (the same --drop).
     #[arg(long, value_name = "DIR")]
@@ -83,7 +88,8 @@ impl ModelArgs {
     /// Loads the model, applies `--drop`, then attaches `--adapter`.
     pub fn load(&self) -> anyhow::Result<Model> {
         let device = parse_device(&self.device).map_err(anyhow::Error::msg)?;
-        let mut model = Model::load(&self.model, &device)?;
+        let dtype = self.dtype.unwrap_or_else(|| default_dtype(&device));
+        let mut model = Model::load_as(&self.model, &device, dtype)?;
         if let Some(block) = self.drop {
             model.decoder.remove_layers(&block.indices())?;
         }

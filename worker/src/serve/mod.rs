@@ -185,7 +185,7 @@ impl Session {
     }
 }
 
-async fn register(mut coordinators: Coordinators, cfg: &ServeConfig) -> Result<Session, ServeError> {
+async fn register(mut coordinators: Coordinators, cfg: &ServeConfig, device: &Device) -> Result<Session, ServeError> {
     let mut backoff = Backoff::new();
     loop {
         let client = coordinators.client();
@@ -193,7 +193,7 @@ async fn register(mut coordinators: Coordinators, cfg: &ServeConfig) -> Result<S
         let req = RegisterRequest {
             name: cfg.name.clone(),
             device: cfg.device_name.clone(),
-            memory_bytes: None,
+            memory_bytes: crate::device::total_memory(device),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         match c.register(req).await {
@@ -218,9 +218,10 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
     let coordinators = Coordinators::parse(&cfg)?;
     tokio::pin!(shutdown);
     let mut session = tokio::select! {
-        s = register(coordinators, &cfg) => s?,
+        s = register(coordinators, &cfg, &device) => s?,
         _ = &mut shutdown => return Ok(()),
     };
+    let memory_device = device.clone();
     let mut pipeline = Some(Pipeline::new(device, cfg.work_dir.clone(), cfg.roots.clone()));
     let mut done = 0usize;
     let mut backoff = Backoff::new();
@@ -234,7 +235,7 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
             worker_id: session.worker_id.clone(),
             held_models: held,
             wait_ms: cfg.lease_wait.as_millis() as u64,
-            free_memory_bytes: None,
+            free_memory_bytes: crate::device::free_memory(&memory_device),
         };
         let leased = tokio::select! {
             r = session.client.lease_job(req) => r,
@@ -251,7 +252,7 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
             Err(s) if s.code() == Code::NotFound || s.code() == Code::PermissionDenied => {
                 tracing::warn!(error = %s.message(), "the coordinator does not know this worker; registering again");
                 let Session { coordinators, .. } = session;
-                session = register(coordinators, &cfg).await?;
+                session = register(coordinators, &cfg, &memory_device).await?;
                 continue;
             }
             Err(s) if transient(&s) => {
