@@ -7,7 +7,8 @@
 //! - [`layers`]: its projections, norms and feed-forward networks; [`attention`]: rotary
 //!   positions, the prefix [`KvCache`], attention and its mask; `adapters`: [`Decoder`]'s LoRA
 //!   methods (attach, load, list, merge).
-//! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors.
+//! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors;
+//!   [`tensor_files`]: safetensors read one tensor at a time.
 //! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
 //! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
 //! - [`nf4`], [`frozen`], [`lora`]: the frozen 4-bit base, products with frozen weights, and the
@@ -27,6 +28,7 @@ pub mod lora;
 pub mod masked_softmax;
 pub mod nf4;
 pub mod silu_mul;
+pub mod tensor_files;
 pub mod tokenizer;
 pub mod weights;
 pub mod writer;
@@ -200,9 +202,8 @@ impl Model {
                     other => other,
                 })?;
                 let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-                let (mut tensors, origin) = weights::read_hf_tensors(dir)?;
-                weights::unfuse(&mut tensors, &cfg, &origin)?;
-                let decoder = Decoder::load(cfg, weights::WeightMap::new(tensors, origin, dtype, device))?;
+                let weights = weights::WeightMap::open_hf(dir, &cfg, dtype, device)?;
+                let decoder = Decoder::load(cfg, weights)?;
                 (decoder, tokenizer, raw)
             }
             ModelSource::Gguf(file) => {

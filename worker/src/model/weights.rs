@@ -9,7 +9,7 @@
 //!   fast CPU kernels for most GGUF block types), renamed to HF names, and llama.cpp's q/k row
 //!   permutation for interleaved rotary is undone, so that GGUF and HF checkpoints run the same code.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
@@ -17,35 +17,97 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use super::config::{Config, Family};
+use super::tensor_files::TensorFiles;
 use super::{candle_message, ModelError};
+
+/// Where a [`WeightMap`]'s tensors come from.
+#[derive(Debug)]
+enum Store {
+    /// Already in memory (GGUF: dequantized at read).
+    Memory(HashMap<String, Tensor>),
+    /// Read from safetensors files when taken; `parts` maps each projection the checkpoint stores
+    /// fused ([`Family::fused_modules`]) to its rows of the fused tensor.
+    Files { files: TensorFiles, parts: HashMap<String, Split> },
+}
 
 /// Tensors by HF name, consumed one by one while the decoder is built.
 #[derive(Debug)]
 pub struct WeightMap {
-    tensors: HashMap<String, Tensor>,
+    store: Store,
+    /// Names not yet taken.
+    remaining: HashSet<String>,
     /// Which file(s) the tensors came from, for error messages.
     origin: String,
     dtype: DType,
     device: Device,
+    /// The fused tensor the last part came from (its other parts are taken next).
+    fused: Option<(String, Tensor)>,
 }
 
 impl WeightMap {
     /// Wraps already-read tensors; [`WeightMap::take`] converts them to `dtype` on `device`.
     pub fn new(tensors: HashMap<String, Tensor>, origin: impl Into<String>, dtype: DType, device: &Device) -> Self {
-        WeightMap { tensors, origin: origin.into(), dtype, device: device.clone() }
+        let remaining = tensors.keys().cloned().collect();
+        WeightMap {
+            store: Store::Memory(tensors),
+            remaining,
+            origin: origin.into(),
+            dtype,
+            device: device.clone(),
+            fused: None,
+        }
+    }
+
+    /// An HF directory's checkpoint (single file or shards), read tensor by tensor as the decoder
+    /// takes them, straight onto `device` and then into `dtype` there: loading never holds more
+    /// than one tensor beyond the model itself. Fused modules are split as `cfg` implies.
+    pub fn open_hf(dir: &Path, cfg: &Config, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let (paths, origin) = hf_files(dir)?;
+        let files = TensorFiles::open(&paths)?;
+        let mut remaining: HashSet<String> = files.names().map(str::to_string).collect();
+        let rows = |name: &str| files.shape(name).and_then(|s| s.first().copied());
+        let splits = fused_splits(cfg, rows, &origin)?;
+        let mut parts = HashMap::new();
+        for split in splits {
+            remaining.remove(&split.fused);
+            remaining.insert(split.part.clone());
+            parts.insert(split.part.clone(), split);
+        }
+        Ok(WeightMap {
+            store: Store::Files { files, parts },
+            remaining,
+            origin,
+            dtype,
+            device: device.clone(),
+            fused: None,
+        })
     }
 
     /// Whether a tensor of that name is present (and not yet taken).
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.remaining.contains(name)
     }
 
     /// Removes a tensor, checking its shape against what the config implies.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let t = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| ModelError::MissingTensor { origin: self.origin.clone(), name: name.to_string() })?;
+        let missing = || ModelError::MissingTensor { origin: self.origin.clone(), name: name.to_string() };
+        if !self.remaining.remove(name) {
+            return Err(missing());
+        }
+        let t = match &mut self.store {
+            Store::Memory(tensors) => tensors.remove(name).ok_or_else(missing)?,
+            Store::Files { files, parts } => match parts.get(name) {
+                None => files.load(name, &self.device)?.ok_or_else(missing)?,
+                Some(split) => {
+                    if self.fused.as_ref().map(|(n, _)| n) != Some(&split.fused) {
+                        let whole = files.load(&split.fused, &self.device)?.ok_or_else(missing)?;
+                        self.fused = Some((split.fused.clone(), whole));
+                    }
+                    let whole = &self.fused.as_ref().expect("just loaded").1;
+                    whole.narrow(0, split.start, split.rows)?.contiguous()?
+                }
+            },
+        };
         if t.dims() != shape {
             return Err(ModelError::ShapeMismatch {
                 origin: self.origin.clone(),
@@ -54,13 +116,13 @@ impl WeightMap {
                 expected: shape.to_vec(),
             });
         }
-        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
     /// Fails if block tensors beyond the configured depth are left over (a config that says fewer
     /// layers than the checkpoint has). Other leftovers (rotary caches, unused buffers) are ignored.
     pub fn finish(self, num_layers: usize) -> Result<(), ModelError> {
-        let extra = self.tensors.keys().find(|k| {
+        let extra = self.remaining.iter().find(|k| {
             k.strip_prefix("model.layers.")
                 .and_then(|r| r.split('.').next())
                 .and_then(|i| i.parse::<usize>().ok())
@@ -189,8 +251,9 @@ fn snapshot_dir(cache: &Path) -> Result<PathBuf, ModelError> {
     }
 }
 
-/// Reads every safetensors file of an HF directory (single file or shards).
-pub fn read_hf_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, String), ModelError> {
+/// The safetensors files of an HF directory (single file or shards), and a name for them in
+/// error messages.
+fn hf_files(dir: &Path) -> Result<(Vec<PathBuf>, String), ModelError> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if single.is_file() {
@@ -213,26 +276,45 @@ pub fn read_hf_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, String), 
             hint: "an HF directory needs model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not read; convert them with `safetensors`)".into(),
         });
     };
-    let mut all = HashMap::new();
-    for f in &files {
-        let bytes = std::fs::read(f).map_err(|e| ModelError::io(f, e))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| ModelError::Corrupt {
-            path: f.clone(),
-            message: format!("{} (truncated or not a safetensors file?)", candle_message(&e)),
-        })?;
-        all.extend(tensors);
-    }
     let origin = if files.len() == 1 {
         files[0].display().to_string()
     } else {
         format!("{} ({} shards)", index.display(), files.len())
     };
+    Ok((files, origin))
+}
+
+/// Reads every tensor of an HF directory into CPU memory, as stored (for tools and tests; models
+/// load through [`WeightMap::open_hf`], tensor by tensor).
+pub fn read_hf_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, String), ModelError> {
+    let (paths, origin) = hf_files(dir)?;
+    let files = TensorFiles::open(&paths)?;
+    let mut all = HashMap::new();
+    for name in files.names() {
+        let t = files.load(name, &Device::Cpu)?.expect("a name the files list");
+        all.insert(name.to_string(), t);
+    }
     Ok((all, origin))
 }
 
-/// Splits the modules the checkpoint stores fused ([`Family::fused_modules`]: Phi-3's `qkv_proj`,
-/// `gate_up_proj`) into the separate projections the decoder uses (the writer fuses them back).
-pub fn unfuse(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin: &str) -> Result<(), ModelError> {
+/// One projection a checkpoint stores inside a fused module: rows `start .. start + rows` of
+/// `fused` are `part`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    /// The fused tensor (`model.layers.3.self_attn.qkv_proj.weight`).
+    pub fused: String,
+    /// The projection (`model.layers.3.self_attn.q_proj.weight`).
+    pub part: String,
+    /// Its first row in the fused tensor.
+    pub start: usize,
+    /// Its number of rows.
+    pub rows: usize,
+}
+
+/// Where each fused module's parts lie ([`Family::fused_modules`]: Phi-3's `qkv_proj`,
+/// `gate_up_proj`), for the fused tensors present (`rows_of` gives a present tensor's row count),
+/// checking each against the rows the config implies.
+fn fused_splits(cfg: &Config, rows_of: impl Fn(&str) -> Option<usize>, origin: &str) -> Result<Vec<Split>, ModelError> {
     let (q, kv, i) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
     // Rows of each part, as the config implies them.
     let rows = |part: &str| match part.rsplit('.').next() {
@@ -240,25 +322,44 @@ pub fn unfuse(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin: &str)
         Some("k_proj" | "v_proj") => kv,
         _ => i, // gate_proj, up_proj
     };
+    let mut splits = Vec::new();
     for l in 0..cfg.num_layers {
         for &(module, parts) in cfg.family.fused_modules() {
-            let Some(fused) = tensors.remove(&format!("model.layers.{l}.{module}.weight")) else { continue };
+            let fused = format!("model.layers.{l}.{module}.weight");
+            let Some(found) = rows_of(&fused) else { continue };
             let want: usize = parts.iter().map(|p| rows(p)).sum();
-            if fused.dim(0)? != want {
+            if found != want {
                 return Err(ModelError::Mismatch {
                     origin: origin.to_string(),
-                    message: format!(
-                        "model.layers.{l}.{module}.weight has {} rows, the config implies {want}",
-                        fused.dim(0)?
-                    ),
+                    message: format!("{fused} has {found} rows, the config implies {want}"),
                 });
             }
             let mut start = 0;
             for part in parts {
-                tensors.insert(format!("model.layers.{l}.{part}.weight"), fused.narrow(0, start, rows(part))?);
+                let part_name = format!("model.layers.{l}.{part}.weight");
+                splits.push(Split { fused: fused.clone(), part: part_name, start, rows: rows(part) });
                 start += rows(part);
             }
         }
+    }
+    Ok(splits)
+}
+
+/// Splits the modules the checkpoint stores fused ([`Family::fused_modules`]: Phi-3's `qkv_proj`,
+/// `gate_up_proj`) into the separate projections the decoder uses (the writer fuses them back).
+pub fn unfuse(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin: &str) -> Result<(), ModelError> {
+    let splits = fused_splits(cfg, |name| tensors.get(name).and_then(|t| t.dims().first().copied()), origin)?;
+    for split in splits {
+        let part = tensors[&split.fused].narrow(0, split.start, split.rows)?;
+        tensors.insert(split.part, part);
+    }
+    for fused in cfg
+        .family
+        .fused_modules()
+        .iter()
+        .flat_map(|(m, _)| (0..cfg.num_layers).map(move |l| format!("model.layers.{l}.{m}.weight")))
+    {
+        tensors.remove(&fused);
     }
     Ok(())
 }
