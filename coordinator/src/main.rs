@@ -180,7 +180,8 @@ enum Command {
         /// Local workers to start.
         #[arg(long, default_value_t = 1)]
         workers: usize,
-        /// Their device (`cpu`, `cuda:N`; each worker gets the same one).
+        /// Their device: `cpu` (all of them), `cuda` (worker i on `cuda:i`, one per GPU), or
+        /// `cuda:N` (all on GPU N).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// The worker binary; default: `worker` next to this executable.
@@ -506,7 +507,15 @@ async fn run_local(
     let children = (0..workers.max(1))
         .map(|i| {
             std::process::Command::new(&worker_bin)
-                .args(["serve", "--coordinator", &url, "--device", &device, "--name", &format!("local-{i}")])
+                .args([
+                    "serve",
+                    "--coordinator",
+                    &url,
+                    "--device",
+                    &local_device(&device, i),
+                    "--name",
+                    &format!("local-{i}"),
+                ])
                 .arg("--work-dir")
                 .arg(dir.join("work"))
                 .args(&roots)
@@ -533,6 +542,16 @@ async fn run_local(
         bail!("{} jobs failed:\n{}", failed.len(), failed.join("\n"));
     }
     Ok(())
+}
+
+/// The device of local worker `i`: `cuda` spreads the workers over the GPUs (`cuda:i`); any other
+/// name is every worker's.
+fn local_device(device: &str, i: usize) -> String {
+    if device == "cuda" {
+        format!("cuda:{i}")
+    } else {
+        device.to_string()
+    }
 }
 
 /// `--model-root`/`--data-root` arguments for the local workers: exactly the files the sweep
@@ -580,4 +599,16 @@ fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_spreads_local_workers_over_the_gpus() {
+        assert_eq!((0..3).map(|i| local_device("cuda", i)).collect::<Vec<_>>(), ["cuda:0", "cuda:1", "cuda:2"]);
+        assert_eq!(local_device("cuda:1", 2), "cuda:1");
+        assert_eq!(local_device("cpu", 5), "cpu");
+    }
 }
