@@ -41,6 +41,7 @@
 #                      default python3)
 #   OUT / GPU_CHECK_OUT  where the table and logs go (default results/gpu-check, or
 #                      results/gpu-check/cpu-dry-run on cpu); GPU_CHECK_OUT wins over OUT
+#   GPU_CHECK_COMMIT   the commit to name in the table (default: git's, when the tree is a checkout)
 #   GPU_CHECK_SCRATCH  big files: the unpacked binary, logits, the 13.5 GB random checkpoint,
 #                      adapters (default $TMPDIR or /tmp, /prunesweep-gpu-check); removed at the
 #                      end unless GPU_CHECK_KEEP=1
@@ -54,7 +55,14 @@ cd "$repo"
 DEVICE="${GPU_CHECK_DEVICE:-cuda:0}"
 SMALL="${GPU_CHECK_SMALL:-0}"
 BUDGET="${GPU_CHECK_BUDGET_S:-570}"
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+    # the python with torch when there is one (the box's may be `python`), else python3
+    PY=python3
+    for p in python3 python; do
+        if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import torch' 2>/dev/null; then PY="$p"; break; fi
+    done
+fi
 if [[ "$DEVICE" == cpu ]]; then default_out="$repo/results/gpu-check/cpu-dry-run"; else default_out="$repo/results/gpu-check"; fi
 out="${GPU_CHECK_OUT:-${OUT:-$default_out}}"
 scratch="${GPU_CHECK_SCRATCH:-${TMPDIR:-/tmp}/prunesweep-gpu-check}"
@@ -208,7 +216,7 @@ fi
 model_c="$model_ac"; model_c_desc="$model_ac_desc"; mmlu_task=mmlu; boolq_ok=1
 if [[ "$SMALL" == 1 ]]; then
     if [[ -n "$smol" ]]; then
-        model_c="$smol"; model_c_desc="SmolLM2-135M-Instruct: ${smol#$repo/}"
+        model_c="$smol"; model_c_desc="SmolLM2-135M-Instruct: ${smol#"$repo"/}"
     else
         mmlu_task=mmlu-cloze; boolq_ok=0
     fi
@@ -369,9 +377,9 @@ part_b() {
         return 0
     fi
     local args=(--model "$model_ac" --data "$c4" --samples "$b_samples" --seq-len "$b_seq" --json)
-    STDOUT_TO="$out/b-score-dev.json" run_cmd b-score-dev 150 240 "${worker[@]}" score "${args[@]}" "${dev_args[@]}" \
+    STDOUT_TO="$out/b-score-dev.json" run_cmd b-score-dev 150 300 "${worker[@]}" score "${args[@]}" "${dev_args[@]}" \
         --batch "$b_batch_dev" --out "$scratch/b-dev.csv" || true
-    STDOUT_TO="$out/b-score-cpu.json" run_cmd b-score-cpu 240 200 "${worker[@]}" score "${args[@]}" "${cpu_args[@]}" \
+    STDOUT_TO="$out/b-score-cpu.json" run_cmd b-score-cpu 240 300 "${worker[@]}" score "${args[@]}" "${cpu_args[@]}" \
         --batch 8 --out "$scratch/b-cpu.csv" || true
     local side
     for side in dev cpu; do
@@ -397,7 +405,7 @@ part_c() {
     fi
     local shots=(--shots 5)
     [[ "$mmlu_task" == mmlu ]] || shots=()
-    run_cmd c-mmlu-dev 150 330 "${worker[@]}" eval --model "$model_c" "${dev_args[@]}" --task "$mmlu_task" \
+    run_cmd c-mmlu-dev 150 360 "${worker[@]}" eval --model "$model_c" "${dev_args[@]}" --task "$mmlu_task" \
         --data "$data/mmlu" "${shots[@]}" "${c_mmlu_args[@]}" --batch 16 --out "$out/c-mmlu-dev.json" || true
     if [[ -s "$out/c-mmlu-dev.json" ]]; then
         local n acc s goal verdict=INFO
@@ -422,7 +430,7 @@ part_c() {
         row c "BoolQ on the device" "SKIP: no SmolLM2 (the tiny fixtures cannot score \" yes\" vs \" no\")" "" "SKIP" ""
         return 0
     fi
-    run_cmd c-boolq-dev 90 300 "${worker[@]}" eval --model "$model_c" "${dev_args[@]}" --task boolq \
+    run_cmd c-boolq-dev 90 330 "${worker[@]}" eval --model "$model_c" "${dev_args[@]}" --task boolq \
         --data "$data/boolq/val.jsonl" "${c_boolq_args[@]}" --batch 16 --out "$out/c-boolq-dev.json" || true
     if [[ -s "$out/c-boolq-dev.json" ]]; then
         local n acc s
@@ -470,7 +478,8 @@ part_c_ref() {
 
 # --- (d) a random Llama-2-7B-shaped model: ours vs torch -------------------------------------------------
 part_d() {
-    local dir="$scratch/random-llama$([[ "$SMALL" == 1 ]] && echo -small)"
+    local dir="$scratch/random-llama"
+    [[ "$SMALL" == 1 ]] && dir="$scratch/random-llama-small"
     local docs="$c4"
     if [[ -z "$docs" ]]; then
         docs="$scratch/synthetic-docs.jsonl"
@@ -498,10 +507,10 @@ EOF
 
     # forward: c4-loss on the same documents and ids
     local fargs=(--data "$docs" --limit "$d_fwd_docs" --seq-len "$d_seq" --batch "$d_batch")
-    run_cmd d-forward-ours 180 240 "${worker[@]}" eval --model "$dir" "${dev_args[@]}" --task c4-loss "${fargs[@]}" \
+    run_cmd d-forward-ours 150 210 "${worker[@]}" eval --model "$dir" "${dev_args[@]}" --task c4-loss "${fargs[@]}" \
         --out "$out/d-forward-ours.json" || true
     if ((has_torch)); then
-        run_cmd d-forward-torch 150 200 "$PY" scripts/gpu/torch_side.py forward --model "$dir" --device "$torch_device" \
+        run_cmd d-forward-torch 120 180 "$PY" scripts/gpu/torch_side.py forward --model "$dir" --device "$torch_device" \
             "${fargs[@]}" --out "$out/d-forward-torch.json" || true
     fi
     local o_tps="?" t_tps="?"
@@ -529,19 +538,19 @@ EOF
     local qflag=()
     [[ "$quant" == no ]] && qflag=(--no-quantize)
     local mode_desc
-    if [[ "$quant" == yes ]]; then mode_desc="QLoRA (NF4 base) on both sides"; else mode_desc="plain LoRA on the bf16 base on both sides: bitsandbytes absent$(((has_torch)) || echo ', torch absent')"; fi
+    if [[ "$quant" == yes ]]; then mode_desc="QLoRA (NF4 base) on both sides"; else mode_desc="plain LoRA on the bf16 base on both sides: bitsandbytes absent$( ((has_torch)) || echo ', torch absent')"; fi
     row d "healing mode" "$mode_desc" "" "INFO" "$d_steps steps, batch 4, micro-batch 4, seq $d_seq, r $d_rank, FFN"
     rm -rf "$scratch/d-heal-ours"
     local heal_rc=0 mb_note=""
-    run_cmd d-heal-ours 200 150 "${worker[@]}" heal --model "$dir" "${dev_args[@]}" "${hargs[@]}" "${qflag[@]}" \
+    run_cmd d-heal-ours 200 110 "${worker[@]}" heal --model "$dir" "${dev_args[@]}" "${hargs[@]}" "${qflag[@]}" \
         --micro-batch 4 --out "$scratch/d-heal-ours" || heal_rc=$?
     local heal_name=d-heal-ours
     if ((heal_rc != 0 && heal_rc != 124 && heal_rc != 137 && heal_rc != 75 && heal_rc != 125)) && ! [[ -s "$scratch/d-heal-ours/train_log.csv" && $(wc -l <"$scratch/d-heal-ours/train_log.csv") -gt 1 ]]; then
         # e.g. out of memory at micro-batch 4: the same global batch in micro-batches of 1
         rm -rf "$scratch/d-heal-ours"
-        run_cmd d-heal-ours-mb1 150 120 "${worker[@]}" heal --model "$dir" "${dev_args[@]}" "${hargs[@]}" \
+        run_cmd d-heal-ours-mb1 150 110 "${worker[@]}" heal --model "$dir" "${dev_args[@]}" "${hargs[@]}" \
             "${qflag[@]}" --micro-batch 1 --out "$scratch/d-heal-ours" || true
-        heal_name=d-heal-ours-mb1
+        heal_name="d-heal-ours-mb1"
         mb_note="micro-batch 4 failed (logs/d-heal-ours.log): rerun at micro-batch 1 (batch 4 by accumulation); "
     fi
     local ours_h="" torch_h=""
@@ -550,9 +559,12 @@ EOF
         ours_h="$("$PY" scripts/gpu/compare.py heal-log --log "$scratch/d-heal-ours/train_log.csv")"
     fi
     if ((has_torch && has_peft)); then
-        run_cmd d-heal-torch 150 60 "$PY" scripts/gpu/torch_side.py heal --model "$dir" --device "$torch_device" \
+        # torch stops itself after the step that crosses --max-seconds (loading takes the rest)
+        local tl
+        tl=$(($(remaining) < 150 ? $(remaining) : 150))
+        run_cmd d-heal-torch 150 0 "$PY" scripts/gpu/torch_side.py heal --model "$dir" --device "$torch_device" \
             --data "$docs" --steps "$d_steps" --batch 4 --micro-batch 4 --seq-len "$d_seq" --rank "$d_rank" --targets ffn \
-            --quantize "$quant" --max-seconds 110 --out "$out/d-heal-torch.json" || true
+            --quantize "$quant" --max-seconds "$((tl > 80 ? tl - 50 : 30))" --out "$out/d-heal-torch.json" || true
         [[ -s "$out/d-heal-torch.json" ]] && torch_h="$(jget "$out/d-heal-torch.json" steps) $(jget "$out/d-heal-torch.json" tokens) $(jget "$out/d-heal-torch.json" seconds '{:.3f}') $(jget "$out/d-heal-torch.json" steady_tokens_per_second '{:.1f}') $(jget "$out/d-heal-torch.json" first_loss '{:.4f}') $(jget "$out/d-heal-torch.json" last_loss '{:.4f}')"
     fi
     local os ot osec osteady ol0 ol1 ts tt tsec tsteady tl0 tl1
@@ -573,7 +585,7 @@ EOF
     # the extra row: ours in QLoRA when the comparison ran in plain LoRA
     if [[ "$quant" == no && -n "$ours_h" ]]; then
         rm -rf "$scratch/d-heal-ours-q"
-        if run_cmd d-heal-ours-qlora 150 90 "${worker[@]}" heal --model "$dir" "${dev_args[@]}" "${hargs[@]}" \
+        if run_cmd d-heal-ours-qlora 150 60 "${worker[@]}" heal --model "$dir" "${dev_args[@]}" "${hargs[@]}" \
             --micro-batch 4 --out "$scratch/d-heal-ours-q"; [[ -s "$scratch/d-heal-ours-q/train_log.csv" ]]; then
             local q
             q="$("$PY" scripts/gpu/compare.py heal-log --log "$scratch/d-heal-ours-q/train_log.csv")"
@@ -605,7 +617,7 @@ gpu_name="none (CPU dry run)"
 if ((on_gpu)) && command -v nvidia-smi >/dev/null 2>&1; then
     gpu_name="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader -i "$gpu_index" 2>/dev/null | head -n1 || echo '?')"
 fi
-commit="$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo '+dirty')"
+commit="${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo '+dirty')}"
 total=$(($(date +%s) - T0))
 table="$out/table.md"
 {
@@ -633,8 +645,8 @@ table="$out/table.md"
 if ((on_gpu)) && [[ "$out" != "$repo/results/gpu-check" ]]; then
     mkdir -p "$repo/results/gpu-check" && cp "$table" "$repo/results/gpu-check/table.md" || true
 fi
-[[ "${GPU_CHECK_KEEP:-0}" == 1 ]] || rm -rf "$scratch/random-llama" "$scratch/random-llama-small" "$scratch/d-heal-ours" \
-    "$scratch/d-heal-ours-q" "$scratch/worker" "$scratch/$gguf_name"
+[[ "${GPU_CHECK_KEEP:-0}" == 1 ]] || rm -rf "${scratch:?}/random-llama" "$scratch/random-llama-small" "$scratch/d-heal-ours" \
+    "$scratch/d-heal-ours-q" "$scratch/worker" "$scratch/${gguf_name:?}"
 echo
 cat "$table"
 echo
