@@ -115,8 +115,11 @@ else
     gz="${WORKER_GZ:-$repo/target/cuda/worker-cuda.gz}"
     if [[ -f "$gz" ]]; then
         bin="$scratch/worker"
-        gunzip -c "$gz" >"$bin.tmp" && chmod +x "$bin.tmp" && mv "$bin.tmp" "$bin"
-        worker_desc="$(basename "$gz") (unpacked)"
+        if gunzip -c "$gz" >"$bin.tmp" && chmod +x "$bin.tmp" && mv "$bin.tmp" "$bin"; then
+            worker_desc="$(basename "$gz") (unpacked)"
+        else
+            bin=""
+        fi
     elif [[ -x "$repo/target/cuda/release/worker" ]]; then
         bin="$repo/target/cuda/release/worker"
         worker_desc="target/cuda/release/worker"
@@ -136,8 +139,11 @@ for p in nvidia.__path__:
     fi
 fi
 if ((${#worker[@]} == 0)); then
-    echo "gpu-check: no worker binary (build target/cuda/worker-cuda.gz with scripts/build-cuda.sh, or set WORKER)" >&2
-    exit 2
+    # every worker step then fails with this message, and the table is still written
+    msg="gpu-check: no worker binary (build target/cuda/worker-cuda.gz with scripts/build-cuda.sh, or set WORKER)"
+    echo "$msg" >&2
+    worker=(sh -c "echo \"$msg\" >&2; exit 127" --)
+    worker_desc="none found"
 fi
 
 has_py=0; has_numpy=0; has_torch=0; has_peft=0; has_bnb=0
@@ -320,7 +326,10 @@ first_error() {
     if grep -q '^Traceback' "$f" 2>/dev/null; then
         grep -v '^\s*$' "$f" | tail -n1 | cut -c1-220
     else
-        grep -m1 -iE '^Error|panicked at|out of memory|CUDA_ERROR|cannot|not found|No such' "$f" 2>/dev/null | cut -c1-220 || true
+        local e
+        e="$(grep -m1 -iE '^Error|panicked at|out of memory|CUDA_ERROR|cannot|not found|No such' "$f" 2>/dev/null || true)"
+        [[ -n "$e" ]] || e="$(grep -v '^\s*$' "$f" 2>/dev/null | grep -v ' INFO ' | head -n1 || true)"
+        printf '%s\n' "$e" | cut -c1-220
     fi
 }
 secs_of() { cat "$out/logs/$1.secs" 2>/dev/null || echo "?"; }
