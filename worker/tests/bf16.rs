@@ -5,8 +5,10 @@
 //!
 //! Tolerances, each about twice what was measured (2 cores of an AMD EPYC, Zen 5, 2026-11-30):
 //! - the stock-op path in f32 ([`with_stock_ops`]) equals the fused path to ≤ 1e-5 relative
-//!   (measured ≤ 2e-6 on the logits of all six models, 1.4e-7 on a healing loss curve): the GPU
-//!   code path computes the same function, so what bf16 adds below is rounding alone;
+//!   (measured ≤ 2e-6 on the logits of all six models), and a healing run's loss curve to 1e-4
+//!   (measured ≤ 2.1e-7 on the tiny families, 2.8e-5 on SmolLM2, whose 49,152-entry vocabulary
+//!   makes the cross-entropy's summation order show): the GPU code path computes the same
+//!   function, so what bf16 adds below is rounding alone;
 //! - logits, `max |Δ| / max |f32|` (the parity tests' measure): ≤ 0.15 on the tiny random
 //!   families (measured 0.019–0.070, see [`TINY_BF16_LOGITS`]) and ≤ 0.08 on SmolLM2 (0.036);
 //!   the next-token argmax equal at ≥ 90% of positions (tiny: 0.93–0.96; SmolLM2: 1.0);
@@ -14,8 +16,8 @@
 //!   the f32 margin between the best and second-best block exceeds twice that difference (27 of 27);
 //! - eval predictions: BoolQ ≥ 98% equal where the f32 margin |yes − no| > 0.1 (measured 98.9%
 //!   of 93) and ≥ 90% overall (97%); MMLU cloze ≥ 90% (measured 97%);
-//! - a QLoRA run's loss curve (NF4 base, f32 adapters) within 2% of the f32 run's at every step
-//!   (measured 0.66%).
+//! - a QLoRA run's loss curve (NF4 base, f32 adapters) within 2% of the f32 run's at every step,
+//!   on the five tiny families and SmolLM2 (measured 0.30–0.66%).
 
 mod common;
 
@@ -161,27 +163,13 @@ fn smollm2_eval_predictions_in_bf16_agree_with_f32() {
     assert!(all >= 0.9, "mmlu cloze agreement {all}");
 }
 
-/// A few QLoRA steps (NF4 base, f32 adapters) in bf16 follow the f32 run's loss curve.
-#[test]
-fn healing_in_bf16_follows_the_f32_loss_curve() {
-    let cfg = HealConfig {
-        steps: 6,
-        batch: 4,
-        micro_batch: 2,
-        seq_len: 32,
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        lr: 1e-2,
-        warmup: 2,
-        checkpoint_every: 100,
-        ..HealConfig::default()
-    };
+/// A QLoRA run's losses (NF4 base, f32 adapters) on `model`: in f32, in f32 on the stock-op path,
+/// and in bf16.
+fn heal_curves(model: &Path, cfg: &HealConfig) -> [Vec<f64>; 3] {
     let tmp = tempfile::tempdir().unwrap();
-    let mut curves = Vec::new();
-    for (dtype, stock) in [(DType::F32, false), (DType::F32, true), (DType::BF16, false)] {
-        let mut model = load(&fixture("tiny-llama"), dtype);
-        let docs = read_documents(&c4_sample(), Some(200)).unwrap();
+    let docs = read_documents(&c4_sample(), Some(200)).unwrap();
+    [(DType::F32, false), (DType::F32, true), (DType::BF16, false)].map(|(dtype, stock)| {
+        let mut model = load(model, dtype);
         let eos = eos_id(&model).unwrap();
         let data = PackedChunks::pack(&model.tokenizer, &docs, eos, cfg.seq_len, cfg.steps * cfg.batch).unwrap();
         let out = tmp.path().join(format!("{dtype:?}-{stock}"));
@@ -197,15 +185,53 @@ fn healing_in_bf16_follows_the_f32_loss_curve() {
         for (name, var) in model.decoder.adapter_vars() {
             assert_eq!(var.dtype(), DType::F32, "{dtype:?}: adapter {name} is f32, as PEFT keeps it");
         }
-        curves.push(losses);
+        losses
+    })
+}
+
+/// The largest relative difference between two loss curves, step by step.
+fn worst(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(a, b)| (a - b).abs() / a).fold(0f64, f64::max)
+}
+
+/// A few QLoRA steps in bf16 follow the f32 run's loss curve on every tiny family and SmolLM2.
+#[test]
+fn healing_in_bf16_follows_the_f32_loss_curve() {
+    let cfg = HealConfig {
+        steps: 6,
+        batch: 4,
+        micro_batch: 2,
+        seq_len: 32,
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        lr: 1e-2,
+        warmup: 2,
+        checkpoint_every: 100,
+        ..HealConfig::default()
+    };
+    let smollm2 = HealConfig { steps: 3, batch: 2, warmup: 1, lr: 1e-3, ..cfg.clone() };
+    let runs = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-phi", "tiny-phi3"]
+        .map(|f| (f.to_string(), fixture(f), cfg.clone()))
+        .into_iter()
+        .chain([("smollm2".to_string(), smollm2_gguf(), smollm2)]);
+    let mut failures = Vec::new();
+    for (name, path, cfg) in runs {
+        let [f32_run, stock_run, bf16_run] = heal_curves(&path, &cfg);
+        let (stock, bf16) = (worst(&f32_run, &stock_run), worst(&f32_run, &bf16_run));
+        let first = worst(&f32_run[..1], &stock_run[..1]);
+        eprintln!("{name} heal: f32 {f32_run:.4?}, bf16 {bf16_run:.4?}; worst step rel diff: stock f32 {stock:.2e}, bf16 {bf16:.4}");
+        // The two paths sum the cross-entropy's exponentials and the mean over rows in other
+        // orders (SmolLM2's 49,152-entry vocabulary: 2.4e-5 apart at step 1, before any update;
+        // the tiny families' 1e-7), and AdamW, dividing each gradient by its own magnitude, then
+        // carries such differences along: 1e-4 bounds both.
+        if first > 1e-4 || stock > 1e-4 || bf16 > 0.02 {
+            failures.push(format!("{name}: stock f32 {first} at step 1, {stock} at worst, bf16 {bf16}"));
+        }
+        if name == "tiny-llama" {
+            assert!(bf16_run.last() < bf16_run.first(), "bf16 healing lowers the loss: {bf16_run:?}");
+        }
     }
-    let worst = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(a, b)| (a - b).abs() / a).fold(0f64, f64::max);
-    let (stock, bf16) = (worst(&curves[0], &curves[1]), worst(&curves[0], &curves[2]));
-    eprintln!(
-        "tiny-llama heal: f32 {:?}\n  bf16 {:?}\n  worst step rel diff: stock f32 {stock:.2e}, bf16 {bf16:.4}",
-        curves[0], curves[2]
-    );
-    assert!(stock <= 1e-5, "the stock-op path's loss curve is off by {stock} in f32");
-    assert!(bf16 <= 0.02, "bf16 loss curve off by {bf16}");
-    assert!(curves[2].last() < curves[2].first(), "bf16 healing lowers the loss: {:?}", curves[2]);
+    assert!(failures.is_empty(), "{failures:#?}");
 }
