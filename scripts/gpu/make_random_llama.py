@@ -10,7 +10,8 @@ no f32 copy and no host copy of the weights exist until saving) and saved with `
 (safetensors shards + config.json).
 
 Without torch (the CPU dry run on a machine with numpy only): the same tensor names and shapes are
-written with numpy (normal(0, 0.02), norms = 1) in f32, and the JSON line says `"backend": "numpy"`.
+written with numpy (normal(0, 0.02), norms = 1), in bf16 and in 2 shards with an index by default
+(the layout the torch route produces), and the JSON line says `"backend": "numpy"`.
 
 Either way the folder gets a tokenizer our worker and the `tokenizers` library load: a byte-level
 BPE with no merges (one token per UTF-8 byte), `<unk>`/`<s>`/`</s>` = 0/1/2, `<s>` prepended as
@@ -175,23 +176,52 @@ def build_numpy(a):
         tensors[p + "post_attention_layernorm.weight"] = np.ones(h, np.float32)
     tensors["model.norm.weight"] = np.ones(h, np.float32)
     tensors["lm_head.weight"] = normal(v, h)
+    if a.numpy_dtype == "bfloat16":
+        tensors = {k: to_bf16_bits(v) for k, v in tensors.items()}
     built = time.time() - t0
     t0 = time.time()
-    write_safetensors(os.path.join(a.out, "model.safetensors"), tensors)
+    # the layout transformers writes for a large model: shards plus model.safetensors.index.json
+    names = list(tensors)
+    shards = max(1, min(a.numpy_shards, len(names)))
+    per = -(-len(names) // shards)
+    groups = [names[i : i + per] for i in range(0, len(names), per)]
+    if len(groups) == 1:
+        write_safetensors(os.path.join(a.out, "model.safetensors"), tensors)
+    else:
+        weight_map, total = {}, 0
+        for i, g in enumerate(groups):
+            fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            write_safetensors(os.path.join(a.out, fname), {k: tensors[k] for k in g})
+            for k in g:
+                weight_map[k] = fname
+                total += tensors[k].nbytes
+        with open(os.path.join(a.out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(a.out, "config.json"), "w") as f:
-        json.dump(config_dict(a, "float32"), f, indent=2)
+        json.dump(config_dict(a, a.numpy_dtype), f, indent=2)
     saved = time.time() - t0
-    return {"backend": "numpy", "built_on": "cpu", "dtype": "float32",
+    return {"backend": "numpy", "built_on": "cpu", "dtype": a.numpy_dtype, "files": len(groups),
             "parameters": int(sum(t.size for t in tensors.values())),
             "build_seconds": round(built, 2), "save_seconds": round(saved, 2), "peak_gpu_bytes": 0}
 
 
+def to_bf16_bits(x):
+    """f32 → bf16 (round to nearest even), as uint16 bit patterns."""
+    import numpy as np
+
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))
+    return (rounded >> 16).astype(np.uint16)
+
+
 def write_safetensors(path, tensors):
-    """A minimal safetensors writer (f32 only), so the numpy route needs no safetensors package."""
+    """A minimal safetensors writer (f32, or bf16 given as uint16 bits), so the numpy route needs no
+    safetensors package."""
     header, offset, order = {}, 0, sorted(tensors)
     for name in order:
         t = tensors[name]
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        dtype = "BF16" if t.dtype.name == "uint16" else "F32"
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -215,6 +245,10 @@ def main():
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", choices=["auto", "torch", "numpy"], default="auto")
+    ap.add_argument("--numpy-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="numpy route: the stored dtype (default bf16, as the torch route)")
+    ap.add_argument("--numpy-shards", type=int, default=2,
+                    help="numpy route: safetensors files (with an index when > 1, as transformers shards)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch = None
