@@ -255,6 +255,28 @@ fn free_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
+/// A coordinator process on `database` serving sweep `name`: one deepest cell of the tiny model,
+/// healed with rank 2 on 16-token sequences and `settings` (`steps: 300`, …), and nothing else.
+async fn one_healing_cell(
+    database: &str,
+    name: &str,
+    settings: &str,
+) -> (std::net::SocketAddr, Child, SweepServiceClient<tonic::transport::Channel>) {
+    let addr = free_addr();
+    let coordinator = spawn_coordinator(addr, database).await;
+    let mut client = SweepServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let heal = format!(
+        "heal:\n  - name: qlora\n    qlora: {{rank: 2, alpha: 4, dropout: 0.0, learning_rate: 0.001, batch_size: 2, seq_len: 16, {settings}}}\n"
+    );
+    let yaml = tiny_sweep(name, testing::TINY_MODEL, &heal)
+        .replace("methods: [angular, deepest]", "methods: [deepest]")
+        .replace("fractions: [0.25, 0.5]", "fractions: [0.25]")
+        + "baseline: false\n";
+    let submitted = client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap().into_inner();
+    assert_eq!(submitted.jobs_total, 1, "one healed deepest cell");
+    (addr, coordinator, client)
+}
+
 /// The coordinator process is SIGKILLed while a worker heals a cell, and comes back after more
 /// than a lease length: the finished result waits in the worker's outbox and is delivered when it returns; no
 /// attempt is charged and the job is not run again.
@@ -273,17 +295,8 @@ async fn a_result_outlives_its_workers_restart_in_the_outbox() {
 async fn coordinator_outage(kill_worker: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", tmp.path().join("coordinator.sqlite").display());
-    let addr = free_addr();
+    let (addr, mut coordinator, mut client) = one_healing_cell(&database, "outage", "steps: 300").await;
     let url = format!("http://{addr}");
-    let mut coordinator = spawn_coordinator(addr, &database).await;
-    let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
-    let heal = "heal:\n  - name: qlora\n    qlora: {rank: 2, alpha: 4, dropout: 0.0, steps: 300, learning_rate: 0.001, batch_size: 2, seq_len: 16}\n";
-    let yaml = tiny_sweep("outage", testing::TINY_MODEL, heal)
-        .replace("methods: [angular, deepest]", "methods: [deepest]")
-        .replace("fractions: [0.25, 0.5]", "fractions: [0.25]")
-        + "baseline: false\n";
-    let submitted = client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap().into_inner();
-    assert_eq!(submitted.jobs_total, 1, "one healed deepest cell");
     let work = tmp.path().join("w");
     let mut worker = spawn_worker(&url, &work, "w");
     // The healing cell starts (its checkpoint folder appears): kill the coordinator.
@@ -341,16 +354,9 @@ async fn coordinator_outage(kill_worker: bool) {
 async fn a_released_healing_job_resumes_from_a_checkpoint_on_a_shared_work_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", tmp.path().join("coordinator.sqlite").display());
-    let addr = free_addr();
+    let (addr, mut coordinator, _client) =
+        one_healing_cell(&database, "shared", "steps: 400, checkpoint_every: 10").await;
     let url = format!("http://{addr}");
-    let mut coordinator = spawn_coordinator(addr, &database).await;
-    let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
-    let heal = "heal:\n  - name: qlora\n    qlora: {rank: 2, alpha: 4, dropout: 0.0, steps: 400, learning_rate: 0.001, batch_size: 2, seq_len: 16, checkpoint_every: 10}\n";
-    let yaml = tiny_sweep("shared", testing::TINY_MODEL, heal)
-        .replace("methods: [angular, deepest]", "methods: [deepest]")
-        .replace("fractions: [0.25, 0.5]", "fractions: [0.25]")
-        + "baseline: false\n";
-    client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap();
     let shared = tmp.path().join("shared-work");
     let mut first = spawn_worker(&url, &shared, "first");
     let t0 = Instant::now();
