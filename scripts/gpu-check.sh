@@ -515,7 +515,7 @@ EOF
         "" "INFO" "build $(jget "$out/d-make.json" build_seconds) s, save $(jget "$out/d-make.json" save_seconds) s; $(printf '%s ' "${d_shape[@]:-Llama-2-7B shapes}")"
 
     # forward: c4-loss on the same documents and ids
-    local fargs=(--data "$docs" --limit "$d_fwd_docs" --seq-len "$d_seq" --batch "$d_batch")
+    local fargs=(--data "$docs" --first-doc 0 --limit "$d_fwd_docs" --seq-len "$d_seq" --batch "$d_batch")
     run_cmd d-forward-ours 150 210 "${worker[@]}" eval --model "$dir" "${dev_args[@]}" --task c4-loss "${fargs[@]}" \
         --out "$out/d-forward-ours.json" || true
     if ((has_torch)); then
