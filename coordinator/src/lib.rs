@@ -15,6 +15,7 @@
 //! - [`config`]: lease timing and long-poll limits ([`Config::for_lease_ttl`]).
 //! - [`server`]: [`server::run`] serves both services on a bound listener until a shutdown future
 //!   resolves, with the lease reaper alongside ([`server::serve`]: with tokens and TLS).
+//! - [`metrics`]: Prometheus counters, histograms and scrape-time gauges; `GET /metrics`.
 //! - [`auth`]: bearer tokens in two roles (users, workers), TLS settings, client endpoints.
 //! - [`export`]: results → CSV / Parquet (polars).
 //! - [`plot`]: results → accuracy-versus-fraction-dropped charts (SVG + PNG).
@@ -25,6 +26,7 @@ pub mod config;
 pub mod export;
 pub mod group_commit;
 pub mod job;
+pub mod metrics;
 pub mod plan;
 pub mod plot;
 pub mod server;

@@ -111,6 +111,10 @@ enum Command {
         /// score and baseline jobs); a bigger sweep is refused before anything is written.
         #[arg(long, default_value_t = sweep::DEFAULT_MAX_JOBS_PER_SUBMIT)]
         max_jobs_per_submit: u64,
+        /// Also serve `GET /metrics` (Prometheus text format) on this address, e.g.
+        /// 127.0.0.1:9464: plain HTTP without a token. Off when not given.
+        #[arg(long, env = "PRUNESWEEP_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
         #[command(flatten)]
         security: SecurityArgs,
     },
@@ -342,9 +346,9 @@ async fn shutdown_signal() -> &'static str {
 
 async fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Serve { listen, database, lease_ttl_secs, max_jobs_per_submit, security } => {
+        Command::Serve { listen, database, lease_ttl_secs, max_jobs_per_submit, metrics_listen, security } => {
             let config = Config { max_jobs_per_submit, ..Config::for_lease_ttl(Duration::from_secs(lease_ttl_secs)) };
-            serve(&listen, &database, config, &security).await?
+            serve(&listen, metrics_listen.as_deref(), &database, config, &security).await?
         }
         Command::Plan { file, json } => {
             let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -397,8 +401,14 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// `coordinator serve`: the store, both services and the reaper until Ctrl-C or SIGTERM; a
-/// non-loopback address needs tokens (or `--insecure`).
-async fn serve(listen: &str, database: &str, config: Config, args: &SecurityArgs) -> Result<()> {
+/// non-loopback address needs tokens (or `--insecure`). With `metrics_listen`, also `GET /metrics`.
+async fn serve(
+    listen: &str,
+    metrics_listen: Option<&str>,
+    database: &str,
+    config: Config,
+    args: &SecurityArgs,
+) -> Result<()> {
     let tokens = Tokens::from_files(args.token_file.as_deref(), args.worker_token_file.as_deref())?;
     let tls = auth::server_tls(args.tls_cert.as_deref(), args.tls_key.as_deref())?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
@@ -407,12 +417,19 @@ async fn serve(listen: &str, database: &str, config: Config, args: &SecurityArgs
         tracing::warn!("no --token-file: every caller is trusted");
     }
     let security = Security { tokens, tls };
+    let metrics_listener = match metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --metrics-listen {addr}"))?,
+        ),
+        None => None,
+    };
     let store = store::open(database).await.with_context(|| format!("opening {database}"))?;
     let shutdown = async {
         let signal = shutdown_signal().await;
         tracing::info!("{signal}: shutting down");
     };
-    prunesweep_coordinator::server::serve(listener, store, config, security, shutdown).await?;
+    prunesweep_coordinator::server::serve_with_metrics(listener, metrics_listener, store, config, security, shutdown)
+        .await?;
     Ok(())
 }
 

@@ -5,7 +5,8 @@
 //! mini-redis's `server::run` does. When the future resolves the server reports NOT_SERVING on
 //! its health service, stops accepting, ends open `WatchSweep` streams (UNAVAILABLE: watch again),
 //! lets in-flight calls finish, and stops the reaper. [`serve`] is the same with tokens and TLS
-//! ([`Security`]); the health service answers without a token.
+//! ([`Security`]); the health service answers without a token. [`serve_with_metrics`] also
+//! answers `GET /metrics` on a second listener ([`crate::metrics`]), stopped by the same future.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{Role, Security};
 use crate::config::Config;
+use crate::metrics::{self, Metrics};
 use crate::service::Coordinator;
 use crate::store::{now_ms, JobStore};
 
@@ -50,14 +52,36 @@ pub async fn serve(
     security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    serve_with_metrics(listener, None, store, config, security, shutdown).await
+}
+
+/// [`serve`], and with `metrics_listener` also `GET /metrics` in the Prometheus text format on
+/// that listener (plain HTTP, no token: [`crate::metrics`]) until the same `shutdown`.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    store: Arc<dyn JobStore>,
+    config: Config,
+    security: Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reaper =
-        tokio::spawn(reap(store.clone(), config.startup_grace, config.reap_interval, wake.clone(), stop_rx.clone()));
+    let metrics = Arc::new(Metrics::new());
+    let reaper = tokio::spawn(reap(
+        store.clone(),
+        config.startup_grace,
+        config.reap_interval,
+        wake.clone(),
+        stop_rx.clone(),
+        metrics.clone(),
+    ));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "coordinator listening");
     }
-    let coordinator = Coordinator::new(store, config, wake, stop_rx.clone());
+    let coordinator = Coordinator::new(store, config, wake, stop_rx.clone(), metrics);
+    let metrics_server =
+        metrics_listener.map(|l| tokio::spawn(metrics::serve(l, coordinator.clone(), stop_rx.clone())));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SweepServiceServer<Coordinator>>().await;
     health.set_serving::<WorkerServiceServer<Coordinator>>().await;
@@ -87,19 +111,24 @@ pub async fn serve(
             tracing::info!("shutting down: finishing in-flight calls");
         })
         .await;
+    // (Both also stop when the shutdown future, holding `stop_tx`, is dropped unfinished.)
     let _ = reaper.await;
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
     tracing::info!("coordinator stopped");
     Ok(result?)
 }
 
 /// After `grace`, return expired leases to the queue every `interval` until `stop` turns true
-/// (or its sender, the server, is gone).
+/// (or its sender, the server, is gone), counting them in `metrics`.
 async fn reap(
     store: Arc<dyn JobStore>,
     grace: Duration,
     interval: Duration,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 ) {
     tokio::select! {
         _ = tokio::time::sleep(grace) => {}
@@ -112,9 +141,10 @@ async fn reap(
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
-        match store.reclaim_expired(now_ms()).await {
+        match metrics.time_store("reclaim", store.reclaim_expired(now_ms())).await {
             Ok(0) => {}
             Ok(n) => {
+                metrics.reclaimed(n);
                 tracing::warn!(jobs = n, "reclaimed expired leases");
                 wake.notify_waiters();
             }

@@ -112,6 +112,26 @@ pub async fn start_server(store: Arc<dyn JobStore>, config: Config) -> (String, 
     (format!("http://{addr}"), ServerHandle { stop: Some(tx), task })
 }
 
+/// [`start_server`], with `GET /metrics` on another 127.0.0.1:0 listener
+/// ([`crate::server::serve_with_metrics`]); returns the gRPC URL, the metrics address
+/// (`127.0.0.1:PORT`) and the handle that stops both.
+pub async fn start_server_with_metrics(store: Arc<dyn JobStore>, config: Config) -> (String, String, ServerHandle) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+    let (addr, metrics_addr) = (listener.local_addr().expect("addr"), metrics.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = rx.await;
+        };
+        let security = crate::auth::Security::default();
+        crate::server::serve_with_metrics(listener, Some(metrics), store, config, security, shutdown)
+            .await
+            .expect("server");
+    });
+    (format!("http://{addr}"), metrics_addr.to_string(), ServerHandle { stop: Some(tx), task })
+}
+
 /// A server started by [`start_server`]; [`ServerHandle::shutdown`] stops it.
 pub struct ServerHandle {
     stop: Option<tokio::sync::oneshot::Sender<()>>,

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::Config;
 use crate::group_commit::GroupCommit;
+use crate::metrics::{Metrics, ScrapeError};
 use crate::store::{now_ms, Failure, HeartbeatOutcome, JobStore, LeaseRequest, StoreError, WorkerInfo};
 use crate::sweep::SweepSpec;
 use convert::{job_result, job_spec, sweep_status};
@@ -60,19 +61,37 @@ pub struct Coordinator {
     /// Turns true when the server starts shutting down: open `WatchSweep` streams end then
     /// (UNAVAILABLE, so clients watch again elsewhere) instead of holding the shutdown open.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// Counters and latencies for `GET /metrics` ([`Coordinator::render_metrics`]).
+    metrics: Arc<Metrics>,
 }
 
 impl Coordinator {
-    /// Services over `store`. `wake` is shared with the reaper. Starts the [`GroupCommit`] tasks,
-    /// so it must be called inside a Tokio runtime.
+    /// Services over `store`. `wake` and `metrics` are shared with the reaper. Starts the
+    /// [`GroupCommit`] tasks, so it must be called inside a Tokio runtime.
     pub fn new(
         store: Arc<dyn JobStore>,
         config: Config,
         wake: Arc<Notify>,
         stopping: tokio::sync::watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let writes = GroupCommit::start(store.clone());
-        Self { store, writes, config, wake, known_workers: Arc::default(), free_memory: Arc::default(), stopping }
+        Self {
+            store,
+            writes,
+            config,
+            wake,
+            known_workers: Arc::default(),
+            free_memory: Arc::default(),
+            stopping,
+            metrics,
+        }
+    }
+
+    /// Every metric in the Prometheus text format, the gauges read now ([`Metrics::render`]).
+    pub async fn render_metrics(&self) -> Result<String, ScrapeError> {
+        let free = self.free_memory.lock().expect("never poisoned").clone();
+        self.metrics.render(&*self.store, &free, self.config.lease_ttl, now_ms()).await
     }
 
     /// The client service, with this module's message-size limits
@@ -122,7 +141,7 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         spec.check_job_count(self.config.max_jobs_per_submit, file)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let jobs = spec.expand();
-        let out = self.store.submit(&spec, &jobs, now_ms()).await?;
+        let out = self.metrics.time_store("submit", self.store.submit(&spec, &jobs, now_ms())).await?;
         self.wake.notify_waiters();
         tracing::info!(sweep = %spec.name, added = out.jobs_added, total = out.jobs_total, "submitted");
         Ok(Response::new(pb::SubmitSweepResponse {
@@ -295,7 +314,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         limits::check_register(&req)?;
         let info =
             WorkerInfo { name: req.name, device: req.device, memory_bytes: req.memory_bytes, version: req.version };
-        let worker_id = self.store.register_worker(&info, now_ms()).await?;
+        let worker_id = self.metrics.time_store("register", self.store.register_worker(&info, now_ms())).await?;
         self.known_workers.lock().expect("never poisoned").insert(worker_id.clone());
         tracing::info!(%worker_id, name = %info.name, device = %info.device, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
@@ -311,7 +330,10 @@ impl pb::worker_service_server::WorkerService for Coordinator {
             return Err(Status::invalid_argument("`worker_id` is required: call Register first"));
         }
         limits::check_lease(&req)?;
+        let t0 = tokio::time::Instant::now();
+        let mut parked = Duration::ZERO;
         self.check_registered(&req.worker_id).await?;
+        self.metrics.contact(&req.worker_id, now_ms());
         if let Some(free) = req.free_memory_bytes {
             self.free_memory.lock().expect("never poisoned").insert(req.worker_id.clone(), free);
         }
@@ -324,8 +346,10 @@ impl pb::worker_service_server::WorkerService for Coordinator {
             notified.as_mut().enable();
             let request =
                 LeaseRequest { worker_id: req.worker_id.clone(), held_models: req.held_models.clone(), ttl_ms: ttl };
-            if let Some(leased) = self.writes.lease(request).await? {
+            if let Some(leased) = self.metrics.time_store("lease", self.writes.lease(request)).await? {
                 tracing::debug!(job = leased.job.id, worker = %req.worker_id, "leased");
+                self.metrics.leased(&leased.lease_id, leased.job.kind);
+                self.metrics.lease_handled(t0.elapsed().saturating_sub(parked));
                 let lease = pb::Lease {
                     lease_id: leased.lease_id,
                     job: Some(job_spec(&leased.job, &leased.distances)),
@@ -336,6 +360,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
+                self.metrics.lease_handled(t0.elapsed().saturating_sub(parked));
                 return Ok(Response::new(pb::LeaseJobResponse { lease: None }));
             }
             // Also re-poll now and then: another coordinator on the same Postgres may add jobs.
@@ -344,6 +369,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(nap) => {}
             }
+            parked += now.elapsed();
         }
     }
 
@@ -354,7 +380,8 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         let req = request.into_inner();
         limits::check_heartbeat(&req)?;
         let beat = convert::heartbeat(req, ms(self.config.lease_ttl));
-        let outcome = self.store.heartbeat(&beat, now_ms()).await?;
+        let outcome = self.metrics.time_store("heartbeat", self.store.heartbeat(&beat, now_ms())).await?;
+        self.metrics.contact(&beat.worker_id, now_ms());
         let (action, expires_at_ms) = match outcome {
             HeartbeatOutcome::Renewed(t) => (pb::HeartbeatAction::Continue, t),
             HeartbeatOutcome::Cancelled => (pb::HeartbeatAction::Cancel, 0),
@@ -370,7 +397,9 @@ impl pb::worker_service_server::WorkerService for Coordinator {
         let req = request.into_inner();
         limits::check_completion(&req)?;
         let completion = convert::completion(req)?;
-        self.writes.complete(completion).await?;
+        let lease_id = completion.lease_id.clone();
+        self.metrics.time_store("complete", self.writes.complete(completion)).await?;
+        self.metrics.completed(&lease_id);
         self.wake.notify_waiters();
         Ok(Response::new(pb::CompleteJobResponse {}))
     }
@@ -386,7 +415,8 @@ impl pb::worker_service_server::WorkerService for Coordinator {
             error_kind: if req.error_kind.is_empty() { "unknown".into() } else { req.error_kind },
             retryable: req.retryable,
         };
-        let state = self.store.fail(&failure, now_ms()).await?;
+        let state = self.metrics.time_store("fail", self.store.fail(&failure, now_ms())).await?;
+        self.metrics.failed(&failure.lease_id, &failure.error_kind, failure.retryable);
         tracing::warn!(job = failure.job_id, kind = %failure.error_kind, %state, "job failed: {}", failure.message);
         self.wake.notify_waiters();
         Ok(Response::new(pb::FailJobResponse { state: pb::JobState::from(state) as i32 }))
