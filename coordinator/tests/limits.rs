@@ -107,7 +107,12 @@ async fn huge_strings_and_hostile_names_are_refused(store: &TestStore) {
 
     // A lease with too many held models; a heartbeat with a huge phase.
     let id = workers.register(register("w1".into())).await.unwrap().into_inner().worker_id;
-    let many = pb::LeaseJobRequest { worker_id: id.clone(), held_models: vec!["m".into(); 10_000], wait_ms: 0, ..Default::default() };
+    let many = pb::LeaseJobRequest {
+        worker_id: id.clone(),
+        held_models: vec!["m".into(); 10_000],
+        wait_ms: 0,
+        ..Default::default()
+    };
     refused(workers.lease_job(many).await, Code::InvalidArgument, &["`held_models`", "256"]);
     let beat = pb::HeartbeatRequest {
         worker_id: id.clone(),

@@ -4,7 +4,9 @@
 //! `as_str_name` (`PRUNE_METHOD_BLOCK_INFLUENCE` → `block-influence`), so adding a value to the
 //! contract adds its name everywhere, and no program keeps a second list of the values.
 
-use crate::v1::{AdapterTargets, DistanceMetric, Dtype, EvalTaskKind, JobKind, JobState, LrSchedule, PruneMethod, SweepState};
+use crate::v1::{
+    AdapterTargets, DistanceMetric, Dtype, EvalTaskKind, JobKind, JobState, LrSchedule, PruneMethod, SweepState,
+};
 
 /// A contract enum with names. Every value but `UNSPECIFIED` has one.
 pub trait Vocabulary: Sized + Copy + 'static {

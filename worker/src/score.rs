@@ -16,6 +16,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor, D};
 
 use crate::model::decoder::gather_rows;
+use crate::model::streamed::StreamedDecoder;
 use crate::model::{Decoder, ModelError, Tokenizer};
 
 /// Why scoring (or reading a distances file) failed.
@@ -316,6 +317,86 @@ pub fn run(
     Ok((calibration, scores))
 }
 
+/// [`run`] on a model too large for the device: the checkpoint at `path` is opened for a
+/// layer-streamed run ([`StreamedDecoder`]) in `dtype` on `device` and scored with
+/// [`score_layers_streamed`]. `on_layer(blocks_done, blocks)`.
+pub fn run_streamed(
+    path: &Path,
+    device: &candle_core::Device,
+    dtype: DType,
+    spec: &ScoreSpec,
+    on_layer: &mut dyn FnMut(usize, usize),
+) -> Result<(Calibration, Scores), ScoreError> {
+    let decoder = StreamedDecoder::open(path, device, dtype)?;
+    let docs = crate::data::read_documents(&spec.data, Some(spec.samples))?;
+    let calibration = Calibration::from_documents(&decoder.tokenizer, &docs, spec.seq_len)?;
+    let blocks = decoder.num_blocks();
+    let scores = score_layers_streamed(decoder, &calibration, spec.batch, &mut |done| on_layer(done, blocks))?;
+    Ok((calibration, scores))
+}
+
+/// One right-padded batch of calibration sequences.
+struct Batch {
+    ids: Tensor,
+    /// Each sequence's last real position.
+    last: Vec<usize>,
+    /// `valid[b, t] = 1` for real tokens: Block Influence averages over real tokens only.
+    valid: Tensor,
+    tokens: usize,
+}
+
+impl Batch {
+    fn new(chunk: &[Vec<u32>], device: &candle_core::Device) -> candle_core::Result<Self> {
+        let lens: Vec<usize> = chunk.iter().map(Vec::len).collect();
+        let width = *lens.iter().max().expect("chunks are non-empty");
+        let padded: Vec<u32> =
+            chunk.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(width)).collect();
+        let valid: Vec<f32> =
+            lens.iter().flat_map(|&len| (0..width).map(move |t| if t < len { 1.0 } else { 0.0 })).collect();
+        Ok(Batch {
+            ids: Tensor::from_vec(padded, (chunk.len(), width), device)?,
+            last: lens.iter().map(|l| l - 1).collect(),
+            valid: Tensor::from_vec(valid, (chunk.len(), width), device)?,
+            tokens: lens.iter().sum(),
+        })
+    }
+}
+
+/// What scoring keeps of one batch while its residual states go by, layer after layer.
+#[derive(Default)]
+struct BatchScore {
+    /// `x_T^(l)` of each sequence, `[B, H]` per layer so far.
+    last_states: Vec<Tensor>,
+    /// The previous state and its per-token norms: each state's norm is computed once, not once
+    /// as the left and once as the right side of a cosine.
+    prev: Option<(Tensor, Tensor)>,
+}
+
+impl BatchScore {
+    /// Takes `x^(l)` of `batch`; adds layer `l − 1`'s Block Influence to `influence`.
+    fn observe(&mut self, l: usize, x: &Tensor, batch: &Batch, influence: &mut [f64]) -> candle_core::Result<()> {
+        let x = x.to_dtype(DType::F32)?;
+        self.last_states.push(gather_rows(&x, &batch.last)?);
+        let norm = x.sqr()?.sum(D::Minus1)?.sqrt()?;
+        if let Some((p, p_norm)) = self.prev.take() {
+            let cos = ((&p * &x)?.sum(D::Minus1)? / (p_norm * &norm)?.clamp(1e-30f32, f32::MAX)?)?;
+            let one_minus = ((1.0 - cos)? * &batch.valid)?.sum_all()?.to_scalar::<f32>()?;
+            influence[l - 1] += f64::from(one_minus);
+        }
+        self.prev = Some((x, norm));
+        Ok(())
+    }
+
+    /// Adds every sequence's distances to `sums`.
+    fn finish(self, sums: &mut DistanceSums) -> candle_core::Result<()> {
+        // [L+1, B, H] → per sample, per layer.
+        for sample in &Tensor::stack(&self.last_states, 1)?.to_vec3::<f32>()? {
+            sums.add(sample);
+        }
+        Ok(())
+    }
+}
+
 /// Runs the calibration set through `decoder` in right-padded batches of `batch` sequences and
 /// accumulates distances and Block Influence. `on_batch(tokens_done)` is called after each batch
 /// (progress bars).
@@ -329,51 +410,61 @@ pub fn score_layers(
     let started = Instant::now();
     let mut sums = DistanceSums::new(layers);
     let mut influence = vec![0f64; layers];
-    let mut influence_tokens = 0usize;
     let mut done = 0usize;
     for chunk in calibration.sequences.chunks(batch.max(1)) {
-        let lens: Vec<usize> = chunk.iter().map(Vec::len).collect();
-        let width = *lens.iter().max().expect("chunks are non-empty");
-        let padded: Vec<u32> =
-            chunk.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(width)).collect();
-        let ids = Tensor::from_vec(padded, (chunk.len(), width), decoder.device())?;
-        let last: Vec<usize> = lens.iter().map(|l| l - 1).collect();
-        // valid[b, t] = 1 for real tokens: weights Block Influence over real tokens only.
-        let valid: Vec<f32> =
-            lens.iter().flat_map(|&len| (0..width).map(move |t| if t < len { 1.0 } else { 0.0 })).collect();
-        let valid = Tensor::from_vec(valid, (chunk.len(), width), decoder.device())?;
-        let mut last_states: Vec<Tensor> = Vec::with_capacity(layers + 1);
-        // The previous state and its per-token norms: each state's norm is computed once, not
-        // once as the left and once as the right side of a cosine.
-        let mut prev: Option<(Tensor, Tensor)> = None;
-        decoder.run(&ids, None, None, &mut |l, x| {
-            let x = x.to_dtype(DType::F32)?;
-            last_states.push(gather_rows(&x, &last)?);
-            let norm = x.sqr()?.sum(D::Minus1)?.sqrt()?;
-            if let Some((p, p_norm)) = prev.take() {
-                let cos = ((&p * &x)?.sum(D::Minus1)? / (p_norm * &norm)?.clamp(1e-30f32, f32::MAX)?)?;
-                let one_minus = ((1.0 - cos)? * &valid)?.sum_all()?.to_scalar::<f32>()?;
-                influence[l - 1] += f64::from(one_minus);
-            }
-            prev = Some((x, norm));
-            Ok(())
-        })?;
-        influence_tokens += lens.iter().sum::<usize>();
-        // [L+1, B, H] → per sample, per layer.
-        let stacked = Tensor::stack(&last_states, 1)?.to_vec3::<f32>()?;
-        for sample in &stacked {
-            sums.add(sample);
-        }
-        done += lens.iter().sum::<usize>();
+        let batch = Batch::new(chunk, decoder.device())?;
+        let mut score = BatchScore::default();
+        decoder.run(&batch.ids, None, None, &mut |l, x| score.observe(l, x, &batch, &mut influence))?;
+        score.finish(&mut sums)?;
+        done += batch.tokens;
         on_batch(done);
     }
-    let k = influence_tokens as f64;
-    Ok(Scores {
-        distances: sums.mean(),
-        influence: BlockInfluence { scores: influence.into_iter().map(|s| s / k).collect() },
-        tokens: done,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(Scores::from_sums(sums, influence, done, started))
+}
+
+/// [`score_layers`] for a model run layer by layer ([`StreamedDecoder`]): every batch's residual
+/// stream stays on the device while each block is loaded, applied to all batches and dropped, so
+/// a model larger than the device is scored in its own dtype. The same numbers as
+/// [`score_layers`] on the loaded model, to the bit. `on_layer(layers_done)` after each block.
+pub fn score_layers_streamed(
+    decoder: StreamedDecoder,
+    calibration: &Calibration,
+    batch: usize,
+    on_layer: &mut dyn FnMut(usize),
+) -> Result<Scores, ScoreError> {
+    let layers = decoder.num_blocks();
+    let started = Instant::now();
+    let batches = calibration
+        .sequences
+        .chunks(batch.max(1))
+        .map(|chunk| Batch::new(chunk, decoder.device()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut scores: Vec<BatchScore> = batches.iter().map(|_| BatchScore::default()).collect();
+    let mut influence = vec![0f64; layers];
+    decoder.run_layer_major(&batches.iter().map(|b| b.ids.clone()).collect::<Vec<_>>(), &mut |l, i, x| {
+        if i == 0 && l > 0 {
+            on_layer(l);
+        }
+        scores[i].observe(l, x, &batches[i], &mut influence).map_err(ModelError::from)
+    })?;
+    let mut sums = DistanceSums::new(layers);
+    for score in scores {
+        score.finish(&mut sums)?;
+    }
+    let done = batches.iter().map(|b| b.tokens).sum();
+    Ok(Scores::from_sums(sums, influence, done, started))
+}
+
+impl Scores {
+    fn from_sums(sums: DistanceSums, influence: Vec<f64>, tokens: usize, started: Instant) -> Self {
+        let k = tokens as f64;
+        Scores {
+            distances: sums.mean(),
+            influence: BlockInfluence { scores: influence.into_iter().map(|s| s / k).collect() },
+            tokens,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 #[cfg(test)]

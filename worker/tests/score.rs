@@ -144,3 +144,37 @@ fn bad_requests_are_clear_errors() {
         assert!(!ok && stderr.contains(want) && !stderr.contains("panicked"), "{data}: {stderr}");
     }
 }
+
+/// A model run layer by layer (each block loaded from the checkpoint, applied to every batch,
+/// dropped) scores exactly as the loaded model does: the same distances and Block Influence to
+/// the bit, on every tiny family (Phi-3's fused modules split while streaming, Phi-2's parallel
+/// blocks), and in bf16 too. A GGUF file is refused with the reason.
+#[test]
+fn a_layer_streamed_run_scores_exactly_as_the_loaded_model() {
+    use prunesweep_worker::model::streamed::StreamedDecoder;
+    use prunesweep_worker::score::score_layers_streamed;
+    let seqs: Vec<Vec<u32>> =
+        vec![vec![5, 9, 40, 41, 42, 100, 7], vec![8, 200, 201], vec![3, 4, 5, 6, 7, 8, 9, 10, 11]];
+    let cal = Calibration { sequences: seqs, skipped_short: 0 };
+    for family in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-phi", "tiny-phi3"] {
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            let model = Model::load_as(&fixture(family), &Device::Cpu, dtype).unwrap();
+            let loaded = score_layers(&model.decoder, &cal, 2, &mut |_| {}).unwrap();
+            let streamed = StreamedDecoder::open(&fixture(family), &Device::Cpu, dtype).unwrap();
+            assert!(streamed.block_bytes() > 0);
+            let mut layers_done = Vec::new();
+            let got = score_layers_streamed(streamed, &cal, 2, &mut |l| layers_done.push(l)).unwrap();
+            assert_eq!(layers_done, (1..=4).collect::<Vec<_>>(), "{family}: progress per block");
+            for n in 1..=4 {
+                assert_eq!(got.distances.row(n), loaded.distances.row(n), "{family} {dtype:?}: d(·, {n})");
+            }
+            assert_eq!(got.influence.scores, loaded.influence.scores, "{family} {dtype:?}: Block Influence");
+            assert_eq!(got.tokens, loaded.tokens);
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("m.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    let e = StreamedDecoder::open(&gguf, &Device::Cpu, candle_core::DType::F32).err().unwrap().to_string();
+    assert!(e.contains("needs an HF safetensors checkpoint"), "{e}");
+}

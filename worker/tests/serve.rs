@@ -295,7 +295,7 @@ async fn a_result_outlives_its_workers_restart_in_the_outbox() {
 async fn coordinator_outage(kill_worker: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", tmp.path().join("coordinator.sqlite").display());
-    let (addr, mut coordinator, mut client) = one_healing_cell(&database, "outage", "steps: 300").await;
+    let (addr, mut coordinator, _first_client) = one_healing_cell(&database, "outage", "steps: 300").await;
     let url = format!("http://{addr}");
     let work = tmp.path().join("w");
     let mut worker = spawn_worker(&url, &work, "w");

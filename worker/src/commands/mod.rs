@@ -85,10 +85,16 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Loads the model, applies `--drop`, then attaches `--adapter`.
-    pub fn load(&self) -> anyhow::Result<Model> {
+    /// The device, and the dtype (`--dtype`, else the device's own).
+    pub fn device_and_dtype(&self) -> anyhow::Result<(candle_core::Device, DType)> {
         let device = parse_device(&self.device).map_err(anyhow::Error::msg)?;
         let dtype = self.dtype.unwrap_or_else(|| default_dtype(&device));
+        Ok((device, dtype))
+    }
+
+    /// Loads the model, applies `--drop`, then attaches `--adapter`.
+    pub fn load(&self) -> anyhow::Result<Model> {
+        let (device, dtype) = self.device_and_dtype()?;
         let mut model = Model::load_as(&self.model, &device, dtype)?;
         if let Some(block) = self.drop {
             model.decoder.remove_layers(&block.indices())?;

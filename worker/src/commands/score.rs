@@ -28,6 +28,12 @@ pub struct ScoreArgs {
     /// Print the summary as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run the model one layer at a time: each block is read from the checkpoint, applied to
+    /// every calibration batch and dropped, so a model larger than the device (or the host) is
+    /// scored in its own dtype. Same numbers as without it. HF safetensors checkpoints only; not
+    /// with --drop or --adapter.
+    #[arg(long, conflicts_with_all = ["drop", "adapter"])]
+    streamed: bool,
 }
 
 /// Where the Block Influence CSV of a distances file lives.
@@ -50,10 +56,34 @@ pub fn score_with_progress(model: &Model, cal: &CalibrationArgs) -> anyhow::Resu
     Ok(out)
 }
 
+/// [`score::run_streamed`] with a progress bar (blocks done); returns the model's description.
+fn score_streamed(args: &ScoreArgs) -> anyhow::Result<(Calibration, Scores, String)> {
+    let spec = args.calibration.spec().context("--data is required to score (a calibration text file)")?;
+    let (device, dtype) = args.model.device_and_dtype()?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("scoring, layer by layer {bar:40} {pos}/{len} blocks (eta {eta})")
+            .expect("the template is valid"),
+    );
+    let (cal, scores) = score::run_streamed(&args.model.model, &device, dtype, &spec, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    Ok((cal, scores, format!("{} (layer-streamed)", args.model.model.display())))
+}
+
 /// Scores, writes the CSVs (and plot), prints the summary.
 pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
-    let model = args.model.load()?;
-    let (calibration, scores) = score_with_progress(&model, &args.calibration)?;
+    // The model as the summary names it, and as the heatmap's title does.
+    let (calibration, scores, described, titled) = if args.streamed {
+        let (calibration, scores, described) = score_streamed(&args)?;
+        let name = args.model.model.file_name().map_or(described.clone(), |n| n.to_string_lossy().into_owned());
+        (calibration, scores, described, name)
+    } else {
+        let model = args.model.load()?;
+        let (calibration, scores) = score_with_progress(&model, &args.calibration)?;
+        (calibration, scores, model.describe(), model.decoder.cfg.family.model_type().to_string())
+    };
     let d = &scores.distances;
     std::fs::write(&args.out, d.to_csv()).with_context(|| format!("writing {}", args.out.display()))?;
     let bi_path = influence_path(&args.out);
@@ -63,7 +93,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         .join("\n");
     std::fs::write(&bi_path, bi_csv + "\n").with_context(|| format!("writing {}", bi_path.display()))?;
     if let Some(plot) = &args.plot {
-        let title = format!("d(l, n), {} ({} samples)", model.decoder.cfg.family.model_type(), d.samples);
+        let title = format!("d(l, n), {titled} ({} samples)", d.samples);
         let (svg, png) = write_heatmap(d, &title, plot).map_err(anyhow::Error::msg)?;
         tracing::info!(svg = %svg.display(), png = %png.display(), "wrote heatmap");
     }
@@ -72,7 +102,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         (1..=d.num_layers).map(|n| d.best_start(n).map(|(l, v)| (n, l, v))).collect::<Result<_, _>>()?;
     if args.json {
         let summary = json!({
-            "model": model.describe(),
+            "model": described,
             "layers": d.num_layers,
             "samples": d.samples,
             "skipped_short": calibration.skipped_short,

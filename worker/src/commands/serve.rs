@@ -38,6 +38,11 @@ pub struct ServeArgs {
     /// is always allowed.
     #[arg(long = "data-root", env = "PRUNESWEEP_DATA_ROOT", value_delimiter = ',')]
     data_roots: Vec<PathBuf>,
+    /// Count at most this many GiB of the device's memory as free when deciding whether a model
+    /// fits (a device shared with other work). A score job whose model does not fit runs layer by
+    /// layer instead of loading it whole.
+    #[arg(long, env = "PRUNESWEEP_MEMORY_BUDGET_GIB")]
+    memory_budget_gib: Option<f64>,
     /// Exit after this many jobs (default: serve until Ctrl-C / SIGTERM).
     #[arg(long)]
     max_jobs: Option<usize>,
@@ -71,6 +76,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(roots = %roots.describe(), "jobs may read only under these roots");
     let cfg = ServeConfig {
         roots,
+        memory_budget: args.memory_budget_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
         coordinator: args.coordinator,
         name,
         device_name: args.device,

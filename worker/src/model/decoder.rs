@@ -52,7 +52,7 @@ pub struct Block {
 }
 
 impl Block {
-    fn load(w: &mut WeightMap, index: usize, cfg: &Config) -> Result<Self, ModelError> {
+    pub(super) fn load(w: &mut WeightMap, index: usize, cfg: &Config) -> Result<Self, ModelError> {
         let p = format!("model.layers.{index}");
         Ok(Block {
             original_index: index,
@@ -102,7 +102,7 @@ impl Block {
     }
 
     /// `x^(l+1) = x^(l) + f(x^(l))`.
-    fn forward(
+    pub(super) fn forward(
         &self,
         x: &Tensor,
         rotary: &Rotary,

@@ -8,7 +8,8 @@
 //!   positions, the prefix [`KvCache`], attention and its mask; `adapters`: [`Decoder`]'s LoRA
 //!   methods (attach, load, list, merge).
 //! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors;
-//!   [`tensor_files`]: safetensors read one tensor at a time.
+//!   [`tensor_files`]: safetensors read one tensor at a time; [`streamed`]: a decoder run layer by
+//!   layer from them, for models larger than the device.
 //! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
 //! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
 //! - [`nf4`], [`frozen`], [`lora`]: the frozen 4-bit base, products with frozen weights, and the
@@ -28,6 +29,7 @@ pub mod lora;
 pub mod masked_softmax;
 pub mod nf4;
 pub mod silu_mul;
+pub mod streamed;
 pub mod tensor_files;
 pub mod tokenizer;
 pub mod weights;
@@ -195,12 +197,7 @@ impl Model {
         let source = ModelSource::resolve(path)?;
         let (decoder, tokenizer, config_json) = match &source {
             ModelSource::HfDir(dir) => {
-                let (cfg, raw) = Config::from_file(&dir.join("config.json")).map_err(|e| match e {
-                    ModelError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
-                        ModelError::MissingFile { path, hint: "an HF model directory needs config.json".into() }
-                    }
-                    other => other,
-                })?;
+                let (cfg, raw) = hf_config(dir)?;
                 let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
                 let weights = weights::WeightMap::open_hf(dir, &cfg, dtype, device)?;
                 let decoder = Decoder::load(cfg, weights)?;
@@ -229,6 +226,16 @@ impl Model {
             self.decoder.cfg.num_layers
         )
     }
+}
+
+/// An HF directory's `config.json`, parsed, and as read.
+pub(crate) fn hf_config(dir: &Path) -> Result<(Config, Value), ModelError> {
+    Config::from_file(&dir.join("config.json")).map_err(|e| match e {
+        ModelError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
+            ModelError::MissingFile { path, hint: "an HF model directory needs config.json".into() }
+        }
+        other => other,
+    })
 }
 
 /// The dtype a model runs in on `device` unless told otherwise: f32 on a CPU, bf16 on CUDA.

@@ -135,7 +135,7 @@ mod tests {
         // A truncated file is refused when opened, naming it.
         let bytes = std::fs::read(&one).unwrap();
         std::fs::write(&one, &bytes[..bytes.len() - 4]).unwrap();
-        let e = TensorFiles::open(&[one.clone()]).unwrap_err().to_string();
+        let e = TensorFiles::open(std::slice::from_ref(&one)).unwrap_err().to_string();
         assert!(e.contains("1.safetensors") && e.contains("truncated or not a safetensors file?"), "{e}");
         std::fs::write(&one, b"not a checkpoint").unwrap();
         let e = TensorFiles::open(&[one]).unwrap_err().to_string();

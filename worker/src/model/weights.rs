@@ -83,6 +83,23 @@ impl WeightMap {
         })
     }
 
+    /// How many elements the tensors not yet taken hold (a fused module's parts counted once).
+    pub fn remaining_elements(&self) -> u64 {
+        let elements = |name: &str| -> u64 {
+            match &self.store {
+                Store::Memory(tensors) => tensors.get(name).map_or(0, |t| t.elem_count() as u64),
+                Store::Files { files, parts } => match parts.get(name) {
+                    Some(split) => {
+                        let cols = files.shape(&split.fused).map_or(0, |s| s[1..].iter().product::<usize>());
+                        (split.rows * cols) as u64
+                    }
+                    None => files.shape(name).map_or(0, |s| s.iter().product::<usize>() as u64),
+                },
+            }
+        };
+        self.remaining.iter().map(|n| elements(n)).sum()
+    }
+
     /// Whether a tensor of that name is present (and not yet taken).
     pub fn contains(&self, name: &str) -> bool {
         self.remaining.contains(name)

@@ -57,6 +57,8 @@ pub struct ServeConfig {
     pub work_dir: PathBuf,
     /// Where a job's model and data may be read from.
     pub roots: roots::Roots,
+    /// At most this many bytes of the device's memory count as free (`--memory-budget-gib`).
+    pub memory_budget: Option<u64>,
     /// Long-poll wait per `LeaseJob` call.
     pub lease_wait: Duration,
     /// Stop after this many jobs (tests, batch use); `None` serves until shutdown.
@@ -222,7 +224,8 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
         _ = &mut shutdown => return Ok(()),
     };
     let memory_device = device.clone();
-    let mut pipeline = Some(Pipeline::new(device, cfg.work_dir.clone(), cfg.roots.clone()));
+    let mut pipeline =
+        Some(Pipeline::new(device, cfg.work_dir.clone(), cfg.roots.clone()).with_memory_budget(cfg.memory_budget));
     let mut done = 0usize;
     let mut backoff = Backoff::new();
     loop {

@@ -17,7 +17,7 @@ use prunesweep_proto::v1::{Distance, DistanceMetric, PhaseTiming, ResultRow};
 use crate::eval::{self, EvalReport, EvalSpec, Task};
 use crate::heal::{self, HealEnd, HealError, HealSpec};
 use crate::job::{Cell, Job, JobError, Work};
-use crate::model::{default_dtype, Model, ModelError};
+use crate::model::{default_dtype, streamed, Model, ModelError};
 use crate::prune::{self, LayerScores, PruneError};
 use crate::score::{self, ScoreSpec};
 use crate::serve::roots::Roots;
@@ -73,6 +73,8 @@ pub struct Pipeline {
     roots: Roots,
     /// The last model loaded: its source, its dtype, the model.
     loaded: Option<(String, DType, Model)>,
+    /// At most this much of the device's memory is counted as free (`None`: all of it).
+    memory_budget: Option<u64>,
 }
 
 fn timing(phase: &str, since: Instant) -> PhaseTiming {
@@ -118,7 +120,14 @@ impl Pipeline {
     /// A pipeline on `device` that reads only under `roots`; healing checkpoints go under
     /// `work_dir/jobs/<job key>/`.
     pub fn new(device: Device, work_dir: PathBuf, roots: Roots) -> Self {
-        Pipeline { device, work_dir, roots, loaded: None }
+        Pipeline { device, work_dir, roots, loaded: None, memory_budget: None }
+    }
+
+    /// Counts at most `bytes` of the device's memory as free when deciding whether a model fits
+    /// (a device shared with other work; tests).
+    pub fn with_memory_budget(mut self, bytes: Option<u64>) -> Self {
+        self.memory_budget = bytes;
+        self
     }
 
     /// Drops the loaded model (after a panic it may be half-changed).
@@ -147,6 +156,11 @@ impl Pipeline {
     pub fn run(&mut self, job: &Job, progress: &Progress) -> Result<JobOutput, JobError> {
         let mut out = JobOutput::default();
         self.roots.check(job)?;
+        if let Work::Score(spec) = &job.work {
+            if self.needs_streaming(job)? {
+                return self.score_streamed(job, spec, progress, out);
+            }
+        }
         progress.set("load", 0.0);
         let t = Instant::now();
         let mut model = self.model(&job.model, job.dtype)?;
@@ -166,6 +180,50 @@ impl Pipeline {
                 evaluate(&cell.eval, &model, progress, &mut out)?;
             }
         }
+        Ok(out)
+    }
+
+    /// Whether `job`'s model, not loaded yet, would not fit its device: its weights in the job's
+    /// dtype take more than 90% of the device's free memory (host RAM for a CPU worker). Such a
+    /// score job runs layer by layer instead ([`score::run_streamed`]).
+    fn needs_streaming(&self, job: &Job) -> Result<bool, JobError> {
+        if self.loaded.as_ref().is_some_and(|(s, _, _)| *s == job.model) {
+            return Ok(false);
+        }
+        let dtype = job.dtype.unwrap_or_else(|| default_dtype(&self.device));
+        let needed =
+            streamed::checkpoint_bytes(Path::new(&job.model), dtype).map_err(|e| model_failure(&job.model, e))?;
+        let free = match (crate::device::free_memory(&self.device), self.memory_budget) {
+            (Some(free), Some(budget)) => Some(free.min(budget)),
+            (free, budget) => free.or(budget),
+        };
+        Ok(match (needed, free) {
+            (Some(needed), Some(free)) => needed as f64 > 0.9 * free as f64,
+            _ => false,
+        })
+    }
+
+    /// A score job on a model too large for the device: scored layer by layer, never loaded whole
+    /// (and not kept for the next job).
+    fn score_streamed(
+        &mut self,
+        job: &Job,
+        spec: &ScoreSpec,
+        progress: &Progress,
+        mut out: JobOutput,
+    ) -> Result<JobOutput, JobError> {
+        self.loaded = None;
+        tracing::info!(model = %job.model, "the model does not fit the device's free memory: scoring it layer by layer");
+        progress.set("score", 0.0);
+        let t = Instant::now();
+        let dtype = job.dtype.unwrap_or_else(|| default_dtype(&self.device));
+        let (_, scores) = score::run_streamed(Path::new(&job.model), &self.device, dtype, spec, &mut |done, total| {
+            progress.set("score", done as f64 / total.max(1) as f64)
+        })
+        .map_err(score_failure)?;
+        out.num_layers = Some(scores.distances.num_layers as u32);
+        report_scores(&scores, &mut out)?;
+        out.timings.push(timing("score", t));
         Ok(out)
     }
 
@@ -203,16 +261,30 @@ impl Pipeline {
     }
 }
 
+fn score_failure(e: score::ScoreError) -> JobError {
+    match e {
+        score::ScoreError::Candle(_) => JobError::Runtime(e.to_string()),
+        score::ScoreError::Model(ModelError::Candle(_)) => JobError::Runtime(e.to_string()),
+        score::ScoreError::Model(_) => JobError::ModelLoad(e.to_string()),
+        other => JobError::Data(other.to_string()),
+    }
+}
+
 fn score_model(spec: &ScoreSpec, model: &Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobError> {
     progress.set("score", 0.0);
     let t = Instant::now();
     let (_, scores) = score::run(&model.decoder, &model.tokenizer, spec, &mut |done, total| {
         progress.set("score", done as f64 / total.max(1) as f64)
     })
-    .map_err(|e| match e {
-        score::ScoreError::Candle(_) => JobError::Runtime(e.to_string()),
-        other => JobError::Data(other.to_string()),
-    })?;
+    .map_err(score_failure)?;
+    report_scores(&scores, out)?;
+    out.timings.push(timing("score", t));
+    Ok(())
+}
+
+/// The distance table and Block Influence as the contract's rows; a value that is not finite
+/// fails the job instead.
+fn report_scores(scores: &score::Scores, out: &mut JobOutput) -> Result<(), JobError> {
     let layers = scores.distances.num_layers;
     let all_scores = scores.influence.scores.iter().chain((1..=layers).flat_map(|n| scores.distances.row(n)));
     if let Some(bad) = all_scores.copied().find(|v| !v.is_finite()) {
@@ -233,7 +305,6 @@ fn score_model(spec: &ScoreSpec, model: &Model, progress: &Progress, out: &mut J
     for (l, &v) in scores.influence.scores.iter().enumerate() {
         out.distances.push(Distance { metric: DistanceMetric::BlockInfluence as i32, n: 1, l: l as u32, value: v });
     }
-    out.timings.push(timing("score", t));
     Ok(())
 }
 
@@ -319,6 +390,36 @@ mod tests {
         let f = run(&task(4)).unwrap_err();
         assert_eq!((f.kind(), f.is_retryable()), ("data", false));
         assert!(f.to_string().contains("none from document 4 on; lower `first_doc`"), "{f}");
+    }
+
+    #[test]
+    fn a_score_job_on_a_model_larger_than_the_memory_budget_runs_layer_by_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let c4 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/c4");
+        let data = std::env::var_os("PRUNESWEEP_DATA").map_or(c4, |d| PathBuf::from(d).join("c4"));
+        let spec = ScoreSpec {
+            data: data.join("c4-en-train.00000-of-01024.first1000.jsonl"),
+            samples: 4,
+            seq_len: 16,
+            batch: 2,
+        };
+        let job = Job {
+            id: 1,
+            key: "k".into(),
+            model: fixtures.join("tiny-llama").display().to_string(),
+            dtype: None,
+            work: Work::Score(spec),
+        };
+        let roots = || Roots::new(dir.path(), std::slice::from_ref(&fixtures), std::slice::from_ref(&data)).unwrap();
+        let mut whole = Pipeline::new(Device::Cpu, dir.path().into(), roots());
+        let want = whole.run(&job, &Progress::default()).unwrap();
+        assert_eq!(whole.held_models().len(), 1, "loaded whole, and kept");
+        let mut small = Pipeline::new(Device::Cpu, dir.path().into(), roots()).with_memory_budget(Some(1 << 10));
+        let got = small.run(&job, &Progress::default()).unwrap();
+        assert!(small.held_models().is_empty(), "streamed: nothing loaded to keep");
+        assert_eq!(got.num_layers, want.num_layers);
+        assert_eq!(got.distances, want.distances, "the same table, to the bit");
     }
 
     #[test]
