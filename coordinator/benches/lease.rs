@@ -14,17 +14,16 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use prunesweep_coordinator::store::{now_ms, Completion, JobStore, PgStore, ResultValue, SqliteStore};
+use prunesweep_coordinator::store::{now_ms, Completion, JobStore, ResultValue};
 use prunesweep_coordinator::sweep::SweepSpec;
 use prunesweep_coordinator::Config;
 use prunesweep_proto::v1 as pb;
 use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
 use prunesweep_proto::v1::worker_service_client::WorkerServiceClient;
-use sqlx::{AssertSqlSafe, Connection};
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+mod common;
+
+use common::env;
 
 fn sweep_yaml(name: &str, jobs: usize) -> String {
     let ns: Vec<String> = (1..=jobs).map(|n| n.to_string()).collect();
@@ -99,17 +98,7 @@ async fn bench(label: &str, store: Arc<dyn JobStore>, jobs: usize, clients: usiz
         .map(|(i, channel)| {
             tokio::spawn(async move {
                 let mut w = WorkerServiceClient::new(channel);
-                let worker_id = w
-                    .register(pb::RegisterRequest {
-                        name: format!("bench-{i}"),
-                        device: "cpu".into(),
-                        memory_bytes: None,
-                        version: "bench".into(),
-                    })
-                    .await
-                    .expect("register")
-                    .into_inner()
-                    .worker_id;
+                let worker_id = common::register(&mut w, i).await;
                 let mut cycles = 0usize;
                 loop {
                     let req = pb::LeaseJobRequest {
@@ -156,23 +145,13 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("bench.sqlite").display());
-        let store: Arc<dyn JobStore> = Arc::new(SqliteStore::connect(&url).await.expect("SQLite"));
+        let store = common::sqlite(dir.path()).await;
         bench("sqlite", store.clone(), jobs, clients).await;
         bench_store("sqlite", store, jobs, clients).await;
 
-        let pg = std::env::var("PRUNESWEEP_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let schema = format!("ps_bench_{}", std::process::id());
-        let mut conn = sqlx::PgConnection::connect(&pg).await.expect("Postgres");
-        let sql = |s: String| sqlx::query(AssertSqlSafe(s));
-        sql(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut conn).await.expect("drop");
-        sql(format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.expect("create schema");
-        let options =
-            sqlx::postgres::PgConnectOptions::from_str(&pg).expect("URL").options([("search_path", schema.as_str())]);
-        let store: Arc<dyn JobStore> = Arc::new(PgStore::connect_with(options, 16).await.expect("Postgres store"));
+        let (store, schema) = common::postgres("ps_bench").await;
         bench("postgres", store.clone(), jobs, clients).await;
         bench_store("postgres", store, jobs, clients).await;
-        sql(format!("DROP SCHEMA {schema} CASCADE")).execute(&mut conn).await.expect("drop");
+        schema.drop().await;
     });
 }

@@ -20,18 +20,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prunesweep_coordinator::store::{JobStore, PgStore, SqliteStore};
+use prunesweep_coordinator::store::JobStore;
 use prunesweep_coordinator::sweep::{DEFAULT_MAX_JOBS_PER_SUBMIT, MAX_AMOUNTS};
 use prunesweep_coordinator::Config;
 use prunesweep_proto::v1 as pb;
 use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
 use prunesweep_proto::v1::worker_service_client::WorkerServiceClient;
-use sqlx::{AssertSqlSafe, Connection};
 use tonic::transport::{Channel, Endpoint};
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+mod common;
+
+use common::env;
 
 /// A `deepest` sweep (no score job, no baseline) of at least `jobs` jobs: ceil(jobs / 10,000)
 /// models `{prefix}-{i}.gguf`, each with the same `n` list 1..=ceil(jobs / models) (the `n` list
@@ -96,17 +95,7 @@ fn show(name: &str, s: &Stats) -> String {
 /// A fake worker: register, then lease → heartbeat → complete until `stop`, timing each call.
 async fn worker(i: usize, channel: Channel, held: Vec<String>, t0: Instant, stop: Arc<AtomicBool>) -> Vec<Sample> {
     let mut w = WorkerServiceClient::new(channel);
-    let worker_id = w
-        .register(pb::RegisterRequest {
-            name: format!("bench-{i}"),
-            device: "cpu".into(),
-            memory_bytes: None,
-            version: "bench".into(),
-        })
-        .await
-        .expect("register")
-        .into_inner()
-        .worker_id;
+    let worker_id = common::register(&mut w, i).await;
     let mut samples = Vec::with_capacity(1 << 16);
     while !stop.load(Ordering::Relaxed) {
         let req = pb::LeaseJobRequest {
@@ -266,21 +255,10 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("bench.sqlite").display());
-        let store: Arc<dyn JobStore> = Arc::new(SqliteStore::connect(&url).await.expect("SQLite"));
-        bench("sqlite", store, jobs, workers, warm).await;
+        bench("sqlite", common::sqlite(dir.path()).await, jobs, workers, warm).await;
 
-        let pg = std::env::var("PRUNESWEEP_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let schema = format!("ps_bench_submit_{}", std::process::id());
-        let mut conn = sqlx::PgConnection::connect(&pg).await.expect("Postgres");
-        let sql = |s: String| sqlx::query(AssertSqlSafe(s));
-        sql(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut conn).await.expect("drop");
-        sql(format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.expect("create schema");
-        let options =
-            sqlx::postgres::PgConnectOptions::from_str(&pg).expect("URL").options([("search_path", schema.as_str())]);
-        let store: Arc<dyn JobStore> = Arc::new(PgStore::connect_with(options, 16).await.expect("Postgres store"));
+        let (store, schema) = common::postgres("ps_bench_submit").await;
         bench("postgres", store, jobs, workers, warm).await;
-        sql(format!("DROP SCHEMA {schema} CASCADE")).execute(&mut conn).await.expect("drop");
+        schema.drop().await;
     });
 }
