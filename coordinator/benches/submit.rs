@@ -121,6 +121,7 @@ async fn worker(i: usize, channel: Channel, held: Vec<String>, t0: Instant, stop
         let job_id = lease.job.expect("job").job_id;
 
         let beat = pb::HeartbeatRequest {
+            tokens_per_second: None,
             worker_id: worker_id.clone(),
             lease_id: lease.lease_id.clone(),
             job_id,

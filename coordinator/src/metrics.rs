@@ -71,12 +71,15 @@ pub struct Metrics {
     workers: IntGauge,
     heartbeat_age: GaugeVec,
     free_memory: GaugeVec,
+    throughput: GaugeVec,
     scrape_seconds: Gauge,
     /// Lease id → when it was granted and its job's kind (for `prunesweep_job_seconds`).
     lease_starts: Mutex<HashMap<String, (Instant, JobKind)>>,
     /// Worker id → when it last called this coordinator (lease poll or heartbeat), in ms since
     /// the epoch: an idle worker long-polls without heartbeating.
     contacts: Mutex<HashMap<String, i64>>,
+    /// Worker id → the phase and tokens/s its last heartbeat here reported.
+    rates: Mutex<HashMap<String, (&'static str, f64)>>,
     /// The failure kinds counted under their own label.
     failure_kinds: Mutex<HashSet<String>>,
     /// One scrape at a time (the gauges are reset and refilled).
@@ -189,6 +192,17 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            throughput: registered(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "prunesweep_worker_tokens_per_second",
+                        "Tokens per second in the worker's current phase, as its last heartbeat here reported.",
+                    ),
+                    &["worker", "name", "phase"],
+                )
+                .expect("valid"),
+            ),
             scrape_seconds: registered(
                 &r,
                 Gauge::new("prunesweep_scrape_store_seconds", "Time the last scrape spent reading the store.")
@@ -197,6 +211,7 @@ impl Metrics {
             registry: r,
             lease_starts: Mutex::default(),
             contacts: Mutex::default(),
+            rates: Mutex::default(),
             failure_kinds: Mutex::default(),
             scrape: tokio::sync::Mutex::new(()),
         }
@@ -266,6 +281,25 @@ impl Metrics {
         self.reclaims.inc_by(u64::from(n));
     }
 
+    /// A heartbeat reported `phase` and `tokens_per_second`: kept for the throughput gauge (a phase
+    /// that is not one of the pipeline's is labelled `other`; a missing or non-finite rate clears
+    /// the worker's).
+    pub fn heartbeat(&self, worker_id: &str, phase: Option<&str>, tokens_per_second: Option<f64>) {
+        const PHASES: [&str; 5] = ["load", "score", "prune", "heal", "eval"];
+        let mut rates = self.rates.lock().expect("never poisoned");
+        match tokens_per_second.filter(|r| r.is_finite() && *r >= 0.0) {
+            Some(rate) => {
+                let phase = PHASES.into_iter().find(|p| Some(*p) == phase).unwrap_or("other");
+                if rates.len() < 4 * WORKER_SERIES_MAX || rates.contains_key(worker_id) {
+                    rates.insert(worker_id.to_string(), (phase, rate));
+                }
+            }
+            None => {
+                rates.remove(worker_id);
+            }
+        }
+    }
+
     /// A registered worker called this coordinator at `now` (ms since the epoch).
     pub fn contact(&self, worker_id: &str, now: i64) {
         let mut contacts = self.contacts.lock().expect("never poisoned");
@@ -312,12 +346,17 @@ impl Metrics {
         self.workers.set(seen.iter().filter(|(_, t)| now.saturating_sub(*t) <= live_ms).count() as i64);
         self.heartbeat_age.reset();
         self.free_memory.reset();
+        self.throughput.reset();
+        let rates = self.rates.lock().expect("never poisoned").clone();
         for (w, _) in seen.iter().filter(|(_, t)| now.saturating_sub(*t) <= recent_ms).take(WORKER_SERIES_MAX) {
             let labels = [w.id.as_str(), w.info.name.as_str()];
             let age = now.saturating_sub(w.last_seen).max(0) as f64 / 1000.0;
             self.heartbeat_age.with_label_values(&labels).set(age);
             if let Some(free) = free_memory.get(&w.id) {
                 self.free_memory.with_label_values(&labels).set(*free as f64);
+            }
+            if let Some((phase, rate)) = rates.get(&w.id) {
+                self.throughput.with_label_values(&[labels[0], labels[1], phase]).set(*rate);
             }
         }
 

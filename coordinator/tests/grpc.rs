@@ -102,6 +102,7 @@ async fn fake_worker(url: String, name: &str) -> Vec<pb::JobSpec> {
             assert!(!job.distances.is_empty(), "an angular cell runs after its score job, with its distances");
         }
         let hb = pb::HeartbeatRequest {
+            tokens_per_second: None,
             worker_id: id.clone(),
             lease_id: lease.lease_id.clone(),
             job_id: job.job_id,
@@ -179,6 +180,7 @@ async fn cancel_stops_leasing(store: &TestStore) {
     let cancelled = sweeps.cancel_sweep(pb::CancelSweepRequest { sweep: "tiny".into() }).await.unwrap();
     assert_eq!(cancelled.into_inner().jobs_cancelled, 6);
     let hb = pb::HeartbeatRequest {
+        tokens_per_second: None,
         worker_id: id.clone(),
         lease_id: lease.lease_id.clone(),
         job_id,
@@ -213,6 +215,7 @@ async fn silent_worker_loses_its_job(store: &TestStore) {
     let err = w.complete_job(complete_req(&silent, &first)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "a stale lease cannot complete: {err}");
     let hb = pb::HeartbeatRequest {
+        tokens_per_second: None,
         worker_id: silent.clone(),
         lease_id: first.lease_id.clone(),
         job_id: first.job.as_ref().unwrap().job_id,
@@ -233,6 +236,7 @@ async fn get_sweep_shows_running_jobs_and_list_workers_their_holders(store: &Tes
     let lease = w.lease_job(lease_req(&busy, 0)).await.unwrap().into_inner().lease.unwrap();
     let job_id = lease.job.as_ref().unwrap().job_id;
     let hb = pb::HeartbeatRequest {
+        tokens_per_second: None,
         worker_id: busy.clone(),
         lease_id: lease.lease_id.clone(),
         job_id,

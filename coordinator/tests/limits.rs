@@ -115,6 +115,7 @@ async fn huge_strings_and_hostile_names_are_refused(store: &TestStore) {
     };
     refused(workers.lease_job(many).await, Code::InvalidArgument, &["`held_models`", "256"]);
     let beat = pb::HeartbeatRequest {
+        tokens_per_second: None,
         worker_id: id.clone(),
         lease_id: "l".into(),
         job_id: 1,

@@ -63,6 +63,7 @@ async fn worker(url: String, i: usize, until: Instant, tally: Arc<Mutex<Tally>>)
         rng ^= rng << 17;
         tokio::time::sleep(Duration::from_millis(100 + rng % 300)).await;
         let beat = pb::HeartbeatRequest {
+            tokens_per_second: None,
             worker_id: worker_id.clone(),
             lease_id: lease.lease_id.clone(),
             job_id,

@@ -247,6 +247,7 @@ async fn scrape_after_a_worker_ran(store: &TestStore) {
     let first_kind = pb::JobKind::try_from(first.job.as_ref().unwrap().kind).unwrap();
     assert_eq!(first_kind, pb::JobKind::Score, "the score job comes first");
     let hb = pb::HeartbeatRequest {
+        tokens_per_second: Some(1234.5),
         worker_id: id.clone(),
         lease_id: first.lease_id.clone(),
         job_id: first.job.as_ref().unwrap().job_id,
@@ -325,6 +326,9 @@ async fn scrape_after_a_worker_ran(store: &TestStore) {
     assert!((0.0..30.0).contains(&age), "heartbeat age {age}");
     let free = m.get("prunesweep_worker_free_memory_bytes", &[("worker", &id), ("name", ODD_NAME)]);
     assert_eq!(free, f64::from(3u32 << 30));
+    // Its throughput, as its heartbeat reported it, labelled with the phase.
+    let rate = m.get("prunesweep_worker_tokens_per_second", &[("worker", &id), ("name", ODD_NAME), ("phase", "eval")]);
+    assert_eq!(rate, 1234.5);
 
     promtool(&text);
 

@@ -379,6 +379,7 @@ impl pb::worker_service_server::WorkerService for Coordinator {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
         limits::check_heartbeat(&req)?;
+        self.metrics.heartbeat(&req.worker_id, req.phase.as_deref(), req.tokens_per_second);
         let beat = convert::heartbeat(req, ms(self.config.lease_ttl));
         let outcome = self.metrics.time_store("heartbeat", self.store.heartbeat(&beat, now_ms())).await?;
         self.metrics.contact(&beat.worker_id, now_ms());

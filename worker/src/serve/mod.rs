@@ -316,6 +316,7 @@ async fn run_leased(
                 let req = HeartbeatRequest {
                     worker_id: session.worker_id.clone(), lease_id: lease_id.clone(), job_id,
                     phase: Some(phase), progress: Some(fraction),
+                    tokens_per_second: progress.tokens_per_second(),
                 };
                 match session.client.heartbeat(req).await.map(|r| r.into_inner().action) {
                     Ok(a) if a == HeartbeatAction::Cancel as i32 || a == HeartbeatAction::Lost as i32 => {

@@ -42,6 +42,8 @@ pub struct JobOutput {
 #[derive(Debug, Default)]
 pub struct Progress {
     phase: Mutex<(String, f64)>,
+    /// When the current phase started, and the tokens it has processed so far.
+    tokens: Mutex<Option<(Instant, u64)>>,
     /// Set to stop the job at the next phase boundary (or healing step, after a checkpoint).
     pub stop: AtomicBool,
 }
@@ -53,7 +55,25 @@ impl Progress {
     }
 
     fn set(&self, phase: &str, fraction: f64) {
-        *self.phase.lock().expect("never poisoned") = (phase.to_string(), fraction.clamp(0.0, 1.0));
+        let mut current = self.phase.lock().expect("never poisoned");
+        if current.0 != phase {
+            *self.tokens.lock().expect("never poisoned") = None;
+        }
+        *current = (phase.to_string(), fraction.clamp(0.0, 1.0));
+    }
+
+    /// The current phase has processed `tokens` tokens so far (its first call starts the clock).
+    fn set_tokens(&self, tokens: u64) {
+        let mut t = self.tokens.lock().expect("never poisoned");
+        let start = t.map_or_else(Instant::now, |(start, _)| start);
+        *t = Some((start, tokens));
+    }
+
+    /// Tokens per second in the current phase so far, if it counts tokens.
+    pub fn tokens_per_second(&self) -> Option<f64> {
+        let (start, tokens) = (*self.tokens.lock().expect("never poisoned"))?;
+        let secs = start.elapsed().as_secs_f64();
+        (tokens > 0 && secs > 0.0).then(|| tokens as f64 / secs)
     }
 
     fn check(&self) -> Result<(), JobError> {
@@ -251,7 +271,10 @@ impl Pipeline {
         }
         let mut trainer = heal::prepare(model, spec, &dir, identity, true).map_err(heal_failure)?;
         let end = trainer
-            .run(&progress.stop, &mut |s| progress.set("heal", s.step as f64 / steps as f64))
+            .run(&progress.stop, &mut |s| {
+                progress.set("heal", s.step as f64 / steps as f64);
+                progress.set_tokens(s.tokens as u64);
+            })
             .map_err(heal_failure)?;
         if end == HealEnd::Preempted {
             return Err(JobError::Stopped);
@@ -273,8 +296,10 @@ fn score_failure(e: score::ScoreError) -> JobError {
 fn score_model(spec: &ScoreSpec, model: &Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobError> {
     progress.set("score", 0.0);
     let t = Instant::now();
+    progress.set_tokens(0);
     let (_, scores) = score::run(&model.decoder, &model.tokenizer, spec, &mut |done, total| {
-        progress.set("score", done as f64 / total.max(1) as f64)
+        progress.set("score", done as f64 / total.max(1) as f64);
+        progress.set_tokens(done as u64);
     })
     .map_err(score_failure)?;
     report_scores(&scores, out)?;
@@ -420,6 +445,22 @@ mod tests {
         assert!(small.held_models().is_empty(), "streamed: nothing loaded to keep");
         assert_eq!(got.num_layers, want.num_layers);
         assert_eq!(got.distances, want.distances, "the same table, to the bit");
+    }
+
+    #[test]
+    fn heartbeats_carry_the_phases_token_rate() {
+        let p = Progress::default();
+        p.set("score", 0.0);
+        assert_eq!(p.tokens_per_second(), None, "no tokens counted yet");
+        p.set_tokens(0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        p.set_tokens(100);
+        let rate = p.tokens_per_second().unwrap();
+        assert!(rate > 0.0 && rate <= 100.0 / 0.02, "{rate}");
+        p.set("score", 0.5);
+        assert!(p.tokens_per_second().is_some(), "the same phase keeps its count");
+        p.set("eval", 0.0);
+        assert_eq!(p.tokens_per_second(), None, "a new phase starts over");
     }
 
     #[test]
