@@ -34,9 +34,13 @@ use prunesweep_coordinator::sweep::{self, SweepSpec};
 use prunesweep_coordinator::Config;
 use prunesweep_coordinator::{plan, plot};
 use prunesweep_proto::v1 as pb;
-use prunesweep_proto::Vocabulary;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+mod cli;
+
+use cli::local::run_local;
+use cli::tables::{print_running, print_table, print_workers};
 
 /// A `SweepService` client that sends the user's token on every call.
 type Client = SweepServiceClient<InterceptedService<Channel, ClientAuth>>;
@@ -220,90 +224,6 @@ async fn connect(args: &ClientArgs) -> Result<Client> {
     Ok(SweepServiceClient::with_interceptor(channel, ClientAuth::new(token.as_deref())?))
 }
 
-fn print_table(sweeps: &[pb::SweepStatus]) {
-    println!(
-        "{:<24} {:<9} {:>7} {:>7} {:>6} {:>9} {:>6} {:>9} {:>6}",
-        "SWEEP", "STATE", "BLOCKED", "PENDING", "LEASED", "SUCCEEDED", "FAILED", "CANCELLED", "TOTAL"
-    );
-    for s in sweeps {
-        let total = s.blocked + s.pending + s.leased + s.succeeded + s.failed + s.cancelled;
-        println!(
-            "{:<24} {:<9} {:>7} {:>7} {:>6} {:>9} {:>6} {:>9} {:>6}",
-            s.name,
-            s.state().name(),
-            s.blocked,
-            s.pending,
-            s.leased,
-            s.succeeded,
-            s.failed,
-            s.cancelled,
-            total
-        );
-    }
-}
-
-/// How long before `now_ms` `at_ms` was, roughly: `12s ago`, `5m ago`, `3h ago`, `2d ago`.
-fn ago(now_ms: i64, at_ms: i64) -> String {
-    let s = (now_ms - at_ms).max(0) / 1000;
-    match s {
-        0..60 => format!("{s}s ago"),
-        60..3600 => format!("{}m ago", s / 60),
-        3600..86400 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86400),
-    }
-}
-
-/// A sweep's running jobs under its counts (nothing when none runs).
-fn print_running(running: &[pb::RunningJob]) {
-    if running.is_empty() {
-        return;
-    }
-    let now = store::now_ms();
-    println!();
-    println!("{:>8} {:<8} {:<24} {:<8} {:>8} {:>14}", "JOB", "KIND", "WORKER", "PHASE", "PROGRESS", "LAST HEARTBEAT");
-    for r in running {
-        println!(
-            "{:>8} {:<8} {:<24} {:<8} {:>8} {:>14}",
-            r.job_id,
-            r.kind().name(),
-            r.worker_name.as_deref().unwrap_or(&r.worker_id),
-            r.phase.as_deref().unwrap_or("-"),
-            r.progress.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * p)),
-            r.heartbeat_at_ms.map_or("-".to_string(), |t| ago(now, t)),
-        );
-    }
-}
-
-/// The registered workers, most recently seen first.
-fn print_workers(workers: &[pb::WorkerStatus]) {
-    let now = store::now_ms();
-    println!(
-        "{:<8} {:<24} {:<8} {:>9} {:>9} {:<10} {:>10} {:>10} JOB",
-        "ID", "NAME", "DEVICE", "MEMORY", "FREE", "VERSION", "REGISTERED", "LAST SEEN"
-    );
-    let gib = |m: Option<u64>| m.map_or("-".to_string(), |m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64));
-    for w in workers {
-        let (memory, free) = (gib(w.memory_bytes), gib(w.free_memory_bytes));
-        let job = match (w.job_id, &w.sweep) {
-            (Some(id), Some(sweep)) => format!("{id} ({sweep})"),
-            (Some(id), None) => id.to_string(),
-            (None, _) => "-".to_string(),
-        };
-        println!(
-            "{:<8} {:<24} {:<8} {:>9} {:>9} {:<10} {:>10} {:>10} {}",
-            w.worker_id.get(..8).unwrap_or(&w.worker_id),
-            w.name,
-            w.device,
-            memory,
-            free,
-            w.version,
-            ago(now, w.registered_at_ms),
-            ago(now, w.last_seen_ms),
-            job
-        );
-    }
-}
-
 async fn watch(client: &mut Client, sweep: &str) -> Result<()> {
     let status = client.get_sweep(pb::GetSweepRequest { sweep: sweep.to_string() }).await?.into_inner();
     let total =
@@ -479,116 +399,6 @@ fn write_plots(sweep: &str, rows: &[export::ExportRow], out: &std::path::Path) -
     Ok(())
 }
 
-/// `coordinator run`: serve on 127.0.0.1:0, submit, start the workers, follow the sweep, export.
-async fn run_local(
-    file: PathBuf,
-    workers: usize,
-    device: String,
-    worker_bin: Option<PathBuf>,
-    out: Option<PathBuf>,
-) -> Result<()> {
-    let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let spec = SweepSpec::parse(&yaml, &file.display().to_string())?;
-    let sweep = spec.name.as_str().to_string();
-    let dir = out.unwrap_or_else(|| PathBuf::from("results").join(&sweep));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let worker_bin = match worker_bin {
-        Some(p) => p,
-        None => std::env::current_exe()?.with_file_name("worker"),
-    };
-    if !worker_bin.is_file() {
-        bail!(
-            "the worker binary is not at {}; build it (cargo build --release -p prunesweep-worker) or pass --worker-bin",
-            worker_bin.display()
-        );
-    }
-    let database = format!("sqlite://{}", dir.join("coordinator.sqlite").display());
-    let store = store::open(&database).await.with_context(|| format!("opening {database}"))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config = Config::for_lease_ttl(Duration::from_secs(60));
-    let server = tokio::spawn(prunesweep_coordinator::run(listener, store, config, async {
-        let _ = stop_rx.await;
-    }));
-    let mut client = connect(&ClientArgs::local(url.clone())).await?;
-    let reply = client
-        .submit_sweep(pb::SubmitSweepRequest { yaml, file_name: Some(file.display().to_string()) })
-        .await?
-        .into_inner();
-    println!(
-        "sweep {sweep}: {} jobs ({} new); {workers} local workers on {device}",
-        reply.jobs_total, reply.jobs_added
-    );
-    let roots = read_roots(&spec);
-    let children = (0..workers.max(1))
-        .map(|i| {
-            std::process::Command::new(&worker_bin)
-                .args([
-                    "serve",
-                    "--coordinator",
-                    &url,
-                    "--device",
-                    &local_device(&device, i),
-                    "--name",
-                    &format!("local-{i}"),
-                ])
-                .arg("--work-dir")
-                .arg(dir.join("work"))
-                .args(&roots)
-                .spawn()
-                .with_context(|| format!("starting {}", worker_bin.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let followed = tokio::select! {
-        r = watch(&mut client, &sweep) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the sweep is kept in {database}")),
-    };
-    for child in &children {
-        // SIGTERM: workers stop their job at a safe point (healing checkpoints) and exit.
-        let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    }
-    for mut child in children {
-        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-    }
-    followed?;
-    let failed = write_results(&mut client, &sweep, &dir).await?;
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    if !failed.is_empty() {
-        bail!("{} jobs failed:\n{}", failed.len(), failed.join("\n"));
-    }
-    Ok(())
-}
-
-/// The device of local worker `i`: `cuda` spreads the workers over the GPUs (`cuda:i`); any other
-/// name is every worker's.
-fn local_device(device: &str, i: usize) -> String {
-    if device == "cuda" {
-        format!("cuda:{i}")
-    } else {
-        device.to_string()
-    }
-}
-
-/// `--model-root`/`--data-root` arguments for the local workers: exactly the files the sweep
-/// names (or, for one that does not exist yet, its folder), so they read what the sweep file
-/// asks and nothing else.
-fn read_roots(spec: &SweepSpec) -> Vec<std::ffi::OsString> {
-    let mut roots = std::collections::BTreeSet::new();
-    for job in spec.expand() {
-        let models = std::iter::once(("--model-root", job.spec.model.source.as_str()));
-        for (flag, file) in models.chain(job.spec.data_files().into_iter().map(|f| ("--data-root", f))) {
-            let path = std::path::Path::new(file);
-            let root = if path.exists() { Some(path) } else { path.parent().filter(|p| p.is_dir()) };
-            if let Some(root) = root {
-                roots.insert((flag, root.to_path_buf()));
-            }
-        }
-    }
-    roots.into_iter().flat_map(|(flag, root)| [flag.into(), root.into_os_string()]).collect()
-}
-
 /// A finished sweep's `results.csv`, `results.parquet` and `plots/` under `dir`; returns the
 /// failed jobs' errors.
 async fn write_results(client: &mut Client, sweep: &str, dir: &std::path::Path) -> Result<Vec<String>> {
@@ -616,16 +426,4 @@ fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cuda_spreads_local_workers_over_the_gpus() {
-        assert_eq!((0..3).map(|i| local_device("cuda", i)).collect::<Vec<_>>(), ["cuda:0", "cuda:1", "cuda:2"]);
-        assert_eq!(local_device("cuda:1", 2), "cuda:1");
-        assert_eq!(local_device("cpu", 5), "cpu");
-    }
 }
