@@ -8,24 +8,21 @@
 //! With no token files, nothing is checked (a coordinator on loopback, `coordinator run`); then
 //! [`check_exposure`] refuses a non-loopback listener unless the operator says `--insecure`.
 //!
-//! The client half: [`client_token`] reads `PRUNESWEEP_TOKEN` or a `--token-file`,
-//! [`ClientAuth`] sends it, and [`client_endpoint`] builds a channel with TLS (`--ca`), deadlines
-//! and keepalives.
+//! The client half (token, `Bearer`, endpoint) is the contract's, [`client`], shared with the
+//! workers; [`client_endpoint`] reads the `--ca` file for it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prunesweep_proto::client::{self, ClientError, TOKEN_ENV};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::metadata::MetadataMap;
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
-
-/// The environment variable a client's token is read from (before `--token-file`).
-pub const TOKEN_ENV: &str = "PRUNESWEEP_TOKEN";
 
 /// Errors reading tokens or certificates, or a listener that would be exposed.
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +35,9 @@ pub enum AuthError {
         /// Why.
         source: std::io::Error,
     },
-    /// A token file holds no token.
-    #[error("{0}: no token in it (one token per line; `#` starts a comment)")]
-    NoTokens(PathBuf),
-    /// A token holds characters an HTTP header cannot carry.
-    #[error("{0}: a token must be printable ASCII without spaces")]
-    BadToken(String),
+    /// A token file cannot be used, or a client endpoint cannot be set up.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// Only one of the two token files was given.
     #[error("pass both --token-file (users) and --worker-token-file (workers), or neither")]
     OneRole,
@@ -58,17 +52,6 @@ pub enum AuthError {
          serve a trusted network anyway"
     )]
     Exposed(SocketAddr),
-    /// The coordinator URL does not parse.
-    #[error("--coordinator `{0}` is not a URL like http://host:50051 or https://host:50051")]
-    BadUrl(String),
-    /// The TLS settings of a client endpoint were refused.
-    #[error("TLS settings for {url}: {source}")]
-    Tls {
-        /// The coordinator URL.
-        url: String,
-        /// Why.
-        source: tonic::transport::Error,
-    },
 }
 
 /// Who a caller is.
@@ -156,7 +139,7 @@ impl Tokens {
     pub fn from_files(users: Option<&Path>, workers: Option<&Path>) -> Result<Self, AuthError> {
         match (users, workers) {
             (None, None) => Ok(Tokens::none()),
-            (Some(u), Some(w)) => Ok(Tokens::new(&read_token_file(u)?, &read_token_file(w)?)),
+            (Some(u), Some(w)) => Ok(Tokens::new(&client::read_tokens(u)?, &client::read_tokens(w)?)),
             _ => Err(AuthError::OneRole),
         }
     }
@@ -223,32 +206,6 @@ impl Interceptor for ServerAuth {
     }
 }
 
-/// The tokens in `path`: one per line, blank lines and `#` comments skipped.
-pub fn read_token_file(path: &Path) -> Result<Vec<String>, AuthError> {
-    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
-    let tokens: Vec<String> = text
-        .lines()
-        .map(|l| l.split_once('#').map_or(l, |(before, _)| before).trim())
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
-    if tokens.is_empty() {
-        return Err(AuthError::NoTokens(path.to_path_buf()));
-    }
-    for t in &tokens {
-        check_token_chars(t, path)?;
-    }
-    Ok(tokens)
-}
-
-fn check_token_chars(token: &str, source: &Path) -> Result<(), AuthError> {
-    if token.bytes().all(|b| b.is_ascii_graphic()) {
-        Ok(())
-    } else {
-        Err(AuthError::BadToken(source.display().to_string()))
-    }
-}
-
 /// Refuses to serve on a non-loopback `addr` without tokens, unless `insecure`.
 pub fn check_exposure(addr: SocketAddr, tokens: &Tokens, insecure: bool) -> Result<(), AuthError> {
     if addr.ip().is_loopback() || tokens.enabled() || insecure {
@@ -283,71 +240,10 @@ fn read(path: &Path) -> Result<Vec<u8>, AuthError> {
     std::fs::read(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })
 }
 
-/// A client's token: `PRUNESWEEP_TOKEN` if set, else the first token in `token_file`, else none.
-pub fn client_token(token_file: Option<&Path>) -> Result<Option<String>, AuthError> {
-    if let Some(token) = std::env::var(TOKEN_ENV).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
-        check_token_chars(&token, Path::new(TOKEN_ENV))?;
-        return Ok(Some(token));
-    }
-    match token_file {
-        Some(path) => Ok(read_token_file(path)?.into_iter().next()),
-        None => Ok(None),
-    }
-}
-
-/// Client-side interceptor: sends `authorization: Bearer TOKEN` on every call (nothing without).
-#[derive(Clone, Default)]
-pub struct ClientAuth {
-    header: Option<AsciiMetadataValue>,
-}
-
-impl std::fmt::Debug for ClientAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.header.is_some() { "ClientAuth(token)" } else { "ClientAuth(none)" })
-    }
-}
-
-impl ClientAuth {
-    /// Sends `token`, if any.
-    pub fn new(token: Option<&str>) -> Result<Self, AuthError> {
-        let header = token
-            .map(|t| {
-                format!("Bearer {t}").parse::<AsciiMetadataValue>().map_err(|_| AuthError::BadToken("token".into()))
-            })
-            .transpose()?;
-        Ok(ClientAuth { header })
-    }
-}
-
-impl Interceptor for ClientAuth {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(h) = &self.header {
-            request.metadata_mut().insert("authorization", h.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// A client endpoint for `url`: TLS for `https://` (trusting `ca`, a PEM file, or else the
-/// system's roots), `timeout` on every call, HTTP/2 and TCP keepalives so a dead coordinator or
-/// a silently dropped connection is noticed within a minute instead of hanging a call.
+/// A client endpoint for `url`: [`client::endpoint`] with the CA certificate read from `ca`.
 pub fn client_endpoint(url: &str, ca: Option<&Path>, timeout: Duration) -> Result<Endpoint, AuthError> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|_| AuthError::BadUrl(url.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .tcp_keepalive(Some(Duration::from_secs(60)));
-    if !url.starts_with("https://") {
-        return Ok(endpoint);
-    }
-    let tls = match ca {
-        Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)),
-        None => ClientTlsConfig::new().with_native_roots(),
-    };
-    endpoint.tls_config(tls).map_err(|source| AuthError::Tls { url: url.to_string(), source })
+    let ca = ca.map(read).transpose()?;
+    Ok(client::endpoint(url, ca.as_deref(), timeout)?)
 }
 
 #[cfg(test)]
@@ -372,16 +268,6 @@ mod tests {
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
         assert!(missing.message().contains("--token-file") && missing.message().contains(TOKEN_ENV));
         assert!(Tokens::none().check(Role::Worker, &MetadataMap::new()).is_ok());
-    }
-
-    #[test]
-    fn token_file_skips_comments_and_blanks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens");
-        std::fs::write(&path, "# users\n\n  alpha  \nbeta # the CI\n").unwrap();
-        assert_eq!(read_token_file(&path).unwrap(), ["alpha", "beta"]);
-        std::fs::write(&path, "# nothing\n").unwrap();
-        assert!(matches!(read_token_file(&path), Err(AuthError::NoTokens(_))));
     }
 
     #[test]

@@ -27,12 +27,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pb::sweep_service_client::SweepServiceClient;
-use prunesweep_coordinator::auth::{self, ClientAuth, Security, Tokens};
+use prunesweep_coordinator::auth::{self, Security, Tokens};
 use prunesweep_coordinator::export::{self, Format};
 use prunesweep_coordinator::store::{self, DEFAULT_DATABASE_URL};
 use prunesweep_coordinator::sweep::{self, SweepSpec};
 use prunesweep_coordinator::Config;
 use prunesweep_coordinator::{plan, plot};
+use prunesweep_proto::client::{self, Bearer};
 use prunesweep_proto::v1 as pb;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -43,7 +44,7 @@ use cli::local::run_local;
 use cli::tables::{print_running, print_table, print_workers};
 
 /// A `SweepService` client that sends the user's token on every call.
-type Client = SweepServiceClient<InterceptedService<Channel, ClientAuth>>;
+type Client = SweepServiceClient<InterceptedService<Channel, Bearer>>;
 
 #[derive(Parser)]
 #[command(name = "coordinator", version, about = "prunesweep coordinator: sweeps, job store, leases over gRPC")]
@@ -217,11 +218,11 @@ enum Command {
 /// A client of the coordinator at `args.coordinator`, with its token, TLS, a 5-minute deadline
 /// per call (a `status --watch` stream is bounded only by its first reply) and keepalives.
 async fn connect(args: &ClientArgs) -> Result<Client> {
-    let token = auth::client_token(args.token_file.as_deref())?;
+    let token = client::token(args.token_file.as_deref())?;
     let endpoint = auth::client_endpoint(&args.coordinator, args.ca.as_deref(), Duration::from_secs(300))?;
     let channel =
         endpoint.connect().await.with_context(|| format!("connecting to the coordinator at {}", args.coordinator))?;
-    Ok(SweepServiceClient::with_interceptor(channel, ClientAuth::new(token.as_deref())?))
+    Ok(SweepServiceClient::with_interceptor(channel, Bearer::new(token.as_deref())?))
 }
 
 async fn watch(client: &mut Client, sweep: &str) -> Result<()> {

@@ -4,9 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use prunesweep_coordinator::auth::{self, AuthError, ClientAuth, Security, Tokens};
+use prunesweep_coordinator::auth::{self, AuthError, Security, Tokens};
 use prunesweep_coordinator::server;
 use prunesweep_coordinator::testing::{self, TestStore, TINY};
+use prunesweep_proto::client::{Bearer, TOKEN_ENV};
 use prunesweep_proto::v1 as pb;
 use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
 use prunesweep_proto::v1::worker_service_client::WorkerServiceClient;
@@ -20,8 +21,8 @@ use tonic_health::pb::HealthCheckRequest;
 const USER: &str = "user-secret-1";
 const WORKER: &str = "worker-secret-1";
 
-type Sweeps = SweepServiceClient<InterceptedService<Channel, ClientAuth>>;
-type Workers = WorkerServiceClient<InterceptedService<Channel, ClientAuth>>;
+type Sweeps = SweepServiceClient<InterceptedService<Channel, Bearer>>;
+type Workers = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A coordinator serving a fresh SQLite store with `security`.
 struct Server {
@@ -56,7 +57,7 @@ impl Server {
 
     async fn clients(&self, token: Option<&str>) -> (Sweeps, Workers) {
         let channel = self.channel(None).await.unwrap();
-        let auth = ClientAuth::new(token).unwrap();
+        let auth = Bearer::new(token).unwrap();
         (
             SweepServiceClient::with_interceptor(channel.clone(), auth.clone()),
             WorkerServiceClient::with_interceptor(channel, auth),
@@ -114,7 +115,7 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
         for (call, result) in every_call(&mut sweeps, &mut workers).await {
             let status = result.expect_err(call);
             assert_eq!(status.code(), Code::Unauthenticated, "{call} with {token:?}: {status:?}");
-            assert!(status.message().contains(auth::TOKEN_ENV), "{call}: {}", status.message());
+            assert!(status.message().contains(TOKEN_ENV), "{call}: {}", status.message());
             assert!(status.message().contains("--token-file"), "{call}: {}", status.message());
         }
     }
@@ -197,7 +198,7 @@ async fn tls_round_trip_with_a_trusted_certificate() {
     let (server, cert) = tls_server(dir.path()).await;
     assert!(server.url.starts_with("https://"));
     let channel = server.channel(Some(&cert)).await.unwrap();
-    let mut sweeps = SweepServiceClient::with_interceptor(channel, ClientAuth::new(Some(USER)).unwrap());
+    let mut sweeps = SweepServiceClient::with_interceptor(channel, Bearer::new(Some(USER)).unwrap());
     let reply = sweeps.submit_sweep(submit()).await.unwrap().into_inner();
     assert!(reply.created);
     let status = sweeps.get_sweep(pb::GetSweepRequest { sweep: "tiny".into() }).await.unwrap().into_inner();
@@ -214,7 +215,7 @@ async fn tls_client_that_does_not_trust_the_certificate_fails() {
     let refused = match server.channel(Some(&untrusted_ca)).await {
         Err(_) => true,
         Ok(channel) => {
-            let mut sweeps = SweepServiceClient::with_interceptor(channel, ClientAuth::new(Some(USER)).unwrap());
+            let mut sweeps = SweepServiceClient::with_interceptor(channel, Bearer::new(Some(USER)).unwrap());
             sweeps.list_sweeps(pb::ListSweepsRequest {}).await.is_err()
         }
     };
@@ -247,7 +248,7 @@ async fn the_call_deadline_does_not_cut_a_watch_stream() {
     let server = Server::with_tokens().await;
     let channel =
         auth::client_endpoint(&server.url, None, Duration::from_millis(500)).unwrap().connect().await.unwrap();
-    let mut sweeps = SweepServiceClient::with_interceptor(channel, ClientAuth::new(Some(USER)).unwrap());
+    let mut sweeps = SweepServiceClient::with_interceptor(channel, Bearer::new(Some(USER)).unwrap());
     sweeps.submit_sweep(submit()).await.unwrap();
     let request = pb::WatchSweepRequest { sweep: "tiny".into(), after_seq: 0 };
     let mut stream = sweeps.watch_sweep(request).await.unwrap().into_inner();

@@ -6,7 +6,8 @@
 //! workers use the clients.
 //!
 //! Beside the generated code: [`vocabulary`], the enums' names in files and on the command line,
-//! and [`defaults`], the one default of every setting a job carries.
+//! [`defaults`], the one default of every setting a job carries, and [`client`], how a client
+//! (the CLI, a worker) connects: token, TLS, deadlines, keepalives.
 
 /// Version 1 of the contract: messages, enums, `*_client` and `*_server` modules.
 #[allow(missing_docs, clippy::all)]
@@ -14,6 +15,7 @@ pub mod v1 {
     tonic::include_proto!("prunesweep.v1");
 }
 
+pub mod client;
 pub mod defaults;
 pub mod vocabulary;
 

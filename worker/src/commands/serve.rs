@@ -1,6 +1,6 @@
 //! `worker serve`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -51,21 +51,6 @@ pub struct ServeArgs {
     lease_wait_secs: u64,
 }
 
-/// The worker token: `PRUNESWEEP_TOKEN` if set, else the first line of `file` that is not blank
-/// or a `#` comment, else none.
-fn token(file: Option<&Path>) -> anyhow::Result<Option<String>> {
-    if let Some(t) = std::env::var("PRUNESWEEP_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
-        return Ok(Some(t));
-    }
-    let Some(file) = file else { return Ok(None) };
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let first = text.lines().map(|l| l.split_once('#').map_or(l, |(before, _)| before).trim()).find(|l| !l.is_empty());
-    match first {
-        Some(t) => Ok(Some(t.to_string())),
-        None => anyhow::bail!("{}: no token in it (one per line; `#` starts a comment)", file.display()),
-    }
-}
-
 /// Registers, then leases and runs jobs until Ctrl-C / SIGTERM.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
@@ -83,7 +68,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         work_dir: args.work_dir,
         lease_wait: Duration::from_secs(args.lease_wait_secs),
         max_jobs: args.max_jobs,
-        token: token(args.token_file.as_deref())?,
+        token: prunesweep_proto::client::token(args.token_file.as_deref())?,
         ca: args
             .ca
             .as_deref()

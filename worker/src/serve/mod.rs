@@ -17,9 +17,10 @@
 //! - [`pipeline`]: what running one job means (load, score, prune, heal, eval).
 //! - [`outbox`]: reports kept on disk until delivered.
 //! - [`roots`]: the folders a job's model and data may come from.
-//! - [`channel`]: the connection to a coordinator (token, TLS, deadlines, keepalives).
+//!
+//! The connection itself (token, TLS, deadlines, keepalives) is the contract's
+//! [`prunesweep_proto::client`], shared with the CLI.
 
-pub mod channel;
 pub mod outbox;
 pub mod pipeline;
 pub mod roots;
@@ -40,9 +41,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::job::{Job, JobError};
-use channel::Bearer;
 use outbox::{Outbox, Report};
 use pipeline::{Pipeline, Progress};
+use prunesweep_proto::client::{self, Bearer, ClientError};
 
 /// Where and as whom the worker serves.
 #[derive(Debug, Clone)]
@@ -69,26 +70,18 @@ pub struct ServeConfig {
     pub ca: Option<Vec<u8>>,
 }
 
+/// Extra time a call gets beyond the `LeaseJob` long poll.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(30);
+
 /// A `WorkerService` client that sends the worker token on every call.
 type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// What stops `serve` with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The coordinator address does not parse.
-    #[error("--coordinator `{0}` is not a URL like http://host:50051")]
-    BadUrl(String),
-    /// The TLS settings (`--ca`) for a coordinator were refused.
-    #[error("TLS settings for {url}: {source}")]
-    Tls {
-        /// The coordinator URL.
-        url: String,
-        /// Why.
-        source: tonic::transport::Error,
-    },
-    /// The token cannot be sent as an HTTP header.
-    #[error("the token must be printable ASCII")]
-    BadToken,
+    /// The coordinator list, the token or the TLS settings cannot be used.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// The coordinator rejected the worker for good (not a transport problem).
     #[error("the coordinator refused {call}: {status}")]
     Refused {
@@ -138,16 +131,15 @@ impl Coordinators {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(|url| {
-                Endpoint::from_shared(url.to_string()).map_err(|_| ServeError::BadUrl(url.to_string()))?;
-                let endpoint = channel::endpoint(url, cfg.ca.as_deref(), cfg.lease_wait)
-                    .map_err(|source| ServeError::Tls { url: url.to_string(), source })?;
+                // Every call gets the long poll plus a margin, so a poll is never cut short.
+                let endpoint = client::endpoint(url, cfg.ca.as_deref(), cfg.lease_wait + DEADLINE_MARGIN)?;
                 Ok((url.to_string(), endpoint))
             })
             .collect::<Result<Vec<_>, ServeError>>()?;
         if endpoints.is_empty() {
-            return Err(ServeError::BadUrl(list.to_string()));
+            return Err(ClientError::BadUrl(list.to_string()).into());
         }
-        let bearer = Bearer::new(cfg.token.as_deref()).ok_or(ServeError::BadToken)?;
+        let bearer = Bearer::new(cfg.token.as_deref())?;
         Ok(Coordinators { endpoints, current: 0, bearer })
     }
 
