@@ -301,9 +301,10 @@ fn hf_files(dir: &Path) -> Result<(Vec<PathBuf>, String), ModelError> {
     Ok((files, origin))
 }
 
-/// Reads every tensor of an HF directory into CPU memory, as stored (for tools and tests; models
+/// Reads every tensor of an HF directory into CPU memory, as stored (the writer's tests; models
 /// load through [`WeightMap::open_hf`], tensor by tensor).
-pub fn read_hf_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, String), ModelError> {
+#[cfg(test)]
+pub(crate) fn read_hf_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, String), ModelError> {
     let (paths, origin) = hf_files(dir)?;
     let files = TensorFiles::open(&paths)?;
     let mut all = HashMap::new();
@@ -363,8 +364,10 @@ fn fused_splits(cfg: &Config, rows_of: impl Fn(&str) -> Option<usize>, origin: &
 }
 
 /// Splits the modules the checkpoint stores fused ([`Family::fused_modules`]: Phi-3's `qkv_proj`,
-/// `gate_up_proj`) into the separate projections the decoder uses (the writer fuses them back).
-pub fn unfuse(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin: &str) -> Result<(), ModelError> {
+/// `gate_up_proj`) into the separate projections the decoder uses, in memory (the writer's
+/// tests, which fuse them back; loading splits them as it reads, [`WeightMap::open_hf`]).
+#[cfg(test)]
+pub(crate) fn unfuse(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin: &str) -> Result<(), ModelError> {
     let splits = fused_splits(cfg, |name| tensors.get(name).and_then(|t| t.dims().first().copied()), origin)?;
     for split in splits {
         let part = tensors[&split.fused].narrow(0, split.start, split.rows)?;
