@@ -16,6 +16,8 @@
 //! - [`server`]: [`server::run`] serves both services on a bound listener until a shutdown future
 //!   resolves, with the lease reaper alongside ([`server::serve`]: with tokens and TLS).
 //! - [`metrics`]: Prometheus counters, histograms and scrape-time gauges; `GET /metrics`.
+//! - [`web`]: the live sweep page (`serve --http`): HTML, a polling script, JSON, SVG figures;
+//!   the HTTP listener it shares with `/metrics`, behind the user tokens.
 //! - [`auth`]: bearer tokens in two roles (users, workers), TLS settings, client endpoints.
 //! - [`export`]: results → CSV / Parquet (polars).
 //! - [`plot`]: results → accuracy-versus-fraction-dropped charts (SVG + PNG).
@@ -36,6 +38,7 @@ pub mod store;
 pub mod sweep;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+pub mod web;
 
 pub use config::Config;
 pub use server::run;

@@ -4,6 +4,7 @@
 //! coordinator serve                                   # SQLite at results/coordinator.sqlite, :50051
 //! coordinator serve --database postgres://postgres@127.0.0.1:5432/test --listen 0.0.0.0:50051 \
 //!     --token-file users.tokens --worker-token-file workers.tokens --tls-cert cert.pem --tls-key key.pem
+//! coordinator serve --http 127.0.0.1:8080 --metrics-listen 127.0.0.1:8080   # + the sweep page and /metrics
 //! coordinator plan experiments/tiny-test.yaml           # the jobs and every resolved setting
 //! coordinator submit experiments/tiny-test.yaml
 //! coordinator status                                  # every sweep
@@ -29,6 +30,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pb::sweep_service_client::SweepServiceClient;
 use prunesweep_coordinator::auth::{self, Security, Tokens};
 use prunesweep_coordinator::export::{self, Format};
+use prunesweep_coordinator::server::HttpListeners;
 use prunesweep_coordinator::store::{self, DEFAULT_DATABASE_URL};
 use prunesweep_coordinator::sweep::{self, SweepSpec};
 use prunesweep_coordinator::Config;
@@ -41,7 +43,7 @@ use tonic::transport::Channel;
 mod cli;
 
 use cli::local::run_local;
-use cli::tables::{print_running, print_table, print_workers};
+use cli::tables::{eta, print_failed, print_running, print_table, print_workers};
 
 /// A `SweepService` client that sends the user's token on every call.
 type Client = SweepServiceClient<InterceptedService<Channel, Bearer>>;
@@ -120,6 +122,11 @@ enum Command {
         /// 127.0.0.1:9464: plain HTTP without a token. Off when not given.
         #[arg(long, env = "PRUNESWEEP_METRICS_LISTEN")]
         metrics_listen: Option<String>,
+        /// Also serve the live sweep page (sweeps, jobs, charts, heatmaps, workers) on this
+        /// address, e.g. 127.0.0.1:8080; the same address as --metrics-listen shares one
+        /// listener. With tokens, open it once as http://ADDR/?token=USER_TOKEN. Off when not given.
+        #[arg(long, env = "PRUNESWEEP_HTTP")]
+        http: Option<String>,
         #[command(flatten)]
         security: SecurityArgs,
     },
@@ -139,7 +146,8 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Job counts per state, for one sweep or all.
+    /// Job counts and ETA per sweep (one or all) and the workers; for one sweep also its running
+    /// jobs (phase, progress, attempt) and failed jobs (attempts, last error): the sweep page as text.
     Status {
         /// The sweep (default: all).
         sweep: Option<String>,
@@ -267,9 +275,9 @@ async fn shutdown_signal() -> &'static str {
 
 async fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Serve { listen, database, lease_ttl_secs, max_jobs_per_submit, metrics_listen, security } => {
+        Command::Serve { listen, database, lease_ttl_secs, max_jobs_per_submit, metrics_listen, http, security } => {
             let config = Config { max_jobs_per_submit, ..Config::for_lease_ttl(Duration::from_secs(lease_ttl_secs)) };
-            serve(&listen, metrics_listen.as_deref(), &database, config, &security).await?
+            serve(&listen, metrics_listen.as_deref(), http.as_deref(), &database, config, &security).await?
         }
         Command::Plan { file, json } => {
             let yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -288,11 +296,29 @@ async fn run(args: Args) -> Result<()> {
             match sweep {
                 Some(sweep) if follow => watch(&mut c, &sweep).await?,
                 Some(sweep) => {
-                    let status = c.get_sweep(pb::GetSweepRequest { sweep }).await?.into_inner();
-                    print_table(std::slice::from_ref(&status));
-                    print_running(&status.running);
+                    let status = c.get_sweep(pb::GetSweepRequest { sweep: sweep.clone() }).await?.into_inner();
+                    let jobs = export::fetch_results(&mut c, &sweep).await?;
+                    print_table(std::slice::from_ref(&status), &[eta(&status, &jobs)]);
+                    print_running(&status.running, &jobs);
+                    print_failed(&jobs);
+                    println!();
+                    print_workers(&c.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers);
                 }
-                None => print_table(&c.list_sweeps(pb::ListSweepsRequest {}).await?.into_inner().sweeps),
+                None => {
+                    let sweeps = c.list_sweeps(pb::ListSweepsRequest {}).await?.into_inner().sweeps;
+                    let mut etas = Vec::with_capacity(sweeps.len());
+                    for s in &sweeps {
+                        let unfinished = s.blocked + s.pending + s.leased > 0;
+                        etas.push(if unfinished {
+                            eta(s, &export::fetch_results(&mut c, &s.name).await?)
+                        } else {
+                            None
+                        });
+                    }
+                    print_table(&sweeps, &etas);
+                    println!();
+                    print_workers(&c.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers);
+                }
             }
         }
         Command::Workers { client } => {
@@ -322,10 +348,13 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// `coordinator serve`: the store, both services and the reaper until Ctrl-C or SIGTERM; a
-/// non-loopback address needs tokens (or `--insecure`). With `metrics_listen`, also `GET /metrics`.
+/// non-loopback address needs tokens (or `--insecure`), for gRPC and for the page. With
+/// `metrics_listen`, also `GET /metrics`; with `http`, the sweep page (one listener when the two
+/// are the same address).
 async fn serve(
     listen: &str,
     metrics_listen: Option<&str>,
+    http: Option<&str>,
     database: &str,
     config: Config,
     args: &SecurityArgs,
@@ -338,20 +367,27 @@ async fn serve(
         tracing::warn!("no --token-file: every caller is trusted");
     }
     let security = Security { tokens, tls };
-    let metrics_listener = match metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --metrics-listen {addr}"))?,
-        ),
-        None => None,
-    };
+    let shared = http.is_some() && http == metrics_listen;
+    let page = bind_http("--http", http).await?;
+    if let Some(page) = &page {
+        auth::check_exposure(page.local_addr()?, &security.tokens, args.insecure).context("--http (the sweep page)")?;
+    }
+    let metrics = if shared { None } else { bind_http("--metrics-listen", metrics_listen).await? };
+    let http = HttpListeners { metrics, page, page_with_metrics: shared };
     let store = store::open(database).await.with_context(|| format!("opening {database}"))?;
     let shutdown = async {
         let signal = shutdown_signal().await;
         tracing::info!("{signal}: shutting down");
     };
-    prunesweep_coordinator::server::serve_with_metrics(listener, metrics_listener, store, config, security, shutdown)
-        .await?;
+    prunesweep_coordinator::server::serve_with_http(listener, http, store, config, security, shutdown).await?;
     Ok(())
+}
+
+/// Binds `addr` for the HTTP listener `flag` names, when given.
+async fn bind_http(flag: &str, addr: Option<&str>) -> Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {flag} {addr}"))?;
+    Ok(Some(listener))
 }
 
 /// `coordinator submit`: validated here first (the coordinator's checks, without a round trip).

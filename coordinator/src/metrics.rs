@@ -11,25 +11,23 @@
 //! per-worker series cover only recently seen workers ([`WORKER_SERIES_MAX`]), and failure kinds
 //! outside `[a-z0-9_]{1,32}` or beyond the first [`FAILURE_KINDS_MAX`] are counted as `other`.
 //!
-//! The listener is a minimal HTTP/1.1 server (hyper): `GET`/`HEAD /metrics`, 404 elsewhere, no
-//! token and no TLS (bind it where only the scraper reaches it).
+//! The listener is [`crate::web`]'s minimal HTTP/1.1 server: `GET`/`HEAD /metrics`, alone on
+//! `--metrics-listen` or beside the sweep page when `--http` is the same address. When the
+//! coordinator has tokens, a scrape needs a user token (`Authorization: Bearer TOKEN`:
+//! Prometheus' `authorization: {credentials_file: ...}`); there is no TLS on it.
 
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode};
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::job::{JobKind, JobState};
 use crate::service::Coordinator;
@@ -42,8 +40,6 @@ pub const FAILURE_KINDS_MAX: usize = 32;
 /// The most leases whose start time is remembered for `prunesweep_job_seconds` (when the table is
 /// full, the older half is forgotten: leases reclaimed or never reported back here).
 const LEASE_STARTS_MAX: usize = 65_536;
-/// The most open connections to the metrics listener; more are closed at once.
-const CONNECTIONS_MAX: usize = 64;
 
 /// Why a scrape failed.
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +296,11 @@ impl Metrics {
         }
     }
 
+    /// Each worker's phase and tokens/s as its last heartbeat here reported (for the sweep page).
+    pub fn rates(&self) -> HashMap<String, (&'static str, f64)> {
+        self.rates.lock().expect("never poisoned").clone()
+    }
+
     /// A registered worker called this coordinator at `now` (ms since the epoch).
     pub fn contact(&self, worker_id: &str, now: i64) {
         let mut contacts = self.contacts.lock().expect("never poisoned");
@@ -366,81 +367,12 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` turns true (or its sender is gone), then
-/// lets open requests finish (at most 5 s).
-pub async fn serve(listener: TcpListener, coordinator: Coordinator, mut stop: watch::Receiver<bool>) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "metrics listening (GET /metrics)");
-    }
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            // (The guard `wait_for` returns is not `Send`: dropped inside.)
-            _ = async { drop(stop.wait_for(|s| *s).await) } => break,
-        };
-        while connections.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: try again shortly.
-                tracing::warn!("metrics listener: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        if connections.len() >= CONNECTIONS_MAX {
-            continue; // dropped: closed
-        }
-        let coordinator = coordinator.clone();
-        let mut stop = stop.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let coordinator = coordinator.clone();
-                async move { Ok::<_, Infallible>(respond(&coordinator, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = async { drop(stop.wait_for(|s| *s).await) } => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        });
-    }
-    drop(listener);
-    let _ =
-        tokio::time::timeout(Duration::from_secs(5), async { while connections.join_next().await.is_some() {} }).await;
-    connections.abort_all();
-    tracing::info!("metrics listener stopped");
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"));
-    response
-}
-
-async fn respond(coordinator: &Coordinator, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    if request.uri().path() != "/metrics" {
-        return text(StatusCode::NOT_FOUND, "not found: the metrics are at /metrics\n".into());
-    }
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into());
-        response.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
-        return response;
-    }
+/// The reply to `GET /metrics` (the listener, its routing and its token check are
+/// [`crate::web`]'s): the text format, or 503 when the store cannot be read.
+pub(crate) async fn respond(coordinator: &Coordinator) -> Response<Full<Bytes>> {
     match coordinator.render_metrics().await {
         Ok(body) => {
-            let mut response = text(StatusCode::OK, body);
+            let mut response = crate::web::text(StatusCode::OK, body);
             let format = TextEncoder::new().format_type().to_string();
             if let Ok(value) = hyper::header::HeaderValue::from_str(&format) {
                 response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
@@ -449,7 +381,7 @@ async fn respond(coordinator: &Coordinator, request: Request<Incoming>) -> Respo
         }
         Err(e) => {
             tracing::warn!("metrics scrape: {e}");
-            text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
+            crate::web::text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
         }
     }
 }

@@ -102,14 +102,30 @@ fn file_stem(task: &str) -> String {
     }
 }
 
-/// Writes `dir/<task>.svg` and `dir/<task>.png` (the task name made safe as a file name); returns
-/// the two paths.
-pub fn write_chart(chart: &Chart, sweep: &str, dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+/// Registers the embedded font as `sans-serif` for plotters (once per process): text is measured
+/// and, in PNGs, drawn with it.
+pub fn register_font() {
     REGISTER.call_once(|| {
         if plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_err() {
             tracing::warn!("the embedded font did not load; plots will have no text");
         }
     });
+}
+
+/// The chart as an SVG document in a string, `width` × `height` pixels: what [`write_chart`]
+/// writes to `<task>.svg` at 900 × 600 (the live sweep page inlines it). Text from the store (the
+/// sweep, task and curve names) is XML-escaped by the SVG backend.
+pub fn chart_svg(chart: &Chart, sweep: &str, (width, height): (u32, u32)) -> Result<String, String> {
+    register_font();
+    let mut svg = String::new();
+    draw(SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area(), chart, sweep)?;
+    Ok(svg)
+}
+
+/// Writes `dir/<task>.svg` and `dir/<task>.png` (the task name made safe as a file name); returns
+/// the two paths.
+pub fn write_chart(chart: &Chart, sweep: &str, dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    register_font();
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let stem = file_stem(&chart.task);
     let (svg, png) = (dir.join(format!("{stem}.svg")), dir.join(format!("{stem}.png")));
@@ -213,5 +229,19 @@ mod tests {
         let (svg, png) = write_chart(&charts[0], "demo", &out).unwrap();
         assert_eq!((svg.parent(), png.parent()), (Some(out.as_path()), Some(out.as_path())));
         assert_eq!(svg.file_name().unwrap(), "______escaped.svg");
+    }
+
+    #[test]
+    fn chart_svg_is_the_written_svg_and_escapes_names() {
+        let mut rows = vec![row("baseline", "none", 0.0, "mmlu", "accuracy", 0.5)];
+        rows.push(ExportRow { model: "<script>&".into(), ..row("cell", "angular", 0.25, "mmlu", "accuracy", 0.4) });
+        let chart = &charts(&rows)[0];
+        let svg = chart_svg(chart, "demo", (900, 600)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+        assert!(svg.contains("&lt;script&gt;&amp; · angular · none"), "the label is escaped");
+        assert!(!svg.contains("<script>"));
+        let dir = tempfile::tempdir().unwrap();
+        let (file, _) = write_chart(chart, "demo", dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(file).unwrap(), svg);
     }
 }

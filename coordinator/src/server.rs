@@ -5,8 +5,10 @@
 //! mini-redis's `server::run` does. When the future resolves the server reports NOT_SERVING on
 //! its health service, stops accepting, ends open `WatchSweep` streams (UNAVAILABLE: watch again),
 //! lets in-flight calls finish, and stops the reaper. [`serve`] is the same with tokens and TLS
-//! ([`Security`]); the health service answers without a token. [`serve_with_metrics`] also
-//! answers `GET /metrics` on a second listener ([`crate::metrics`]), stopped by the same future.
+//! ([`Security`]); the health service answers without a token. [`serve_with_http`] also serves
+//! HTTP/1 listeners ([`HttpListeners`]): `GET /metrics` ([`crate::metrics`]) and the live sweep
+//! page ([`crate::web`]), on one listener or two, behind the same user tokens, stopped by the
+//! same future.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,9 +23,10 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{Role, Security};
 use crate::config::Config;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::service::Coordinator;
 use crate::store::{now_ms, JobStore};
+use crate::web::{self, Routes, Site};
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +59,36 @@ pub async fn serve(
 }
 
 /// [`serve`], and with `metrics_listener` also `GET /metrics` in the Prometheus text format on
-/// that listener (plain HTTP, no token: [`crate::metrics`]) until the same `shutdown`.
+/// that listener until the same `shutdown` (a user token needed when `security` has tokens).
 pub async fn serve_with_metrics(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
+    store: Arc<dyn JobStore>,
+    config: Config,
+    security: Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let http = HttpListeners { metrics: metrics_listener, ..HttpListeners::default() };
+    serve_with_http(listener, http, store, config, security, shutdown).await
+}
+
+/// The HTTP/1 listeners beside gRPC (`serve --metrics-listen`, `--http`).
+#[derive(Debug, Default)]
+pub struct HttpListeners {
+    /// `GET /metrics` only.
+    pub metrics: Option<TcpListener>,
+    /// The live sweep page ([`crate::web`]).
+    pub page: Option<TcpListener>,
+    /// The page's listener also answers `GET /metrics` (`--http` and `--metrics-listen` name
+    /// the same address, bound once).
+    pub page_with_metrics: bool,
+}
+
+/// [`serve`], with the HTTP listeners of `http` until the same `shutdown`: every one of them
+/// needs a user token when `security` has tokens ([`crate::web::access`]).
+pub async fn serve_with_http(
+    listener: TcpListener,
+    http: HttpListeners,
     store: Arc<dyn JobStore>,
     config: Config,
     security: Security,
@@ -79,9 +108,20 @@ pub async fn serve_with_metrics(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "coordinator listening");
     }
-    let coordinator = Coordinator::new(store, config, wake, stop_rx.clone(), metrics);
-    let metrics_server =
-        metrics_listener.map(|l| tokio::spawn(metrics::serve(l, coordinator.clone(), stop_rx.clone())));
+    let lease_ttl = config.lease_ttl;
+    let coordinator = Coordinator::new(store.clone(), config, wake, stop_rx.clone(), metrics.clone());
+    let site = |routes| {
+        Site::new(coordinator.clone(), store.clone(), metrics.clone(), security.tokens.clone(), routes, lease_ttl)
+    };
+    let mut http_servers = Vec::new();
+    if let Some(l) = http.metrics {
+        let site = site(Routes { metrics: true, page: false });
+        http_servers.push(tokio::spawn(web::serve(l, site, stop_rx.clone())));
+    }
+    if let Some(l) = http.page {
+        let site = site(Routes { metrics: http.page_with_metrics, page: true });
+        http_servers.push(tokio::spawn(web::serve(l, site, stop_rx.clone())));
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SweepServiceServer<Coordinator>>().await;
     health.set_serving::<WorkerServiceServer<Coordinator>>().await;
@@ -113,8 +153,8 @@ pub async fn serve_with_metrics(
         .await;
     // (Both also stop when the shutdown future, holding `stop_tx`, is dropped unfinished.)
     let _ = reaper.await;
-    if let Some(metrics_server) = metrics_server {
-        let _ = metrics_server.await;
+    for server in http_servers {
+        let _ = server.await;
     }
     tracing::info!("coordinator stopped");
     Ok(result?)

@@ -424,6 +424,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// Up to `limit` jobs of a sweep with an id above `after_job_id`, with their results, in id
     /// order.
     async fn results_page(&self, sweep: &str, after_job_id: i64, limit: u32) -> Result<Vec<JobResults>, StoreError>;
+    /// A score job's distance table, by metric, `n`, `l` (empty for other jobs and before the
+    /// score job completes).
+    async fn distances(&self, job_id: i64) -> Result<Vec<DistanceRow>, StoreError>;
     /// A sweep's leased jobs with their last heartbeat, in id order.
     async fn running(&self, sweep: &str) -> Result<Vec<RunningJob>, StoreError>;
     /// Every registered worker, most recently seen first.

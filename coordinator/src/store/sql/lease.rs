@@ -181,7 +181,7 @@ where
     }
 
     /// A score job's distance table.
-    async fn distances(&mut self, job_id: i64) -> Result<Vec<DistanceRow>, StoreError> {
+    pub(super) async fn distances(&mut self, job_id: i64) -> Result<Vec<DistanceRow>, StoreError> {
         let rows = sqlx::query("SELECT metric, n, l, value FROM distances WHERE job_id = $1 ORDER BY metric, n, l")
             .bind(job_id)
             .fetch_all(self.conn())

@@ -44,8 +44,8 @@ use sqlx::{ColumnIndex, Database, Executor, Pool, QueryBuilder, Row, SqlSafeStr,
 
 use super::dialect::{Dialect, Param, Scalar};
 use super::{
-    Completion, EventRow, Failure, Heartbeat, HeartbeatOutcome, JobResults, JobRow, JobStore, LeaseRequest, LeasedJob,
-    RunningJob, StoreError, SubmitOutcome, SweepCounts, WorkerInfo, WorkerRow,
+    Completion, DistanceRow, EventRow, Failure, Heartbeat, HeartbeatOutcome, JobResults, JobRow, JobStore,
+    LeaseRequest, LeasedJob, RunningJob, StoreError, SubmitOutcome, SweepCounts, WorkerInfo, WorkerRow,
 };
 use crate::job::JobState;
 use crate::sweep::{PlannedJob, SweepSpec};
@@ -279,6 +279,10 @@ where
 
     async fn results_page(&self, sweep: &str, after_job_id: i64, limit: u32) -> Result<Vec<JobResults>, StoreError> {
         in_tx!(read, &self.pool, tx => tx.results(sweep, after_job_id, i64::from(limit)))
+    }
+
+    async fn distances(&self, job_id: i64) -> Result<Vec<DistanceRow>, StoreError> {
+        in_tx!(read, &self.pool, tx => tx.distances(job_id))
     }
 
     async fn running(&self, sweep: &str) -> Result<Vec<RunningJob>, StoreError> {
