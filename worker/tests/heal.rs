@@ -11,7 +11,9 @@ use candle_core::{Device, Tensor, Var};
 use common::{c4_sample, fixture, worker_log as worker};
 use prunesweep_worker::data::read_documents;
 use prunesweep_worker::heal::packing::PackedChunks;
-use prunesweep_worker::heal::{eos_id, next_token_loss, HealConfig, HealEnd, HealError, TargetSet, Trainer};
+use prunesweep_worker::heal::{
+    accumulate_gradients, eos_id, next_token_loss, HealConfig, HealEnd, HealError, TargetSet, Trainer,
+};
 use prunesweep_worker::model::lora::LoraSpec;
 use prunesweep_worker::model::Model;
 use serde_json::json;
@@ -504,5 +506,97 @@ fn ffn_targets_adapt_each_familys_feed_forward_modules() {
             .collect();
         let want: std::collections::BTreeSet<String> = modules.iter().map(|s| s.to_string()).collect();
         assert_eq!(adapted, want, "{fixture_name}");
+    }
+}
+
+/// Every adapter tensor's gradient for one micro-batch of `ids` (`loss / 2`, as with two
+/// micro-batches per update), and the micro-batch's loss, computed with or without recomputing
+/// each block in the backward pass.
+fn micro_batch_gradients(model: &Model, ids: &Tensor, recompute: bool) -> (f64, Vec<(String, Tensor)>) {
+    let (names, vars): (Vec<String>, Vec<Var>) = model.decoder.adapter_vars().into_iter().unzip();
+    let mut sums: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().zeros_like().unwrap()).collect();
+    let loss = accumulate_gradients(model, ids, recompute, 2.0, &vars, &mut sums).unwrap();
+    (loss, names.into_iter().zip(sums).collect())
+}
+
+#[test]
+fn recomputed_blocks_give_the_gradients_of_full_backpropagation() {
+    // Dropout on (the recomputation must redraw the same masks), B nonzero so that A gets
+    // gradients too; attention adapters (gradients through the softmax and rotary), the FFN-only
+    // default (block 0's input and attention untracked), a parallel block (Phi-2), fused modules
+    // (Phi-3), a sliding window (Mistral), and the NF4 base.
+    let cases: [(&str, &[&str], bool); 5] = [
+        ("tiny-llama", &["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], true),
+        ("tiny-llama", &["gate_proj", "up_proj", "down_proj"], false),
+        ("tiny-phi", &["fc1", "fc2", "dense"], false),
+        ("tiny-phi3", &["qkv_proj", "gate_up_proj", "down_proj"], true),
+        ("tiny-mistral", &["k_proj", "down_proj"], false),
+    ];
+    let mut worst = 0f32;
+    for (fixture_name, targets, quantize) in cases {
+        let mut model = Model::load(&fixture(fixture_name), &Device::Cpu).unwrap();
+        if quantize {
+            model.decoder.quantize_nf4().unwrap();
+        }
+        let spec = LoraSpec { dropout: 0.2, ..spec(4, targets) };
+        model.decoder.attach_adapters(&spec, 11).unwrap();
+        for (i, (name, var)) in model.decoder.adapter_vars().into_iter().enumerate() {
+            if name.contains("lora_B") {
+                let n = var.as_tensor().elem_count();
+                let values: Vec<f32> = (0..n).map(|k| 0.2 * ((k * 5 + i * 3) as f32 * 0.29).sin()).collect();
+                var.set(&Tensor::from_vec(values, var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+        let cfg = HealConfig { seq_len: 24, ..tiny_config(1) };
+        let data = chunks(&model, &cfg, 0);
+        let ids = data.batch(0, 3, &Device::Cpu).unwrap();
+        model.decoder.set_adapter_training(Some(5));
+        let (full_loss, full) = micro_batch_gradients(&model, &ids, false);
+        let (recomputed_loss, recomputed) = micro_batch_gradients(&model, &ids, true);
+        model.decoder.set_adapter_training(None);
+        assert_eq!(full_loss, recomputed_loss, "{fixture_name}: the loss differs");
+        assert_eq!(full.len(), recomputed.len());
+        for ((name, a), (_, b)) in full.iter().zip(&recomputed) {
+            assert!(max_abs_diff(a, &a.zeros_like().unwrap()) > 0.0, "{fixture_name} {name}: no gradient");
+            let rel = common::rel_err(b, a);
+            worst = worst.max(rel);
+            assert!(rel <= 1e-6, "{fixture_name} {name}: recomputed gradient differs by {rel} (relative)");
+        }
+    }
+    eprintln!("largest relative gradient difference, recomputed vs full backpropagation: {worst:e}");
+}
+
+#[test]
+fn blocks_run_one_at_a_time_compute_what_the_decoder_computes() {
+    let model = tiny();
+    let x = ids(&model, "One block at a time, as healing recomputes them.");
+    let context = model.decoder.block_context(x.dim(1).unwrap()).unwrap();
+    let mut h = model.decoder.embed(&x).unwrap();
+    for l in 0..model.decoder.num_blocks() {
+        h = model.decoder.forward_block(l, &h, &context).unwrap();
+    }
+    assert_eq!(max_abs_diff(&model.decoder.logits(&h).unwrap(), &model.decoder.forward(&x).unwrap()), 0.0);
+    assert!(model.decoder.forward_block(model.decoder.num_blocks(), &h, &context).is_err());
+}
+
+#[test]
+fn heal_runs_with_and_without_recomputation_reach_the_same_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut values = Vec::new();
+    for recompute in [true, false] {
+        let cfg = HealConfig { recompute, ..tiny_config(4) };
+        let mut m = tiny();
+        let data = chunks(&m, &cfg, 0);
+        let out = tmp.path().join(format!("recompute-{recompute}"));
+        let mut t = Trainer::new(&mut m, cfg, data, &out, json!({}), false).unwrap();
+        assert_eq!(t.run(&AtomicBool::new(false), &mut |_| {}).unwrap(), HealEnd::Finished);
+        drop(t);
+        values.push(adapter_values(&m));
+    }
+    let (recomputed, full) = (&values[0], &values[1]);
+    assert_eq!(recomputed.len(), full.len());
+    for ((name, x), (_, y)) in recomputed.iter().zip(full) {
+        let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-6, "{name}: with and without recomputation differ by {d}");
     }
 }

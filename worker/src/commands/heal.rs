@@ -76,6 +76,10 @@ pub struct HealArgs {
     /// Train against the dense base instead of the NF4 one (plain LoRA, not QLoRA).
     #[arg(long)]
     no_quantize: bool,
+    /// Keep every block's activations for the backward pass instead of recomputing each block
+    /// from its saved input (the same gradients; faster, but several times the memory).
+    #[arg(long)]
+    no_recompute: bool,
     /// Output folder: the PEFT adapter (adapter_config.json, adapter_model.safetensors),
     /// prunesweep.json, checkpoint.safetensors and train_log.csv.
     #[arg(long)]
@@ -99,6 +103,7 @@ impl HealArgs {
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
             quantize: !self.no_quantize,
+            recompute: !self.no_recompute,
             ..HealConfig::default()
         };
         HealSpec { data: self.data.clone(), first_doc: self.first_doc, config }

@@ -105,6 +105,11 @@ pub struct HealConfig {
     pub checkpoint_every: usize,
     /// Freeze the base in NF4 (QLoRA); `false` trains against the dense base (plain LoRA).
     pub quantize: bool,
+    /// Recompute each decoder block in the backward pass from its saved input instead of keeping
+    /// every block's activations ([`super::gradients`]): the same gradients in a fraction of the
+    /// memory, for one more forward pass. Not part of a checkpoint's fingerprint: a run may be
+    /// resumed with it switched either way.
+    pub recompute: bool,
 }
 
 impl Default for HealConfig {
@@ -138,6 +143,8 @@ impl HealConfig {
             seed,
             checkpoint_every: q.checkpoint_every as usize,
             quantize: q.quantize_base,
+            // The contract has no setting for it: a sweep's heal always saves the memory.
+            recompute: true,
         };
         cfg.validate()?;
         Ok(cfg)

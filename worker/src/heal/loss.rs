@@ -10,14 +10,20 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
-use crate::model::Model;
+use crate::model::{Decoder, Model};
 
 /// Mean next-token cross-entropy of `ids` (`[B, T]`): position `t` predicts token `t + 1`, so
 /// `B · (T − 1)` targets. Only those positions go through the final norm and the LM head.
 pub fn next_token_loss(model: &Model, ids: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, t) = ids.dims2()?;
     let hidden = model.decoder.run(ids, None, None, &mut |_, _| Ok(()))?;
-    let logits = model.decoder.logits(&hidden.narrow(1, 0, t - 1)?)?;
+    loss_from_hidden(&model.decoder, &hidden, ids)
+}
+
+/// [`next_token_loss`] from the last blocks' output `hidden` (`x^(L')`, `[B, T, H]`, pre-norm):
+/// final norm, LM head and cross-entropy. Activation recomputation starts its backward pass here.
+pub fn loss_from_hidden(decoder: &Decoder, hidden: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let logits = decoder.logits(&hidden.narrow(1, 0, t - 1)?)?;
     let v = logits.dim(2)?;
     let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1::<u32>()?;
     cross_entropy(&logits.reshape((b * (t - 1), v))?, targets)

@@ -5,6 +5,8 @@
 //!   [`prepare`] turns a spec into a [`Trainer`], for `worker heal` and a sweep's cells alike.
 //! - [`packing`]: documents → fixed-length training chunks.
 //! - [`loss`]: the next-token loss (fused cross-entropy).
+//! - [`gradients`]: a micro-batch's adapter gradients, by default recomputing each block in the
+//!   backward pass instead of keeping every block's activations.
 //! - [`optim`]: AdamW, the cosine schedule with warmup, gradient clipping.
 //! - [`checkpoint`]: the resumable training state, written atomically.
 //! - [`adapter`]: the PEFT adapter folder (write, and attach for evaluation).
@@ -19,6 +21,7 @@
 pub mod adapter;
 pub mod checkpoint;
 mod config;
+pub mod gradients;
 pub mod loss;
 pub mod optim;
 pub mod packing;
@@ -35,6 +38,7 @@ use crate::model::lora::{mix_seed, LoraSpec};
 use crate::model::{candle_message, Model, ModelError};
 use checkpoint::Checkpoint;
 pub use config::{HealConfig, HealSpec, TargetSet};
+pub use gradients::accumulate_gradients;
 pub use loss::next_token_loss;
 use optim::{clip_grad_norm, cosine_lr, AdamW};
 use packing::PackedChunks;
@@ -301,7 +305,8 @@ impl<'m> Trainer<'m> {
         HealError::NonFinite { step: self.step, value, kept }
     }
 
-    /// One optimizer update: `batch / micro_batch` forward/backward passes, clipping, AdamW.
+    /// One optimizer update: `batch / micro_batch` forward/backward passes (recomputing each
+    /// block in the backward pass unless `cfg.recompute` is off), clipping, AdamW.
     pub fn train_step(&mut self) -> Result<(f64, f64, f64), HealError> {
         let accum = self.cfg.accumulation();
         let device = self.model.decoder.device().clone();
@@ -314,19 +319,13 @@ impl<'m> Trainer<'m> {
             self.model
                 .decoder
                 .set_adapter_training(Some(mix_seed(self.cfg.seed ^ 0xD50F, (self.step * accum + micro) as u64)));
-            let loss = next_token_loss(self.model, &ids)?;
+            let value = accumulate_gradients(self.model, &ids, self.cfg.recompute, accum as f64, &vars, &mut grads);
             self.model.decoder.set_adapter_training(None);
-            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let value = value?;
             if !value.is_finite() {
                 return Err(self.non_finite(value));
             }
             loss_sum += value;
-            let g = (loss / accum as f64)?.backward()?;
-            for (acc, v) in grads.iter_mut().zip(&vars) {
-                if let Some(gv) = g.get(v.as_tensor()) {
-                    *acc = (&*acc + gv)?;
-                }
-            }
         }
         let norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
         if !norm.is_finite() {

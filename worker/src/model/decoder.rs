@@ -126,6 +126,15 @@ impl Block {
     }
 }
 
+/// What every block of one pass over `[B, T]` token ids shares: the rotary tables and the causal
+/// mask, built once per pass. Healing runs the blocks one at a time with it
+/// ([`Decoder::forward_block`]) so that it can recompute a block in the backward pass.
+#[derive(Debug)]
+pub struct BlockContext {
+    rotary: Rotary,
+    mask: Tensor,
+}
+
 /// The whole decoder: embedding, the kept blocks, final norm and LM head.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -268,7 +277,7 @@ impl Decoder {
         let rotary = Rotary::new(&self.cfg, &positions, self.dtype, &self.device)?;
         // The same for every block: built once per call, not once per layer.
         let mask = attention_mask(segments, offset, self.cfg.sliding_window, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed(ids)?;
         let mut recorded = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
             observe(l, &x)?;
@@ -281,6 +290,35 @@ impl Decoder {
             r.len = offset + t;
         }
         Ok(x)
+    }
+
+    /// The token embedding `x^(0)` of `ids` (`[B, T]`, u32): `[B, T, H]`.
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// The rotary tables and the causal mask for sequences of `t` tokens starting at position 0
+    /// (no prefix, no packing): what [`Decoder::run`] builds for `[B, t]` ids.
+    pub fn block_context(&self, t: usize) -> candle_core::Result<BlockContext> {
+        let positions: Vec<usize> = (0..t).collect();
+        let rotary = Rotary::new(&self.cfg, &positions, self.dtype, &self.device)?;
+        let mask = attention_mask(&[t], 0, self.cfg.sliding_window, &self.device)?;
+        Ok(BlockContext { rotary, mask })
+    }
+
+    /// `x^(l+1)` from `x^(l)` (`[B, T, H]`) through kept block `l`, exactly as [`Decoder::run`]
+    /// applies it. Healing's activation recomputation runs the blocks one at a time this way.
+    pub fn forward_block(&self, l: usize, x: &Tensor, context: &BlockContext) -> candle_core::Result<Tensor> {
+        let Some(block) = self.blocks.get(l) else {
+            candle_core::bail!("block {l} does not exist: the model has {} blocks", self.blocks.len())
+        };
+        block.forward(x, &context.rotary, &context.mask, self.attention_chunk, None, None)
+    }
+
+    /// Whether kept block `l` carries at least one LoRA adapter.
+    pub fn block_has_adapter(&self, l: usize) -> bool {
+        self.blocks.get(l).is_some_and(|b| b.projections().iter().any(|(_, lin)| lin.lora.is_some()))
     }
 
     /// Final norm + LM head over pre-norm states `[..., H]` → logits `[..., V]` in f32.
