@@ -274,11 +274,17 @@ fn polls(dom: &str) -> u32 {
     })
 }
 
-/// The section with id `id` (up to the next `</div></section>` boundary is enough for asserts).
+/// The part of the page from the element with id `id` to the next one with an id among `ids`
+/// that follow it in the page (`#charts`, `#heatmaps`, `#jobs`, `#workers`), or to its end.
 fn section<'a>(dom: &'a str, id: &str) -> &'a str {
     let start = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no #{id} in the page:\n{dom}"));
-    let rest = &dom[start..];
-    &rest[..rest.find("</section>").unwrap_or(rest.len())]
+    let rest = &dom[start + id.len()..];
+    let end = ["charts", "heatmaps", "jobs", "workers"]
+        .iter()
+        .filter_map(|next| rest.find(&format!("id=\"{next}\"")))
+        .min()
+        .unwrap_or(rest.len());
+    &dom[start..start + id.len() + end]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

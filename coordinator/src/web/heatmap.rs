@@ -43,6 +43,8 @@ fn draw<DB: DrawingBackend>(
     let span = if hi > lo { hi - lo } else { 1.0 };
     let color = |v: f64| ViridisRGB::get_color_normalized(v, lo, lo + span);
 
+    let ticks = (2 * layers as usize + 2).min(16);
+    let whole = |v: &f64| if (v - v.round()).abs() < 1e-6 { format!("{}", v.round() as i64) } else { String::new() };
     let mut chart = ChartBuilder::on(&main)
         .caption(title, ("sans-serif", 20))
         .margin(10)
@@ -55,8 +57,11 @@ fn draw<DB: DrawingBackend>(
         .disable_mesh()
         .x_desc("l: first layer of the block")
         .y_desc("n: layers in the block")
-        .x_label_formatter(&|v| format!("{}", v.round() as i64))
-        .y_label_formatter(&|v| format!("{}", v.round() as i64))
+        // Ticks every half layer or coarser: only the whole ones are labelled (a cell's centre).
+        .x_labels(ticks)
+        .y_labels(ticks)
+        .x_label_formatter(&whole)
+        .y_label_formatter(&whole)
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 15))
         .draw()
@@ -124,6 +129,13 @@ mod tests {
         assert!(rects >= 10 + 4 + 50, "{rects} rects");
         let outlines = svg.matches("stroke=\"#FF0000\"").count();
         assert_eq!(outlines, 4, "one outline per block size");
+        // The axes label whole layers only, each once: l = 0..3, n = 1..4.
+        let labels: Vec<&str> = svg
+            .split("</text>")
+            .filter_map(|t| t.rsplit('>').next().map(str::trim))
+            .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '-'))
+            .collect();
+        assert_eq!(labels, ["1", "2", "3", "4", "0", "1", "2", "3"], "{labels:?}");
         assert_eq!(heatmap_svg(&[row("block_influence", 1, 0, 0.5)], "t", (720, 480)).unwrap(), None);
     }
 }

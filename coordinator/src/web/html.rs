@@ -207,7 +207,7 @@ fn figures(id: &str, figures: &[Figure], none: &str) -> String {
             })
             .collect()
     };
-    format!("<div class=\"figures\" id=\"{id}\">{inner}</div>")
+    format!("<div class=\"figure-set\" id=\"{id}\">{inner}</div>")
 }
 
 /// `/sweeps/NAME`: the sweep's counts, its jobs, its charts and heatmaps, the workers.
@@ -243,9 +243,9 @@ pub fn sweep_page(d: &SweepDetail) -> String {
     );
     let _ = write!(
         main,
-        "<section><h2>Accuracy versus depth</h2>{charts}</section>\
-         <section><h2>Jobs</h2><div class=\"scroll\"><table id=\"jobs\"><thead>{JOB_HEAD}</thead><tbody>{rows}</tbody>\
-         </table></div>{more}</section><section><h2>Layer distances</h2>{heatmaps}</section>{workers}",
+        "<section><h2>Accuracy versus depth · layer distances</h2><div class=\"figures\">{charts}{heatmaps}</div>\
+         </section><section><h2>Jobs</h2><div class=\"scroll\"><table id=\"jobs\"><thead>{JOB_HEAD}</thead>\
+         <tbody>{rows}</tbody></table></div>{more}</section>{workers}",
         charts = figures(
             "charts",
             d.charts.as_deref().unwrap_or_default(),

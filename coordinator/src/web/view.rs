@@ -25,7 +25,7 @@ use crate::{export, plot};
 /// The most jobs one page lists (the counts and the ETA still cover all of them).
 pub const JOBS_SHOWN_MAX: usize = 2_000;
 /// The size of the charts and heatmaps, in SVG pixels (the page scales them to its width).
-const FIGURE_SIZE: (u32, u32) = (720, 480);
+const FIGURE_SIZE: (u32, u32) = (600, 400);
 
 /// Why a view could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -343,6 +343,28 @@ pub struct JobView {
     pub results: String,
 }
 
+/// A value with four significant digits or so: `0.4125`, `10.60`, `412.5`.
+fn short(v: f64) -> String {
+    match v.abs() {
+        a if a >= 100.0 => format!("{v:.1}"),
+        a if a >= 10.0 => format!("{v:.2}"),
+        _ => format!("{v:.4}"),
+    }
+}
+
+/// A job's results by task: `boolq: accuracy 0.6250; c4-loss: loss 10.60, normalized_loss 1.022`.
+pub fn results_text(results: &[crate::store::ResultValue]) -> String {
+    let mut by_task: Vec<(&str, Vec<String>)> = Vec::new();
+    for r in results {
+        let value = format!("{} {}", r.metric, short(r.value));
+        match by_task.iter_mut().find(|(t, _)| *t == r.task) {
+            Some((_, values)) => values.push(value),
+            None => by_task.push((&r.task, vec![value])),
+        }
+    }
+    by_task.iter().map(|(task, values)| format!("{task}: {}", values.join(", "))).collect::<Vec<_>>().join("; ")
+}
+
 /// What a job computes, in a few words.
 pub fn cell_label(spec: &JobSpec) -> String {
     let model = spec.model.name.as_str();
@@ -431,12 +453,7 @@ pub async fn sweep_detail(
                     None => e.clone(),
                 }),
                 seconds: job_seconds(&job.timings),
-                results: j
-                    .results
-                    .iter()
-                    .map(|r| format!("{} {} = {:.4}", r.task, r.metric, r.value))
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                results: results_text(&j.results),
             }
         })
         .collect();
@@ -500,6 +517,22 @@ async fn heatmaps(store: &dyn JobStore, jobs: &[crate::store::JobResults]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn results_read_by_task() {
+        let r = |task: &str, metric: &str, value| crate::store::ResultValue {
+            task: task.into(),
+            metric: metric.into(),
+            value,
+        };
+        let text = results_text(&[
+            r("boolq", "accuracy", 0.625),
+            r("c4-loss", "loss", 10.6),
+            r("c4-loss", "normalized_loss", 1.0218),
+        ]);
+        assert_eq!(text, "boolq: accuracy 0.6250; c4-loss: loss 10.60, normalized_loss 1.0218");
+        assert_eq!(results_text(&[]), "");
+    }
 
     #[test]
     fn eta_uses_each_kinds_mean_and_the_jobs_running() {
