@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::Config;
 use crate::group_commit::GroupCommit;
+use crate::job::{JobState, SweepState};
 use crate::metrics::{Metrics, ScrapeError};
 use crate::store::{now_ms, Failure, HeartbeatOutcome, JobStore, LeaseRequest, StoreError, WorkerInfo};
 use crate::sweep::SweepSpec;
@@ -111,6 +112,17 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// Jobs of active sweeps that are not finished (blocked, pending or leased): what an idle
+    /// batch worker waits for before it exits (`LeaseJobResponse.unfinished_jobs`).
+    async fn unfinished_jobs(&self) -> Result<u64, Status> {
+        let sweeps = self.metrics.time_store("sweeps", self.store.sweeps()).await?;
+        Ok(sweeps
+            .iter()
+            .filter(|s| s.state == SweepState::Active)
+            .flat_map(|s| [JobState::Blocked, JobState::Pending, JobState::Leased].map(|j| u64::from(s.count(j))))
+            .sum())
+    }
+
     /// Leases go to registered workers only: an unknown id gets NOT_FOUND, on which a worker
     /// registers again.
     async fn check_registered(&self, worker_id: &str) -> Result<(), Status> {
@@ -356,12 +368,13 @@ impl pb::worker_service_server::WorkerService for Coordinator {
                     expires_at_ms: leased.expires_at,
                     attempt: leased.job.attempts + 1,
                 };
-                return Ok(Response::new(pb::LeaseJobResponse { lease: Some(lease) }));
+                return Ok(Response::new(pb::LeaseJobResponse { lease: Some(lease), unfinished_jobs: None }));
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 self.metrics.lease_handled(t0.elapsed().saturating_sub(parked));
-                return Ok(Response::new(pb::LeaseJobResponse { lease: None }));
+                let unfinished = self.unfinished_jobs().await?;
+                return Ok(Response::new(pb::LeaseJobResponse { lease: None, unfinished_jobs: Some(unfinished) }));
             }
             // Also re-poll now and then: another coordinator on the same Postgres may add jobs.
             let nap = (deadline - now).min(Duration::from_millis(500));

@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// Exit after this many jobs (default: serve until Ctrl-C / SIGTERM).
     #[arg(long)]
     max_jobs: Option<usize>,
+    /// Exit (status 0) once the coordinator has no unfinished job left in any sweep: for batch
+    /// schedulers (a Slurm array task, a Kubernetes Job), so an allocation ends with the work.
+    /// Start it after the sweep is submitted.
+    #[arg(long, env = "PRUNESWEEP_EXIT_WHEN_DONE")]
+    exit_when_done: bool,
     /// Long-poll wait per lease request, in seconds.
     #[arg(long, default_value_t = 10)]
     lease_wait_secs: u64,
@@ -68,6 +73,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         work_dir: args.work_dir,
         lease_wait: Duration::from_secs(args.lease_wait_secs),
         max_jobs: args.max_jobs,
+        exit_when_done: args.exit_when_done,
         token: prunesweep_proto::client::token(args.token_file.as_deref())?,
         ca: args
             .ca

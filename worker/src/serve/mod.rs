@@ -64,6 +64,9 @@ pub struct ServeConfig {
     pub lease_wait: Duration,
     /// Stop after this many jobs (tests, batch use); `None` serves until shutdown.
     pub max_jobs: Option<usize>,
+    /// Exit when a lease poll comes back empty and the coordinator has no unfinished job left
+    /// (batch use: a Slurm array task or a Kubernetes Job ends with the sweeps).
+    pub exit_when_done: bool,
     /// The worker token sent on every call (`PRUNESWEEP_TOKEN` or `--token-file`).
     pub token: Option<String>,
     /// The CA certificate (PEM) trusted for `https://` coordinators; `None`: the system's roots.
@@ -239,8 +242,16 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
         let lease = match leased {
             Ok(r) => {
                 backoff = Backoff::new();
-                match r.into_inner().lease {
+                let r = r.into_inner();
+                match r.lease {
                     Some(l) => l,
+                    None if cfg.exit_when_done
+                        && r.unfinished_jobs == Some(0)
+                        && session.outbox.pending().is_empty() =>
+                    {
+                        tracing::info!(jobs = done, "no unfinished jobs left; exiting (--exit-when-done)");
+                        return Ok(());
+                    }
                     None => continue,
                 }
             }
