@@ -1,14 +1,22 @@
 //! Frozen projection weights and their products.
 //!
 //! A weight is dense (as loaded) or NF4 (the healing base, [`super::nf4`]). Nothing ever trains
-//! it, so while healing the product `x Wᵀ` is a custom op whose backward pass returns the input's
-//! gradient `g W` only. candle's own matmul backward also computes `xᵀ g` for the weight — a
-//! second product as large as the forward one, thrown away — and would keep the dense copy of an
-//! NF4 weight alive until the backward pass.
+//! it, so while healing the product `x Wᵀ` is a custom op, on every device, whose backward pass
+//! returns the input's gradient `g W` only. candle's own matmul backward also computes `xᵀ g` for
+//! the weight — a second product as large as the forward one, thrown away — and would keep the
+//! dense copy of an NF4 weight alive until the backward pass; this op keeps only the 4-bit codes
+//! and decodes them again for the backward product.
+//!
+//! The op's forward pass is one function for every backend ([`FrozenMatMul::fwd`]): it copies the
+//! input into a tensor outside the graph, computes the product with ordinary tensor ops on that
+//! device and hands back the result's storage. So the code CUDA runs is the code the CPU runs on
+//! the stock path (bf16, or [`super::kernels::with_stock_ops`]), which the tests cover.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
 use super::nf4::Nf4Matrix;
 
@@ -17,7 +25,7 @@ use super::nf4::Nf4Matrix;
 pub enum Weight {
     /// As loaded.
     Dense(Tensor),
-    /// 4-bit, dequantized for each product.
+    /// 4-bit, resident on the model's device, decoded for each product.
     Nf4(Arc<Nf4Matrix>),
 }
 
@@ -30,28 +38,86 @@ impl Weight {
         }
     }
 
-    /// The dense values (dequantized for NF4) in `dtype` on `device`.
+    /// The dense values (decoded whole for NF4: the CPU kernel when the matrix is on the CPU,
+    /// stock ops on its device otherwise) in `dtype` on `device`.
     pub fn to_dense(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
-            Weight::Nf4(m) => m.dequantize(device)?.to_dtype(dtype),
+            Weight::Nf4(m) if m.device().is_cpu() => m.dequantize(device)?.to_dtype(dtype),
+            Weight::Nf4(m) => m.decode_rows(0, m.dims().0, dtype)?.to_device(device),
         }
     }
 
     /// `x Wᵀ` for `x: [n, in]` → `[n, out]`; gradients flow to `x` only.
     pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let frozen_op = super::kernels::fused_cpu(x);
+        let fused = super::kernels::fused_cpu(x);
+        if !x.track_op() {
+            // Inference: the product itself (no graph is recorded anyway).
+            return self.product(x, fused);
+        }
+        x.contiguous()?.apply_op1(FrozenMatMul { weight: self.clone(), fused })
+    }
+
+    /// `x Wᵀ`, outside any graph. `fused`: the CPU's f32 path, where NF4 is decoded whole by the
+    /// CPU kernel; otherwise tile by tile with stock ops.
+    fn product(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
         match self {
-            // Inference: the plain product (no graph is recorded anyway).
-            Weight::Dense(w) if !x.track_op() || !frozen_op => x.matmul(&w.t()?),
-            Weight::Nf4(m) if !frozen_op => x.matmul(&m.dequantize(x.device())?.to_dtype(x.dtype())?.t()?),
-            _ => x.contiguous()?.apply_op1(FrozenMatMul(self.clone())),
+            Weight::Dense(w) => x.matmul(&w.t()?),
+            Weight::Nf4(m) if fused => x.matmul(&m.dequantize(x.device())?.t()?),
+            Weight::Nf4(m) => m.matmul_t(x),
+        }
+    }
+
+    /// `g W`, the input's gradient for an output gradient `g: [n, out]`.
+    fn input_grad(&self, g: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Dense(w) => g.matmul(w),
+            Weight::Nf4(m) if fused => g.matmul(&m.dequantize(g.device())?.to_dtype(g.dtype())?),
+            Weight::Nf4(m) => m.matmul(g),
         }
     }
 }
 
-/// The custom op behind [`Weight::matmul_t`] on CPU.
-struct FrozenMatMul(Weight);
+/// The custom op behind [`Weight::matmul_t`] while a graph is recorded.
+struct FrozenMatMul {
+    weight: Weight,
+    /// Whether the CPU's f32 kernels decode (decided when the op is recorded).
+    fused: bool,
+}
+
+impl FrozenMatMul {
+    /// The forward pass on any backend `S`: the input copied into a tensor outside the graph, the
+    /// product computed with tensor ops there, and its storage handed back. `wrap` and `unwrap`
+    /// put `S` into a [`Storage`] and take it out.
+    fn fwd<S, D>(
+        &self,
+        x: &S,
+        layout: &Layout,
+        wrap: fn(S) -> Storage,
+        unwrap: fn(&Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, Shape)>
+    where
+        S: BackendStorage<Device = D>,
+        D: BackendDevice<Storage = S>,
+    {
+        let (n, cols) = layout.shape().dims2()?;
+        let (rows, in_dim) = self.weight.dims()?;
+        if cols != in_dim {
+            candle_core::bail!("frozen-matmul: input has {cols} features, the weight expects {in_dim}");
+        }
+        let mut copy = x.device().zeros_impl(layout.shape(), x.dtype())?;
+        x.copy_strided_src(&mut copy, 0, layout)?;
+        let x = Tensor::from_storage(wrap(copy), (n, cols), BackpropOp::none(), false);
+        let y = self.weight.product(&x, self.fused)?;
+        let (storage, y_layout) = y.storage_and_layout();
+        let y_storage =
+            unwrap(&storage).ok_or_else(|| candle_core::Error::Msg("frozen-matmul: device changed".into()))?;
+        let shape = Shape::from((n, rows));
+        let mut out = y_storage.device().zeros_impl(&shape, y_storage.dtype())?;
+        y_storage.copy_strided_src(&mut out, 0, y_layout)?;
+        Ok((out, shape))
+    }
+}
 
 impl CustomOp1 for FrozenMatMul {
     fn name(&self) -> &'static str {
@@ -59,24 +125,103 @@ impl CustomOp1 for FrozenMatMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("frozen-matmul: input must be f32") };
-        let (n, cols) = layout.shape().dims2()?;
-        let (rows, in_dim) = self.0.dims()?;
-        if cols != in_dim {
-            candle_core::bail!("frozen-matmul: input has {cols} features, the weight expects {in_dim}");
-        }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul: input must be contiguous")
-        };
-        let x = Tensor::from_slice(&data[start..end], (n, cols), &Device::Cpu)?;
-        let w = self.0.to_dense(DType::F32, &Device::Cpu)?;
-        let y = x.matmul(&w.t()?)?;
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), Shape::from((n, rows))))
+        self.fwd(storage, layout, Storage::Cpu, |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.fwd(storage, layout, Storage::Cuda, |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dL/dx = dL/dy · W (an NF4 weight is dequantized again rather than kept).
-        let w = self.0.to_dense(grad_y.dtype(), grad_y.device())?;
-        Ok(Some(grad_y.matmul(&w)?))
+        // dL/dx = dL/dy · W (an NF4 weight is decoded again rather than kept).
+        Ok(Some(self.weight.input_grad(grad_y, self.fused)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::kernels::with_stock_ops;
+    use candle_core::Var;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn random(shape: (usize, usize), seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.random::<f32>() - 0.5).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
+    /// The frozen product and the plain one, on `x` in `dtype`: values, the input's gradient, and
+    /// whether the dense weight got a gradient.
+    fn check(weight: &Weight, dense: &Tensor, dtype: DType, tol: f32) {
+        let x = Var::from_tensor(&random((5, dense.dim(1).unwrap()), 2).to_dtype(dtype).unwrap()).unwrap();
+        let dense = dense.to_dtype(dtype).unwrap();
+        let y = weight.matmul_t(x.as_tensor()).unwrap();
+        let y_ref = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
+        assert!(max_diff(&y, &y_ref) <= tol, "{dtype:?}: y differs by {}", max_diff(&y, &y_ref));
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let grads_ref = y_ref.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let (g, g_ref) = (grads.get(x.as_tensor()).unwrap(), grads_ref.get(x.as_tensor()).unwrap());
+        assert!(max_diff(g, g_ref) <= 10.0 * tol, "{dtype:?}: dL/dx differs by {}", max_diff(g, g_ref));
+        // candle's matmul also computes the weight's gradient (kept under its transpose's id, the
+        // one gradient besides x's left after backward); the frozen op computes x's alone.
+        assert_eq!(grads_ref.get_ids().count(), 2, "the reference product computes a weight gradient");
+        assert_eq!(grads.get_ids().count(), 1, "{dtype:?}: a gradient other than the input's was computed");
+        if let Weight::Dense(w) = weight {
+            assert!(grads.get(w).is_none(), "{dtype:?}: a gradient was computed for the frozen weight");
+        }
+    }
+
+    #[test]
+    fn the_frozen_product_gives_the_dense_input_gradient_and_no_weight_gradient() {
+        let w = random((24, 70), 1);
+        let nf4 = Arc::new(Nf4Matrix::quantize(&w).unwrap());
+        let w_nf4 = nf4.dequantize(&Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            // A dense weight is in the model's dtype; an NF4 one decodes into the input's.
+            let dense = Weight::Dense(w.to_dtype(dtype).unwrap());
+            for (weight, values) in [(dense, &w), (Weight::Nf4(nf4.clone()), &w_nf4)] {
+                match dtype {
+                    DType::F32 => {
+                        check(&weight, values, dtype, 1e-5);
+                        with_stock_ops(|| check(&weight, values, dtype, 1e-5));
+                    }
+                    _ => check(&weight, values, dtype, 2e-2),
+                }
+            }
+        }
+        // Tiled: 24 rows decoded 5 at a time on the stock path.
+        let tiled = Weight::Nf4(Arc::new((*nf4).clone().with_tile_values(5 * 70)));
+        with_stock_ops(|| check(&tiled, &w_nf4, DType::F32, 1e-5));
+        check(&tiled, &w_nf4, DType::BF16, 2e-2);
+    }
+
+    #[test]
+    fn inference_products_equal_the_frozen_op_forward() {
+        let w = random((33, 64), 3);
+        let weight = Weight::Nf4(Arc::new(Nf4Matrix::quantize(&w).unwrap()));
+        let x = random((4, 64), 4);
+        let plain = weight.matmul_t(&x).unwrap();
+        let var = Var::from_tensor(&x).unwrap();
+        let recorded = weight.matmul_t(var.as_tensor()).unwrap();
+        assert_eq!(max_diff(&plain, &recorded), 0.0);
+        let stock = with_stock_ops(|| weight.matmul_t(&x).unwrap());
+        assert!(max_diff(&plain, &stock) < 1e-5);
     }
 }

@@ -5,6 +5,8 @@
 //! They live apart from [`super::decoder`] so that the decoder file holds only how blocks are
 //! put together and run; each type here loads itself from HF-named weights and writes itself back.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{Activation, Config, NormKind};
@@ -34,9 +36,14 @@ impl Linear {
         in_dim: usize,
         bias: bool,
     ) -> Result<Self, ModelError> {
-        let weight = w.take(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        let weight_name = format!("{name}.weight");
+        let weight = if w.quantizes(&weight_name) {
+            Weight::Nf4(Arc::new(w.take_nf4(&weight_name, [out_dim, in_dim])?))
+        } else {
+            Weight::Dense(w.take(&weight_name, &[out_dim, in_dim])?)
+        };
         let bias = if bias { Some(w.take(&format!("{name}.bias"), &[out_dim])?) } else { None };
-        Ok(Linear { weight: Weight::Dense(weight), bias, lora: None })
+        Ok(Linear { weight, bias, lora: None })
     }
 
     pub(super) fn dense(weight: Tensor) -> Self {

@@ -8,12 +8,13 @@
 //!   positions, the prefix [`KvCache`], attention and its mask; `adapters`: [`Decoder`]'s LoRA
 //!   methods (attach, load, list, merge).
 //! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors;
-//!   [`tensor_files`]: safetensors read one tensor at a time; [`streamed`]: a decoder run layer by
-//!   layer from them, for models larger than the device.
+//!   [`tensor_files`]: safetensors read one tensor at a time; [`gguf`]: GGUF files, likewise;
+//!   [`streamed`]: a decoder run layer by layer from them, for models larger than the device.
 //! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
 //! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
-//! - [`nf4`], [`frozen`], [`lora`]: the frozen 4-bit base, products with frozen weights, and the
-//!   low-rank adapters that healing trains.
+//! - [`nf4`], [`frozen`], [`lora`]: the frozen 4-bit base (resident on the device, decoded by the
+//!   CPU kernel or, on any device, by stock ops in `nf4_device.rs`), products with frozen weights,
+//!   and the low-rank adapters that healing trains; [`Model::load_nf4`] quantizes while loading.
 //! - [`masked_softmax`], [`silu_mul`]: attention's mask + softmax, and the gated MLP's
 //!   activation, each in one pass (inference on CPU).
 //! - [`kernels`]: when those fused CPU kernels run, and when the stock ops CUDA and bf16 run.
@@ -23,11 +24,15 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod frozen;
+pub mod gguf;
 pub mod kernels;
 pub mod layers;
 pub mod lora;
 pub mod masked_softmax;
 pub mod nf4;
+mod nf4_device;
+#[cfg(test)]
+mod nf4_load;
 pub mod silu_mul;
 pub mod streamed;
 pub mod tensor_files;
@@ -194,20 +199,34 @@ impl Model {
     /// [`Model::load`] in `dtype` (f32 or bf16). bf16 on a CPU runs exactly the code CUDA runs:
     /// the CPU's fused f32 kernels step aside for stock candle ops.
     pub fn load_as(path: &Path, device: &Device, dtype: DType) -> Result<Model, ModelError> {
+        Self::load_with(path, device, dtype, false)
+    }
+
+    /// [`Model::load_as`] with every block projection stored as NF4 on `device` (QLoRA's frozen
+    /// base, what [`Decoder::quantize_nf4`] makes of a loaded model, code for code), quantized one
+    /// tensor at a time as it is read: neither the device nor the host ever holds the dense model,
+    /// only one dense projection beyond the NF4 ones (and the embedding, norms and LM head, which
+    /// stay in `dtype`).
+    pub fn load_nf4(path: &Path, device: &Device, dtype: DType) -> Result<Model, ModelError> {
+        Self::load_with(path, device, dtype, true)
+    }
+
+    fn load_with(path: &Path, device: &Device, dtype: DType, nf4: bool) -> Result<Model, ModelError> {
         let source = ModelSource::resolve(path)?;
+        let nf4_blocks = |w: weights::WeightMap| if nf4 { w.quantize_blocks() } else { w };
         let (decoder, tokenizer, config_json) = match &source {
             ModelSource::HfDir(dir) => {
                 let (cfg, raw) = hf_config(dir)?;
                 let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
                 let weights = weights::WeightMap::open_hf(dir, &cfg, dtype, device)?;
-                let decoder = Decoder::load(cfg, weights)?;
+                let decoder = Decoder::load(cfg, nf4_blocks(weights))?;
                 (decoder, tokenizer, raw)
             }
             ModelSource::Gguf(file) => {
                 let g = weights::read_gguf(file)?;
                 let tokenizer = Tokenizer::from_gguf(file, &g.metadata)?;
-                let origin = file.display().to_string();
-                let decoder = Decoder::load(g.config, weights::WeightMap::new(g.tensors, origin, dtype, device))?;
+                let weights = weights::WeightMap::from_gguf(g.tensors, dtype, device);
+                let decoder = Decoder::load(g.config, nf4_blocks(weights))?;
                 (decoder, tokenizer, g.config_json)
             }
         };

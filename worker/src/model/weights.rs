@@ -5,28 +5,34 @@
 //!   `model.safetensors.index.json`;
 //! - the HF hub cache: `models--org--name/` (the snapshot `refs/main` points at), or an HF id
 //!   `org/name` looked up in `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`;
-//! - a GGUF file (llama and qwen2 architectures). Its tensors are dequantized at load (candle has no
-//!   fast CPU kernels for most GGUF block types), renamed to HF names, and llama.cpp's q/k row
-//!   permutation for interleaved rotary is undone, so that GGUF and HF checkpoints run the same code.
+//! - a GGUF file (llama and qwen2 architectures), read by [`super::gguf`]: its tensors are
+//!   dequantized as they are taken and renamed to HF names.
+//!
+//! Every layout is read one tensor at a time. With [`WeightMap::quantize_blocks`], the block
+//! projections are quantized to NF4 as they are read (QLoRA's frozen base), so an NF4 model is
+//! never dense as a whole, on the device or on the host.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::config::{Config, Family};
+use super::config::Config;
+pub use super::gguf::{read_gguf, GgufModel, GgufTensors};
+use super::nf4::Nf4Matrix;
 use super::tensor_files::TensorFiles;
-use super::{candle_message, ModelError};
+use super::ModelError;
 
 /// Where a [`WeightMap`]'s tensors come from.
 #[derive(Debug)]
 enum Store {
-    /// Already in memory (GGUF: dequantized at read).
+    /// Already in memory.
     Memory(HashMap<String, Tensor>),
+    /// A GGUF file, dequantized tensor by tensor when taken.
+    Gguf(GgufTensors),
     /// Read from safetensors files when taken; `parts` maps each projection the checkpoint stores
-    /// fused ([`Family::fused_modules`]) to its rows of the fused tensor.
+    /// fused ([`super::config::Family::fused_modules`]) to its rows of the fused tensor.
     Files { files: TensorFiles, parts: HashMap<String, Split> },
 }
 
@@ -42,6 +48,8 @@ pub struct WeightMap {
     device: Device,
     /// The fused tensor the last part came from (its other parts are taken next).
     fused: Option<(String, Tensor)>,
+    /// Whether block projections are taken as NF4 ([`WeightMap::quantize_blocks`]).
+    nf4_blocks: bool,
 }
 
 impl WeightMap {
@@ -55,7 +63,38 @@ impl WeightMap {
             dtype,
             device: device.clone(),
             fused: None,
+            nf4_blocks: false,
         }
+    }
+
+    /// A GGUF file's tensors ([`read_gguf`]), dequantized one at a time as the decoder takes them.
+    pub fn from_gguf(tensors: GgufTensors, dtype: DType, device: &Device) -> Self {
+        let remaining = tensors.names.keys().cloned().collect();
+        let origin = tensors.path.display().to_string();
+        WeightMap {
+            store: Store::Gguf(tensors),
+            remaining,
+            origin,
+            dtype,
+            device: device.clone(),
+            fused: None,
+            nf4_blocks: false,
+        }
+    }
+
+    /// Takes the block projections (`model.layers.*` weights taken through
+    /// [`WeightMap::take_nf4`]) as NF4, quantized one by one as they are read: the healing
+    /// base, loaded without a dense copy of the model anywhere.
+    pub fn quantize_blocks(mut self) -> Self {
+        self.nf4_blocks = true;
+        self
+    }
+
+    /// Whether the projection weight `name` is to be taken as NF4 ([`WeightMap::quantize_blocks`]
+    /// and a block projection; the LM head stays dense, as [`super::Decoder::quantize_nf4`] leaves
+    /// it).
+    pub fn quantizes(&self, name: &str) -> bool {
+        self.nf4_blocks && name.starts_with("model.layers.")
     }
 
     /// An HF directory's checkpoint (single file or shards), read tensor by tensor as the decoder
@@ -80,6 +119,7 @@ impl WeightMap {
             dtype,
             device: device.clone(),
             fused: None,
+            nf4_blocks: false,
         })
     }
 
@@ -88,6 +128,7 @@ impl WeightMap {
         let elements = |name: &str| -> u64 {
             match &self.store {
                 Store::Memory(tensors) => tensors.get(name).map_or(0, |t| t.elem_count() as u64),
+                Store::Gguf(g) => g.elements(name),
                 Store::Files { files, parts } => match parts.get(name) {
                     Some(split) => {
                         let cols = files.shape(&split.fused).map_or(0, |s| s[1..].iter().product::<usize>());
@@ -105,19 +146,39 @@ impl WeightMap {
         self.remaining.contains(name)
     }
 
-    /// Removes a tensor, checking its shape against what the config implies.
+    /// Removes a tensor, checking its shape against what the config implies, in the map's dtype on
+    /// its device.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let device = self.device.clone();
+        Ok(self.take_stored(name, shape, &device)?.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Removes a `[rows, cols]` weight and quantizes it to NF4 on the host, one matrix at a time;
+    /// the result lives on the map's device. The values are first rounded to the map's dtype, so
+    /// the codes are those [`Nf4Matrix::quantize`] gives for the weight loaded by
+    /// [`WeightMap::take`].
+    pub fn take_nf4(&mut self, name: &str, shape: [usize; 2]) -> Result<Nf4Matrix, ModelError> {
+        let t = self.take_stored(name, &shape, &Device::Cpu)?.to_dtype(self.dtype)?;
+        Ok(Nf4Matrix::quantize_to(&t, &self.device)?)
+    }
+
+    /// Removes a tensor as stored (its file's dtype), read onto `device`, checking its shape.
+    fn take_stored(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor, ModelError> {
         let missing = || ModelError::MissingTensor { origin: self.origin.clone(), name: name.to_string() };
         if !self.remaining.remove(name) {
             return Err(missing());
         }
         let t = match &mut self.store {
             Store::Memory(tensors) => tensors.remove(name).ok_or_else(missing)?,
+            Store::Gguf(g) => g.load(name)?.ok_or_else(missing)?,
             Store::Files { files, parts } => match parts.get(name) {
-                None => files.load(name, &self.device)?.ok_or_else(missing)?,
+                None => files.load(name, device)?.ok_or_else(missing)?,
                 Some(split) => {
-                    if self.fused.as_ref().map(|(n, _)| n) != Some(&split.fused) {
-                        let whole = files.load(&split.fused, &self.device)?.ok_or_else(missing)?;
+                    let cached =
+                        self.fused.as_ref().filter(|(n, t)| n == &split.fused && t.device().same_device(device));
+                    if cached.is_none() {
+                        self.fused = None;
+                        let whole = files.load(&split.fused, device)?.ok_or_else(missing)?;
                         self.fused = Some((split.fused.clone(), whole));
                     }
                     let whole = &self.fused.as_ref().expect("just loaded").1;
@@ -133,7 +194,7 @@ impl WeightMap {
                 expected: shape.to_vec(),
             });
         }
-        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+        Ok(t)
     }
 
     /// Fails if block tensors beyond the configured depth are left over (a config that says fewer
@@ -329,9 +390,9 @@ pub struct Split {
     pub rows: usize,
 }
 
-/// Where each fused module's parts lie ([`Family::fused_modules`]: Phi-3's `qkv_proj`,
-/// `gate_up_proj`), for the fused tensors present (`rows_of` gives a present tensor's row count),
-/// checking each against the rows the config implies.
+/// Where each fused module's parts lie ([`super::config::Family::fused_modules`]: Phi-3's
+/// `qkv_proj`, `gate_up_proj`), for the fused tensors present (`rows_of` gives a present
+/// tensor's row count), checking each against the rows the config implies.
 fn fused_splits(cfg: &Config, rows_of: impl Fn(&str) -> Option<usize>, origin: &str) -> Result<Vec<Split>, ModelError> {
     let (q, kv, i) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
     // Rows of each part, as the config implies them.
@@ -363,9 +424,10 @@ fn fused_splits(cfg: &Config, rows_of: impl Fn(&str) -> Option<usize>, origin: &
     Ok(splits)
 }
 
-/// Splits the modules the checkpoint stores fused ([`Family::fused_modules`]: Phi-3's `qkv_proj`,
-/// `gate_up_proj`) into the separate projections the decoder uses, in memory (the writer's
-/// tests, which fuse them back; loading splits them as it reads, [`WeightMap::open_hf`]).
+/// Splits the modules the checkpoint stores fused ([`super::config::Family::fused_modules`]:
+/// Phi-3's `qkv_proj`, `gate_up_proj`) into the separate projections the decoder uses, in memory
+/// (the writer's tests, which fuse them back; loading splits them as it reads,
+/// [`WeightMap::open_hf`]).
 #[cfg(test)]
 pub(crate) fn unfuse(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin: &str) -> Result<(), ModelError> {
     let splits = fused_splits(cfg, |name| tensors.get(name).and_then(|t| t.dims().first().copied()), origin)?;
@@ -382,161 +444,4 @@ pub(crate) fn unfuse(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin
         tensors.remove(&fused);
     }
     Ok(())
-}
-
-/// A parsed GGUF file: its metadata and dequantized, HF-named tensors.
-#[derive(Debug)]
-pub struct GgufModel {
-    /// The resolved configuration.
-    pub config: Config,
-    /// An HF `config.json` equivalent to the GGUF metadata (written with a saved model).
-    pub config_json: Value,
-    /// Tensors under HF names, f32 on CPU.
-    pub tensors: HashMap<String, Tensor>,
-    /// The GGUF metadata, for the tokenizer.
-    pub metadata: HashMap<String, gguf_file::Value>,
-}
-
-/// Reads a GGUF file (llama or qwen2 architecture).
-pub fn read_gguf(path: &Path) -> Result<GgufModel, ModelError> {
-    let corrupt = |message: String| ModelError::Corrupt { path: path.to_path_buf(), message };
-    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| corrupt(format!("not a readable GGUF file: {}", candle_message(&e))))?;
-    let md = &content.metadata;
-    let arch = md
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .ok_or_else(|| corrupt("no general.architecture".into()))?;
-    let family = match arch.as_str() {
-        "llama" => Family::Llama,
-        "qwen2" => Family::Qwen2,
-        other => {
-            return Err(ModelError::UnsupportedArchitecture {
-                origin: path.display().to_string(),
-                found: format!("GGUF architecture `{other}`"),
-                supported: "GGUF: llama, qwen2 (HF directories: ".to_string() + Family::SUPPORTED + ")",
-            })
-        }
-    };
-    let cfg_json = gguf_config_json(path, &content, family, &arch)?;
-    let config = Config::from_json(&cfg_json).map_err(corrupt)?;
-    let (head_dim, n_heads, n_kv) = (config.head_dim, config.num_heads, config.num_kv_heads);
-    let mut tensors = HashMap::new();
-    for (name, _) in content.tensor_infos.iter() {
-        let Some(hf) = gguf_to_hf_name(name) else { continue };
-        let q = content
-            .tensor(&mut file, name, &Device::Cpu)
-            .map_err(|e| corrupt(format!("tensor `{name}`: {} (truncated file?)", candle_message(&e))))?;
-        let mut t = q.dequantize(&Device::Cpu)?;
-        // llama.cpp's converter permutes q/k rows for its interleaved rotary (llama arch only):
-        // HF rows (head, half, j) are stored as (head, j, half). Undo it.
-        if family == Family::Llama && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight")) {
-            let heads = if name.ends_with("attn_q.weight") { n_heads } else { n_kv };
-            let (rows, cols) = t.dims2()?;
-            t = t.reshape((heads, head_dim / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?;
-        }
-        tensors.insert(hf, t);
-    }
-    Ok(GgufModel { config, config_json: cfg_json, tensors, metadata: content.metadata })
-}
-
-/// The HF `config.json` a GGUF's metadata describes (llama.cpp keys under `{arch}.`), refusing
-/// what the decoder would compute differently (partial rotary, RoPE scaling).
-fn gguf_config_json(
-    path: &Path,
-    content: &gguf_file::Content,
-    family: Family,
-    arch: &str,
-) -> Result<Value, ModelError> {
-    let corrupt = |message: String| ModelError::Corrupt { path: path.to_path_buf(), message };
-    let md = &content.metadata;
-    let get_u = |key: &str| -> Result<usize, ModelError> {
-        md.get(&format!("{arch}.{key}"))
-            .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
-            .map(|v| v as usize)
-            .ok_or_else(|| corrupt(format!("metadata `{arch}.{key}` is missing")))
-    };
-    let get_f = |key: &str| md.get(&format!("{arch}.{key}")).and_then(|v| v.to_f32().ok());
-    let n_layers = get_u("block_count")?;
-    let hidden = get_u("embedding_length")?;
-    let n_heads = get_u("attention.head_count")?;
-    let n_kv = get_u("attention.head_count_kv").unwrap_or(n_heads);
-    let vocab = match get_u("vocab_size") {
-        Ok(v) => v,
-        Err(_) => md
-            .get("tokenizer.ggml.tokens")
-            .and_then(|v| v.to_vec().ok())
-            .map(|v| v.len())
-            .ok_or_else(|| corrupt("neither vocab_size nor tokenizer.ggml.tokens".into()))?,
-    };
-    let tied = !content.tensor_infos.contains_key("output.weight");
-    let token_id = |key: &str| md.get(&format!("tokenizer.ggml.{key}")).and_then(|v| v.to_u32().ok());
-    let mut cfg_json = json!({
-        "architectures": [family.architecture()],
-        "model_type": family.model_type(),
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": get_u("feed_forward_length")?,
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "max_position_embeddings": get_u("context_length").unwrap_or(4096),
-        "rms_norm_eps": get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
-        "rope_theta": get_f("rope.freq_base").unwrap_or(10_000.0),
-        "hidden_act": "silu",
-        "tie_word_embeddings": tied,
-        "torch_dtype": "float32",
-    });
-    if let Some(b) = token_id("bos_token_id") {
-        cfg_json["bos_token_id"] = json!(b);
-    }
-    if let Some(e) = token_id("eos_token_id") {
-        cfg_json["eos_token_id"] = json!(e);
-    }
-    let rope_dim = get_u("rope.dimension_count").ok();
-    if let Some(rd) = rope_dim.filter(|&rd| rd != hidden / n_heads) {
-        return Err(corrupt(format!(
-            "rope.dimension_count {rd} differs from head_dim {}: partial rotary GGUF is not supported",
-            hidden / n_heads
-        )));
-    }
-    if let Some(kind) = md.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.to_string().ok()) {
-        if kind != "none" {
-            return Err(corrupt(format!("rope scaling `{kind}` in GGUF is not supported; use the HF directory")));
-        }
-    }
-    Ok(cfg_json)
-}
-
-/// llama.cpp tensor names → HF names.
-fn gguf_to_hf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_q.bias" => "self_attn.q_proj.bias",
-        "attn_k.bias" => "self_attn.k_proj.bias",
-        "attn_v.bias" => "self_attn.v_proj.bias",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
 }
