@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Healing throughput and memory on SmolLM2-135M (CPU, f32 compute): `worker heal` with the NF4 base
-# (QLoRA) and with the dense base (--no-quantize, plain LoRA), and, when a Python with torch +
-# transformers + peft is available (REF_PYTHON, default python3), torch + PEFT LoRA on the same
-# packed C4 data, in one table. Settings: seq 256, micro-batch 4 (one update per micro-batch),
-# LoRA r=64 on gate/up/down, STEPS timed updates after one untimed warm-up update.
+# (QLoRA) and with the dense base (--no-quantize, plain LoRA), each with activation recomputation
+# (the default) and without it (--no-recompute, rows ending in -keep), and, when a Python with
+# torch + transformers + peft is available (REF_PYTHON, default python3), torch + PEFT LoRA on the
+# same packed C4 data, in one table. Settings: seq SEQ_LEN (default 256), micro-batch MICRO_BATCH
+# (default 4; one update per micro-batch), LoRA r=64 on gate/up/down, STEPS timed updates after
+# one untimed warm-up update.
 # Peak memory is the process's maximum RSS (GNU time / getrusage). The NF4 row also reports the
 # frozen base's bytes per parameter (quantized projections only; embedding and norms stay f32).
-# Usage: scripts/bench-heal.sh [STEPS]   (default 5)
+# Usage: [SEQ_LEN=256] [MICRO_BATCH=4] [CASES="nf4 nf4-keep f32 f32-keep"] scripts/bench-heal.sh [STEPS]   (default 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-5}
+seq_len=${SEQ_LEN:-256}
+micro=${MICRO_BATCH:-4}
+cases=${CASES:-nf4 nf4-keep f32 f32-keep}
 gguf=$(scripts/fetch-model.sh)
 data=${PRUNESWEEP_DATA:-$(cd .. && pwd)/shared/data}/c4/c4-en-train.00000-of-01024.first1000.jsonl
 cargo build -q --release -p prunesweep-worker --bin worker
@@ -18,7 +23,7 @@ trap 'rm -rf "$tmp"' EXIT
 row() { # name, extra flags
   local name=$1; shift
   /usr/bin/time -f '%M' -o "$tmp/$name.rss" target/release/worker heal --model "$gguf" --data "$data" \
-    --steps $((steps + 1)) --batch 4 --micro-batch 4 --seq-len 256 --rank 64 --warmup 1 \
+    --steps $((steps + 1)) --batch "$micro" --micro-batch "$micro" --seq-len "$seq_len" --rank 64 --warmup 1 \
     --checkpoint-every 100000 --out "$tmp/$name" "$@" 2>/dev/null >/dev/null
   # Timed: updates 2..STEPS+1 (the log's seconds are cumulative from the first update's start).
   awk -F, -v name="$name" -v rss="$(cat "$tmp/$name.rss")" -v bpp="$(
@@ -29,22 +34,30 @@ row() { # name, extra flags
         name, NR - 2, $5 - k0, $6 - t0, ($5 - k0) / ($6 - t0), rss / 1024, bpp }' "$tmp/$name/train_log.csv"
 }
 {
-  row prunesweep-qlora-nf4
-  row prunesweep-lora-f32 --no-quantize
+  for c in $cases; do
+    case $c in
+      nf4) row prunesweep-qlora-nf4 ;;
+      nf4-keep) row prunesweep-qlora-nf4-keep --no-recompute ;;
+      f32) row prunesweep-lora-f32 --no-quantize ;;
+      f32-keep) row prunesweep-lora-f32-keep --no-quantize --no-recompute ;;
+      *) echo "unknown case $c (nf4, nf4-keep, f32, f32-keep)" >&2; exit 2 ;;
+    esac
+  done
   py=${REF_PYTHON:-python3}
   if "$py" -c 'import transformers, torch, gguf, peft' 2>/dev/null; then
-    "$py" scripts/bench_heal.py "$gguf" "$data" "$steps" 256 4 64 2>/dev/null | grep '^BENCH'
+    "$py" scripts/bench_heal.py "$gguf" "$data" "$steps" "$seq_len" "$micro" 64 2>/dev/null | grep '^BENCH'
   else
     echo "(no torch/transformers/peft in $py: set REF_PYTHON to compare)" >&2
   fi
 } >"$tmp/rows"
-printf '%-22s %6s %8s %9s %8s %9s %14s %12s\n' case steps tokens seconds tok/s "vs peft" "peak RSS MiB" "base B/param"
+echo "seq $seq_len, micro-batch $micro, $steps timed updates"
+printf '%-26s %6s %8s %9s %8s %9s %14s %12s\n' case steps tokens seconds tok/s "vs peft" "peak RSS MiB" "base B/param"
 awk '{ for (i = 3; i <= NF; i++) { split($i, kv, "="); v[$2, kv[1]] = kv[2] } cases[++n] = $2 }
   END {
     ref = v["transformers-peft", "tok_s"]
     for (i = 1; i <= n; i++) {
       c = cases[i]; r = (ref != "") ? sprintf("%.2fx", v[c, "tok_s"] / ref) : "-"
       b = (v[c, "bytes_per_param"] != "") ? v[c, "bytes_per_param"] : "-"
-      printf "%-22s %6s %8s %9s %8s %9s %14s %12s\n", c, v[c, "steps"], v[c, "tokens"], v[c, "seconds"], v[c, "tok_s"], r, v[c, "peak_rss_mib"], b
+      printf "%-26s %6s %8s %9s %8s %9s %14s %12s\n", c, v[c, "steps"], v[c, "tokens"], v[c, "seconds"], v[c, "tok_s"], r, v[c, "peak_rss_mib"], b
     }
   }' "$tmp/rows"
