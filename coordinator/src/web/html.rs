@@ -117,6 +117,15 @@ fn sweep_row(s: &SweepSummary) -> String {
 const SWEEP_HEAD: &str = "<tr><th>sweep</th><th>state</th><th>progress</th><th>done</th><th>running</th>\
                           <th>waiting</th><th>failed</th><th>cancelled</th><th>ETA</th></tr>";
 
+/// `eval 40%`, `eval`, or `–`.
+fn phase_text(phase: Option<&str>, progress: Option<f64>) -> String {
+    match (phase, progress) {
+        (Some(p), Some(f)) => format!("{} {:.0}%", escape(p), 100.0 * f),
+        (Some(p), None) => escape(p),
+        (None, _) => "–".into(),
+    }
+}
+
 fn worker_row(w: &WorkerView, now_ms: i64) -> String {
     let job = match (w.job_id, &w.sweep) {
         (Some(id), Some(sweep)) => format!("{id} ({})", sweep_link(sweep)),
@@ -132,7 +141,7 @@ fn worker_row(w: &WorkerView, now_ms: i64) -> String {
         device = escape(&w.device),
         memory = opt(w.memory_bytes, gib),
         free = opt(w.free_memory_bytes, gib),
-        phase = opt(w.phase.as_deref(), escape),
+        phase = phase_text(w.phase.as_deref(), w.progress),
         rate = opt(w.tokens_per_second, |r| format!("{r:.0}")),
         seen = ago(now_ms, w.last_seen_ms),
         version = escape(&w.version),
@@ -294,6 +303,7 @@ mod tests {
             job_id: Some(3),
             sweep: Some(name.into()),
             phase: Some("score".into()),
+            progress: Some(0.25),
             tokens_per_second: Some(1234.4),
         }
     }
@@ -324,6 +334,7 @@ mod tests {
         assert!(page.contains("data-done=\"4\">4 / 7</td>"));
         assert!(page.contains("<td class=\"eta\">2m 10s</td>"));
         assert!(page.contains("<td class=\"num\">1234</td>") && page.contains("1m 00s ago"));
+        assert!(page.contains("<td>score 25%</td>"), "the worker's phase and progress");
         assert_eq!(page.matches("<script").count(), 1, "only the page's own script tag");
     }
 

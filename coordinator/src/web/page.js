@@ -83,7 +83,7 @@
       num(opt(w.memory_bytes, gib)),
       num(opt(w.free_memory_bytes, gib)),
       el("td", {}, job),
-      el("td", {}, opt(w.phase)),
+      el("td", {}, w.phase === null ? "–" : w.phase + (w.progress === null ? "" : " " + (100 * w.progress).toFixed(0) + "%")),
       num(opt(w.tokens_per_second, (r) => r.toFixed(0))),
       el("td", {}, ago(now, w.last_seen_ms)),
       el("td", {}, w.version),

@@ -230,25 +230,34 @@ pub struct WorkerView {
     pub job_id: Option<i64>,
     /// That job's sweep.
     pub sweep: Option<String>,
-    /// The phase and tokens/s of its last heartbeat to this coordinator.
+    /// The phase its job is in, as its last heartbeat said.
     pub phase: Option<String>,
-    /// Tokens per second in that phase.
+    /// Its job's progress within that phase, in [0, 1].
+    pub progress: Option<f64>,
+    /// Tokens per second in that phase, as its last heartbeat to this coordinator said.
     pub tokens_per_second: Option<f64>,
 }
+
+/// Leased jobs' last phase and progress, by job id.
+type Phases = HashMap<i64, (Option<String>, Option<f64>)>;
 
 fn workers(
     list: Vec<pb::WorkerStatus>,
     rates: &HashMap<String, (&'static str, f64)>,
+    phases: &Phases,
     ttl: Duration,
 ) -> Vec<WorkerView> {
     let now = now_ms();
     let live_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).saturating_mul(2);
     list.into_iter()
         .map(|w| {
-            let rate = rates.get(&w.worker_id);
+            // A rate is shown only while the worker holds a job (an idle one's last is stale).
+            let rate = rates.get(&w.worker_id).filter(|_| w.job_id.is_some());
+            let (phase, progress) = w.job_id.and_then(|id| phases.get(&id)).cloned().unwrap_or_default();
             WorkerView {
                 live: now.saturating_sub(w.last_seen_ms) <= live_ms,
-                phase: rate.map(|(p, _)| p.to_string()),
+                phase: phase.or_else(|| rate.map(|(p, _)| p.to_string())),
+                progress,
                 tokens_per_second: rate.map(|(_, r)| *r),
                 id: w.worker_id,
                 name: w.name,
@@ -301,8 +310,12 @@ pub async fn overview(
         };
         out.push(SweepSummary::new(c, &basis));
     }
+    let mut phases = Phases::new();
+    for c in sweeps.iter().filter(|c| c.count(JobState::Leased) > 0) {
+        phases.extend(store.running(&c.name).await?.into_iter().map(|r| (r.job_id, (r.phase, r.progress))));
+    }
     let list = coordinator.list_workers(tonic::Request::new(pb::ListWorkersRequest {})).await?.into_inner().workers;
-    Ok(Overview { now_ms: now_ms(), sweeps: out, workers: workers(list, rates, lease_ttl) })
+    Ok(Overview { now_ms: now_ms(), sweeps: out, workers: workers(list, rates, &phases, lease_ttl) })
 }
 
 /// A job's duration: the sum of its phase timings.
@@ -345,6 +358,9 @@ pub struct JobView {
 
 /// A value with four significant digits or so: `0.4125`, `10.60`, `412.5`.
 fn short(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        return format!("{v:.0}"); // a count: `n 40`
+    }
     match v.abs() {
         a if a >= 100.0 => format!("{v:.1}"),
         a if a >= 10.0 => format!("{v:.2}"),
@@ -457,6 +473,7 @@ pub async fn sweep_detail(
             }
         })
         .collect();
+    let phases: Phases = running.values().map(|r| (r.job_id, (r.phase.clone(), r.progress))).collect();
     let c = Counts::from_store(&counts);
     let results_key = format!("{}-{}-{}-{}", c.succeeded, c.failed, c.cancelled, c.total());
     let (charts, heatmaps) = if known == Some(results_key.as_str()) {
@@ -473,7 +490,7 @@ pub async fn sweep_detail(
         results_key,
         charts,
         heatmaps,
-        workers: workers(list, rates, lease_ttl),
+        workers: workers(list, rates, &phases, lease_ttl),
     })
 }
 
@@ -527,10 +544,11 @@ mod tests {
         };
         let text = results_text(&[
             r("boolq", "accuracy", 0.625),
+            r("boolq", "n", 40.0),
             r("c4-loss", "loss", 10.6),
             r("c4-loss", "normalized_loss", 1.0218),
         ]);
-        assert_eq!(text, "boolq: accuracy 0.6250; c4-loss: loss 10.60, normalized_loss 1.0218");
+        assert_eq!(text, "boolq: accuracy 0.6250, n 40; c4-loss: loss 10.60, normalized_loss 1.0218");
         assert_eq!(results_text(&[]), "");
     }
 
