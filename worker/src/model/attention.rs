@@ -1,12 +1,14 @@
 //! Self-attention: rotary position tables ([`Rotary`]), the prefix key/value cache ([`KvCache`]),
 //! grouped-query [`Attention`] with chunked scores, and the additive mask it applies
-//! (causal, packed segments, sliding window).
+//! (causal, packed segments, sliding window). While healing on a CPU, attention is one op
+//! (`TrainedAttention`) whose backward pass recomputes the scores chunk by chunk, so that no
+//! `[B, heads, T, T]` matrix is kept for backpropagation.
 //!
 //! Kept apart from [`super::decoder`] because it is the one part of a block with its own
 //! position, caching and memory logic; the decoder builds the rotary tables and the mask once per
 //! call and hands them to every block.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, D};
 
 use super::config::Config;
 use super::layers::Linear;
@@ -113,7 +115,7 @@ impl Attention {
 
     /// `x`: `[B, T, H]` (already normed). `prefix`: cached keys/values the tokens also attend to.
     /// `record`: where to store this call's keys/values (building a prefix cache). `chunk`: the
-    /// scores computed at once during inference (see [`super::Decoder::set_attention_chunk`]).
+    /// scores computed at once (see [`super::Decoder::set_attention_chunk`]).
     pub(super) fn forward(
         &self,
         x: &Tensor,
@@ -142,39 +144,165 @@ impl Attention {
             None => (k, v),
         };
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        let s = p + t;
-        let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let q = (q * scale)?;
-        // Inference takes the queries in chunks whose scores stay near `chunk` values (long
-        // prompts would otherwise materialise [B, nh, T, P+T] at once), and a chunk reads
-        // only the keys up to its last row: the decoder's masks never show row `i` a key past
-        // `P + i`. Training keeps one chunk (the graph holds every piece anyway).
-        let rows = if q.track_op() { t } else { (chunk / (b * nh * s)).clamp(1, t) };
-        let mut chunks = Vec::with_capacity(t.div_ceil(rows));
-        for start in (0..t).step_by(rows) {
-            let len = rows.min(t - start);
-            let keys = if q.track_op() { s } else { (p + start + len).min(s) };
-            let (qc, mc) = if len == t {
-                (q.clone(), mask.clone())
-            } else {
-                (q.narrow(2, start, len)?, mask.narrow(0, start, len)?)
-            };
-            let (kc, vc, mc) = if keys == s {
-                (k.clone(), v.clone(), mc)
-            } else {
-                (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?, mc.narrow(1, 0, keys)?)
-            };
-            // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
-            // head are laid out next to each other, so [B, nh, L, hd] views as [B, nkv, rep·L, hd].
-            let qc = qc.contiguous()?.reshape((b, nkv, rep * len, hd))?;
-            let scores = qc.matmul(&kc.t()?)?.reshape((b, nh, len, keys))?.to_dtype(DType::F32)?;
-            let probs = masked_softmax(&scores, &mc)?.to_dtype(vc.dtype())?;
-            chunks.push(probs.reshape((b, nkv, rep * len, keys))?.matmul(&vc)?.reshape((b, nh, len, hd))?);
-        }
-        let out = if chunks.len() == 1 { chunks.pop().expect("one chunk") } else { Tensor::cat(&chunks, 2)? };
+        let out = if q.track_op() && prefix.is_none() && super::kernels::fused_cpu(&q) {
+            // Training on CPU: one op that keeps no score matrix for the backward pass.
+            q.contiguous()?.apply_op3(&k, &v, TrainedAttention { mask: mask.clone(), chunk })?
+        } else {
+            // Inference takes the queries in chunks whose scores stay near `chunk` values (long
+            // prompts would otherwise materialise [B, nh, T, P+T] at once), reading only the keys
+            // up to a chunk's last row. Training elsewhere keeps one chunk (the graph holds every
+            // piece anyway).
+            let tracked = q.track_op();
+            let rows = if tracked { t } else { rows_per_chunk(chunk, b, nh, p + t, t) };
+            attend(&q, &k, &v, mask, p, rows, !tracked)?
+        };
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
+    }
+}
+
+/// Query rows per chunk so that a chunk's scores, `[B, heads, rows, keys]`, stay near `budget`
+/// values (at least one row).
+fn rows_per_chunk(budget: usize, b: usize, heads: usize, keys: usize, t: usize) -> usize {
+    (budget / (b * heads * keys).max(1)).clamp(1, t)
+}
+
+/// `softmax(q kᵀ + mask)` for query rows `start .. start + len` over keys `0 .. keys`:
+/// `[B, nh, len, keys]` in f32. `q`: `[B, nh, T, hd]` (scaled); `k`: `[B, nkv, S, hd]`.
+fn chunk_probs(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    start: usize,
+    len: usize,
+    keys: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (nkv, s) = (k.dim(1)?, k.dim(2)?);
+    let rep = nh / nkv;
+    let (qc, mc) =
+        if len == t { (q.clone(), mask.clone()) } else { (q.narrow(2, start, len)?, mask.narrow(0, start, len)?) };
+    let (kc, mc) = if keys == s { (k.clone(), mc) } else { (k.narrow(2, 0, keys)?, mc.narrow(1, 0, keys)?) };
+    // Grouped-query attention without copying K: the `rep` query heads that share a KV head are
+    // laid out next to each other, so [B, nh, L, hd] views as [B, nkv, rep·L, hd].
+    let qc = qc.contiguous()?.reshape((b, nkv, rep * len, hd))?;
+    let scores = qc.matmul(&kc.t()?)?.reshape((b, nh, len, keys))?.to_dtype(DType::F32)?;
+    masked_softmax(&scores, &mc)
+}
+
+/// `softmax(q kᵀ + mask) v` with the queries taken `rows` at a time: `q` `[B, nh, T, hd]`
+/// (scaled), `k`, `v` `[B, nkv, P + T, hd]` → `[B, nh, T, hd]`. With `skip_hidden_keys` a chunk
+/// reads only the keys up to its last row (the decoder's masks never show row `i` a key past
+/// `P + i`); otherwise every chunk reads all keys.
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    p: usize,
+    rows: usize,
+    skip_hidden_keys: bool,
+) -> candle_core::Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (nkv, s) = (k.dim(1)?, k.dim(2)?);
+    let rep = nh / nkv;
+    let mut chunks = Vec::with_capacity(t.div_ceil(rows));
+    for start in (0..t).step_by(rows) {
+        let len = rows.min(t - start);
+        let keys = if skip_hidden_keys { (p + start + len).min(s) } else { s };
+        let probs = chunk_probs(q, k, mask, start, len, keys)?.to_dtype(v.dtype())?;
+        let vc = if keys == s { v.clone() } else { v.narrow(2, 0, keys)? };
+        chunks.push(probs.reshape((b, nkv, rep * len, keys))?.matmul(&vc)?.reshape((b, nh, len, hd))?);
+    }
+    if chunks.len() == 1 {
+        Ok(chunks.pop().expect("one chunk"))
+    } else {
+        Tensor::cat(&chunks, 2)
+    }
+}
+
+/// Training attention on CPU, `softmax(q kᵀ + mask) v` as one op (`q` scaled, no prefix): the
+/// forward pass takes the queries in chunks and keeps nothing but its inputs and output; the
+/// backward pass recomputes each chunk's probabilities and turns them into the gradients of
+/// `q`, `k` and `v`. Through candle's ops autograd would keep the scores, the masked scores,
+/// their exponentials and the probabilities, each `[B, heads, T, T]`, for every block until
+/// the backward pass.
+struct TrainedAttention {
+    /// `[T, T]`, additive.
+    mask: Tensor,
+    /// Scores computed at once (see [`super::Decoder::set_attention_chunk`]).
+    chunk: usize,
+}
+
+/// A contiguous f32 CPU buffer as a tensor (a copy, outside any graph).
+fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("trained-attention: inputs must be f32") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("trained-attention: inputs must be contiguous")
+    };
+    Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)
+}
+
+impl CustomOp3 for TrainedAttention {
+    fn name(&self) -> &'static str {
+        "trained-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (cpu_tensor(q, q_layout)?, cpu_tensor(k, k_layout)?, cpu_tensor(v, v_layout)?);
+        let (b, nh, t, _) = q.dims4()?;
+        let rows = rows_per_chunk(self.chunk, b, nh, k.dim(2)?, t);
+        let out = attend(&q, &k, &v, &self.mask, 0, rows, true)?;
+        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1()?), out.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // With P = softmax(S), O = P V: dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)),
+        // dQ = dS K, dK = dSᵀ Q; chunk by chunk, keys past a chunk's last row skipped (P = 0 there).
+        let (q, k, v, out, grad) = (q.detach(), k.detach(), v.detach(), out.detach(), grad.detach().contiguous()?);
+        let (b, nh, t, hd) = q.dims4()?;
+        let (nkv, s) = (k.dim(1)?, k.dim(2)?);
+        let rep = nh / nkv;
+        let rows = rows_per_chunk(self.chunk, b, nh, s, t);
+        let (mut dq, mut dk, mut dv) = (Vec::with_capacity(t.div_ceil(rows)), k.zeros_like()?, v.zeros_like()?);
+        for start in (0..t).step_by(rows) {
+            let len = rows.min(t - start);
+            let keys = (start + len).min(s);
+            let probs = chunk_probs(&q, &k, &self.mask, start, len, keys)?;
+            let d_out = grad.narrow(2, start, len)?;
+            let kc = k.narrow(2, 0, keys)?.contiguous()?;
+            let vc = v.narrow(2, 0, keys)?.contiguous()?;
+            let qc = q.narrow(2, start, len)?.contiguous()?.reshape((b, nkv, rep * len, hd))?;
+            let d_out_g = d_out.contiguous()?.reshape((b, nkv, rep * len, hd))?;
+            let probs_g = probs.reshape((b, nkv, rep * len, keys))?;
+            let dv_c = probs_g.t()?.contiguous()?.matmul(&d_out_g)?;
+            let dp = d_out_g.matmul(&vc.t()?)?.reshape((b, nh, len, keys))?;
+            let delta = (d_out * out.narrow(2, start, len)?)?.sum_keepdim(3)?;
+            let ds = (probs * dp.broadcast_sub(&delta)?)?.reshape((b, nkv, rep * len, keys))?;
+            dq.push(ds.matmul(&kc)?.reshape((b, nh, len, hd))?);
+            let dk_c = ds.t()?.contiguous()?.matmul(&qc)?;
+            dk = (dk + dk_c.pad_with_zeros(2, 0, s - keys)?)?;
+            dv = (dv + dv_c.pad_with_zeros(2, 0, s - keys)?)?;
+        }
+        let dq = if dq.len() == 1 { dq.pop().expect("one chunk") } else { Tensor::cat(&dq, 2)? };
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
@@ -188,7 +316,8 @@ fn output_projection_name(parallel: bool) -> &'static str {
     }
 }
 
-/// Attention scores computed at once per query chunk during inference, by default (8 MB of f32).
+/// Attention scores computed at once per query chunk (inference, and training on a CPU), by
+/// default (8 MB of f32).
 pub const SCORES_PER_CHUNK: usize = 2 << 20;
 
 /// `[T, P+T]` additive mask for `segments` (lengths summing to `T`) laid end to end after a shared
@@ -224,9 +353,50 @@ pub(super) fn attention_mask(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Var;
 
     fn visible(m: &Tensor) -> Vec<Vec<bool>> {
         m.to_vec2::<f32>().unwrap().iter().map(|r| r.iter().map(|v| *v == 0.0).collect()).collect()
+    }
+
+    #[test]
+    fn trained_attention_matches_candle_ops_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (b, nh, nkv, t, hd) = (2, 4, 2, 7, 8);
+        let tensor = |dims: (usize, usize, usize, usize), k: usize| {
+            let n = dims.0 * dims.1 * dims.2 * dims.3;
+            let values: Vec<f32> = (0..n).map(|i| ((i * 31 + k * 17) as f32 * 0.173).sin()).collect();
+            Tensor::from_vec(values, dims, &dev).unwrap()
+        };
+        let (q, k, v) = (tensor((b, nh, t, hd), 1), tensor((b, nkv, t, hd), 2), tensor((b, nkv, t, hd), 3));
+        let weights = tensor((b, nh, t, hd), 4);
+        let mask = attention_mask(&[t], 0, Some(5), &dev).unwrap();
+        let run = |ours: bool| {
+            let (q, k, v) =
+                (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+            let out = if ours {
+                // Two query rows per chunk: four chunks, the last one short.
+                let op = TrainedAttention { mask: mask.clone(), chunk: b * nh * t * 2 };
+                q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op).unwrap()
+            } else {
+                // The `rep` query heads of a KV head sit next to each other.
+                let expand = |x: &Tensor| {
+                    x.unsqueeze(2).unwrap().broadcast_as((b, nkv, nh / nkv, t, hd)).unwrap().reshape((b, nh, t, hd))
+                };
+                let (k, v) = (expand(k.as_tensor()).unwrap(), expand(v.as_tensor()).unwrap());
+                let scores = q.as_tensor().matmul(&k.t().unwrap()).unwrap().broadcast_add(&mask).unwrap();
+                candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&v).unwrap()
+            };
+            let grads = (&out * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
+            [out.detach(), g(&q), g(&k), g(&v)]
+        };
+        let (ours, reference) = (run(true), run(false));
+        for (what, (a, r)) in ["output", "dq", "dk", "dv"].iter().zip(ours.iter().zip(&reference)) {
+            let diff = (a - r).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = r.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0 && diff <= 1e-5 * scale, "{what}: {diff} (largest value {scale})");
+        }
     }
 
     #[test]

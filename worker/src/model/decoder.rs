@@ -171,7 +171,8 @@ impl Decoder {
         Ok(Decoder { cfg, embed_tokens, blocks, norm, lm_head, device, dtype, attention_chunk: SCORES_PER_CHUNK })
     }
 
-    /// How many attention scores inference computes at once ([`SCORES_PER_CHUNK`] by default):
+    /// How many attention scores are computed at once, in inference and in training on a CPU
+    /// ([`SCORES_PER_CHUNK`] by default):
     /// queries are taken in chunks of rows (at least one) that stay within this budget. Smaller
     /// saves memory on long prompts; the result does not depend on it.
     pub fn set_attention_chunk(&mut self, scores: usize) {
