@@ -131,7 +131,8 @@ impl CustomOp1 for FrozenMatMul {
         })
     }
 
-    #[cfg(feature = "cuda")]
+    // Not behind `feature = "cuda"`: without it candle's CudaStorage is a stand-in with the same
+    // traits, so CPU builds type-check exactly this code (it is never called there).
     fn cuda_fwd(
         &self,
         storage: &candle_core::CudaStorage,
