@@ -86,6 +86,24 @@ pub struct ExportRow {
     pub value: f64,
     /// Seconds the job took (sum of its phase timings).
     pub seconds: Option<f64>,
+    /// The job's key (the hash of its resolved spec).
+    pub key: String,
+    /// The weights: `hf:org/name@<commit>` or `sha256:<hex>` (empty: not reported).
+    pub model_fingerprint: String,
+    /// The data files' fingerprints, a JSON object (path → `sha256:<hex>`).
+    pub data_fingerprints: String,
+    /// The worker's version and the git commit it was built from.
+    pub worker_version: String,
+    /// The git commit of the worker's build.
+    pub worker_commit: String,
+    /// The worker's device.
+    pub device: String,
+    /// The compute dtype.
+    pub dtype: String,
+    /// The job's wall time on its worker, lease to report.
+    pub wall_seconds: Option<f64>,
+    /// The resolved job spec (JSON), enough to rerun the job.
+    pub spec: String,
 }
 
 /// Errors writing an export.
@@ -133,6 +151,9 @@ pub fn rows_from_pb(sweep: &str, jobs: &[pb::JobResult]) -> Vec<ExportRow> {
             m => m.name(),
         };
         let seconds = (!job.timings.is_empty()).then(|| job.timings.iter().map(|t| t.seconds).sum());
+        let provenance = job.provenance.clone().unwrap_or_default();
+        let data_fingerprints: std::collections::BTreeMap<_, _> = provenance.data_fingerprints.iter().collect();
+        let data_fingerprints = serde_json::to_string(&data_fingerprints).expect("strings serialize");
         for r in &job.results {
             rows.push(ExportRow {
                 sweep: sweep.to_string(),
@@ -154,6 +175,15 @@ pub fn rows_from_pb(sweep: &str, jobs: &[pb::JobResult]) -> Vec<ExportRow> {
                 metric: r.metric.clone(),
                 value: r.value,
                 seconds,
+                key: spec.key.clone(),
+                model_fingerprint: provenance.model_fingerprint.clone(),
+                data_fingerprints: data_fingerprints.clone(),
+                worker_version: provenance.worker_version.clone(),
+                worker_commit: provenance.worker_commit.clone(),
+                device: provenance.device.clone(),
+                dtype: provenance.dtype.clone(),
+                wall_seconds: job.provenance.as_ref().map(|p| p.wall_seconds),
+                spec: spec.spec_json.clone(),
             });
         }
     }
@@ -182,6 +212,15 @@ pub fn to_dataframe(rows: &[ExportRow]) -> Result<DataFrame, ExportError> {
         Column::new("metric".into(), col(rows, "metric", |r| r.metric.clone())),
         Column::new("value".into(), col(rows, "value", |r| r.value)),
         Column::new("seconds".into(), col(rows, "seconds", |r| r.seconds)),
+        Column::new("key".into(), col(rows, "key", |r| r.key.clone())),
+        Column::new("model_fingerprint".into(), col(rows, "model_fingerprint", |r| r.model_fingerprint.clone())),
+        Column::new("data_fingerprints".into(), col(rows, "data_fingerprints", |r| r.data_fingerprints.clone())),
+        Column::new("worker_version".into(), col(rows, "worker_version", |r| r.worker_version.clone())),
+        Column::new("worker_commit".into(), col(rows, "worker_commit", |r| r.worker_commit.clone())),
+        Column::new("device".into(), col(rows, "device", |r| r.device.clone())),
+        Column::new("dtype".into(), col(rows, "dtype", |r| r.dtype.clone())),
+        Column::new("wall_seconds".into(), col(rows, "wall_seconds", |r| r.wall_seconds)),
+        Column::new("spec".into(), col(rows, "spec", |r| r.spec.clone())),
     ];
     Ok(DataFrame::new_infer_height(columns)?)
 }
@@ -227,5 +266,46 @@ mod tests {
         assert_eq!(text.lines().count(), 3);
         assert!(text.starts_with("sweep,job_id,kind,model,method,heal,fraction,n,n_dropped"), "{text}");
         write(&rows, Format::Parquet, &dir.path().join("out.parquet")).unwrap();
+    }
+
+    #[test]
+    fn every_row_carries_its_jobs_provenance_and_spec() {
+        let job = pb::JobResult {
+            job_id: 7,
+            kind: pb::JobKind::Cell as i32,
+            spec: Some(pb::JobSpec {
+                key: "abc".into(),
+                kind: pb::JobKind::Cell as i32,
+                spec_json: "{\"kind\":\"cell\"}".into(),
+                ..Default::default()
+            }),
+            results: vec![pb::ResultRow { task: "boolq".into(), metric: "accuracy".into(), value: 0.7 }],
+            provenance: Some(pb::Provenance {
+                model_fingerprint: "hf:org/m@0123".into(),
+                data_fingerprints: [("d.jsonl".to_string(), "sha256:ff".to_string())].into_iter().collect(),
+                worker_version: "0.1.0".into(),
+                worker_commit: "deadbeef".into(),
+                device: "cuda:0".into(),
+                dtype: "bf16".into(),
+                wall_seconds: 12.5,
+            }),
+            ..Default::default()
+        };
+        let rows = rows_from_pb("s", &[job]);
+        let r = &rows[0];
+        assert_eq!((r.key.as_str(), r.model_fingerprint.as_str()), ("abc", "hf:org/m@0123"));
+        assert_eq!(r.data_fingerprints, "{\"d.jsonl\":\"sha256:ff\"}");
+        assert_eq!((r.worker_commit.as_str(), r.device.as_str(), r.dtype.as_str()), ("deadbeef", "cuda:0", "bf16"));
+        assert_eq!((r.wall_seconds, r.spec.as_str()), (Some(12.5), "{\"kind\":\"cell\"}"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.csv");
+        write(&rows, Format::Csv, &path).unwrap();
+        let header = std::fs::read_to_string(&path).unwrap().lines().next().unwrap().to_string();
+        assert!(
+            header.ends_with(
+                "key,model_fingerprint,data_fingerprints,worker_version,worker_commit,device,dtype,wall_seconds,spec"
+            ),
+            "{header}"
+        );
     }
 }

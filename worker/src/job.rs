@@ -227,7 +227,20 @@ impl TryFrom<&pb::JobSpec> for Job {
                 ));
             }
         };
-        Ok(Job { id: spec.job_id, key: spec.key.clone(), model: model.source.clone(), dtype, work })
+        // An HF id at a revision is `org/name@revision`, as `--model` takes it.
+        let source = match model.revision.as_deref().filter(|r| !r.is_empty()) {
+            Some(revision) if crate::model::hub::parse_id(&model.source).is_some_and(|(_, r)| r.is_none()) => {
+                format!("{}@{revision}", model.source)
+            }
+            Some(revision) => {
+                return Err(JobError::spec(
+                    "model.revision",
+                    format!("{revision:?} is set, but the source {:?} is not an HF id (org/name)", model.source),
+                ))
+            }
+            None => model.source.clone(),
+        };
+        Ok(Job { id: spec.job_id, key: spec.key.clone(), model: source, dtype, work })
     }
 }
 

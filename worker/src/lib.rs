@@ -14,6 +14,7 @@
 //! - [`forward`]: one prompt's ids, logits and residual states, for inspection and parity checks.
 //! - [`job`]: a leased job checked at the worker's edge (`Job::try_from(pb::JobSpec)`) into the
 //!   stages' typed specs, and [`job::JobError`], how a job fails.
+//! - [`provenance`]: what made a result (weights and data fingerprints, build, device, dtype).
 //! - [`serve`]: the worker side of the coordinator's contract (lease, run, heartbeat, report).
 
 pub mod data;
@@ -24,6 +25,7 @@ pub mod heal;
 pub mod job;
 pub mod model;
 pub mod plot;
+pub mod provenance;
 pub mod prune;
 pub mod score;
 pub mod serve;

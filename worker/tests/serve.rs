@@ -112,9 +112,18 @@ async fn two_workers_finish_the_tiny_sweep(store: Arc<dyn JobStore>) {
         .unwrap()
         .into_inner()
         .jobs;
+    let c4 = c4_sample().display().to_string();
     for job in &results {
         assert_eq!(job.state, JobState::Succeeded as i32);
         assert_eq!(job.num_layers, Some(4));
+        // Every result says what made it.
+        let p = job.provenance.as_ref().unwrap_or_else(|| panic!("no provenance: {job:?}"));
+        assert!(p.model_fingerprint.starts_with("sha256:") && p.model_fingerprint.len() == 71, "{p:?}");
+        assert!(p.data_fingerprints.get(&c4).is_some_and(|f| f.starts_with("sha256:")), "{p:?}");
+        assert_eq!((p.device.as_str(), p.dtype.as_str()), ("cpu", "f32"));
+        assert!(!p.worker_commit.is_empty() && !p.worker_version.is_empty() && p.wall_seconds > 0.0, "{p:?}");
+        let spec_json = &job.spec.as_ref().unwrap().spec_json;
+        assert!(spec_json.contains("\"kind\""), "the resolved spec: {spec_json}");
         let kind = JobKind::try_from(job.kind).unwrap();
         if kind == JobKind::Score {
             continue;

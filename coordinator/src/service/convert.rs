@@ -8,7 +8,8 @@ use tonic::Status;
 use crate::job::{JobKind, JobState, SweepState};
 use crate::spec::Amount;
 use crate::store::{
-    Completion, DistanceRow, Heartbeat, JobResults, JobRow, ResultValue, RunningJob, SweepCounts, Timing, WorkerRow,
+    Completion, DistanceRow, Heartbeat, JobResults, JobRow, Provenance, ResultValue, RunningJob, SweepCounts, Timing,
+    WorkerRow,
 };
 use crate::sweep::{CalibrationSpec, EvalTaskSpec, HealVariant, QLoraSpec, TargetModules};
 
@@ -207,6 +208,15 @@ pub fn job_result(j: JobResults) -> pb::JobResult {
             .collect(),
         error: j.job.error,
         attempts: j.job.attempts,
+        provenance: j.job.provenance.map(|p| pb::Provenance {
+            model_fingerprint: p.model_fingerprint,
+            data_fingerprints: p.data_fingerprints.into_iter().collect(),
+            worker_version: p.worker_version,
+            worker_commit: p.worker_commit,
+            device: p.device,
+            dtype: p.dtype,
+            wall_seconds: p.wall_seconds,
+        }),
     }
 }
 
@@ -248,6 +258,15 @@ pub fn completion(req: pb::CompleteJobRequest) -> Result<Completion, Status> {
         layers_dropped: req.layers_dropped,
         num_layers: req.num_layers,
         timings: req.timings.into_iter().map(|t| Timing { phase: t.phase, seconds: t.seconds }).collect(),
+        provenance: req.provenance.map(|p| Provenance {
+            model_fingerprint: p.model_fingerprint,
+            data_fingerprints: p.data_fingerprints.into_iter().collect(),
+            worker_version: p.worker_version,
+            worker_commit: p.worker_commit,
+            device: p.device,
+            dtype: p.dtype,
+            wall_seconds: p.wall_seconds,
+        }),
     })
 }
 
@@ -279,6 +298,7 @@ mod tests {
             layers_dropped: Vec::new(),
             num_layers: None,
             timings: Vec::new(),
+            provenance: None,
         };
         let pb = job_spec(&row, &[]);
         let q = pb.heal.clone().unwrap().qlora.unwrap();

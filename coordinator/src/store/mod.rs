@@ -158,6 +158,27 @@ pub struct JobRow {
     pub num_layers: Option<u32>,
     /// Phase timings (reported).
     pub timings: Vec<Timing>,
+    /// What made the result (reported).
+    pub provenance: Option<Provenance>,
+}
+
+/// Where a result came from, as its worker reported it (`pb::Provenance`); stored as JSON.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Provenance {
+    /// `hf:org/name@<commit>` or `sha256:<hex>` of the weight files' sizes, headers and ends.
+    pub model_fingerprint: String,
+    /// Data file or folder → `sha256:<hex>`.
+    pub data_fingerprints: std::collections::BTreeMap<String, String>,
+    /// The worker's version.
+    pub worker_version: String,
+    /// The git commit it was built from.
+    pub worker_commit: String,
+    /// Its device.
+    pub device: String,
+    /// The compute dtype.
+    pub dtype: String,
+    /// The job's wall time on the worker.
+    pub wall_seconds: f64,
 }
 
 /// Time spent in one phase.
@@ -315,6 +336,8 @@ pub struct Completion {
     pub num_layers: Option<u32>,
     /// Timings.
     pub timings: Vec<Timing>,
+    /// What made the result.
+    pub provenance: Option<Provenance>,
 }
 
 /// A failed job's report.

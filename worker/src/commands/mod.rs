@@ -65,7 +65,8 @@ impl Cli {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Model: a .gguf file, an HF directory, an HF hub cache folder (models--org--name), or an HF
-    /// id (org/name) in the local hub cache.
+    /// id (org/name[@revision]): used from the local hub cache, or downloaded into it (HF_ENDPOINT,
+    /// HF_TOKEN, HF_HUB_OFFLINE as for the Python client).
     #[arg(long, env = "PRUNESWEEP_MODEL")]
     pub model: PathBuf,
     /// Drop layers START..START+N-1 first (0-based, half-open like mergekit's layer_range), e.g. 20:6.

@@ -25,6 +25,7 @@ pub mod config;
 pub mod decoder;
 pub mod frozen;
 pub mod gguf;
+pub mod hub;
 pub mod kernels;
 pub mod layers;
 pub mod lora;

@@ -265,22 +265,21 @@ impl ModelSource {
             };
         }
         let text = path.to_string_lossy();
-        if let Some((org, name)) =
-            text.split_once('/').filter(|(o, n)| !o.is_empty() && !n.contains('/') && !text.starts_with('.'))
-        {
-            for cache in hub_cache_roots() {
-                let dir = cache.join(format!("models--{org}--{name}"));
-                if dir.is_dir() {
-                    return snapshot_dir(&dir).map(ModelSource::HfDir);
+        if let Some((id, revision)) = super::hub::parse_id(&text) {
+            // `org/name` already in a local hub cache (ours, or `huggingface-cli download`'s) is
+            // used as it is, without asking the Hub: a sweep's jobs do not each call it.
+            if revision.is_none() {
+                for cache in hub_cache_roots() {
+                    let dir = cache.join(format!("models--{}", id.replace('/', "--")));
+                    if let Ok(snapshot) = snapshot_dir(&dir) {
+                        return Ok(ModelSource::HfDir(snapshot));
+                    }
                 }
             }
-            return Err(ModelError::NotAModel {
-                path: path.to_path_buf(),
-                why: format!(
-                    "no such file, and no HF hub cache holds `{org}/{name}` (looked in {}); download it first, e.g. `huggingface-cli download {org}/{name}`",
-                    hub_cache_roots().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-                ),
-            });
+            // Otherwise (or at a named revision) from the Hub, into the first cache.
+            let model = super::hub::fetch(id, revision, &super::hub::HubConfig::from_env())
+                .map_err(|e| ModelError::NotAModel { path: path.to_path_buf(), why: e.to_string() })?;
+            return Ok(ModelSource::HfDir(model.dir));
         }
         Err(ModelError::NotAModel { path: path.to_path_buf(), why: "no such file or directory".into() })
     }

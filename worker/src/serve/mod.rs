@@ -364,6 +364,7 @@ async fn report(session: &mut Session, lease_id: &str, job_id: i64, outcome: Res
             layers_dropped: out.layers_dropped.clone(),
             num_layers: out.num_layers,
             timings: out.timings.clone(),
+            provenance: out.provenance.clone(),
         }),
         Err(f) => Report::Fail(FailJobRequest {
             worker_id: session.worker_id.clone(),

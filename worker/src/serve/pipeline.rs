@@ -16,7 +16,7 @@ use prunesweep_proto::v1::{Distance, DistanceMetric, PhaseTiming, ResultRow};
 
 use crate::eval::{self, EvalReport, EvalSpec, Task};
 use crate::heal::{self, HealEnd, HealError, HealSpec};
-use crate::job::{Cell, Job, JobError, Work};
+use crate::job::{Cell, FileKind, Job, JobError, Work};
 use crate::model::{default_dtype, streamed, Model, ModelError};
 use crate::prune::{self, LayerScores, PruneError};
 use crate::score::{self, ScoreSpec};
@@ -35,6 +35,8 @@ pub struct JobOutput {
     pub num_layers: Option<u32>,
     /// Seconds per phase.
     pub timings: Vec<PhaseTiming>,
+    /// What made the result: fingerprints, worker build, device, dtype, wall time.
+    pub provenance: Option<prunesweep_proto::v1::Provenance>,
 }
 
 /// Shared between the job and the heartbeat loop: the phase for heartbeats, and the stop flag
@@ -172,8 +174,19 @@ impl Pipeline {
         Ok(self.loaded.as_ref().expect("just loaded").2.clone())
     }
 
-    /// Runs one job to completion, or until `progress.stop` is set.
+    /// Runs one job to completion, or until `progress.stop` is set; the output carries its
+    /// provenance ([`crate::provenance`]).
     pub fn run(&mut self, job: &Job, progress: &Progress) -> Result<JobOutput, JobError> {
+        let started = Instant::now();
+        let mut out = self.run_job(job, progress)?;
+        let data = job.files().into_iter().filter(|(_, kind, _)| *kind == FileKind::Data).map(|(_, _, path)| path);
+        let dtype = job.dtype.unwrap_or_else(|| default_dtype(&self.device));
+        let seconds = started.elapsed().as_secs_f64();
+        out.provenance = Some(crate::provenance::provenance(&job.model, data, &self.device, dtype, seconds));
+        Ok(out)
+    }
+
+    fn run_job(&mut self, job: &Job, progress: &Progress) -> Result<JobOutput, JobError> {
         let mut out = JobOutput::default();
         self.roots.check(job)?;
         if let Work::Score(spec) = &job.work {

@@ -111,10 +111,9 @@ impl Roots {
     }
 }
 
-/// `org/name`: two plain components, no `.`/`..`, not absolute.
+/// `org/name[@revision]` ([`crate::model::hub::parse_id`]): downloaded into, or read from, the hub cache.
 fn is_hub_id(path: &Path) -> bool {
-    let parts: Vec<Component> = path.components().collect();
-    parts.len() == 2 && parts.iter().all(|c| matches!(c, Component::Normal(s) if !s.to_string_lossy().starts_with('.')))
+    crate::model::hub::parse_id(&path.to_string_lossy()).is_some()
 }
 
 #[cfg(test)]

@@ -189,6 +189,9 @@ where
             accepted.iter().map(|a| (a.row.id, a.completion.num_layers.map(i64::from))),
         );
         push_case(&mut update, "timings", accepted.iter().map(|a| (a.row.id, timings(a.completion))));
+        let provenance =
+            |c: &Completion| c.provenance.as_ref().map(|p| serde_json::to_string(p).expect("provenance serializes"));
+        push_case(&mut update, "provenance", accepted.iter().map(|a| (a.row.id, provenance(a.completion))));
         // A completion after its lease expired gives back the attempt the expiry charged.
         push_case(&mut update, "attempts", accepted.iter().map(|a| (a.row.id, i64::from(a.next.attempts))));
         update.push(" WHERE ");

@@ -17,7 +17,7 @@ use crate::store::{JobRow, StoreError};
 pub(super) const JOB_COLUMNS: &str =
     "id, sweep_id, (SELECT name FROM sweeps WHERE sweeps.id = jobs.sweep_id) AS sweep, \
      key, kind, spec, state, attempts, max_attempts, depends_on, lease_id, worker_id, error, error_kind, \
-     layers_dropped, num_layers, timings";
+     layers_dropped, num_layers, timings, provenance";
 
 /// The columns [`Tx::lease_row`] reads.
 pub(super) const LEASE_COLUMNS: &str = "id, sweep_id, kind, state, attempts, max_attempts, lease_id, worker_id";
@@ -136,6 +136,10 @@ where
             layers_dropped: parse_json(row.try_get("layers_dropped")?, "layers_dropped")?,
             num_layers: num_layers.map(|n| to_u32(n, "num_layers")).transpose()?,
             timings: parse_json(row.try_get("timings")?, "timings")?,
+            provenance: row
+                .try_get::<Option<String>, _>("provenance")?
+                .map(|p| serde_json::from_str(&p).map_err(|e| StoreError::Corrupt(format!("job provenance: {e}"))))
+                .transpose()?,
         })
     }
 
