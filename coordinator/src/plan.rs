@@ -1,5 +1,9 @@
 //! `coordinator plan FILE`: what a sweep file expands to, every resolved setting shown, before any
 //! GPU hour is spent. It runs the same parse and expansion as a submit, without a coordinator.
+//!
+//! Each job also shows its predicted peak memory (`prunesweep_proto::memory`): on a CUDA worker,
+//! device and host, and on a CPU worker the whole process; then, per model, the parts of its
+//! largest job's GPU peak. A model whose shape is unknown here gets `-` and a line saying why.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -7,20 +11,79 @@ use std::fmt::Write;
 use prunesweep_proto::Vocabulary;
 use serde_json::{json, Value};
 
-use crate::spec::Amount;
-use crate::sweep::PlannedJob;
+use prunesweep_proto::memory::{gib, MemoryEstimate};
 
-/// The jobs as JSON: `[{key, depends_on, spec}]` in submission order, `spec` being exactly what
-/// the store keeps and the key hashes.
+use crate::spec::Amount;
+use crate::sweep::{JobMemory, PlannedJob};
+
+/// The jobs as JSON: `[{key, depends_on, spec, memory}]` in submission order, `spec` being
+/// exactly what the store keeps and the key hashes; `memory` is `{gpu, cpu}` (each
+/// `{device_bytes, host_bytes, phase, parts}`) or `{unknown: why}`.
 pub fn to_json(jobs: &[PlannedJob]) -> Value {
     Value::Array(
         jobs.iter()
             .map(|j| {
                 let spec: Value = serde_json::from_str(&j.spec.canonical_json()).expect("canonical JSON parses");
-                json!({ "key": j.key, "depends_on": j.depends_on, "spec": spec })
+                let memory = match &j.memory {
+                    JobMemory::Predicted { gpu, cpu } => {
+                        json!({ "gpu": estimate_json(gpu), "cpu": estimate_json(cpu) })
+                    }
+                    JobMemory::Unknown(why) => json!({ "unknown": why }),
+                };
+                json!({ "key": j.key, "depends_on": j.depends_on, "spec": spec, "memory": memory })
             })
             .collect(),
     )
+}
+
+fn estimate_json(e: &MemoryEstimate) -> Value {
+    let parts: serde_json::Map<String, Value> = e.parts.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    json!({ "device_bytes": e.device_bytes, "host_bytes": e.host_bytes, "phase": e.phase, "parts": parts })
+}
+
+/// Bytes in GiB, one decimal, for the table's narrow columns.
+fn short_gib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// The table's memory columns: GPU device, GPU host, CPU (GiB), or dashes.
+fn memory_columns(m: &JobMemory) -> (String, String, String) {
+    match m {
+        JobMemory::Predicted { gpu, cpu } => {
+            (short_gib(gpu.device_bytes), short_gib(gpu.host_bytes), short_gib(cpu.device_bytes))
+        }
+        JobMemory::Unknown(_) => ("-".into(), "-".into(), "-".into()),
+    }
+}
+
+/// Per model, the parts of its largest job's GPU peak, or why it has no prediction.
+fn memory_notes(jobs: &[PlannedJob], out: &mut String) {
+    let mut models: BTreeMap<&str, Option<(usize, &MemoryEstimate)>> = BTreeMap::new();
+    let mut unknown: BTreeMap<&str, &str> = BTreeMap::new();
+    for (i, j) in jobs.iter().enumerate() {
+        match &j.memory {
+            JobMemory::Predicted { gpu, .. } => {
+                let best = models.entry(j.spec.model.name.as_str()).or_default();
+                if best.is_none_or(|(_, b)| gpu.device_bytes > b.device_bytes) {
+                    *best = Some((i + 1, gpu));
+                }
+            }
+            JobMemory::Unknown(why) => {
+                unknown.insert(j.spec.model.name.as_str(), why.as_str());
+            }
+        }
+    }
+    for (model, best) in models {
+        let Some((index, e)) = best else { continue };
+        let _ = writeln!(out, "\npeak memory of {model} on a CUDA worker (job #{index}, {}):", e.phase);
+        for (part, bytes) in &e.parts {
+            let _ = writeln!(out, "  {part:<18} {}", gib(*bytes));
+        }
+        let _ = writeln!(out, "  {:<18} {} device, {} host", "total", gib(e.device_bytes), gib(e.host_bytes));
+    }
+    for (model, why) in unknown {
+        let _ = writeln!(out, "\nno memory prediction for {model}: {why}");
+    }
 }
 
 /// One line per setting of a JSON object (`heal.qlora.rank = 8`), keys sorted; unset ones (null:
@@ -46,8 +109,8 @@ pub fn to_table(jobs: &[PlannedJob]) -> String {
     let short = |k: &str| k[..12.min(k.len())].to_string();
     let _ = writeln!(
         out,
-        "{:>4}  {:<8}  {:<20}  {:<15}  {:<10}  {:<12}  {:<12}  AFTER",
-        "#", "KIND", "MODEL", "METHOD", "AMOUNT", "HEAL", "KEY"
+        "{:>4}  {:<8}  {:<20}  {:<15}  {:<10}  {:<12}  {:<12}  {:>8}  {:>8}  {:>8}  AFTER",
+        "#", "KIND", "MODEL", "METHOD", "AMOUNT", "HEAL", "KEY", "GPU GiB", "HOST GiB", "CPU GiB"
     );
     let index: BTreeMap<&str, usize> = jobs.iter().enumerate().map(|(i, j)| (j.key.as_str(), i + 1)).collect();
     for (i, j) in jobs.iter().enumerate() {
@@ -58,9 +121,10 @@ pub fn to_table(jobs: &[PlannedJob]) -> String {
             None => "-".into(),
         };
         let after = j.depends_on.as_deref().and_then(|k| index.get(k)).map_or("-".into(), |d| format!("#{d}"));
+        let (gpu, host, cpu) = memory_columns(&j.memory);
         let _ = writeln!(
             out,
-            "{:>4}  {:<8}  {:<20}  {:<15}  {:<10}  {:<12}  {:<12}  {after}",
+            "{:>4}  {:<8}  {:<20}  {:<15}  {:<10}  {:<12}  {:<12}  {gpu:>8}  {host:>8}  {cpu:>8}  {after}",
             i + 1,
             s.kind.as_str(),
             s.model.name,
@@ -92,6 +156,7 @@ pub fn to_table(jobs: &[PlannedJob]) -> String {
             let _ = writeln!(out, "  {k:<18} {v}");
         }
     }
+    memory_notes(jobs, &mut out);
     let _ = writeln!(out, "\n{} jobs", jobs.len());
     out
 }
@@ -129,6 +194,31 @@ mod tests {
         // The angular cells run after the score job (#1); deepest ones after nothing.
         assert!(table.lines().any(|l| l.contains("angular") && l.ends_with("#1")), "{table}");
         assert!(table.lines().any(|l| l.contains("deepest") && l.ends_with('-')), "{table}");
+    }
+
+    #[test]
+    fn each_job_shows_its_predicted_memory_or_why_not() {
+        let shape = "shape: {layers: 80, hidden: 8192, intermediate: 28672, heads: 64, kv_heads: 8, \
+                     head_dim: 128, vocab: 32000}";
+        let yaml = YAML.replace("{name: m, path: m}", &format!("{{name: m, path: m, {shape}}}"));
+        let jobs = SweepSpec::parse(&yaml, "p.yaml").unwrap().expand();
+        assert!(jobs.iter().all(|j| j.memory.lease_bytes().is_some()), "{:?}", jobs[0].memory);
+        let table = to_table(&jobs);
+        assert!(table.contains("GPU GiB") && table.contains("peak memory of m on a CUDA worker"), "{table}");
+        assert!(table.contains("  nf4 base") && table.contains("  adapters"), "{table}");
+        let json = to_json(&jobs);
+        assert!(json[0]["memory"]["gpu"]["device_bytes"].as_u64().unwrap() > 0);
+        // The shape is no part of a job's content.
+        let plain = SweepSpec::parse(YAML, "p.yaml").unwrap().expand();
+        assert_eq!(plain.iter().map(|j| &j.key).collect::<Vec<_>>(), jobs.iter().map(|j| &j.key).collect::<Vec<_>>());
+        assert!(to_table(&plain).contains("no memory prediction for m: m is not on this machine"));
+        let bad = YAML.replace(
+            "{name: m, path: m}",
+            "{name: m, path: m, shape: {layers: 0, hidden: 1, \
+            intermediate: 1, heads: 1, kv_heads: 1, head_dim: 1, vocab: 1}}",
+        );
+        let e = SweepSpec::parse(&bad, "p.yaml").unwrap_err().to_string();
+        assert!(e.contains("`models[0].shape`") && e.contains("`layers` is 0"), "{e}");
     }
 
     #[test]

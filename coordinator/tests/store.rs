@@ -421,6 +421,7 @@ async fn batches_answer_each_call_in_order(store: &dyn JobStore) {
         worker_id: worker.into(),
         held_models: held.iter().map(|m| m.to_string()).collect(),
         ttl_ms: TTL,
+        free_memory_bytes: None,
     };
     // Five requests, four jobs: affinity holds inside a batch, the fifth gets nothing.
     let requests =
@@ -456,6 +457,61 @@ async fn batches_answer_each_call_in_order(store: &dyn JobStore) {
     let events = store.events("two", 0, 100).await.unwrap();
     assert_eq!(events.iter().filter(|e| e.state == JobState::Leased).count(), 4);
     assert_eq!(events.iter().filter(|e| e.state == JobState::Succeeded).count(), 3);
+}
+
+/// A sweep of three cells of a 70B-shaped model (~128 GiB predicted on a GPU, bf16) and three of
+/// a tiny model, the big model's first in lease order.
+const BIG_AND_SMALL: &str = "name: mem\nmodels:\n\
+    - {name: big, path: big, shape: {layers: 80, hidden: 8192, intermediate: 28672, heads: 64, kv_heads: 8, \
+       head_dim: 128, vocab: 32000}}\n\
+    - {name: small, path: small, shape: {layers: 4, hidden: 64, intermediate: 128, heads: 4, kv_heads: 2, \
+       head_dim: 16, vocab: 320}}\n\
+    methods: [deepest]\nn: [1, 2, 3]\nbaseline: false\n";
+
+async fn a_job_too_big_for_a_worker_waits_for_a_bigger_one(store: &dyn JobStore) {
+    let spec = SweepSpec::parse(BIG_AND_SMALL, "mem.yaml").unwrap();
+    let planned = spec.expand();
+    let need = |model: &str| planned.iter().find(|j| j.spec.model.name == model).unwrap().memory.lease_bytes().unwrap();
+    let (big, small) = (need("big"), need("small"));
+    assert!(big > 100 << 30 && small < 2 << 30, "{big} {small}");
+    store.submit(&spec, &planned, T0).await.unwrap();
+    let ask = |worker: &str, free: Option<u64>| LeaseRequest {
+        worker_id: worker.into(),
+        held_models: Vec::new(),
+        ttl_ms: TTL,
+        free_memory_bytes: free,
+    };
+    let model = |l: &Option<LeasedJob>| l.as_ref().map(|l| l.job.spec.model.name.clone());
+    // Alone, a small worker skips the big model's jobs (first in order) for the small one's...
+    for worker in ["small-1", "small-2", "small-3"] {
+        let got = store.lease_batch(&[ask(worker, Some(small + (4 << 30)))], T0).await.unwrap();
+        assert_eq!(model(&got[0]).as_deref(), Some("small"));
+    }
+    // ...and then finds nothing it can hold, while the big jobs stay pending for it.
+    let got = store.lease_batch(&[ask("small-4", Some(small + (4 << 30)))], T0).await.unwrap();
+    assert!(got[0].is_none(), "{:?}", model(&got[0]));
+    assert_eq!(store.sweep("mem").await.unwrap().count(JobState::Pending), 3);
+    // A worker with room, and one that reports no free memory (no constraint), get big jobs.
+    let got = store.lease_batch(&[ask("h200", Some(big)), ask("unknown", None)], T0).await.unwrap();
+    assert_eq!(got.iter().map(model).collect::<Vec<_>>(), [Some("big".into()), Some("big".into())]);
+    let counts = store.sweep("mem").await.unwrap();
+    assert_eq!((counts.count(JobState::Pending), counts.count(JobState::Leased)), (1, 5));
+}
+
+async fn a_small_worker_batched_with_a_big_one_reads_its_own_candidates(store: &dyn JobStore) {
+    let spec = SweepSpec::parse(BIG_AND_SMALL, "mem.yaml").unwrap();
+    submit(store, &spec).await;
+    let ask = |worker: &str, free: u64| LeaseRequest {
+        worker_id: worker.into(),
+        held_models: Vec::new(),
+        ttl_ms: TTL,
+        free_memory_bytes: Some(free),
+    };
+    // The batch's candidates are the big worker's best two (both big); the small worker's job
+    // comes from its own read.
+    let got = store.lease_batch(&[ask("h200", 1 << 40), ask("small", 4 << 30)], T0).await.unwrap();
+    let models: Vec<_> = got.iter().map(|l| l.as_ref().map(|l| l.job.spec.model.name.clone())).collect();
+    assert_eq!(models, [Some("big".into()), Some("small".into())]);
 }
 
 async fn unknown_names_are_not_found(store: &dyn JobStore) {
@@ -515,5 +571,7 @@ both_backends!(
     concurrent_submits_make_one_sweep,
     concurrent_leases_never_share_a_job,
     batches_answer_each_call_in_order,
+    a_job_too_big_for_a_worker_waits_for_a_bigger_one,
+    a_small_worker_batched_with_a_big_one_reads_its_own_candidates,
     unknown_names_are_not_found,
 );

@@ -7,7 +7,8 @@
 //!
 //! Beside the generated code: [`vocabulary`], the enums' names in files and on the command line,
 //! [`defaults`], the one default of every setting a job carries, and [`client`], how a client
-//! (the CLI, a worker) connects: token, TLS, deadlines, keepalives.
+//! (the CLI, a worker) connects: token, TLS, deadlines, keepalives, and [`memory`], a job's
+//! predicted peak device and host memory from its model's shape (the plan shows it; leasing uses it).
 
 /// Version 1 of the contract: messages, enums, `*_client` and `*_server` modules.
 #[allow(missing_docs, clippy::all)]
@@ -17,6 +18,7 @@ pub mod v1 {
 
 pub mod client;
 pub mod defaults;
+pub mod memory;
 pub mod vocabulary;
 
 pub use vocabulary::Vocabulary;

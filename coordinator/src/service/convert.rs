@@ -6,7 +6,7 @@ use prunesweep_proto::Vocabulary;
 use tonic::Status;
 
 use crate::job::{JobKind, JobState, SweepState};
-use crate::spec::Amount;
+use crate::spec::{Amount, JobSpec};
 use crate::store::{
     Completion, DistanceRow, Heartbeat, JobResults, JobRow, Provenance, ResultValue, RunningJob, SweepCounts, Timing,
     WorkerRow,
@@ -162,14 +162,11 @@ fn distance(d: &DistanceRow) -> pb::Distance {
     pb::Distance { metric: metric as i32, n: d.n, l: d.l, value: d.value }
 }
 
-/// The job spec a worker runs: the stored spec, and the score job's distances for cells that need them.
-pub fn job_spec(job: &JobRow, distances: &[DistanceRow]) -> pb::JobSpec {
-    let s = &job.spec;
+/// A job's content as the contract's [`pb::JobSpec`], without the fields only a stored job has
+/// (id, sweep, key, distances): what the memory model reads.
+pub fn spec_to_pb(s: &JobSpec) -> pb::JobSpec {
     pb::JobSpec {
-        job_id: job.id,
-        sweep: job.sweep.clone(),
-        key: job.key.clone(),
-        kind: pb::JobKind::from(job.kind) as i32,
+        kind: pb::JobKind::from(s.kind) as i32,
         model: Some(pb::ModelRef {
             name: s.model.name.clone(),
             source: s.model.source.clone(),
@@ -185,8 +182,19 @@ pub fn job_spec(job: &JobRow, distances: &[DistanceRow]) -> pb::JobSpec {
         heal: s.heal.as_ref().map(pb::HealSpec::from),
         eval: s.eval.iter().map(pb::EvalTask::from).collect(),
         seed: s.seed.unwrap_or_default(),
-        distances: distances.iter().map(distance).collect(),
         spec_json: s.canonical_json(),
+        ..pb::JobSpec::default()
+    }
+}
+
+/// The job spec a worker runs: the stored spec, and the score job's distances for cells that need them.
+pub fn job_spec(job: &JobRow, distances: &[DistanceRow]) -> pb::JobSpec {
+    pb::JobSpec {
+        job_id: job.id,
+        sweep: job.sweep.clone(),
+        key: job.key.clone(),
+        distances: distances.iter().map(distance).collect(),
+        ..spec_to_pb(&job.spec)
     }
 }
 

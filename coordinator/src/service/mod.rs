@@ -4,7 +4,7 @@
 //! the work, and results become protobuf again ([`convert`] holds every conversion). Store errors
 //! become gRPC statuses through one `From<StoreError> for Status` that names every variant.
 
-mod convert;
+pub(crate) mod convert;
 pub mod limits;
 
 use std::pin::Pin;
@@ -356,8 +356,12 @@ impl pb::worker_service_server::WorkerService for Coordinator {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let request =
-                LeaseRequest { worker_id: req.worker_id.clone(), held_models: req.held_models.clone(), ttl_ms: ttl };
+            let request = LeaseRequest {
+                worker_id: req.worker_id.clone(),
+                held_models: req.held_models.clone(),
+                ttl_ms: ttl,
+                free_memory_bytes: req.free_memory_bytes,
+            };
             if let Some(leased) = self.metrics.time_store("lease", self.writes.lease(request)).await? {
                 tracing::debug!(job = leased.job.id, worker = %req.worker_id, "leased");
                 self.metrics.leased(&leased.lease_id, leased.job.kind);

@@ -19,11 +19,14 @@ pub trait Dialect: Database<Arguments: IntoArguments<Self>> {
 
     /// Lease candidates among the jobs of models a worker holds, best first, claimed by no
     /// concurrent transaction. `$1`: the pending state; `$2`: the models, a JSON array of strings;
-    /// `$3`: how many. Columns: `id, state, attempts, max_attempts`.
+    /// `$3`: how many; `$4`: the most predicted device memory a candidate may need (NULL: any;
+    /// a job without a prediction always qualifies). Columns: `id, state, attempts,
+    /// max_attempts, predicted_device_bytes`.
     const CANDIDATES_HELD: &'static str;
 
-    /// Lease candidates of any model, best first. `$1`: the pending state; `$2`: how many.
-    /// Columns: `id, state, attempts, max_attempts`.
+    /// Lease candidates of any model, best first. `$1`: the pending state; `$2`: how many; `$3`:
+    /// the most predicted device memory a candidate may need, as in [`Dialect::CANDIDATES_HELD`].
+    /// Columns: `id, state, attempts, max_attempts, predicted_device_bytes`.
     const CANDIDATES_ANY: &'static str;
 
     /// Jobs whose lease expired, in id order, claimed by no concurrent reaper. `$1`: the leased

@@ -236,6 +236,9 @@ pub struct LeaseRequest {
     pub held_models: Vec<String>,
     /// How long the lease lasts without a heartbeat.
     pub ttl_ms: i64,
+    /// The worker's free device memory now (bytes), if it reported it: jobs predicted to need
+    /// more are not leased to it. `None`: no constraint.
+    pub free_memory_bytes: Option<u64>,
 }
 
 /// A worker's registration.
@@ -409,7 +412,12 @@ pub trait JobStore: Send + Sync + 'static {
         ttl_ms: i64,
         now: i64,
     ) -> Result<Option<LeasedJob>, StoreError> {
-        let request = LeaseRequest { worker_id: worker_id.to_string(), held_models: held_models.to_vec(), ttl_ms };
+        let request = LeaseRequest {
+            worker_id: worker_id.to_string(),
+            held_models: held_models.to_vec(),
+            ttl_ms,
+            free_memory_bytes: None,
+        };
         Ok(self.lease_batch(std::slice::from_ref(&request), now).await?.pop().flatten())
     }
     /// Serve several lease requests in one transaction, in order: request `i` gets the `i`-th

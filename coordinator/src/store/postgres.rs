@@ -20,6 +20,7 @@ pub fn migrator() -> Migrator {
     migrations([
         ("init", include_str!("../../migrations/postgres/0001_init.sql")),
         ("heartbeat progress", include_str!("../../migrations/postgres/0002_heartbeat_progress.sql")),
+        ("predicted memory", include_str!("../../migrations/postgres/0003_predicted_memory.sql")),
     ])
 }
 
@@ -40,11 +41,14 @@ impl SqlStore<Postgres> {
 impl Dialect for Postgres {
     const LOCK: &'static str = " FOR UPDATE";
 
-    const CANDIDATES_HELD: &'static str = "SELECT id, state, attempts, max_attempts FROM jobs WHERE state = $1 \
-        AND model IN (SELECT jsonb_array_elements_text($2::jsonb)) ORDER BY priority DESC, id LIMIT $3 \
-        FOR UPDATE SKIP LOCKED";
+    const CANDIDATES_HELD: &'static str = "SELECT id, state, attempts, max_attempts, predicted_device_bytes \
+        FROM jobs WHERE state = $1 AND model IN (SELECT jsonb_array_elements_text($2::jsonb)) \
+        AND ($4::BIGINT IS NULL OR predicted_device_bytes IS NULL OR predicted_device_bytes <= $4::BIGINT) \
+        ORDER BY priority DESC, id LIMIT $3 FOR UPDATE SKIP LOCKED";
 
-    const CANDIDATES_ANY: &'static str = "SELECT id, state, attempts, max_attempts FROM jobs WHERE state = $1 \
+    const CANDIDATES_ANY: &'static str = "SELECT id, state, attempts, max_attempts, predicted_device_bytes \
+        FROM jobs WHERE state = $1 \
+        AND ($3::BIGINT IS NULL OR predicted_device_bytes IS NULL OR predicted_device_bytes <= $3::BIGINT) \
         ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED";
 
     const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, state, attempts, max_attempts, worker_id, lease_id \

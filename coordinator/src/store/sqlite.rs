@@ -24,6 +24,7 @@ pub fn migrator() -> Migrator {
     migrations([
         ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
         ("heartbeat progress", include_str!("../../migrations/sqlite/0002_heartbeat_progress.sql")),
+        ("predicted memory", include_str!("../../migrations/sqlite/0003_predicted_memory.sql")),
     ])
 }
 
@@ -52,11 +53,14 @@ impl SqlStore<Sqlite> {
 impl Dialect for Sqlite {
     const LOCK: &'static str = "";
 
-    const CANDIDATES_HELD: &'static str = "SELECT id, state, attempts, max_attempts FROM jobs WHERE state = $1 \
-        AND model IN (SELECT value FROM json_each($2)) ORDER BY priority DESC, id LIMIT $3";
+    const CANDIDATES_HELD: &'static str = "SELECT id, state, attempts, max_attempts, predicted_device_bytes \
+        FROM jobs WHERE state = $1 AND model IN (SELECT value FROM json_each($2)) \
+        AND ($4 IS NULL OR predicted_device_bytes IS NULL OR predicted_device_bytes <= $4) \
+        ORDER BY priority DESC, id LIMIT $3";
 
-    const CANDIDATES_ANY: &'static str =
-        "SELECT id, state, attempts, max_attempts FROM jobs WHERE state = $1 ORDER BY priority DESC, id LIMIT $2";
+    const CANDIDATES_ANY: &'static str = "SELECT id, state, attempts, max_attempts, predicted_device_bytes \
+        FROM jobs WHERE state = $1 AND ($3 IS NULL OR predicted_device_bytes IS NULL OR predicted_device_bytes <= $3) \
+        ORDER BY priority DESC, id LIMIT $2";
 
     const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, state, attempts, max_attempts, worker_id, lease_id \
         FROM jobs WHERE state = $1 AND lease_expires_at < $2 ORDER BY id";

@@ -9,9 +9,10 @@
 //! the healing data, the eval tasks' shots, limits, lengths and batch), so that the key says
 //! everything and the worker decides nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use prunesweep_proto::defaults;
+use prunesweep_proto::memory::{self, MemoryEstimate, ModelShape, Placement};
 use prunesweep_proto::v1::EvalTask;
 
 use super::validate::needs_scores;
@@ -28,6 +29,55 @@ pub struct PlannedJob {
     pub spec: JobSpec,
     /// Key of the score job this job waits for.
     pub depends_on: Option<String>,
+    /// Its predicted peak memory, or why there is none.
+    pub memory: JobMemory,
+}
+
+/// A job's predicted peak memory ([`memory::predict`]), or why there is none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobMemory {
+    /// Predicted on a CUDA worker and on a CPU worker (each in the model's dtype, or the device's
+    /// own: bf16 on CUDA, f32 on a CPU).
+    Predicted {
+        /// On a CUDA worker: device (GPU) and host.
+        gpu: MemoryEstimate,
+        /// On a CPU worker: the whole process.
+        cpu: MemoryEstimate,
+    },
+    /// No prediction (the model's shape is unknown here, or does not fit the model): the job
+    /// may go to any worker.
+    Unknown(String),
+}
+
+impl JobMemory {
+    /// The device bytes leasing compares with a worker's free memory: the CUDA prediction, since
+    /// sweeps run on GPU workers (a CPU worker needs the CPU figure, larger in f32, which
+    /// `coordinator plan` also shows). `None`: no constraint.
+    pub fn lease_bytes(&self) -> Option<u64> {
+        match self {
+            JobMemory::Predicted { gpu, .. } => Some(gpu.device_bytes),
+            JobMemory::Unknown(_) => None,
+        }
+    }
+}
+
+/// The prediction for one job on a model of `shape` (or why there is none).
+fn predict(spec: &JobSpec, shape: &Result<Option<ModelShape>, String>) -> JobMemory {
+    let shape = match shape {
+        Ok(Some(shape)) => shape,
+        Ok(None) => {
+            return JobMemory::Unknown(format!(
+                "{} is not on this machine: shape unknown (give `models[i].shape`)",
+                spec.model.source
+            ))
+        }
+        Err(e) => return JobMemory::Unknown(e.clone()),
+    };
+    let job = crate::service::convert::spec_to_pb(spec);
+    match (memory::predict(shape, &job, Placement::Cuda), memory::predict(shape, &job, Placement::Cpu)) {
+        (Ok(gpu), Ok(cpu)) => JobMemory::Predicted { gpu, cpu },
+        (Err(e), _) | (_, Err(e)) => JobMemory::Unknown(e.to_string()),
+    }
 }
 
 impl SweepSpec {
@@ -59,15 +109,37 @@ impl SweepSpec {
             .collect()
     }
 
+    /// Each model's shape by name: the sweep file's `shape`, else read from its location
+    /// ([`super::shape::read_shape`]; `Ok(None)` when this machine does not have it).
+    pub fn model_shapes(&self) -> HashMap<String, Result<Option<ModelShape>, String>> {
+        self.models
+            .iter()
+            .map(|m| {
+                let shape = match (&m.shape, m.path.as_deref().or(m.hf.as_deref())) {
+                    (Some(shape), _) => Ok(Some(*shape)),
+                    (None, Some(source)) => {
+                        super::shape::read_shape(source, m.revision.as_deref()).map_err(|e| e.to_string())
+                    }
+                    (None, None) => Ok(None),
+                };
+                (m.name.clone(), shape)
+            })
+            .collect()
+    }
+
     /// Expand into jobs: score jobs first, then baselines, then cells (the store keeps this order).
-    /// Duplicates (e.g. a fraction listed twice) collapse to one job.
+    /// Duplicates (e.g. a fraction listed twice) collapse to one job. Each job's peak memory is
+    /// predicted from its model's shape ([`SweepSpec::model_shapes`]).
     pub fn expand(&self) -> Vec<PlannedJob> {
         let mut jobs = Vec::new();
         let mut seen = HashSet::new();
+        let shapes = self.model_shapes();
         let mut push = |jobs: &mut Vec<PlannedJob>, spec: JobSpec, depends_on: Option<String>| {
             let key = spec.key();
             if seen.insert(key.clone()) {
-                jobs.push(PlannedJob { key, spec, depends_on });
+                let shape = shapes.get(&spec.model.name).cloned().unwrap_or(Ok(None));
+                let memory = predict(&spec, &shape);
+                jobs.push(PlannedJob { key, spec, depends_on, memory });
             }
         };
         let any_scored = self.methods.iter().any(|&m| needs_scores(m));

@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use prunesweep_proto::memory::ModelShape;
 use prunesweep_proto::v1::{
     AdapterTargets, CalibrationData, Dtype, EvalTaskKind, LrSchedule, PruneMethod, QLoraSettings,
 };
@@ -151,6 +152,11 @@ pub struct ModelSpec {
     /// CPU worker runs the GPU code path.
     #[serde(default)]
     pub dtype: Option<Dtype>,
+    /// The model's shape for the memory model (`{layers, hidden, intermediate, heads, kv_heads,
+    /// head_dim, vocab, tied_embeddings, gated_mlp}`), when the coordinator cannot read it from
+    /// the model's location (or should not); it changes no job's content or key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<ModelShape>,
 }
 
 /// Calibration data for scoring. Also the stored job spec's calibration, every field resolved.

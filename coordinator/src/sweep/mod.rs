@@ -3,7 +3,8 @@
 //! - [`file`]: the schema a person writes (serde; unknown keys rejected, fixed defaults filled);
 //! - [`validate`]: the checks serde cannot make, each naming its field;
 //! - [`expand`]: the validated sweep → [`PlannedJob`]s, every setting resolved into the
-//!   [`JobSpec`](crate::spec::JobSpec) and so into the key.
+//!   [`JobSpec`](crate::spec::JobSpec) and so into the key, each with its predicted peak memory
+//!   ([`JobMemory`]) where the model's shape is known ([`shape`]).
 //!
 //! [`SweepSpec::parse`] runs the first two with serde-saphyr (budgets on; every error names the
 //! line/column and the field); submitting the same file again adds nothing and an extended file
@@ -12,9 +13,10 @@
 mod expand;
 mod file;
 mod limits;
+pub mod shape;
 mod validate;
 
-pub use expand::PlannedJob;
+pub use expand::{JobMemory, PlannedJob};
 pub use file::{
     CalibrationSpec, EvalTaskSpec, Fraction, HealVariant, ModelSpec, QLoraSpec, SweepName, SweepSpec, TargetModules,
 };

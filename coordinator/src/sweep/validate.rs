@@ -82,6 +82,9 @@ impl SweepSpec {
                 }
                 _ => {}
             }
+            if let Some(shape) = &m.shape {
+                shape.validate().map_err(|e| check.invalid(format!("{field}.shape"), e.to_string()))?;
+            }
             if m.revision.is_some() && m.hf.is_none() {
                 return Err(check.invalid(format!("{field}.revision"), "only applies to `hf` models"));
             }

@@ -4,6 +4,13 @@
 //! models, then for anyone, are read (and locked on Postgres, skipping rows another transaction
 //! holds); jobs are assigned to requests in order here; one `UPDATE` leases them all; one
 //! `INSERT` logs it. Cells that choose layers by score then read their score job's table.
+//!
+//! Memory: a job with a predicted peak (`predicted_device_bytes`, the memory model's) goes only
+//! to a worker whose reported free memory holds it. The candidate queries skip jobs larger than
+//! the largest free memory among the requests they serve, and assignment gives each request the
+//! first candidate that fits it; a request left without one because the candidates read were all
+//! too large for it (a small worker in a batch with big ones) reads its own candidates, bounded by
+//! its own free memory — one more query, only then.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -21,6 +28,27 @@ use crate::store::{DistanceRow, JobRow, LeaseRequest, LeasedJob, StoreError};
 struct Candidate {
     id: i64,
     status: JobStatus,
+    /// Its predicted peak device memory, if known.
+    need: Option<i64>,
+}
+
+impl Candidate {
+    /// Whether a worker with `free` bytes of free memory may take it (unknown on either side:
+    /// yes).
+    fn fits(&self, free: Option<u64>) -> bool {
+        match (self.need, free) {
+            (Some(need), Some(free)) => u64::try_from(need).map_or(true, |need| need <= free),
+            _ => true,
+        }
+    }
+}
+
+/// The bound a candidate query serving `requests` uses: the largest free memory among them, or
+/// none when one of them reported none.
+fn memory_bound<'r>(mut requests: impl Iterator<Item = &'r LeaseRequest>) -> Option<i64> {
+    requests
+        .try_fold(0u64, |most, r| r.free_memory_bytes.map(|f| most.max(f)))
+        .map(|b| i64::try_from(b).unwrap_or(i64::MAX))
 }
 
 /// A candidate given to request `request` under a new lease.
@@ -38,19 +66,25 @@ fn assign_held(requests: &[LeaseRequest], held: &HashMap<&[String], Vec<Candidat
     requests
         .iter()
         .map(|r| {
-            let c = held.get(r.held_models.as_slice())?.iter().find(|c| !taken.contains(&c.id))?;
+            let c = held
+                .get(r.held_models.as_slice())?
+                .iter()
+                .find(|c| !taken.contains(&c.id) && c.fits(r.free_memory_bytes))?;
             taken.insert(c.id);
             Some(*c)
         })
         .collect()
 }
 
-/// Give the requests still without a job the best candidates of any model not already assigned.
-fn fill_from_any(assigned: &mut [Option<Candidate>], any: Vec<Candidate>) {
-    let taken: HashSet<i64> = assigned.iter().flatten().map(|c| c.id).collect();
-    let mut any = any.into_iter().filter(|c| !taken.contains(&c.id));
-    for slot in assigned.iter_mut().filter(|a| a.is_none()) {
-        *slot = any.next();
+/// Give the requests still without a job, in order, the best candidate of any model not already
+/// assigned that fits each.
+fn fill_from_any(requests: &[LeaseRequest], assigned: &mut [Option<Candidate>], any: &[Candidate]) {
+    let mut taken: HashSet<i64> = assigned.iter().flatten().map(|c| c.id).collect();
+    for (slot, request) in assigned.iter_mut().zip(requests).filter(|(a, _)| a.is_none()) {
+        *slot = any.iter().find(|c| !taken.contains(&c.id) && c.fits(request.free_memory_bytes)).copied();
+        if let Some(c) = slot {
+            taken.insert(c.id);
+        }
     }
 }
 
@@ -77,15 +111,28 @@ where
                 continue;
             }
             let wanted = requests.iter().filter(|r| r.held_models == models).count();
+            let bound = memory_bound(requests.iter().filter(|r| r.held_models == models));
             let json = serde_json::to_string(models).expect("strings serialize");
-            held.insert(models, self.candidates(DB::CANDIDATES_HELD, Some(json), wanted).await?);
+            held.insert(models, self.candidates(DB::CANDIDATES_HELD, Some(json), wanted, bound).await?);
         }
         let mut assigned = assign_held(requests, &held);
         let unassigned = assigned.iter().filter(|a| a.is_none()).count();
         if unassigned > 0 {
             // One per request: jobs assigned above may come back among the best, and are skipped.
-            let any = self.candidates(DB::CANDIDATES_ANY, None, requests.len()).await?;
-            fill_from_any(&mut assigned, any);
+            let waiting = requests.iter().zip(&assigned).filter(|(_, a)| a.is_none()).map(|(r, _)| r);
+            let any = self.candidates(DB::CANDIDATES_ANY, None, requests.len(), memory_bound(waiting)).await?;
+            fill_from_any(requests, &mut assigned, &any);
+            // A request whose free memory none of the candidates read fits reads its own.
+            for (i, request) in requests.iter().enumerate() {
+                let Some(free) = request.free_memory_bytes else { continue };
+                if assigned[i].is_some() || !any.iter().any(|c| !c.fits(Some(free))) {
+                    continue;
+                }
+                let taken: HashSet<i64> = assigned.iter().flatten().map(|c| c.id).collect();
+                let bound = Some(i64::try_from(free).unwrap_or(i64::MAX));
+                let own = self.candidates(DB::CANDIDATES_ANY, None, taken.len() + 1, bound).await?;
+                assigned[i] = own.into_iter().find(|c| !taken.contains(&c.id));
+            }
         }
         let mut claims = Vec::new();
         for (request, candidate) in assigned.iter().enumerate() {
@@ -121,19 +168,29 @@ where
     }
 
     /// Up to `limit` candidates from `sql` ([`Dialect::CANDIDATES_HELD`] with the held models'
-    /// JSON, or [`Dialect::CANDIDATES_ANY`]).
+    /// JSON, or [`Dialect::CANDIDATES_ANY`]) predicted to need at most `bound` bytes (or not
+    /// predicted).
     async fn candidates(
         &mut self,
         sql: &'static str,
         models: Option<String>,
         limit: usize,
+        bound: Option<i64>,
     ) -> Result<Vec<Candidate>, StoreError> {
         let mut query = sqlx::query(sql).bind(JobState::Pending.as_str());
         if let Some(models) = models {
             query = query.bind(models);
         }
-        let rows = query.bind(limit as i64).fetch_all(self.conn()).await?;
-        rows.iter().map(|row| Ok(Candidate { id: row.try_get("id")?, status: Self::status_from_row(row)? })).collect()
+        let rows = query.bind(limit as i64).bind(bound).fetch_all(self.conn()).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Candidate {
+                    id: row.try_get("id")?,
+                    status: Self::status_from_row(row)?,
+                    need: row.try_get("predicted_device_bytes")?,
+                })
+            })
+            .collect()
     }
 
     /// Lease the claimed jobs in one `UPDATE`; returns each leased row with its sweep id.

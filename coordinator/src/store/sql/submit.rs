@@ -150,7 +150,8 @@ where
     ) -> Result<Option<i64>, StoreError> {
         let row = sqlx::query(
             "INSERT INTO jobs (sweep_id, key, kind, model, spec, state, attempts, max_attempts, priority, \
-             depends_on, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+             depends_on, created_at, updated_at, predicted_device_bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12) \
              ON CONFLICT (sweep_id, key) DO NOTHING RETURNING id",
         )
         .bind(sweep_id)
@@ -164,6 +165,7 @@ where
         .bind(i64::from(spec.priority))
         .bind(depends_on)
         .bind(now)
+        .bind(job.memory.lease_bytes().map(|b| i64::try_from(b).unwrap_or(i64::MAX)))
         .fetch_optional(self.conn())
         .await?;
         Ok(row.map(|row| row.try_get("id")).transpose()?)

@@ -1,0 +1,547 @@
+//! The memory model: a job's predicted peak device and host memory, from the model's shape and
+//! the job's settings, without loading anything.
+//!
+//! Shared by the coordinator (`coordinator plan` shows it; leasing gives a job only to a worker
+//! whose reported free memory holds it) and the worker. It describes what `worker serve`'s job
+//! pipeline (`worker/src/serve/pipeline.rs`) holds, phase by phase:
+//!
+//! - **load**: the whole model, dense, in its dtype (f32 on a CPU, bf16 on CUDA), kept after the
+//!   job for the next one of the same model;
+//! - **score**: the dense model plus one calibration batch's forward pass — or, when that is
+//!   larger, the layer-streamed pass the worker switches to (one layer plus every batch's residual
+//!   stream), whichever is smaller;
+//! - **heal**: the dense model (still held), plus the kept layers' projections again in NF4 (a
+//!   QLoRA base is a copy: the dense model stays loaded), the adapters with their gradients and
+//!   AdamW moments (f32), and one micro-batch's training activations with per-block recomputation
+//!   (the worker's default, `HealConfig::recompute`): every block's input kept, one block's graph
+//!   at a time, and the logits with their gradient;
+//! - **eval**: the model as healing left it (NF4 base and adapters, moments dropped) plus one
+//!   evaluation batch's forward pass, its scored logits and, for MMLU, the few-shot prefix's
+//!   key/value cache.
+//!
+//! The peak is the largest phase. Every term below says where its number comes from; the ones
+//! that are not counted from the shapes (the process's own resident memory, the per-block
+//! activation counts, the assumed prompt lengths of tasks without a `seq_len`) are constants here,
+//! each with the measurement or assumption behind it. On a CPU worker device and host are the same
+//! memory, so both figures are the whole process; on CUDA the host figure is the process's own
+//! memory plus what passes through the host while loading.
+
+use serde::{Deserialize, Serialize};
+
+use crate::v1::{AdapterTargets, Dtype, EvalTask, EvalTaskKind, JobKind, JobSpec};
+
+/// A decoder's shape: what the memory model needs to know of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShape {
+    /// Decoder blocks (`num_hidden_layers`).
+    pub layers: u32,
+    /// Residual width (`hidden_size`).
+    pub hidden: u32,
+    /// Feed-forward width (`intermediate_size`).
+    pub intermediate: u32,
+    /// Query heads (`num_attention_heads`).
+    pub heads: u32,
+    /// Key/value heads (`num_key_value_heads`; = `heads` without grouped-query attention).
+    pub kv_heads: u32,
+    /// Width of one head (`head_dim`, usually `hidden / heads`).
+    pub head_dim: u32,
+    /// Vocabulary size.
+    pub vocab: u32,
+    /// Whether the LM head is the embedding matrix (`tie_word_embeddings`).
+    #[serde(default)]
+    pub tied_embeddings: bool,
+    /// Whether the MLP is gated (gate, up, down: every family but Phi-2, whose fc1/fc2 are two).
+    #[serde(default = "gated_by_default")]
+    pub gated_mlp: bool,
+}
+
+fn gated_by_default() -> bool {
+    true
+}
+
+impl ModelShape {
+    /// One block's projections as (rows, columns): q, k, v, o, then gate, up, down (fc1, fc2
+    /// without a gated MLP).
+    pub fn block_projections(&self) -> Vec<(u64, u64)> {
+        let (h, i) = (u64::from(self.hidden), u64::from(self.intermediate));
+        let (q, kv) = (self.q_width(), self.kv_width());
+        let mut out = vec![(q, h), (kv, h), (kv, h), (h, q)];
+        if self.gated_mlp {
+            out.push((i, h));
+        }
+        out.extend([(i, h), (h, i)]);
+        out
+    }
+
+    /// Parameters of one block's projections.
+    pub fn block_projection_params(&self) -> u64 {
+        self.block_projections().iter().map(|(r, c)| r * c).sum()
+    }
+
+    /// Parameters of the whole model: embedding, blocks (projections and two norms), final norm,
+    /// and the LM head unless tied.
+    pub fn params(&self) -> u64 {
+        let (h, v) = (u64::from(self.hidden), u64::from(self.vocab));
+        let head = if self.tied_embeddings { 0 } else { v * h };
+        v * h + head + h + u64::from(self.layers) * (self.block_projection_params() + 2 * h)
+    }
+
+    fn q_width(&self) -> u64 {
+        u64::from(self.heads) * u64::from(self.head_dim)
+    }
+
+    fn kv_width(&self) -> u64 {
+        u64::from(self.kv_heads) * u64::from(self.head_dim)
+    }
+
+    /// The checks a shape from a config file or a sweep file must pass.
+    pub fn validate(&self) -> Result<(), MemoryError> {
+        let fields = [
+            ("layers", self.layers),
+            ("hidden", self.hidden),
+            ("intermediate", self.intermediate),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab", self.vocab),
+        ];
+        if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
+            return Err(MemoryError::Shape(format!("`{name}` is 0; every dimension of a model shape is positive")));
+        }
+        if self.heads % self.kv_heads != 0 {
+            return Err(MemoryError::Shape(format!(
+                "`heads` ({}) is not a multiple of `kv_heads` ({})",
+                self.heads, self.kv_heads
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a prediction cannot be made from.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MemoryError {
+    /// The shape is inconsistent (a zero dimension, heads not a multiple of kv heads).
+    #[error("model shape: {0}")]
+    Shape(String),
+    /// A LoRA target module the memory model does not know the dimensions of.
+    #[error(
+        "adapter target `{0}` is not a module the memory model knows (q_proj, k_proj, v_proj, o_proj, gate_proj, \
+         up_proj, down_proj, qkv_proj, gate_up_proj, dense, fc1, fc2)"
+    )]
+    UnknownModule(String),
+}
+
+/// Where a job runs: the worker's device kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// A CPU worker: device memory is host memory; the default dtype is f32.
+    Cpu,
+    /// A CUDA worker: weights and activations on the GPU; the default dtype is bf16.
+    Cuda,
+}
+
+/// A job's predicted peak memory, and what it is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryEstimate {
+    /// Peak bytes on the device (the whole process's on a CPU worker).
+    pub device_bytes: u64,
+    /// Peak bytes of host memory (the same as `device_bytes` on a CPU worker).
+    pub host_bytes: u64,
+    /// The phase the device peak falls in (`load`, `score`, `score-streamed`, `heal`, `eval`).
+    pub phase: &'static str,
+    /// The device peak's parts, largest first by construction order: (part, bytes).
+    pub parts: Vec<(&'static str, u64)>,
+}
+
+/// The worker process's own resident memory on a CPU: its binary and libraries, the thread pools,
+/// the tokenizer and the data it reads. Measured: `worker serve` running a tiny-llama heal cell
+/// (weights under 1 MiB) peaks at 29–31 MiB, of which ~4 MiB are its model, activations and
+/// allocator slack as counted here (`worker/tests/memory.rs`, `results/memory-model.txt`).
+pub const CPU_RUNTIME_BYTES: u64 = 26 << 20;
+
+/// The same on a CUDA worker's host side, where the CUDA runtime and cuBLAS libraries are also
+/// mapped. Not measured here (no GPU in CI); an allowance of 1 GiB.
+pub const CUDA_HOST_RUNTIME_BYTES: u64 = 1 << 30;
+
+/// A CUDA worker's device memory outside tensors: the context and cuBLAS workspaces. Not measured
+/// here (no GPU in CI); NVIDIA's contexts take a few hundred MiB, so an allowance of 1 GiB.
+pub const CUDA_CONTEXT_BYTES: u64 = 1 << 30;
+
+/// Assumed prompt length of a BoolQ question (passage + question), tokens: BoolQ passages average
+/// ~110 words, and long ones reach a few hundred; padded batches are as wide as their longest.
+pub const BOOLQ_TOKENS: u64 = 512;
+
+/// Assumed length of one MMLU few-shot example (a dev question, its four choices and the answer),
+/// tokens; the prefix of a k-shot prompt is about `k` of these.
+pub const MMLU_SHOT_TOKENS: u64 = 200;
+
+/// Assumed length of one MMLU question with its choices (and, for cloze, its longest choice).
+pub const MMLU_QUESTION_TOKENS: u64 = 256;
+
+/// Bytes of one value in a dtype.
+fn width(dtype: Dtype, placement: Placement) -> u64 {
+    match (dtype, placement) {
+        (Dtype::F32, _) | (Dtype::Unspecified, Placement::Cpu) => 4,
+        (Dtype::Bf16, _) | (Dtype::Unspecified, Placement::Cuda) => 2,
+    }
+}
+
+/// NF4 bytes of an `n`-parameter matrix, counted as `model/nf4.rs` stores it: 4-bit codes (two
+/// per byte), one int8 absmax per block of 64, one f32 scale per group of 256 absmax values, and
+/// one f32 mean: ≈ 0.516 bytes per parameter.
+pub fn nf4_bytes(n: u64) -> u64 {
+    let blocks = n.div_ceil(64);
+    n.div_ceil(2) + blocks + 4 * blocks.div_ceil(256) + 4
+}
+
+/// Per-token activation counts of one block's autograd graph while training, in units of the
+/// widths named (hidden, intermediate, and attention scores per head and key), counted from the
+/// ops `decoder.rs` records: the block input's norm, q/k/v and their rotated copies, the attention
+/// output and o, the residual sum, the second norm, gate, up, SiLU(gate)·up, down and the second
+/// residual sum, plus the adapters' dropout copies; the backward pass holds about as many
+/// gradients again while it walks the block. So: hidden-wide ~12, intermediate-wide ~6 (gate, up,
+/// their product, SiLU, and two gradients).
+const GRAPH_HIDDEN: u64 = 12;
+/// See [`GRAPH_HIDDEN`].
+const GRAPH_INTERMEDIATE: u64 = 6;
+/// Copies of one block's attention scores `[mb, heads, T, T]` alive at the training peak. Fitted,
+/// not counted: `worker heal` (recomputation on, micro-batch 4, r 8 on the FFN) on a random
+/// 16-layer llama of width 256 with 8 heads peaks at 156, 308, 750 and 2,283 MiB at T = 128, 256,
+/// 512, 1024 (`/usr/bin/time`, `results/memory-model.txt`); the part growing as T² is 1.5–1.7 KB
+/// per T², 12–13 f32 copies of the scores (the scaled scores, the mask added, the softmax and its
+/// temporaries, dropout, and their gradients in the backward pass).
+///
+/// That is the stock-op path, which CUDA and bf16 run; the CPU's f32 path replaced it with one
+/// chunked op after the fit (see [`CHUNKED_SCORE_COPIES`]).
+const GRAPH_SCORES: u64 = 13;
+
+/// Copies of one chunk of scores alive in the CPU's chunked training attention
+/// (`TrainedAttention` in `model/attention.rs`): the scores, the probabilities, their gradient and
+/// the scores' gradient, one chunk (at most `SCORES_PER_CHUNK` values) at a time.
+const CHUNKED_SCORE_COPIES: u64 = 4;
+
+/// What the allocator holds beyond the live tensors, as a share of a phase's transient bytes
+/// (activations and logits): the per-block graphs of recomputation and the evaluation batches
+/// are allocated and freed over and over, and glibc's per-thread arenas keep some of what was
+/// freed. Fitted, in percent, on the CPU runs of `worker/tests/memory.rs` (SmolLM2 and the two
+/// random llamas), whose peaks sat 0–22% above the live bytes counted here; the 70B-shaped run
+/// (item 5) was not used to fit it.
+const ALLOCATOR_SLACK_PERCENT: u64 = 20;
+
+/// Per-token widths held during an inference forward pass (no graph) at its widest point, inside
+/// one block: the residual stream, its norm, the attention output, o's output and the sum
+/// (hidden-wide, ~5), q/k/v twice (before and after rotation), and gate, up and their product
+/// (intermediate-wide, 3).
+const FORWARD_HIDDEN: u64 = 5;
+/// See [`FORWARD_HIDDEN`].
+const FORWARD_INTERMEDIATE: u64 = 3;
+/// Attention scores computed at once per query chunk during inference, at most
+/// (`SCORES_PER_CHUNK` in `model/attention.rs`, 2 Mi values); held with their masked softmax.
+const INFERENCE_SCORE_VALUES: u64 = 2 << 20;
+
+/// Adapter parameters of one block: `r · (in + out)` per adapted module.
+fn adapter_params_per_block(
+    shape: &ModelShape,
+    targets: AdapterTargets,
+    modules: &[String],
+    rank: u64,
+) -> Result<u64, MemoryError> {
+    let (h, i) = (u64::from(shape.hidden), u64::from(shape.intermediate));
+    let (q, kv) = (shape.q_width(), shape.kv_width());
+    let dims = |name: &str| -> Result<(u64, u64), MemoryError> {
+        Ok(match name {
+            "q_proj" => (h, q),
+            "k_proj" | "v_proj" => (h, kv),
+            "o_proj" | "dense" => (q, h),
+            "gate_proj" | "up_proj" | "fc1" => (h, i),
+            "down_proj" | "fc2" => (i, h),
+            // Fused modules share one A across their parts (PEFT's layout).
+            "qkv_proj" => (h, q + 2 * kv),
+            "gate_up_proj" => (h, 2 * i),
+            other => return Err(MemoryError::UnknownModule(other.to_string())),
+        })
+    };
+    const FFN: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+    const ATTENTION: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+    let names: Vec<&str> = match targets {
+        AdapterTargets::Ffn => FFN.to_vec(),
+        AdapterTargets::Attention => ATTENTION.to_vec(),
+        AdapterTargets::AllLinear | AdapterTargets::Unspecified => ATTENTION.iter().chain(&FFN).copied().collect(),
+        AdapterTargets::Modules => modules.iter().map(String::as_str).collect(),
+    };
+    names.iter().try_fold(0, |sum, name| dims(name).map(|(a, b)| sum + rank * (a + b)))
+}
+
+/// Layers a cell drops: `round(fraction · L)` or `n` (the worker's rule, `prune.rs`).
+fn dropped_layers(job: &JobSpec, layers: u32) -> u64 {
+    use crate::v1::job_spec::Amount;
+    match job.amount {
+        Some(Amount::Fraction(f)) => (f * f64::from(layers)).round() as u64,
+        Some(Amount::N(n)) => u64::from(n),
+        None => 0,
+    }
+    .min(u64::from(layers))
+}
+
+/// One inference forward pass of `rows` sequences of `tokens` after `prefix` cached ones (no
+/// graph): the widest point inside a block ([`FORWARD_HIDDEN`], [`FORWARD_INTERMEDIATE`], q/k/v
+/// twice, one chunk of scores and its softmax).
+fn forward_bytes(shape: &ModelShape, rows: u64, tokens: u64, prefix: u64, e: u64) -> u64 {
+    let (h, i) = (u64::from(shape.hidden), u64::from(shape.intermediate));
+    let qkv = shape.q_width() + 2 * shape.kv_width();
+    let scores = (rows * u64::from(shape.heads) * tokens * (prefix + tokens)).min(INFERENCE_SCORE_VALUES);
+    rows * tokens * (FORWARD_HIDDEN * h + FORWARD_INTERMEDIATE * i + 2 * qkv) * e + 2 * scores * e
+}
+
+/// An evaluation task's forward pass, scored logits and key/value cache: `(activations, logits,
+/// kv cache)` bytes.
+fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64) -> (u64, u64, u64) {
+    let batch = u64::from(task.batch_size.max(1));
+    let v = u64::from(shape.vocab);
+    let kind = EvalTaskKind::try_from(task.kind).unwrap_or(EvalTaskKind::Unspecified);
+    match kind {
+        // Every position is scored: logits `[B·T, V]` and their log-softmax (`eval/mod.rs`).
+        EvalTaskKind::C4Loss => {
+            let t = u64::from(task.seq_len.unwrap_or(crate::defaults::C4_LOSS_SEQ_LEN));
+            (forward_bytes(shape, batch, t, 0, e), 2 * batch * t * v * e, 0)
+        }
+        // The few-shot prefix runs once and its keys/values (every layer, k and v) are shared by
+        // the batch's questions, which run packed end to end after it; one position per question
+        // is scored.
+        EvalTaskKind::Mmlu | EvalTaskKind::MmluCloze => {
+            let shots = u64::from(task.shots.unwrap_or(if kind == EvalTaskKind::Mmlu { 5 } else { 0 }));
+            let prefix = 64 + shots * MMLU_SHOT_TOKENS;
+            let kv = layers * 2 * prefix * shape.kv_width() * e;
+            let packed = batch * MMLU_QUESTION_TOKENS;
+            // Letter: one scored position per question; cloze: each choice's continuation.
+            let scored = if kind == EvalTaskKind::Mmlu { batch } else { batch * 4 * 16 };
+            (forward_bytes(shape, 1, packed, prefix, e), 2 * scored * v * e, kv)
+        }
+        EvalTaskKind::Boolq | EvalTaskKind::Unspecified => {
+            (forward_bytes(shape, batch, BOOLQ_TOKENS, 0, e), 2 * batch * v * e, 0)
+        }
+    }
+}
+
+/// A phase's parts, summed.
+struct Phase {
+    name: &'static str,
+    parts: Vec<(&'static str, u64)>,
+}
+
+impl Phase {
+    fn total(&self) -> u64 {
+        self.parts.iter().map(|p| p.1).sum()
+    }
+}
+
+/// The peak device and host memory of `job` on a model of `shape`, run on `placement`. A job
+/// with `dtype` unset computes in the placement's own (f32 on a CPU, bf16 on CUDA).
+pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Result<MemoryEstimate, MemoryError> {
+    shape.validate()?;
+    let dtype = job.model.as_ref().map_or(Dtype::Unspecified, |m| m.dtype());
+    let e = width(dtype, placement);
+    let (h, i, v) = (u64::from(shape.hidden), u64::from(shape.intermediate), u64::from(shape.vocab));
+    let layers = u64::from(shape.layers);
+    let overhead = match placement {
+        Placement::Cpu => ("runtime", CPU_RUNTIME_BYTES),
+        Placement::Cuda => ("cuda context", CUDA_CONTEXT_BYTES),
+    };
+    // The dense model, every layer, in the compute dtype (loaded once, kept between jobs).
+    let weights = ("weights", shape.params() * e);
+    let mut phases = vec![Phase { name: "load", parts: vec![overhead, weights] }];
+    let kind = JobKind::try_from(job.kind).unwrap_or(JobKind::Unspecified);
+    if kind == JobKind::Score {
+        let c = job.calibration.clone().unwrap_or_default();
+        let (samples, t) = (u64::from(c.samples), u64::from(c.seq_len));
+        let batch = u64::from(c.batch_size.max(1)).min(samples.max(1));
+        // Loaded: one batch's forward pass, plus the previous residual state (Block Influence).
+        let forward = forward_bytes(shape, batch, t, 0, e) + batch * t * h * e;
+        let slack = ("allocator", forward * ALLOCATOR_SLACK_PERCENT / 100);
+        let loaded = Phase { name: "score", parts: vec![overhead, weights, ("activations", forward), slack] };
+        // Streamed (`model/streamed.rs`, which the worker picks when the model does not fit): the
+        // embedding, one block, and every batch's residual stream twice (entering and leaving it).
+        let one_block = (shape.block_projection_params() + 2 * h) * e;
+        let streamed = Phase {
+            name: "score-streamed",
+            parts: vec![
+                overhead,
+                ("weights", v * h * e + one_block),
+                ("activations", 2 * samples * t * h * e + forward),
+                slack,
+            ],
+        };
+        if streamed.total() < loaded.total() {
+            phases = vec![streamed];
+        } else {
+            phases.push(loaded);
+        }
+    }
+    let kept = layers - dropped_layers(job, shape.layers);
+    let mut resident = vec![overhead, weights];
+    // Host memory beyond the runtime that a phase holds (the training ids).
+    let mut host_data = 0;
+    if let Some(q) = job.heal.as_ref().and_then(|h| h.qlora.as_ref()) {
+        let (mb, t, rank) = (u64::from(q.micro_batch_size.max(1)), u64::from(q.seq_len), u64::from(q.rank));
+        let nf4 = if q.quantize_base {
+            kept * shape.block_projections().iter().map(|(r, c)| nf4_bytes(r * c)).sum::<u64>()
+        } else {
+            0
+        };
+        let targets = AdapterTargets::try_from(q.targets).unwrap_or(AdapterTargets::Unspecified);
+        let adapter_params = kept * adapter_params_per_block(shape, targets, &q.target_modules, rank)?;
+        // Adapters, gradient sums, one micro-batch's gradients, AdamW's m and v: five f32 copies.
+        let adapters = 5 * 4 * adapter_params;
+        // Recomputation: each kept block's input, the gradient flowing down, one block's graph.
+        let scores = mb * u64::from(shape.heads) * t * t;
+        let scores = if placement == Placement::Cpu && e == 4 {
+            // The CPU's f32 path trains attention as one op (`TrainedAttention`): it keeps no
+            // scores, and its backward pass recomputes them a chunk of queries at a time.
+            CHUNKED_SCORE_COPIES * scores.min(INFERENCE_SCORE_VALUES)
+        } else {
+            GRAPH_SCORES * scores
+        };
+        let graph = mb * t * (GRAPH_HIDDEN * h + GRAPH_INTERMEDIATE * i) * e + scores * e;
+        let activations = (kept + 1) * mb * t * h * e + graph;
+        // Logits `[mb, T, V]` and their gradient, in f32 (the fused cross-entropy on a CPU); off
+        // the CPU candle-nn's composed loss makes about ten temporaries of that size.
+        let logits = match placement {
+            Placement::Cpu if e == 4 => 2 * mb * t * v * 4,
+            _ => 10 * mb * t * v * e,
+        };
+        if nf4 > 0 {
+            resident.push(("nf4 base", nf4));
+            // Each product with an NF4 weight decodes it first (`model/frozen.rs`): on a CPU in
+            // f32 the whole matrix at once, the largest projection; elsewhere tile by tile, at
+            // most `TILE_VALUES` (16 Mi) values in the compute dtype.
+            let largest = shape.block_projections().iter().map(|(r, c)| r * c).max().unwrap_or(0);
+            let tile = if placement == Placement::Cpu && e == 4 { largest * 4 } else { largest.min(1 << 24) * e };
+            resident.push(("nf4 decode", tile));
+        }
+        let mut parts = resident.clone();
+        let slack = (activations + logits) * ALLOCATOR_SLACK_PERCENT / 100;
+        parts.extend([("adapters", adapters), ("activations", activations), ("logits", logits), ("allocator", slack)]);
+        // The packed training ids, every update's (`heal/packing.rs`), as u32, in host memory.
+        host_data = u64::from(q.steps) * u64::from(q.batch_size) * t * 4;
+        if placement == Placement::Cpu {
+            parts.push(("data", host_data));
+        }
+        phases.push(Phase { name: "heal", parts });
+        resident.push(("adapters", 4 * adapter_params));
+    }
+    for task in &job.eval {
+        let (activations, logits, kv) = eval_bytes(shape, task, kept, e);
+        let mut parts = resident.clone();
+        let slack = (activations + logits + kv) * ALLOCATOR_SLACK_PERCENT / 100;
+        parts.extend([("activations", activations), ("logits", logits), ("allocator", slack)]);
+        if kv > 0 {
+            parts.push(("kv cache", kv));
+        }
+        phases.push(Phase { name: "eval", parts });
+    }
+    let peak = phases.into_iter().max_by_key(Phase::total).expect("the load phase is always there");
+    let device_bytes = peak.total();
+    let host_bytes = match placement {
+        Placement::Cpu => device_bytes,
+        // Loading passes one tensor at a time through the host: at most the embedding (or the
+        // largest projection), in the file's precision (assumed the compute dtype's); healing
+        // keeps its training ids there. (A GGUF file is dequantized whole in host memory first:
+        // not counted; GGUF checkpoints are small models.)
+        Placement::Cuda => CUDA_HOST_RUNTIME_BYTES + (v * h).max(h * i) * e + host_data,
+    };
+    Ok(MemoryEstimate { device_bytes, host_bytes, phase: peak.name, parts: peak.parts })
+}
+
+/// `bytes` in GiB with two decimals, as the plan and the logs print it.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::{CalibrationData, HealSpec, ModelRef, QLoraSettings};
+
+    /// Llama-2-70B (`config.json` of meta-llama/Llama-2-70b-hf).
+    const LLAMA2_70B: ModelShape = ModelShape {
+        layers: 80,
+        hidden: 8192,
+        intermediate: 28672,
+        heads: 64,
+        kv_heads: 8,
+        head_dim: 128,
+        vocab: 32000,
+        tied_embeddings: false,
+        gated_mlp: true,
+    };
+
+    fn cell(q: QLoraSettings) -> JobSpec {
+        JobSpec {
+            kind: JobKind::Cell as i32,
+            model: Some(ModelRef::default()),
+            amount: Some(crate::v1::job_spec::Amount::Fraction(0.25)),
+            heal: Some(HealSpec { name: "r64".into(), qlora: Some(q) }),
+            eval: vec![EvalTask::with_defaults(EvalTaskKind::Mmlu, "mmlu")],
+            ..JobSpec::default()
+        }
+    }
+
+    #[test]
+    fn llama2_70b_has_its_published_parameter_count() {
+        // 68.98e9 (HF's safetensors index total, 137,953,316,864 bytes in bf16).
+        assert_eq!(LLAMA2_70B.params(), 68_976_648_192);
+    }
+
+    #[test]
+    fn nf4_is_about_half_a_byte_per_parameter() {
+        let n = 8192 * 28672;
+        let per = nf4_bytes(n) as f64 / n as f64;
+        assert!((per - 0.5159).abs() < 1e-3, "{per}");
+    }
+
+    #[test]
+    fn a_heal_cell_is_dense_weights_plus_the_nf4_copy_plus_training() {
+        let est = predict(&LLAMA2_70B, &cell(QLoraSettings::paper()), Placement::Cuda).unwrap();
+        assert_eq!(est.phase, "heal");
+        let part = |name| est.parts.iter().find(|p| p.0 == name).unwrap().1;
+        assert_eq!(part("weights"), LLAMA2_70B.params() * 2, "bf16 on CUDA");
+        // 60 kept blocks of 0.516-byte parameters.
+        let nf4 = part("nf4 base") as f64 / (60 * LLAMA2_70B.block_projection_params()) as f64;
+        assert!((nf4 - 0.516).abs() < 1e-3, "{nf4}");
+        // r = 64 on gate/up/down: 64 · (3 · 8192 + 3 · 28672) per block, five f32 copies.
+        assert_eq!(part("adapters"), 60 * 64 * 3 * (8192 + 28672) * 20);
+        assert_eq!(est.device_bytes, est.parts.iter().map(|p| p.1).sum::<u64>());
+        // The same job on a CPU is f32 and one figure for device and host.
+        let cpu = predict(&LLAMA2_70B, &cell(QLoraSettings::paper()), Placement::Cpu).unwrap();
+        assert_eq!(cpu.device_bytes, cpu.host_bytes);
+        assert!(cpu.device_bytes > est.device_bytes);
+    }
+
+    #[test]
+    fn a_score_job_too_big_to_load_is_predicted_streamed() {
+        let job = JobSpec {
+            kind: JobKind::Score as i32,
+            calibration: Some(CalibrationData::with_defaults("c4")),
+            ..JobSpec::default()
+        };
+        let est = predict(&LLAMA2_70B, &job, Placement::Cuda).unwrap();
+        assert_eq!(est.phase, "score-streamed");
+        assert!(est.device_bytes < LLAMA2_70B.params() / 4, "{}", gib(est.device_bytes));
+    }
+
+    #[test]
+    fn bad_shapes_and_unknown_modules_are_named() {
+        let shape = ModelShape { kv_heads: 3, ..LLAMA2_70B };
+        let e = predict(&shape, &JobSpec::default(), Placement::Cpu).unwrap_err().to_string();
+        assert!(e.contains("`heads` (64) is not a multiple of `kv_heads` (3)"), "{e}");
+        let q = QLoraSettings {
+            targets: AdapterTargets::Modules as i32,
+            target_modules: vec!["w1".into()],
+            ..QLoraSettings::paper()
+        };
+        let e = predict(&LLAMA2_70B, &cell(q), Placement::Cpu).unwrap_err().to_string();
+        assert!(e.contains("`w1`"), "{e}");
+    }
+}
