@@ -59,6 +59,30 @@ fn loading_as_nf4_gives_the_codes_of_loading_dense_and_quantizing() {
     }
 }
 
+/// The real SmolLM2-135M GGUF (`$PRUNESWEEP_SMOLLM2`, else where `scripts/fetch-model.sh` puts
+/// it): read lazily, quantized while loading, q/k rows un-permuted before quantizing.
+#[test]
+fn smollm2_loads_as_nf4_with_the_codes_of_quantizing_after_loading() {
+    let path = std::env::var_os("PRUNESWEEP_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.is_file(), "no SmolLM2 at {}; run scripts/fetch-model.sh", path.display());
+    let nf4 = Model::load_nf4(&path, &Device::Cpu, DType::F32).unwrap();
+    let mut dense = Model::load(&path, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 504, 3458, 314, 260, 2777]], &Device::Cpu).unwrap();
+    let dense_logits = dense.decoder.forward(&ids).unwrap();
+    let (params, bytes) = dense.decoder.quantize_nf4().unwrap();
+    assert_eq!(parts(&dense), parts(&nf4), "the codes differ");
+    let (x, y) = (dense.decoder.forward(&ids).unwrap(), nf4.decoder.forward(&ids).unwrap());
+    assert_eq!((x - &y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    let moved = (y - dense_logits).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 0.0, "quantization changed nothing");
+    // 30 blocks of 7 projections: 106 M parameters at 0.52 bytes each, from the tensors' sizes.
+    assert_eq!(params, 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536));
+    let bpp = bytes as f64 / params as f64;
+    assert!((0.5..=0.52).contains(&bpp), "{bpp} bytes/param");
+}
+
 /// A Llama checkpoint of 8 blocks, hidden 768, MLP 2816 (70.8 M projection parameters: 283 MB in
 /// f32), stored in bf16, with the tiny fixture's tokenizer.
 fn write_checkpoint(dir: &Path) -> usize {
