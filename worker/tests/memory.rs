@@ -28,7 +28,7 @@ use common::{c4_sample, fixture, shared_data, smollm2_gguf};
 use prunesweep_coordinator::job::JobKind;
 use prunesweep_coordinator::store::SqliteStore;
 use prunesweep_coordinator::sweep::{JobMemory, SweepSpec};
-use prunesweep_coordinator::testing::{start_server, wait_until_done, worker_process_config};
+use prunesweep_coordinator::testing::{start_server, wait_until_done};
 use prunesweep_proto::memory::{gib, MemoryEstimate, ModelShape};
 use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
 use prunesweep_proto::v1::SubmitSweepRequest;
@@ -99,7 +99,10 @@ async fn run_cell(tag: &str, model: &Path, model_root: &Path, job: &Job) -> Run 
     let JobMemory::Predicted { cpu, .. } = &cell.memory else { panic!("no prediction: {:?}", cell.memory) };
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::connect(&dir.path().join("c.sqlite").display().to_string()).await.unwrap();
-    let (url, server) = start_server(std::sync::Arc::new(store), worker_process_config()).await;
+    // Leases of a minute: loading the 70B-shaped checkpoint on a busy machine can outlast the
+    // harness's 3 s ones before the first heartbeat.
+    let config = prunesweep_coordinator::Config::for_lease_ttl(Duration::from_secs(60));
+    let (url, server) = start_server(std::sync::Arc::new(store), config).await;
     let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
     client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap();
     let mut worker = Command::new(env!("CARGO_BIN_EXE_worker"))

@@ -21,6 +21,7 @@ pub fn migrator() -> Migrator {
         ("init", include_str!("../../migrations/postgres/0001_init.sql")),
         ("heartbeat progress", include_str!("../../migrations/postgres/0002_heartbeat_progress.sql")),
         ("predicted memory", include_str!("../../migrations/postgres/0003_predicted_memory.sql")),
+        ("provenance", include_str!("../../migrations/postgres/0004_provenance.sql")),
     ])
 }
 

@@ -25,6 +25,7 @@ pub fn migrator() -> Migrator {
         ("init", include_str!("../../migrations/sqlite/0001_init.sql")),
         ("heartbeat progress", include_str!("../../migrations/sqlite/0002_heartbeat_progress.sql")),
         ("predicted memory", include_str!("../../migrations/sqlite/0003_predicted_memory.sql")),
+        ("provenance", include_str!("../../migrations/sqlite/0004_provenance.sql")),
     ])
 }
 
