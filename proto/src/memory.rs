@@ -109,7 +109,7 @@ impl ModelShape {
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return Err(MemoryError::Shape(format!("`{name}` is 0; every dimension of a model shape is positive")));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(MemoryError::Shape(format!(
                 "`heads` ({}) is not a multiple of `kv_heads` ({})",
                 self.heads, self.kv_heads

@@ -31,8 +31,11 @@ const WHOLE_FILE_MAX: u64 = 256 << 20;
 /// infos), plus the last MiB.
 const GGUF_HEAD_BYTES: u64 = 32 << 20;
 
-/// Fingerprints already computed: (path, size, mtime) → fingerprint.
-static CACHE: Mutex<Option<HashMap<(PathBuf, u64, Option<SystemTime>), String>>> = Mutex::new(None);
+/// A file as last seen: path, size, modification time.
+type FileStamp = (PathBuf, u64, Option<SystemTime>);
+
+/// Fingerprints already computed.
+static CACHE: Mutex<Option<HashMap<FileStamp, String>>> = Mutex::new(None);
 
 fn cached(path: &Path, compute: impl FnOnce() -> std::io::Result<String>) -> std::io::Result<String> {
     let meta = std::fs::metadata(path)?;

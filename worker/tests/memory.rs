@@ -21,7 +21,6 @@ mod common;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use common::{c4_sample, fixture, shared_data, smollm2_gguf};
@@ -35,7 +34,7 @@ use prunesweep_proto::v1::SubmitSweepRequest;
 
 /// One measurement at a time: the processes' peaks are their own, but two at once would compete
 /// for the machine's memory and cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How the cell heals and evaluates.
 struct Job {
@@ -233,7 +232,7 @@ fn check(what: &str, run: &Run) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_llama_shows_the_process_own_memory() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let job = Job { rank: 8, micro_batch: 2, seq_len: 64, eval_seq_len: 64 };
     let run = run_cell("tiny", &fixture("tiny-llama"), &fixture(""), &job).await;
     check("tiny-llama (calibrates CPU_RUNTIME_BYTES)", &run);
@@ -241,7 +240,7 @@ async fn tiny_llama_shows_the_process_own_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_heal_cell_peaks_where_the_model_says() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let gguf = smollm2_gguf().canonicalize().unwrap();
     let job = Job { rank: 64, micro_batch: 2, seq_len: 256, eval_seq_len: 128 };
     let run = run_cell("smollm2", &gguf, gguf.parent().unwrap(), &job).await;
@@ -250,7 +249,7 @@ async fn smollm2_heal_cell_peaks_where_the_model_says() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wide_random_llama_peaks_where_the_model_says() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let shape = ModelShape {
         layers: 6,
@@ -275,7 +274,7 @@ async fn a_wide_random_llama_peaks_where_the_model_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "+17.3% since the chunked training attention landed; CHUNKED_SCORE_COPIES awaits a refit"]
 async fn a_deep_narrow_llama_on_long_sequences_peaks_where_the_model_says() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let shape = ModelShape {
         layers: 16,
@@ -299,7 +298,7 @@ async fn a_deep_narrow_llama_on_long_sequences_peaks_where_the_model_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes and ~10 GiB of memory: run by scripts/memory-model.sh"]
 async fn llama2_70b_layers_heal_within_the_prediction() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let shape = ModelShape {
         layers: 2,

@@ -116,7 +116,9 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
     }
-    let mut model = args.model.load()?;
+    // A QLoRA base is quantized while it loads; `--merge` needs only the NF4 weights too (it
+    // merges into their dequantized values).
+    let mut model = args.model.load_base(!args.no_quantize)?;
     let spec = args.spec();
     let identity = json!({
         "model": args.model.model,

@@ -95,8 +95,18 @@ impl ModelArgs {
 
     /// Loads the model, applies `--drop`, then attaches `--adapter`.
     pub fn load(&self) -> anyhow::Result<Model> {
+        self.load_base(false)
+    }
+
+    /// [`ModelArgs::load`], with the block projections quantized to NF4 one tensor at a time while
+    /// loading when `nf4` (a QLoRA base: the dense model is never held whole).
+    pub fn load_base(&self, nf4: bool) -> anyhow::Result<Model> {
         let (device, dtype) = self.device_and_dtype()?;
-        let mut model = Model::load_as(&self.model, &device, dtype)?;
+        let mut model = if nf4 {
+            Model::load_nf4(&self.model, &device, dtype)?
+        } else {
+            Model::load_as(&self.model, &device, dtype)?
+        };
         if let Some(block) = self.drop {
             model.decoder.remove_layers(&block.indices())?;
         }

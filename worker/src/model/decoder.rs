@@ -379,11 +379,19 @@ impl Decoder {
         let (mut params, mut bytes) = (0, 0);
         for block in &mut self.blocks {
             for (_, lin) in block.projections_mut() {
-                if let Weight::Dense(w) = &lin.weight {
-                    let m = Nf4Matrix::quantize(w)?;
-                    params += w.elem_count();
-                    bytes += m.bytes();
-                    lin.weight = Weight::Nf4(Arc::new(m));
+                match &lin.weight {
+                    Weight::Dense(w) => {
+                        let m = Nf4Matrix::quantize(w)?;
+                        params += w.elem_count();
+                        bytes += m.bytes();
+                        lin.weight = Weight::Nf4(Arc::new(m));
+                    }
+                    // Quantized while loading (`Model::load_nf4`): counted as they are.
+                    Weight::Nf4(m) => {
+                        let (rows, cols) = m.dims();
+                        params += rows * cols;
+                        bytes += m.bytes();
+                    }
                 }
             }
         }

@@ -355,7 +355,7 @@ async fn run_leased(
 /// Writes the job's report to the outbox, then delivers it.
 async fn report(session: &mut Session, lease_id: &str, job_id: i64, outcome: Result<pipeline::JobOutput, JobError>) {
     let report = match &outcome {
-        Ok(out) => Report::Complete(CompleteJobRequest {
+        Ok(out) => Report::Complete(Box::new(CompleteJobRequest {
             worker_id: session.worker_id.clone(),
             lease_id: lease_id.to_string(),
             job_id,
@@ -365,7 +365,7 @@ async fn report(session: &mut Session, lease_id: &str, job_id: i64, outcome: Res
             num_layers: out.num_layers,
             timings: out.timings.clone(),
             provenance: out.provenance.clone(),
-        }),
+        })),
         Err(f) => Report::Fail(FailJobRequest {
             worker_id: session.worker_id.clone(),
             lease_id: lease_id.to_string(),
@@ -415,7 +415,7 @@ async fn deliver(session: &mut Session, report: &Report, tries: usize) -> Delive
     let mut backoff = Backoff::new();
     for _ in 0..tries {
         let sent = match report {
-            Report::Complete(r) => session.client.complete_job(r.clone()).await.map(|_| ()),
+            Report::Complete(r) => session.client.complete_job(r.as_ref().clone()).await.map(|_| ()),
             Report::Fail(r) => session.client.fail_job(r.clone()).await.map(|_| ()),
         };
         match sent {

@@ -16,8 +16,8 @@ use prunesweep_proto::v1::{CompleteJobRequest, FailJobRequest};
 /// One report to deliver.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
-    /// The job finished with results.
-    Complete(CompleteJobRequest),
+    /// The job finished with results (boxed: far larger than a failure).
+    Complete(Box<CompleteJobRequest>),
     /// The job failed.
     Fail(FailJobRequest),
 }
@@ -48,7 +48,7 @@ impl Report {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         match bytes.split_first()? {
-            (b'C', body) => CompleteJobRequest::decode(body).ok().map(Report::Complete),
+            (b'C', body) => CompleteJobRequest::decode(body).ok().map(|r| Report::Complete(Box::new(r))),
             (b'F', body) => FailJobRequest::decode(body).ok().map(Report::Fail),
             _ => None,
         }
@@ -134,13 +134,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::new(dir.path());
         assert!(outbox.pending().is_empty(), "no folder yet: nothing pending");
-        let done = Report::Complete(CompleteJobRequest {
+        let done = Report::Complete(Box::new(CompleteJobRequest {
             worker_id: "w".into(),
             lease_id: "lease/1".into(),
             job_id: 9,
             results: vec![ResultRow { task: "c4-loss".into(), metric: "loss".into(), value: 3.25 }],
             ..CompleteJobRequest::default()
-        });
+        }));
         let failed = Report::Fail(FailJobRequest { job_id: 4, lease_id: "l2".into(), ..FailJobRequest::default() });
         let path = outbox.put(&done).unwrap();
         outbox.put(&failed).unwrap();
