@@ -124,7 +124,8 @@ pids+=("$!")
 for _ in $(seq 60); do "$bin/coordinator" status --coordinator "$url" >/dev/null 2>&1 && break; sleep 0.5; done
 
 # The tiny sweep with one unhealed and one healed variant per cell: score, baseline, 2 methods x
-# 2 heal variants = 6 jobs. The healing is long enough to be preempted after a checkpoint.
+# 2 heal variants = 6 jobs. The healing is long enough to be preempted after a checkpoint (4,000
+# steps: about a minute on 2 quiet cores).
 cat > "$run/sweep.yaml" <<EOF
 name: slurm-check
 models:
@@ -139,7 +140,7 @@ fractions: [0.25]
 heal:
   - name: none
   - name: qlora
-    qlora: {rank: 2, alpha: 4, dropout: 0.0, learning_rate: 0.001, batch_size: 2, seq_len: 16, steps: 400, checkpoint_every: 10}
+    qlora: {rank: 2, alpha: 4, dropout: 0.0, learning_rate: 0.001, batch_size: 2, seq_len: 16, steps: 4000, checkpoint_every: 10}
 eval:
   - task: c4-loss
     path: $c4
@@ -167,6 +168,11 @@ array=$(sbatch --parsable --array=0-1 --cpus-per-task=1 --mem=1G --time=30:00 \
   "$root/deploy/slurm/worker.sbatch" --lease-wait-secs 2)
 log "submitted array job $array: $(squeue -h -o '%i %T %b' | tr '\n' ' ')"
 
+# column_of NAME TABLE: the sweep row's value under the header NAME of `coordinator status`.
+column_of() {
+  awk -v want="$1" 'NR==1 { for (i = 1; i <= NF; i++) if ($i == want) c = i } NR==2 { print $c }' <<<"$2"
+}
+
 # Wait for a healing job past its first checkpoint, and preempt the task that runs it.
 victim=""
 deadline=$(( $(date +%s) + timeout_secs ))
@@ -175,6 +181,9 @@ while [[ -z "$victim" ]]; do
   status=$("$bin/coordinator" status slurm-check --coordinator "$url" 2>/dev/null || true)
   # JOB KIND WORKER PHASE PROGRESS ...: a cell in its heal phase, on slurm-<array>_<task>@host.
   line=$(grep -E ' heal ' <<<"$status" | grep -E 'slurm-[0-9]+_[0-9]+@' | head -1 || true)
+  if [[ "$(column_of SUCCEEDED "$status")" == "$total" ]]; then
+    die "the sweep finished before a healing job could be preempted: make the healing longer"
+  fi
   if [[ -n "$line" ]] && find "$run/work" -name checkpoint.safetensors 2>/dev/null | grep -q .; then
     victim=$(grep -oE 'slurm-[0-9]+_[0-9]+' <<<"$line" | head -1 | sed 's/^slurm-//')
     job_id=$(awk '{print $1}' <<<"$line")
@@ -186,10 +195,6 @@ log "preempting task $victim as the time limit's --signal=B:TERM would (scancel 
 scancel --batch --signal=TERM "$victim"
 
 # The sweep finishes; the array tasks end by themselves (--exit-when-done).
-# column_of NAME TABLE: the sweep row's value under the header NAME of `coordinator status`.
-column_of() {
-  awk -v want="$1" 'NR==1 { for (i = 1; i <= NF; i++) if ($i == want) c = i } NR==2 { print $c }' <<<"$2"
-}
 while :; do
   (( $(date +%s) < deadline )) || die "the sweep did not finish in ${timeout_secs}s: $("$bin/coordinator" status slurm-check --coordinator "$url")"
   table=$("$bin/coordinator" status slurm-check --coordinator "$url")
