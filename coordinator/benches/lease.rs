@@ -106,6 +106,7 @@ async fn bench(label: &str, store: Arc<dyn JobStore>, jobs: usize, clients: usiz
                         held_models: vec!["m.gguf".into()],
                         wait_ms: 0,
                         free_memory_bytes: None,
+                        report_unfinished: false,
                     };
                     let Some(lease) = w.lease_job(req).await.expect("lease").into_inner().lease else {
                         return cycles;

@@ -41,6 +41,7 @@ fn lease_req(worker_id: &str, wait_ms: u64) -> pb::LeaseJobRequest {
         held_models: vec!["worker/tests/fixtures/tiny-llama".into()],
         wait_ms,
         free_memory_bytes: Some(3 << 30),
+        report_unfinished: false,
     }
 }
 
@@ -189,6 +190,11 @@ async fn cancel_stops_leasing(store: &TestStore) {
     };
     assert_eq!(w.heartbeat(hb).await.unwrap().into_inner().action(), pb::HeartbeatAction::Cancel);
     assert!(w.lease_job(lease_req(&id, 200)).await.unwrap().into_inner().lease.is_none());
+    // A batch worker that asks learns nothing is left (the sweep is cancelled); one that does not
+    // ask gets no count (its poll costs none).
+    let batch = pb::LeaseJobRequest { report_unfinished: true, ..lease_req(&id, 0) };
+    assert_eq!(w.lease_job(batch).await.unwrap().into_inner().unfinished_jobs, Some(0));
+    assert_eq!(w.lease_job(lease_req(&id, 0)).await.unwrap().into_inner().unfinished_jobs, None);
     let err = w.complete_job(complete_req(&id, &lease)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let status = sweeps.get_sweep(pb::GetSweepRequest { sweep: "tiny".into() }).await.unwrap().into_inner();

@@ -49,6 +49,7 @@ async fn worker(url: String, i: usize, until: Instant, tally: Arc<Mutex<Tally>>)
             held_models: vec![format!("m{}.gguf", i % 16)],
             wait_ms: 200,
             free_memory_bytes: Some(1 << 30),
+            report_unfinished: false,
         };
         let t = Instant::now();
         let lease = match client.lease_job(req).await {

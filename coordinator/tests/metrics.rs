@@ -13,30 +13,11 @@ use std::time::Duration;
 use prunesweep_proto::v1 as pb;
 use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
 use prunesweep_proto::v1::worker_service_client::WorkerServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::TestStore;
 
 /// A worker name that needs escaping in a label value.
 const ODD_NAME: &str = "w1 \"quoted\" \\ back\nslash";
-
-/// One HTTP/1.1 request over a fresh connection: (status code, headers lowercased, body).
-async fn http(addr: &str, method: &str, path: &str) -> (u16, HashMap<String, String>, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics listener");
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await.expect("reply in time").unwrap();
-    let raw = String::from_utf8(raw).expect("UTF-8 reply");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("headers end");
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .map(|l| l.split_once(':').expect("header"))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (status, headers, body.to_string())
-}
 
 /// A parsed exposition: samples by name, each with its labels; types and help by family.
 #[derive(Debug, Default)]
@@ -149,7 +130,7 @@ fn parse(text: &str) -> Exposition {
 
 /// Scrapes `/metrics` and checks the reply's status and content type.
 async fn scrape(addr: &str) -> (String, Exposition) {
-    let (status, headers, body) = http(addr, "GET", "/metrics").await;
+    let (status, headers, body) = common::http(addr, "GET", "/metrics", &[]).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers.get("content-type").map(String::as_str), Some("text/plain; version=0.0.4"));
     let parsed = parse(&body);
@@ -162,6 +143,7 @@ async fn lease(w: &mut WorkerServiceClient<tonic::transport::Channel>, id: &str)
         held_models: vec![],
         wait_ms: 2_000,
         free_memory_bytes: Some(3 << 30),
+        report_unfinished: false,
     };
     w.lease_job(req).await.unwrap().into_inner().lease.expect("a job to lease")
 }
@@ -219,9 +201,9 @@ async fn scrape_after_a_worker_ran(store: &TestStore) {
         assert_eq!(before.types[counter], "counter");
     }
     assert_eq!(before.get("prunesweep_workers", &[]), 0.0);
-    assert_eq!(http(&metrics, "GET", "/").await.0, 404);
-    assert_eq!(http(&metrics, "GET", "/metricsx").await.0, 404);
-    assert_eq!(http(&metrics, "POST", "/metrics").await.0, 405);
+    assert_eq!(common::http(&metrics, "GET", "/", &[]).await.0, 404);
+    assert_eq!(common::http(&metrics, "GET", "/metricsx", &[]).await.0, 404);
+    assert_eq!(common::http(&metrics, "POST", "/metrics", &[]).await.0, 405);
 
     let mut sweeps = SweepServiceClient::connect(url.clone()).await.unwrap();
     let mut w = WorkerServiceClient::connect(url.clone()).await.unwrap();
@@ -234,8 +216,7 @@ async fn scrape_after_a_worker_ran(store: &TestStore) {
     let id = w.register(register).await.unwrap().into_inner().worker_id;
 
     // An empty long poll first: 1 s parked waiting, which `prunesweep_lease_seconds` leaves out.
-    let poll =
-        pb::LeaseJobRequest { worker_id: id.clone(), held_models: vec![], wait_ms: 1_000, free_memory_bytes: None };
+    let poll = pb::LeaseJobRequest { worker_id: id.clone(), wait_ms: 1_000, ..Default::default() };
     let t0 = std::time::Instant::now();
     assert!(w.lease_job(poll).await.unwrap().into_inner().lease.is_none());
     assert!(t0.elapsed() >= Duration::from_millis(900));

@@ -13,7 +13,6 @@
 #[macro_use]
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -27,7 +26,6 @@ use prunesweep_proto::client::Bearer;
 use prunesweep_proto::v1 as pb;
 use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
 use prunesweep_proto::v1::worker_service_client::WorkerServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -109,6 +107,7 @@ impl FakeWorker {
             held_models: vec![],
             wait_ms: 1000,
             free_memory_bytes: Some(12 << 30),
+            report_unfinished: false,
         };
         self.client.lease_job(req).await.unwrap().into_inner().lease.expect("a runnable job")
     }
@@ -184,30 +183,6 @@ impl FakeWorker {
         };
         self.client.fail_job(req).await.unwrap();
     }
-}
-
-/// One HTTP/1.1 GET (or `method`) with extra header lines: (status, headers lowercased, body).
-async fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, HashMap<String, String>, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the page");
-    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw)).await.expect("reply in time").unwrap();
-    let raw = String::from_utf8(raw).expect("UTF-8 reply");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("headers end");
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .map(|l| l.split_once(':').expect("header"))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (status, headers, body.to_string())
 }
 
 fn bearer(token: &str) -> String {
@@ -387,14 +362,14 @@ async fn http_checks_tokens_and_escapes(store: &TestStore) {
     let user = bearer(USER);
 
     // Tokens: none → 401 with a challenge; a worker's → 403; a user's → the JSON.
-    let (status, headers, body) = http(addr, "GET", "/api/sweeps", &[]).await;
+    let (status, headers, body) = common::http(addr, "GET", "/api/sweeps", &[]).await;
     assert_eq!(status, 401, "{body}");
     assert!(headers["www-authenticate"].starts_with("Bearer") && body.contains("?token="));
-    let (status, _, body) = http(addr, "GET", "/api/sweeps", &[("Authorization", &bearer(WORKER))]).await;
+    let (status, _, body) = common::http(addr, "GET", "/api/sweeps", &[("Authorization", &bearer(WORKER))]).await;
     assert_eq!(status, 403, "{body}");
-    let (status, _, body) = http(addr, "GET", "/api/sweeps", &[("Authorization", "Bearer wrong")]).await;
+    let (status, _, body) = common::http(addr, "GET", "/api/sweeps", &[("Authorization", "Bearer wrong")]).await;
     assert_eq!(status, 401, "{body}");
-    let (status, headers, body) = http(addr, "GET", "/api/sweeps", &[("Authorization", &user)]).await;
+    let (status, headers, body) = common::http(addr, "GET", "/api/sweeps", &[("Authorization", &user)]).await;
     assert_eq!((status, headers["content-type"].as_str()), (200, "application/json"));
     let overview: serde_json::Value = serde_json::from_str(&body).unwrap();
     let tiny = &overview["sweeps"][0];
@@ -406,11 +381,11 @@ async fn http_checks_tokens_and_escapes(store: &TestStore) {
     assert_eq!(overview["workers"][0]["name"].as_str(), Some(HOSTILE_WORKER));
 
     // The browser login: ?token= sets the cookie and redirects without it; the cookie is enough.
-    let (status, headers, _) = http(addr, "GET", &format!("/sweeps/tiny?token={USER}"), &[]).await;
+    let (status, headers, _) = common::http(addr, "GET", &format!("/sweeps/tiny?token={USER}"), &[]).await;
     assert_eq!((status, headers["location"].as_str()), (303, "/sweeps/tiny"));
     let cookie = headers["set-cookie"].split(';').next().unwrap().to_string();
     assert!(headers["set-cookie"].contains("HttpOnly") && headers["set-cookie"].contains("SameSite=Strict"));
-    let (status, headers, html) = http(addr, "GET", "/sweeps/tiny", &[("Cookie", &cookie)]).await;
+    let (status, headers, html) = common::http(addr, "GET", "/sweeps/tiny", &[("Cookie", &cookie)]).await;
     assert_eq!(status, 200, "{html}");
     assert!(headers["content-security-policy"].contains("script-src 'self'"));
     assert!(html.contains("&lt;b&gt;m&lt;/b&gt;&amp; · baseline"), "the model name is escaped:\n{html}");
@@ -423,19 +398,20 @@ async fn http_checks_tokens_and_escapes(store: &TestStore) {
     );
 
     // The figures travel once per results key.
-    let (_, _, body) = http(addr, "GET", "/api/sweeps/tiny", &[("Authorization", &user)]).await;
+    let (_, _, body) = common::http(addr, "GET", "/api/sweeps/tiny", &[("Authorization", &user)]).await;
     let detail: serde_json::Value = serde_json::from_str(&body).unwrap();
     let key = detail["results_key"].as_str().unwrap().to_string();
     assert_eq!(detail["heatmaps"].as_array().map(Vec::len), Some(1));
     assert_eq!(detail["jobs"].as_array().unwrap().len(), 6);
-    let (_, _, body) = http(addr, "GET", &format!("/api/sweeps/tiny?known={key}"), &[("Authorization", &user)]).await;
+    let (_, _, body) =
+        common::http(addr, "GET", &format!("/api/sweeps/tiny?known={key}"), &[("Authorization", &user)]).await;
     let again: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(again["charts"].is_null() && again["heatmaps"].is_null() && again["jobs"].is_array());
 
     // /metrics shares the listener and the tokens.
-    let (status, _, _) = http(addr, "GET", "/metrics", &[]).await;
+    let (status, _, _) = common::http(addr, "GET", "/metrics", &[]).await;
     assert_eq!(status, 401);
-    let (status, _, text) = http(addr, "GET", "/metrics", &[("Authorization", &user)]).await;
+    let (status, _, text) = common::http(addr, "GET", "/metrics", &[("Authorization", &user)]).await;
     assert_eq!(status, 200);
     let succeeded = text.lines().find(|l| {
         l.starts_with("prunesweep_jobs{") && l.contains("sweep=\"tiny\"") && l.contains("state=\"succeeded\"")
@@ -443,23 +419,24 @@ async fn http_checks_tokens_and_escapes(store: &TestStore) {
     assert_eq!(succeeded.and_then(|l| l.rsplit(' ').next()), Some("1"), "{text}");
 
     // Bad input: unknown sweep, broken escapes, other methods, unknown paths; assets are open.
-    let (status, _, body) = http(addr, "GET", "/sweeps/nope", &[("Authorization", &user)]).await;
+    let (status, _, body) = common::http(addr, "GET", "/sweeps/nope", &[("Authorization", &user)]).await;
     assert!(status == 404 && body.contains("no sweep named"), "{status} {body}");
-    let (status, _, body) = http(addr, "GET", "/api/sweeps/nope", &[("Authorization", &user)]).await;
+    let (status, _, body) = common::http(addr, "GET", "/api/sweeps/nope", &[("Authorization", &user)]).await;
     assert!(status == 404 && body.contains("no sweep named \"nope\""), "{status} {body}");
-    let (status, _, body) = http(addr, "GET", "/sweeps/%ZZ", &[("Authorization", &user)]).await;
+    let (status, _, body) = common::http(addr, "GET", "/sweeps/%ZZ", &[("Authorization", &user)]).await;
     assert!(status == 400 && body.contains("percent-encoded"), "{status} {body}");
-    let (status, headers, _) = http(addr, "POST", "/", &[("Authorization", &user), ("Content-Length", "0")]).await;
+    let (status, headers, _) =
+        common::http(addr, "POST", "/", &[("Authorization", &user), ("Content-Length", "0")]).await;
     assert_eq!((status, headers["allow"].as_str()), (405, "GET, HEAD"));
-    let (status, _, _) = http(addr, "GET", "/nothing/here", &[("Authorization", &user)]).await;
+    let (status, _, _) = common::http(addr, "GET", "/nothing/here", &[("Authorization", &user)]).await;
     assert_eq!(status, 404);
-    let (status, headers, js) = http(addr, "GET", "/static/page.js", &[]).await;
+    let (status, headers, js) = common::http(addr, "GET", "/static/page.js", &[]).await;
     assert!(status == 200 && headers["content-type"].starts_with("text/javascript") && js.contains("setTimeout(poll"));
     server.shutdown().await;
 
     // Without tokens the page is open.
     let open = start(store.store.clone(), Tokens::none()).await;
-    let (status, _, html) = http(&open.http, "GET", "/", &[]).await;
+    let (status, _, html) = common::http(&open.http, "GET", "/", &[]).await;
     assert!(status == 200 && html.contains("href=\"/sweeps/tiny\""), "{status} {html}");
     open.shutdown().await;
 }

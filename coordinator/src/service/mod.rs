@@ -116,10 +116,11 @@ impl Coordinator {
     /// batch worker waits for before it exits (`LeaseJobResponse.unfinished_jobs`).
     async fn unfinished_jobs(&self) -> Result<u64, Status> {
         let sweeps = self.metrics.time_store("sweeps", self.store.sweeps()).await?;
+        let unfinished = JobState::ALL.into_iter().filter(|j| !j.is_terminal());
         Ok(sweeps
             .iter()
             .filter(|s| s.state == SweepState::Active)
-            .flat_map(|s| [JobState::Blocked, JobState::Pending, JobState::Leased].map(|j| u64::from(s.count(j))))
+            .flat_map(|s| unfinished.clone().map(|j| u64::from(s.count(j))))
             .sum())
     }
 
@@ -377,8 +378,10 @@ impl pb::worker_service_server::WorkerService for Coordinator {
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 self.metrics.lease_handled(t0.elapsed().saturating_sub(parked));
-                let unfinished = self.unfinished_jobs().await?;
-                return Ok(Response::new(pb::LeaseJobResponse { lease: None, unfinished_jobs: Some(unfinished) }));
+                // Counted only for the batch workers that ask: idle pollers would each cost a
+                // scan of every sweep's counts.
+                let unfinished = if req.report_unfinished { Some(self.unfinished_jobs().await?) } else { None };
+                return Ok(Response::new(pb::LeaseJobResponse { lease: None, unfinished_jobs: unfinished }));
             }
             // Also re-poll now and then: another coordinator on the same Postgres may add jobs.
             let nap = (deadline - now).min(Duration::from_millis(500));

@@ -234,6 +234,7 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
             held_models: held,
             wait_ms: cfg.lease_wait.as_millis() as u64,
             free_memory_bytes: crate::device::free_memory(&memory_device),
+            report_unfinished: cfg.exit_when_done,
         };
         let leased = tokio::select! {
             r = session.client.lease_job(req) => r,
