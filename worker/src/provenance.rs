@@ -81,20 +81,20 @@ fn safetensors_header_len(path: &Path) -> std::io::Result<u64> {
     Ok(8 + u64::from_le_bytes(len))
 }
 
-/// The weights' fingerprint (see the module doc).
-pub fn model_fingerprint(source: &str) -> std::io::Result<String> {
-    let resolved = ModelSource::resolve(Path::new(source)).map_err(|e| std::io::Error::other(e.to_string()))?;
-    match resolved {
-        ModelSource::Gguf(path) => cached(&path, || {
+/// The weights' fingerprint (see the module doc), of a model already resolved (the one the job
+/// loaded: resolving again would ask the Hub again for an `org/name@branch`).
+pub fn model_fingerprint(source: &ModelSource) -> std::io::Result<String> {
+    match source {
+        ModelSource::Gguf(path) => cached(path, || {
             let mut hasher = Sha256::new();
-            hash_ends(&path, GGUF_HEAD_BYTES, &mut hasher)?;
+            hash_ends(path, GGUF_HEAD_BYTES, &mut hasher)?;
             Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
         }),
         ModelSource::HfDir(dir) => {
-            if let Some(id) = hub_snapshot(&dir) {
+            if let Some(id) = hub_snapshot(dir) {
                 return Ok(id);
             }
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|e| e == "safetensors") || p.ends_with("config.json"))
                 .collect();
@@ -155,11 +155,11 @@ pub fn data_fingerprint(path: &Path) -> std::io::Result<String> {
     })
 }
 
-/// The provenance of a job that read `model` and `data`, ran on `device` in `dtype` and took
-/// `wall_seconds`. A fingerprint that cannot be computed (a file gone since) is recorded as
-/// `unreadable: <why>` rather than failing a finished job.
+/// The provenance of a job that read `model` (resolved, or why it could not be) and `data`, ran on
+/// `device` in `dtype` and took `wall_seconds`. A fingerprint that cannot be computed (a file gone
+/// since) is recorded as `unreadable: <why>` rather than failing a finished job.
 pub fn provenance<'a>(
-    model: &str,
+    model: Result<&ModelSource, String>,
     data: impl IntoIterator<Item = &'a Path>,
     device: &candle_core::Device,
     dtype: candle_core::DType,
@@ -167,7 +167,7 @@ pub fn provenance<'a>(
 ) -> pb::Provenance {
     let fingerprint = |r: std::io::Result<String>| r.unwrap_or_else(|e| format!("unreadable: {e}"));
     pb::Provenance {
-        model_fingerprint: fingerprint(model_fingerprint(model)),
+        model_fingerprint: fingerprint(model.map_err(std::io::Error::other).and_then(model_fingerprint)),
         data_fingerprints: data
             .into_iter()
             .map(|p| (p.display().to_string(), fingerprint(data_fingerprint(p))))
@@ -207,15 +207,16 @@ mod tests {
                 std::fs::copy(fixture().join(f), d.join(f)).unwrap();
             }
         }
-        let fa = model_fingerprint(a.to_str().unwrap()).unwrap();
+        let fingerprint = |d: &Path| model_fingerprint(&ModelSource::resolve(d).unwrap()).unwrap();
+        let fa = fingerprint(&a);
         assert!(fa.starts_with("sha256:") && fa.len() == 7 + 64, "{fa}");
-        assert_eq!(fa, model_fingerprint(b.to_str().unwrap()).unwrap(), "same weights, same fingerprint");
+        assert_eq!(fa, fingerprint(&b), "same weights, same fingerprint");
         // One value near the end of the weights changes.
         let mut bytes = std::fs::read(b.join("model.safetensors")).unwrap();
         let n = bytes.len();
         bytes[n - 3] ^= 1;
         std::fs::write(b.join("model.safetensors"), &bytes).unwrap();
-        assert_ne!(fa, model_fingerprint(b.to_str().unwrap()).unwrap());
+        assert_ne!(fa, fingerprint(&b));
     }
 
     #[test]

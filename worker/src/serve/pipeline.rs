@@ -17,6 +17,7 @@ use prunesweep_proto::v1::{Distance, DistanceMetric, PhaseTiming, ResultRow};
 use crate::eval::{self, EvalReport, EvalSpec, Task};
 use crate::heal::{self, HealEnd, HealError, HealSpec};
 use crate::job::{Cell, FileKind, Job, JobError, Work};
+use crate::model::weights::ModelSource;
 use crate::model::{default_dtype, streamed, Model, ModelError};
 use crate::prune::{self, LayerScores, PruneError};
 use crate::score::{self, ScoreSpec};
@@ -182,7 +183,18 @@ impl Pipeline {
         let data = job.files().into_iter().filter(|(_, kind, _)| *kind == FileKind::Data).map(|(_, _, path)| path);
         let dtype = job.dtype.unwrap_or_else(|| default_dtype(&self.device));
         let seconds = started.elapsed().as_secs_f64();
-        out.provenance = Some(crate::provenance::provenance(&job.model, data, &self.device, dtype, seconds));
+        // The model as its load resolved it; only a layer-streamed score job resolves it here.
+        let resolved = match &self.loaded {
+            Some((source, _, model)) if *source == job.model => Ok(model.source.clone()),
+            _ => ModelSource::resolve(Path::new(&job.model)).map_err(|e| e.to_string()),
+        };
+        out.provenance = Some(crate::provenance::provenance(
+            resolved.as_ref().map_err(String::clone),
+            data,
+            &self.device,
+            dtype,
+            seconds,
+        ));
         Ok(out)
     }
 
