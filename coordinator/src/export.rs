@@ -11,6 +11,8 @@ use prunesweep_proto::v1::sweep_service_client::SweepServiceClient;
 use prunesweep_proto::Vocabulary;
 use tonic::codegen::{Body, Bytes, StdError};
 
+use crate::store::DistanceRow;
+
 /// Every job of `sweep` with its results, in job-id order: `ListResults` page after page (each
 /// page well under the 4 MiB message limit), until the coordinator gives no `next_page_token`.
 /// Any transport: a plain [`Channel`](tonic::transport::Channel) or one with an interceptor.
@@ -112,6 +114,15 @@ pub enum ExportError {
     /// polars failed to build or write the table.
     #[error("building the table: {0}")]
     Polars(#[from] PolarsError),
+    /// A table could not be read back (a missing column names it).
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file (and the column).
+        path: String,
+        /// polars' error.
+        #[source]
+        source: PolarsError,
+    },
     /// The output file could not be created.
     #[error("creating {path}: {source}")]
     Io {
@@ -124,7 +135,7 @@ pub enum ExportError {
 }
 
 /// Rows from a `ListResults` reply: one per (job, result) for baseline and cell jobs (score jobs
-/// have no results; their distance tables are exported by the worker's `score` command).
+/// have no results; their distance tables are [`distance_rows_from_pb`]'s).
 pub fn rows_from_pb(sweep: &str, jobs: &[pb::JobResult]) -> Vec<ExportRow> {
     let mut rows = Vec::new();
     for job in jobs {
@@ -227,19 +238,203 @@ pub fn to_dataframe(rows: &[ExportRow]) -> Result<DataFrame, ExportError> {
 
 /// Write the table to `path`.
 pub fn write(rows: &[ExportRow], format: Format, path: &Path) -> Result<(), ExportError> {
-    let mut df = to_dataframe(rows)?;
+    write_frame(&mut to_dataframe(rows)?, format, path)
+}
+
+fn write_frame(df: &mut DataFrame, format: Format, path: &Path) -> Result<(), ExportError> {
     let io = |source| ExportError::Io { path: path.display().to_string(), source };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     let file = std::fs::File::create(path).map_err(io)?;
     match format {
-        Format::Csv => CsvWriter::new(file).finish(&mut df)?,
+        Format::Csv => CsvWriter::new(file).finish(df)?,
         Format::Parquet => {
-            ParquetWriter::new(file).finish(&mut df)?;
+            ParquetWriter::new(file).finish(df)?;
         }
     }
     Ok(())
+}
+
+/// One exported row of a score job's distance table (`distances.csv`): what the sweep's heatmaps
+/// are drawn from.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DistanceExportRow {
+    /// Sweep name.
+    pub sweep: String,
+    /// The score job's id.
+    pub job_id: i64,
+    /// Model name.
+    pub model: String,
+    /// `angular` (d(l, n)) or `block_influence` (one layer's, n = 1).
+    pub metric: String,
+    /// Block length.
+    pub n: u32,
+    /// First layer of the block (0-based).
+    pub l: u32,
+    /// The value.
+    pub value: f64,
+}
+
+impl DistanceExportRow {
+    /// The row as the store's (and the heatmap's) distance entry.
+    pub fn to_distance(&self) -> DistanceRow {
+        DistanceRow { metric: self.metric.clone(), n: self.n, l: self.l, value: self.value }
+    }
+}
+
+/// The score jobs' distance tables from a `ListResults` reply, one row per entry.
+pub fn distance_rows_from_pb(sweep: &str, jobs: &[pb::JobResult]) -> Vec<DistanceExportRow> {
+    let mut rows = Vec::new();
+    for job in jobs {
+        let model = job.spec.as_ref().and_then(|s| s.model.as_ref()).map(|m| m.name.clone()).unwrap_or_default();
+        rows.extend(job.distances.iter().map(|d| DistanceExportRow {
+            sweep: sweep.to_string(),
+            job_id: job.job_id,
+            model: model.clone(),
+            metric: d.metric().snake_name(),
+            n: d.n,
+            l: d.l,
+            value: d.value,
+        }));
+    }
+    rows
+}
+
+/// Writes the distance rows as CSV to `path`.
+pub fn write_distances(rows: &[DistanceExportRow], path: &Path) -> Result<(), ExportError> {
+    let columns = vec![
+        Column::new("sweep".into(), rows.iter().map(|r| r.sweep.clone()).collect::<Vec<_>>()),
+        Column::new("job_id".into(), rows.iter().map(|r| r.job_id).collect::<Vec<_>>()),
+        Column::new("model".into(), rows.iter().map(|r| r.model.clone()).collect::<Vec<_>>()),
+        Column::new("metric".into(), rows.iter().map(|r| r.metric.clone()).collect::<Vec<_>>()),
+        Column::new("n".into(), rows.iter().map(|r| r.n).collect::<Vec<_>>()),
+        Column::new("l".into(), rows.iter().map(|r| r.l).collect::<Vec<_>>()),
+        Column::new("value".into(), rows.iter().map(|r| r.value).collect::<Vec<_>>()),
+    ];
+    write_frame(&mut DataFrame::new_infer_height(columns)?, Format::Csv, path)
+}
+
+/// A written table read back: `.parquet` by its schema, anything else as CSV with every column
+/// read as text first and converted by [`Columns`] (no type guessing from the first rows).
+fn read_frame(path: &Path) -> Result<DataFrame, ExportError> {
+    let read = |source| ExportError::Read { path: path.display().to_string(), source };
+    if path.extension().is_some_and(|e| e == "parquet") {
+        let file =
+            std::fs::File::open(path).map_err(|source| ExportError::Io { path: path.display().to_string(), source })?;
+        ParquetReader::new(file).finish().map_err(read)
+    } else {
+        CsvReadOptions::default()
+            .with_has_header(true)
+            .with_infer_schema_length(Some(0))
+            .try_into_reader_with_file_path(Some(path.to_path_buf()))
+            .and_then(|r| r.finish())
+            .map_err(read)
+    }
+}
+
+/// A read table's columns, converted to what the rows hold; a missing or unconvertible column
+/// is an error naming the file and the column.
+struct Columns<'a> {
+    df: &'a DataFrame,
+    path: &'a Path,
+}
+
+impl Columns<'_> {
+    fn error(&self, name: &str, source: PolarsError) -> ExportError {
+        ExportError::Read { path: format!("{} (column `{name}`)", self.path.display()), source }
+    }
+
+    fn cast(&self, name: &str, dtype: &DataType) -> Result<Column, ExportError> {
+        self.df.column(name).and_then(|c| c.cast(dtype)).map_err(|e| self.error(name, e))
+    }
+
+    fn strings(&self, name: &str) -> Result<Vec<String>, ExportError> {
+        let c = self.cast(name, &DataType::String)?;
+        Ok(c.str().map_err(|e| self.error(name, e))?.iter().map(|v| v.unwrap_or_default().to_string()).collect())
+    }
+
+    fn floats(&self, name: &str) -> Result<Vec<Option<f64>>, ExportError> {
+        let c = self.cast(name, &DataType::Float64)?;
+        Ok(c.f64().map_err(|e| self.error(name, e))?.iter().collect())
+    }
+
+    fn ints(&self, name: &str) -> Result<Vec<Option<i64>>, ExportError> {
+        let c = self.cast(name, &DataType::Int64)?;
+        Ok(c.i64().map_err(|e| self.error(name, e))?.iter().collect())
+    }
+
+    fn u32s(&self, name: &str) -> Result<Vec<Option<u32>>, ExportError> {
+        Ok(self.ints(name)?.into_iter().map(|v| v.and_then(|v| u32::try_from(v).ok())).collect())
+    }
+}
+
+/// An exported results table (`results.csv` or `results.parquet`) read back into rows: what
+/// `coordinator plot --from` draws, with no coordinator.
+pub fn read(path: &Path) -> Result<Vec<ExportRow>, ExportError> {
+    let df = read_frame(path)?;
+    let c = Columns { df: &df, path };
+    let (sweep, job_id, kind, model) =
+        (c.strings("sweep")?, c.ints("job_id")?, c.strings("kind")?, c.strings("model")?);
+    let (method, heal, fraction, n) = (c.strings("method")?, c.strings("heal")?, c.floats("fraction")?, c.u32s("n")?);
+    let (n_dropped, layers_dropped, num_layers) =
+        (c.u32s("n_dropped")?, c.strings("layers_dropped")?, c.u32s("num_layers")?);
+    let (fraction_dropped, task, metric, value) =
+        (c.floats("fraction_dropped")?, c.strings("task")?, c.strings("metric")?, c.floats("value")?);
+    let (seconds, key, model_fingerprint) = (c.floats("seconds")?, c.strings("key")?, c.strings("model_fingerprint")?);
+    let (data_fingerprints, worker_version, worker_commit) =
+        (c.strings("data_fingerprints")?, c.strings("worker_version")?, c.strings("worker_commit")?);
+    let (device, dtype, wall_seconds, spec) =
+        (c.strings("device")?, c.strings("dtype")?, c.floats("wall_seconds")?, c.strings("spec")?);
+    Ok((0..df.height())
+        .map(|i| ExportRow {
+            sweep: sweep[i].clone(),
+            job_id: job_id[i].unwrap_or_default(),
+            kind: kind[i].clone(),
+            model: model[i].clone(),
+            method: method[i].clone(),
+            heal: heal[i].clone(),
+            fraction: fraction[i],
+            n: n[i],
+            n_dropped: n_dropped[i],
+            layers_dropped: layers_dropped[i].clone(),
+            num_layers: num_layers[i],
+            fraction_dropped: fraction_dropped[i],
+            task: task[i].clone(),
+            metric: metric[i].clone(),
+            value: value[i].unwrap_or(f64::NAN),
+            seconds: seconds[i],
+            key: key[i].clone(),
+            model_fingerprint: model_fingerprint[i].clone(),
+            data_fingerprints: data_fingerprints[i].clone(),
+            worker_version: worker_version[i].clone(),
+            worker_commit: worker_commit[i].clone(),
+            device: device[i].clone(),
+            dtype: dtype[i].clone(),
+            wall_seconds: wall_seconds[i],
+            spec: spec[i].clone(),
+        })
+        .collect())
+}
+
+/// A `distances.csv` read back.
+pub fn read_distances(path: &Path) -> Result<Vec<DistanceExportRow>, ExportError> {
+    let df = read_frame(path)?;
+    let c = Columns { df: &df, path };
+    let (sweep, job_id, model, metric) =
+        (c.strings("sweep")?, c.ints("job_id")?, c.strings("model")?, c.strings("metric")?);
+    let (n, l, value) = (c.u32s("n")?, c.u32s("l")?, c.floats("value")?);
+    Ok((0..df.height())
+        .map(|i| DistanceExportRow {
+            sweep: sweep[i].clone(),
+            job_id: job_id[i].unwrap_or_default(),
+            model: model[i].clone(),
+            metric: metric[i].clone(),
+            n: n[i].unwrap_or_default(),
+            l: l[i].unwrap_or_default(),
+            value: value[i].unwrap_or(f64::NAN),
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -266,6 +461,66 @@ mod tests {
         assert_eq!(text.lines().count(), 3);
         assert!(text.starts_with("sweep,job_id,kind,model,method,heal,fraction,n,n_dropped"), "{text}");
         write(&rows, Format::Parquet, &dir.path().join("out.parquet")).unwrap();
+    }
+
+    #[test]
+    fn a_written_table_reads_back_as_the_same_rows() {
+        let rows = vec![
+            ExportRow {
+                sweep: "s".into(),
+                job_id: 3,
+                kind: "cell".into(),
+                model: "m".into(),
+                method: "angular".into(),
+                heal: "qlora".into(),
+                fraction: Some(0.1),
+                n: None,
+                n_dropped: Some(3),
+                layers_dropped: "13,14,15".into(),
+                num_layers: Some(30),
+                fraction_dropped: Some(0.1),
+                task: "boolq".into(),
+                metric: "accuracy".into(),
+                value: 0.615,
+                seconds: Some(12.25),
+                key: "k".into(),
+                model_fingerprint: "sha256:ab".into(),
+                data_fingerprints: "{\"a,b\":\"sha256:ff\"}".into(),
+                worker_version: "0.1.0".into(),
+                worker_commit: "abc-dirty".into(),
+                device: "cpu".into(),
+                dtype: "f32".into(),
+                wall_seconds: Some(1.0 / 3.0),
+                spec: "{\"kind\":\"cell\",\"note\":\"a \\\"quoted\\\" word, and a comma\"}".into(),
+            },
+            ExportRow {
+                sweep: "s".into(),
+                job_id: 1,
+                kind: "baseline".into(),
+                value: 3.712_345_678_901_234_5,
+                ..Default::default()
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (format, name) in [(Format::Csv, "r.csv"), (Format::Parquet, "r.parquet")] {
+            let path = dir.path().join(name);
+            write(&rows, format, &path).unwrap();
+            assert_eq!(read(&path).unwrap(), rows, "{name}");
+        }
+        let distances = vec![DistanceExportRow {
+            sweep: "s".into(),
+            job_id: 1,
+            model: "m".into(),
+            metric: "angular".into(),
+            n: 2,
+            l: 5,
+            value: 0.123_456_789,
+        }];
+        let path = dir.path().join("distances.csv");
+        write_distances(&distances, &path).unwrap();
+        assert_eq!(read_distances(&path).unwrap(), distances);
+        let e = read_distances(&dir.path().join("r.csv")).unwrap_err().to_string();
+        assert!(e.contains("r.csv (column `l`)"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! coordinator retry tiny-test --failed
 //! coordinator export tiny-test --format csv --out results/tiny-test/results.csv
 //! coordinator plot tiny-test --out results/tiny-test/plots
+//! coordinator plot --from results/tiny-test               # the same, from the export alone
 //! coordinator run experiments/tiny-test.yaml --workers 2   # embedded coordinator + local workers
 //! ```
 //!
@@ -30,11 +31,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pb::sweep_service_client::SweepServiceClient;
 use prunesweep_coordinator::auth::{self, Security, Tokens};
 use prunesweep_coordinator::export::{self, Format};
+use prunesweep_coordinator::plan;
 use prunesweep_coordinator::server::HttpListeners;
 use prunesweep_coordinator::store::{self, DEFAULT_DATABASE_URL};
 use prunesweep_coordinator::sweep::{self, SweepSpec};
 use prunesweep_coordinator::Config;
-use prunesweep_coordinator::{plan, plot};
 use prunesweep_proto::client::{self, Bearer};
 use prunesweep_proto::v1 as pb;
 use tonic::service::interceptor::InterceptedService;
@@ -42,6 +43,7 @@ use tonic::transport::Channel;
 
 mod cli;
 
+use cli::figures::{plot_from_export, write_figures};
 use cli::local::run_local;
 use cli::tables::{eta, print_failed, print_running, print_table, print_workers};
 
@@ -179,13 +181,19 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Accuracy-versus-fraction-dropped curves, one SVG + PNG per task (like the paper's Fig. 1–3).
+    /// Accuracy-versus-depth curves, one SVG + PNG per task (like the paper's Figs. 1–3), and a
+    /// distance heatmap per scored model (Fig. 4): from the coordinator, or (`--from`) from an
+    /// export folder alone, which also gets `results.md`, the results as a Markdown table.
     Plot {
-        /// The sweep.
-        sweep: String,
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
+        /// The sweep (read from the coordinator).
+        #[arg(required_unless_present = "from")]
+        sweep: Option<String>,
+        /// An export folder instead: `results.parquet` (or `results.csv`) and `distances.csv`.
+        #[arg(long, conflicts_with = "sweep")]
+        from: Option<PathBuf>,
+        /// Output folder (default with `--from`: FROM/plots).
+        #[arg(long, required_unless_present = "from")]
+        out: Option<PathBuf>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -208,7 +216,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Write a sweep's results, one row per cell × metric.
+    /// Write a sweep's results, one row per cell × metric, and the score jobs' distance tables
+    /// to `distances.csv` beside them: all `coordinator plot --from` needs.
     Export {
         /// The sweep.
         sweep: String,
@@ -334,11 +343,13 @@ async fn run(args: Args) -> Result<()> {
             let reply = connect(&client).await?.retry_sweep(req).await?;
             println!("sweep {sweep}: {} jobs requeued", reply.into_inner().jobs_requeued);
         }
-        Command::Plot { sweep, out, client } => {
+        Command::Plot { from: Some(dir), out, .. } => plot_from_export(&dir, out)?,
+        Command::Plot { sweep: Some(sweep), out: Some(out), client, .. } => {
             let jobs = export::fetch_results(&mut connect(&client).await?, &sweep).await?;
             let rows = export::rows_from_pb(&sweep, &jobs);
-            write_plots(&sweep, &rows, &out)?;
+            write_figures(&sweep, &rows, &export::distance_rows_from_pb(&sweep, &jobs), &out, None)?;
         }
+        Command::Plot { .. } => unreachable!("clap requires SWEEP and --out, or --from"),
         Command::Run { file, workers, device, worker_bin, out } => {
             run_local(file, workers, device, worker_bin, out).await?
         }
@@ -420,37 +431,13 @@ async fn export_results(sweep: &str, format: FormatArg, out: &std::path::Path, c
     };
     export::write(&rows, format, out)?;
     println!("wrote {} rows to {}", rows.len(), out.display());
-    Ok(())
-}
-
-/// One chart per task under `out`.
-fn write_plots(sweep: &str, rows: &[export::ExportRow], out: &std::path::Path) -> Result<()> {
-    let charts = plot::charts(rows);
-    if charts.is_empty() {
-        bail!("sweep {sweep} has no results to plot yet");
-    }
-    for chart in &charts {
-        let (svg, png) = plot::write_chart(chart, sweep, out).map_err(anyhow::Error::msg)?;
-        println!("{}: {} and {}", chart.task, svg.display(), png.display());
+    let distances = export::distance_rows_from_pb(sweep, &jobs);
+    if !distances.is_empty() {
+        let path = out.with_file_name("distances.csv");
+        export::write_distances(&distances, &path)?;
+        println!("wrote the score jobs' {} distances to {}", distances.len(), path.display());
     }
     Ok(())
-}
-
-/// A finished sweep's `results.csv`, `results.parquet` and `plots/` under `dir`; returns the
-/// failed jobs' errors.
-async fn write_results(client: &mut Client, sweep: &str, dir: &std::path::Path) -> Result<Vec<String>> {
-    let jobs = export::fetch_results(client, sweep).await?;
-    let rows = export::rows_from_pb(sweep, &jobs);
-    for (format, name) in [(Format::Csv, "results.csv"), (Format::Parquet, "results.parquet")] {
-        export::write(&rows, format, &dir.join(name))?;
-    }
-    println!("wrote {} rows to {}/results.{{csv,parquet}}", rows.len(), dir.display());
-    write_plots(sweep, &rows, &dir.join("plots"))?;
-    Ok(jobs
-        .iter()
-        .filter(|j| j.state == pb::JobState::Failed as i32)
-        .map(|j| format!("job {}: {}", j.job_id, j.error.clone().unwrap_or_default()))
-        .collect())
 }
 
 fn main() -> Result<()> {

@@ -9,6 +9,9 @@
 //!   (`PRUNESWEEP_CHROMIUM` names another binary).
 //! - `http_checks_tokens_and_escapes` speaks plain HTTP: tokens (bearer, `?token=` login, cookie,
 //!   worker token refused), `/metrics` behind them, hostile names escaped, bad paths and methods.
+//! - `the_export_alone_redraws_the_plots_and_the_table`: `coordinator export` (Parquet and CSV,
+//!   with `distances.csv`) then, with the coordinator stopped, `coordinator plot --from` draws the
+//!   same charts and heatmap as `coordinator plot` did from the live coordinator, and the table.
 
 #[macro_use]
 mod common;
@@ -442,3 +445,55 @@ async fn http_checks_tokens_and_escapes(store: &TestStore) {
 }
 
 both_backends!(http_checks_tokens_and_escapes);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_alone_redraws_the_plots_and_the_table() {
+    let store = common::sqlite().await;
+    let server = start(store.store.clone(), tokens()).await;
+    let (mut sweeps, workers) = server.clients().await;
+    let submit = pb::SubmitSweepRequest { yaml: common::TINY.into(), file_name: Some("tiny.yaml".into()) };
+    sweeps.submit_sweep(submit).await.unwrap();
+    let mut w = FakeWorker::register(workers, "w").await;
+    // Score, baseline and the four cells.
+    for _ in 0..6 {
+        let lease = w.lease().await;
+        w.complete(&lease).await;
+    }
+    let coordinator = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(args)
+            .env("PRUNESWEEP_COORDINATOR", &server.grpc)
+            .env("PRUNESWEEP_TOKEN", USER)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "coordinator {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (parquet, csv, live) = (dir.path().join("parquet"), dir.path().join("csv"), dir.path().join("live"));
+    let file = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    coordinator(&["export", "tiny", "--format", "parquet", "--out", parquet.join("results.parquet").to_str().unwrap()]);
+    coordinator(&["export", "tiny", "--format", "csv", "--out", csv.join("results.csv").to_str().unwrap()]);
+    coordinator(&["plot", "tiny", "--out", live.to_str().unwrap()]);
+    let heatmap = "heatmap-tiny-llama.svg";
+    assert!(
+        file(&parquet, "distances.csv").starts_with("sweep,job_id,model,metric,n,l,value\n"),
+        "the score table beside it"
+    );
+    // With the coordinator gone, both exports redraw what it drew.
+    let grpc = server.grpc.clone();
+    server.shutdown().await;
+    assert!(tokio::net::TcpStream::connect(grpc.trim_start_matches("http://")).await.is_err());
+    for export in [&parquet, &csv] {
+        coordinator(&["plot", "--from", export.to_str().unwrap()]);
+        let plots = export.join("plots");
+        assert_eq!(file(&plots, "c4-loss.svg"), file(&live, "c4-loss.svg"), "{}", export.display());
+        assert_eq!(file(&plots, heatmap), file(&live, heatmap), "{}", export.display());
+        assert!(plots.join("c4-loss.png").is_file() && plots.join("heatmap-tiny-llama.png").is_file());
+    }
+    let table = file(&parquet, "results.md");
+    assert_eq!(table, file(&csv, "results.md"), "CSV and Parquet read back the same");
+    assert_eq!(table.lines().count(), 2 + 5, "header, rule, baseline and four cells:\n{table}");
+    assert!(table.contains("| tiny-llama | unpruned | – | 0 | – |"), "{table}");
+    assert!(table.contains("| tiny-llama | deepest | none | 2 (50%) | 2–3 |"), "{table}");
+    store.cleanup().await;
+}

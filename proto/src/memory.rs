@@ -6,12 +6,15 @@
 //! pipeline (`worker/src/serve/pipeline.rs`) holds, phase by phase:
 //!
 //! - **load**: the whole model, dense, in its dtype (f32 on a CPU, bf16 on CUDA), kept after the
-//!   job for the next one of the same model;
+//!   job for the next one of the same model — or, for a QLoRA cell (NF4 base), every layer's
+//!   projections in NF4, quantized one tensor at a time as they are read, and only the rest
+//!   (embedding, norms, LM head) dense: the dense model is never held (`Model::load_nf4`), and the
+//!   NF4 one is kept for the next QLoRA cell in its place;
 //! - **score**: the dense model plus one calibration batch's forward pass — or, when that is
 //!   larger, the layer-streamed pass the worker switches to (one layer plus every batch's residual
 //!   stream), whichever is smaller;
-//! - **heal**: the dense model (still held), plus the kept layers' projections again in NF4 (a
-//!   QLoRA base is a copy: the dense model stays loaded), the adapters with their gradients and
+//! - **heal**: the loaded model (for QLoRA, all its layers in NF4: the cut layers stay in the
+//!   held copy; without quantization, the dense model), the adapters with their gradients and
 //!   AdamW moments (f32), and one micro-batch's training activations with per-block recomputation
 //!   (the worker's default, `HealConfig::recompute`): every block's input kept, one block's graph
 //!   at a time, and the logits with their gradient;
@@ -325,6 +328,18 @@ fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64) -> (u64,
     }
 }
 
+/// The transient dense copy an NF4 weight is decoded into for each product (`model/frozen.rs`),
+/// `largest` being the largest projection's values: on a CPU in f32 the whole matrix at once;
+/// elsewhere tile by tile, at most 16 Mi values in the compute dtype (`e` bytes each). While
+/// loading, the one projection being quantized takes no more.
+fn nf4_decode_bytes(largest: u64, e: u64, placement: Placement) -> u64 {
+    if placement == Placement::Cpu && e == 4 {
+        largest * 4
+    } else {
+        largest.min(1 << 24) * e
+    }
+}
+
 /// A phase's parts, summed.
 struct Phase {
     name: &'static str,
@@ -349,9 +364,26 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         Placement::Cpu => ("runtime", CPU_RUNTIME_BYTES),
         Placement::Cuda => ("cuda context", CUDA_CONTEXT_BYTES),
     };
-    // The dense model, every layer, in the compute dtype (loaded once, kept between jobs).
-    let weights = ("weights", shape.params() * e);
-    let mut phases = vec![Phase { name: "load", parts: vec![overhead, weights] }];
+    let qlora = job.heal.as_ref().and_then(|h| h.qlora.as_ref());
+    let nf4_base = qlora.is_some_and(|q| q.quantize_base);
+    // The model as loaded (once, kept between jobs): every layer, in the compute dtype — or, for a
+    // QLoRA cell, every layer's projections in NF4 (plus the one projection being quantized) and
+    // the embedding, norms and LM head in the compute dtype.
+    let mut resident = if nf4_base {
+        let projections = shape.block_projections();
+        let dense = shape.params() - layers * shape.block_projection_params();
+        let largest = projections.iter().map(|(r, c)| r * c).max().unwrap_or(0);
+        let nf4 = layers * projections.iter().map(|(r, c)| nf4_bytes(r * c)).sum::<u64>();
+        vec![
+            overhead,
+            ("weights", dense * e),
+            ("nf4 base", nf4),
+            ("nf4 decode", nf4_decode_bytes(largest, e, placement)),
+        ]
+    } else {
+        vec![overhead, ("weights", shape.params() * e)]
+    };
+    let mut phases = vec![Phase { name: "load", parts: resident.clone() }];
     let kind = JobKind::try_from(job.kind).unwrap_or(JobKind::Unspecified);
     if kind == JobKind::Score {
         let c = job.calibration.clone().unwrap_or_default();
@@ -360,7 +392,9 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         // Loaded: one batch's forward pass, plus the previous residual state (Block Influence).
         let forward = forward_bytes(shape, batch, t, 0, e) + batch * t * h * e;
         let slack = ("allocator", forward * ALLOCATOR_SLACK_PERCENT / 100);
-        let loaded = Phase { name: "score", parts: vec![overhead, weights, ("activations", forward), slack] };
+        let mut parts = resident.clone();
+        parts.extend([("activations", forward), slack]);
+        let loaded = Phase { name: "score", parts };
         // Streamed (`model/streamed.rs`, which the worker picks when the model does not fit): the
         // embedding, one block, and every batch's residual stream twice (entering and leaving it).
         let one_block = (shape.block_projection_params() + 2 * h) * e;
@@ -380,16 +414,10 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         }
     }
     let kept = layers - dropped_layers(job, shape.layers);
-    let mut resident = vec![overhead, weights];
     // Host memory beyond the runtime that a phase holds (the training ids).
     let mut host_data = 0;
-    if let Some(q) = job.heal.as_ref().and_then(|h| h.qlora.as_ref()) {
+    if let Some(q) = qlora {
         let (mb, t, rank) = (u64::from(q.micro_batch_size.max(1)), u64::from(q.seq_len), u64::from(q.rank));
-        let nf4 = if q.quantize_base {
-            kept * shape.block_projections().iter().map(|(r, c)| nf4_bytes(r * c)).sum::<u64>()
-        } else {
-            0
-        };
         let targets = AdapterTargets::try_from(q.targets).unwrap_or(AdapterTargets::Unspecified);
         let adapter_params = kept * adapter_params_per_block(shape, targets, &q.target_modules, rank)?;
         // Adapters, gradient sums, one micro-batch's gradients, AdamW's m and v: five f32 copies.
@@ -411,15 +439,6 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
             Placement::Cpu if e == 4 => 2 * mb * t * v * 4,
             _ => 10 * mb * t * v * e,
         };
-        if nf4 > 0 {
-            resident.push(("nf4 base", nf4));
-            // Each product with an NF4 weight decodes it first (`model/frozen.rs`): on a CPU in
-            // f32 the whole matrix at once, the largest projection; elsewhere tile by tile, at
-            // most `TILE_VALUES` (16 Mi) values in the compute dtype.
-            let largest = shape.block_projections().iter().map(|(r, c)| r * c).max().unwrap_or(0);
-            let tile = if placement == Placement::Cpu && e == 4 { largest * 4 } else { largest.min(1 << 24) * e };
-            resident.push(("nf4 decode", tile));
-        }
         let mut parts = resident.clone();
         let slack = (activations + logits) * ALLOCATOR_SLACK_PERCENT / 100;
         parts.extend([("adapters", adapters), ("activations", activations), ("logits", logits), ("allocator", slack)]);
@@ -502,21 +521,30 @@ mod tests {
     }
 
     #[test]
-    fn a_heal_cell_is_dense_weights_plus_the_nf4_copy_plus_training() {
+    fn a_qlora_cell_holds_every_layer_in_nf4_and_only_the_rest_dense() {
         let est = predict(&LLAMA2_70B, &cell(QLoraSettings::paper()), Placement::Cuda).unwrap();
         assert_eq!(est.phase, "heal");
         let part = |name| est.parts.iter().find(|p| p.0 == name).unwrap().1;
-        assert_eq!(part("weights"), LLAMA2_70B.params() * 2, "bf16 on CUDA");
-        // 60 kept blocks of 0.516-byte parameters.
-        let nf4 = part("nf4 base") as f64 / (60 * LLAMA2_70B.block_projection_params()) as f64;
+        // Embedding, LM head and norms in bf16: no dense copy of a block projection.
+        let rest = 2 * 32000 * 8192 + 8192 + 80 * 2 * 8192;
+        assert_eq!(part("weights"), rest * 2, "bf16 on CUDA");
+        // All 80 blocks of 0.516-byte parameters: the cut layers stay in the held model.
+        let nf4 = part("nf4 base") as f64 / (80 * LLAMA2_70B.block_projection_params()) as f64;
         assert!((nf4 - 0.516).abs() < 1e-3, "{nf4}");
-        // r = 64 on gate/up/down: 64 · (3 · 8192 + 3 · 28672) per block, five f32 copies.
+        // r = 64 on gate/up/down of the 60 kept blocks: 64 · (3 · 8192 + 3 · 28672), five f32 copies.
         assert_eq!(part("adapters"), 60 * 64 * 3 * (8192 + 28672) * 20);
         assert_eq!(est.device_bytes, est.parts.iter().map(|p| p.1).sum::<u64>());
+        // The paper's claim for 70B: the healing step fits one H200 (141 GB).
+        assert!(est.device_bytes < 141_000_000_000, "{}", gib(est.device_bytes));
         // The same job on a CPU is f32 and one figure for device and host.
         let cpu = predict(&LLAMA2_70B, &cell(QLoraSettings::paper()), Placement::Cpu).unwrap();
         assert_eq!(cpu.device_bytes, cpu.host_bytes);
         assert!(cpu.device_bytes > est.device_bytes);
+        // Without quantization the dense base is held instead.
+        let lora = cell(QLoraSettings { quantize_base: false, ..QLoraSettings::paper() });
+        let dense = predict(&LLAMA2_70B, &lora, Placement::Cuda).unwrap();
+        assert!(dense.parts.iter().all(|p| p.0 != "nf4 base"));
+        assert_eq!(dense.parts.iter().find(|p| p.0 == "weights").unwrap().1, LLAMA2_70B.params() * 2);
     }
 
     #[test]

@@ -198,8 +198,8 @@ pub fn job_spec(job: &JobRow, distances: &[DistanceRow]) -> pb::JobSpec {
     }
 }
 
-/// One job with its results, as `ListResults` reports it.
-pub fn job_result(j: JobResults) -> pb::JobResult {
+/// One job with its results (and, for a score job, its `distances`), as `ListResults` reports it.
+pub fn job_result(j: JobResults, distances: &[DistanceRow]) -> pb::JobResult {
     let spec = job_spec(&j.job, &[]);
     pb::JobResult {
         job_id: j.job.id,
@@ -225,6 +225,7 @@ pub fn job_result(j: JobResults) -> pb::JobResult {
             dtype: p.dtype,
             wall_seconds: p.wall_seconds,
         }),
+        distances: distances.iter().map(distance).collect(),
     }
 }
 

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::Config;
 use crate::group_commit::GroupCommit;
-use crate::job::{JobState, SweepState};
+use crate::job::{JobKind, JobState, SweepState};
 use crate::metrics::{Metrics, ScrapeError};
 use crate::store::{now_ms, Failure, HeartbeatOutcome, JobStore, LeaseRequest, StoreError, WorkerInfo};
 use crate::sweep::SweepSpec;
@@ -292,7 +292,11 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         let (mut jobs, mut bytes, mut last) = (Vec::with_capacity(page.len()), 0, after);
         let mut cut = false;
         for job in page {
-            let job = job_result(job);
+            let distances = match job.job.kind {
+                JobKind::Score => self.store.distances(job.job.id).await?,
+                _ => Vec::new(),
+            };
+            let job = job_result(job, &distances);
             let len = job.encoded_len();
             if !jobs.is_empty() && bytes + len > limits::RESULTS_PAGE_BYTES {
                 cut = true;

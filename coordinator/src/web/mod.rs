@@ -26,7 +26,6 @@
 //! gRPC server (open requests get 5 s to finish).
 
 pub mod access;
-pub mod heatmap;
 pub mod html;
 pub mod view;
 

@@ -524,7 +524,7 @@ async fn heatmaps(store: &dyn JobStore, jobs: &[crate::store::JobResults]) -> Re
     for j in jobs.iter().filter(|j| j.job.kind == JobKind::Score && j.job.state == JobState::Succeeded) {
         let rows = store.distances(j.job.id).await?;
         let title = format!("{}: angular distance d(l, n)", j.job.spec.model.name);
-        if let Some(svg) = super::heatmap::heatmap_svg(&rows, &title, FIGURE_SIZE).map_err(ViewError::Unavailable)? {
+        if let Some(svg) = plot::heatmap::heatmap_svg(&rows, &title, FIGURE_SIZE).map_err(ViewError::Unavailable)? {
             out.push(Figure { title, svg });
         }
     }

@@ -94,10 +94,19 @@ pub struct Pipeline {
     device: Device,
     work_dir: PathBuf,
     roots: Roots,
-    /// The last model loaded: its source, its dtype, the model.
-    loaded: Option<(String, DType, Model)>,
+    /// The last model loaded (one at a time: a QLoRA cell's NF4 base replaces the dense model).
+    loaded: Option<Loaded>,
     /// At most this much of the device's memory is counted as free (`None`: all of it).
     memory_budget: Option<u64>,
+}
+
+/// A loaded model and what it was loaded as, so that a job asking for the same is given a clone.
+struct Loaded {
+    source: String,
+    dtype: DType,
+    /// Whether the block projections are NF4 (a QLoRA cell's frozen base, [`Model::load_nf4`]).
+    nf4: bool,
+    model: Model,
 }
 
 fn timing(phase: &str, since: Instant) -> PhaseTiming {
@@ -160,19 +169,27 @@ impl Pipeline {
 
     /// Model sources held in memory (the affinity hint of `LeaseJob`).
     pub fn held_models(&self) -> Vec<String> {
-        self.loaded.iter().map(|(s, _, _)| s.clone()).collect()
+        self.loaded.iter().map(|l| l.source.clone()).collect()
     }
 
-    /// The job's model, fresh (unpruned, no adapters), in `dtype` (`None`: the device's own);
-    /// loaded once and cloned (weights are shared).
-    fn model(&mut self, source: &str, dtype: Option<DType>) -> Result<Model, JobError> {
+    /// The job's model, fresh (unpruned, no adapters), in `dtype` (`None`: the device's own), its
+    /// block projections in NF4 when `nf4` (quantized as they are read: the dense model is never
+    /// held, which is what lets a QLoRA cell of a model larger than the device run); loaded once
+    /// and cloned (weights are shared). The model held before is dropped first.
+    fn model(&mut self, source: &str, dtype: Option<DType>, nf4: bool) -> Result<Model, JobError> {
         let dtype = dtype.unwrap_or_else(|| default_dtype(&self.device));
-        if !matches!(&self.loaded, Some((s, d, _)) if s == source && *d == dtype) {
+        if !matches!(&self.loaded, Some(l) if l.source == source && l.dtype == dtype && l.nf4 == nf4) {
             self.loaded = None;
-            let model = Model::load_as(Path::new(source), &self.device, dtype).map_err(|e| model_failure(source, e))?;
-            self.loaded = Some((source.to_string(), dtype, model));
+            let path = Path::new(source);
+            let model = if nf4 {
+                Model::load_nf4(path, &self.device, dtype)
+            } else {
+                Model::load_as(path, &self.device, dtype)
+            }
+            .map_err(|e| model_failure(source, e))?;
+            self.loaded = Some(Loaded { source: source.to_string(), dtype, nf4, model });
         }
-        Ok(self.loaded.as_ref().expect("just loaded").2.clone())
+        Ok(self.loaded.as_ref().expect("just loaded").model.clone())
     }
 
     /// Runs one job to completion, or until `progress.stop` is set; the output carries its
@@ -185,7 +202,7 @@ impl Pipeline {
         let seconds = started.elapsed().as_secs_f64();
         // The model as its load resolved it; only a layer-streamed score job resolves it here.
         let resolved = match &self.loaded {
-            Some((source, _, model)) if *source == job.model => Ok(model.source.clone()),
+            Some(l) if l.source == job.model => Ok(l.model.source.clone()),
             _ => ModelSource::resolve(Path::new(&job.model)).map_err(|e| e.to_string()),
         };
         out.provenance = Some(crate::provenance::provenance(
@@ -208,7 +225,8 @@ impl Pipeline {
         }
         progress.set("load", 0.0);
         let t = Instant::now();
-        let mut model = self.model(&job.model, job.dtype)?;
+        let nf4_base = matches!(&job.work, Work::Cell(c) if c.heal.as_ref().is_some_and(|h| h.config.quantize));
+        let mut model = self.model(&job.model, job.dtype, nf4_base)?;
         out.timings.push(timing("load", t));
         out.num_layers = Some(model.decoder.num_blocks() as u32);
         progress.check()?;
@@ -232,7 +250,7 @@ impl Pipeline {
     /// dtype take more than 90% of the device's free memory (host RAM for a CPU worker). Such a
     /// score job runs layer by layer instead ([`score::run_streamed`]).
     fn needs_streaming(&self, job: &Job) -> Result<bool, JobError> {
-        if self.loaded.as_ref().is_some_and(|(s, _, _)| *s == job.model) {
+        if self.loaded.as_ref().is_some_and(|l| l.source == job.model) {
             return Ok(false);
         }
         let dtype = job.dtype.unwrap_or_else(|| default_dtype(&self.device));
@@ -409,6 +427,8 @@ fn evaluate(tasks: &[EvalSpec], model: &Model, progress: &Progress, out: &mut Jo
 mod tests {
     use super::*;
     use crate::eval::c4_loss;
+    use crate::heal::HealConfig;
+    use crate::prune::PruneSpec;
 
     #[test]
     fn a_non_finite_metric_fails_the_job_instead_of_becoming_a_result() {
@@ -470,6 +490,52 @@ mod tests {
         assert!(small.held_models().is_empty(), "streamed: nothing loaded to keep");
         assert_eq!(got.num_layers, want.num_layers);
         assert_eq!(got.distances, want.distances, "the same table, to the bit");
+    }
+
+    #[test]
+    fn a_qlora_cell_loads_its_base_as_nf4_and_heals_to_the_same_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let docs = dir.path().join("docs.jsonl");
+        let text = "The quick brown fox jumps over the lazy dog, again and again, for as long as it takes. ";
+        std::fs::write(&docs, format!("{{\"text\": \"{}\"}}\n", text.repeat(12)).repeat(6)).unwrap();
+        let config =
+            HealConfig { steps: 2, batch: 2, micro_batch: 1, seq_len: 16, rank: 4, warmup: 1, ..Default::default() };
+        let cell = Cell {
+            prune: PruneSpec { method: prune::Method::Deepest, amount: prune::Amount::N(1) },
+            distances: None,
+            influence: None,
+            heal: Some(HealSpec { data: docs.clone(), first_doc: 0, config }),
+            eval: vec![EvalSpec { limit: Some(2), seq_len: 16, first_doc: 4, ..EvalSpec::new(Task::C4Loss, &docs) }],
+        };
+        let model = fixtures.join("tiny-llama").display().to_string();
+        let job = Job {
+            id: 1,
+            key: "cell".into(),
+            model: model.clone(),
+            dtype: None,
+            work: Work::Cell(Box::new(cell.clone())),
+        };
+        let roots = |work: &Path| Roots::new(work, std::slice::from_ref(&fixtures), &[dir.path().into()]).unwrap();
+
+        let work = dir.path().join("served");
+        let mut served = Pipeline::new(Device::Cpu, work.clone(), roots(&work));
+        let got = served.run(&job, &Progress::default()).unwrap();
+        let held = served.loaded.as_ref().unwrap();
+        assert!(held.nf4, "the held base is the NF4 one");
+        let (params, _) = held.model.clone().decoder.quantize_nf4().unwrap();
+        assert!(params > 0);
+
+        // The earlier way: the dense model, cut, then quantized by the trainer.
+        let work = dir.path().join("dense");
+        let reference = Pipeline::new(Device::Cpu, work.clone(), roots(&work));
+        let mut dense = Model::load(Path::new(&model), &Device::Cpu).unwrap();
+        let mut want = JobOutput::default();
+        prune_model(&cell, &mut dense, &mut want).unwrap();
+        reference.heal(&job, cell.heal.as_ref().unwrap(), &mut dense, &Progress::default(), &mut want).unwrap();
+        evaluate(&cell.eval, &dense, &Progress::default(), &mut want).unwrap();
+        assert_eq!(got.layers_dropped, want.layers_dropped);
+        assert_eq!(got.results, want.results, "the same losses, to the bit");
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! A score job's angular distances `d(l, n)` as an SVG heatmap for the sweep page: x is the first
-//! layer of the block `l`, y the block size `n`, the most similar block of each `n` (the one the
-//! angular method drops) outlined in red, and a colour bar. It is the worker's `score --plot`
-//! heatmap (Fig. 4 of Gromov et al. 2024) drawn from the coordinator's stored table.
+//! A score job's angular distances `d(l, n)` as a heatmap, for the sweep page (SVG) and the
+//! sweep's plots folder (SVG + PNG): x is the first layer of the block `l`, y the block size `n`,
+//! the most similar block of each `n` (the one the angular method drops) outlined in red, and a
+//! colour bar. It is the worker's `score --plot` heatmap (Fig. 4 of Gromov et al. 2024) drawn from
+//! the coordinator's stored table or the exported `distances.csv`.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -11,21 +13,40 @@ use plotters::style::colors::colormaps::ViridisRGB;
 
 use crate::store::DistanceRow;
 
-/// The heatmap of `rows`' `angular` entries as an SVG document of `size` pixels; `None` when
-/// there are none. Non-finite values are left out (drawn as blank cells).
-pub fn heatmap_svg(rows: &[DistanceRow], title: &str, size: (u32, u32)) -> Result<Option<String>, String> {
-    let cells: BTreeMap<(u32, u32), f64> = rows
-        .iter()
+/// `rows`' `angular` entries by (n, l); non-finite values are left out (drawn as blank cells).
+fn angular_cells(rows: &[DistanceRow]) -> BTreeMap<(u32, u32), f64> {
+    rows.iter()
         .filter(|r| r.metric == "angular" && r.value.is_finite() && r.n >= 1)
         .map(|r| ((r.n, r.l), r.value))
-        .collect();
+        .collect()
+}
+
+/// The heatmap of `rows`' `angular` entries as an SVG document of `size` pixels; `None` when
+/// there are none.
+pub fn heatmap_svg(rows: &[DistanceRow], title: &str, size: (u32, u32)) -> Result<Option<String>, String> {
+    let cells = angular_cells(rows);
     if cells.is_empty() {
         return Ok(None);
     }
-    crate::plot::register_font();
+    super::register_font();
     let mut svg = String::new();
     draw(SVGBackend::with_string(&mut svg, size).into_drawing_area(), &cells, title)?;
     Ok(Some(svg))
+}
+
+/// Writes the heatmap as `dir/<name>.svg` and `.png` (720 × 560, `name` made safe as a file
+/// name); `None` when `rows` have no angular distances.
+pub fn write_heatmap(
+    rows: &[DistanceRow],
+    title: &str,
+    dir: &Path,
+    name: &str,
+) -> Result<Option<(PathBuf, PathBuf)>, String> {
+    let cells = angular_cells(rows);
+    if cells.is_empty() {
+        return Ok(None);
+    }
+    super::write_figure(dir, name, (720, 560), |a| draw(a, &cells, title), |a| draw(a, &cells, title)).map(Some)
 }
 
 fn draw<DB: DrawingBackend>(
@@ -137,5 +158,9 @@ mod tests {
             .collect();
         assert_eq!(labels, ["1", "2", "3", "4", "0", "1", "2", "3"], "{labels:?}");
         assert_eq!(heatmap_svg(&[row("block_influence", 1, 0, 0.5)], "t", (720, 480)).unwrap(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let (svg, png) = write_heatmap(&rows, "m", dir.path(), "heatmap-m").unwrap().unwrap();
+        assert!(std::fs::read_to_string(svg).unwrap().contains("<rect"));
+        assert!(std::fs::metadata(png).unwrap().len() > 1000);
     }
 }
