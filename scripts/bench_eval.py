@@ -4,6 +4,8 @@
 Usage:
     python scripts/bench_eval.py GGUF DATA_DIR mmlu [--per-subject 5] [--shots 5]
     python scripts/bench_eval.py GGUF DATA_DIR boolq [--limit 200]
+    python scripts/bench_eval.py GGUF DATA_DIR cloze [--per-subject 2]
+    python scripts/bench_eval.py GGUF DATA_DIR c4 [--limit 64] [--first-doc 600] [--seq-len 256]
 
 DATA_DIR is shared/data. Prompts are exactly those of scripts/reference/make_eval_reference.py
 (imported from there):
@@ -11,6 +13,11 @@ DATA_DIR is shared/data. Prompts are exactly those of scripts/reference/make_eva
     questions of every subject (all mmlu/test/*_test.csv, alphabetical by file name);
     prediction = argmax of the last-position logits over " A"/" B"/" C"/" D".
   * boolq: the first --limit lines of boolq/val.jsonl; prediction = logit(" yes") > logit(" no").
+  * cloze: MMLU 0-shot cloze (lm-eval's): for the first --per-subject test questions of every
+    subject, one forward of "Question: {q}\nAnswer: {choice}" per choice; prediction = argmax of
+    the choice tokens' summed log-probability per character. tokens = all four sequences'.
+  * c4: C4 loss on --limit documents from --first-doc of the C4 sample, each cut to --seq-len
+    tokens, one forward each; prints the token-weighted loss.
 Every prompt is tokenized first (tok(text)["input_ids"], defaults), then the timed loop runs one
 full forward per prompt (batch 1, no padding, no KV-cache reuse) under torch.inference_mode(),
 float32, attn_implementation="sdpa", torch.set_num_threads(os.cpu_count()). One untimed
@@ -34,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference"))
 from make_eval_reference import (  # noqa: E402
-    LETTERS, boolq_prompt, mmlu_letter_prompt, read_csv, single_token)
+    LETTERS, boolq_prompt, cloze_context, mmlu_letter_prompt, read_csv, single_token)
 
 
 def mmlu_prompts(data, per_subject, shots):
@@ -62,10 +69,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gguf")
     ap.add_argument("data")
-    ap.add_argument("task", choices=["mmlu", "boolq"])
+    ap.add_argument("task", choices=["mmlu", "boolq", "cloze", "c4"])
     ap.add_argument("--per-subject", type=int, default=5)
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--first-doc", type=int, default=600)
+    ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -75,6 +84,8 @@ def main():
         gdir, gguf_file=gname, torch_dtype=torch.float32, attn_implementation="sdpa"
     ).eval()
 
+    if args.task in ("cloze", "c4"):
+        return score_sequences(args, tok, model)
     if args.task == "mmlu":
         name = f"mmlu{args.shots}"
         prompts = mmlu_prompts(args.data, args.per_subject, args.shots)
@@ -108,6 +119,48 @@ def main():
     print(f"BENCH transformers-{name} questions={n} tokens={n_tokens} seconds={secs:.3f} "
           f"q_s={n / secs:.3f} tok_s={n_tokens / secs:.1f}")
     print(f"ACC transformers-{name} accuracy={correct / n:.4f}")
+
+
+def score_sequences(args, tok, model):
+    """cloze and c4: log-probabilities of continuation tokens, one forward per sequence."""
+    if args.task == "cloze":
+        name, questions = "cloze", []
+        for f in sorted(glob.glob(os.path.join(args.data, "mmlu", "test", "*_test.csv"))):
+            for row in read_csv(f)[: args.per_subject]:
+                ctx = cloze_context(row[0])
+                n_ctx = len(tok(ctx)["input_ids"])
+                wholes = [tok(ctx + " " + c)["input_ids"] for c in row[1:5]]
+                questions.append((row, [(w, n_ctx) for w in wholes]))
+        seqs = [s for _, ss in questions for s in ss]
+    else:
+        name = "c4"
+        with open(os.path.join(args.data, "c4", "c4-en-train.00000-of-01024.first1000.jsonl"), encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        docs = [json.loads(lines[j])["text"] for j in range(args.first_doc, args.first_doc + args.limit)]
+        seqs = [(ids, 1) for ids in (tok(d)["input_ids"][: args.seq_len] for d in docs) if len(ids) >= 2]
+    encoded = [torch.tensor([ids], dtype=torch.long) for ids, _ in seqs]
+    n_tokens = sum(len(ids) for ids, _ in seqs)
+    sums = []
+    with torch.inference_mode():
+        model(input_ids=encoded[0], use_cache=False)  # warm-up, untimed
+        t0 = time.perf_counter()
+        for x, (ids, first) in zip(encoded, seqs):
+            lp = torch.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), dim=-1)
+            tgt = torch.tensor(ids[first:], dtype=torch.long)
+            sums.append(float(lp[first - 1 : -1].gather(1, tgt[:, None]).sum()))
+        secs = time.perf_counter() - t0
+    if args.task == "cloze":
+        correct, k = 0, 0
+        for row, _ in questions:
+            scores = [sums[k + j] / len(row[1 + j]) for j in range(4)]
+            k += 4
+            correct += LETTERS[max(range(4), key=lambda j: (scores[j], -j))] == row[5]
+        n, metric = len(questions), f"accuracy={correct / len(questions):.4f}"
+    else:
+        n, metric = len(seqs), f"loss={-sum(sums) / sum(len(ids) - 1 for ids, _ in seqs):.4f}"
+    print(f"BENCH transformers-{name} questions={n} tokens={n_tokens} seconds={secs:.3f} "
+          f"q_s={n / secs:.3f} tok_s={n_tokens / secs:.1f}")
+    print(f"ACC transformers-{name} {metric}")
 
 
 if __name__ == "__main__":

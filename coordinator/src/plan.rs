@@ -56,16 +56,23 @@ fn memory_columns(m: &JobMemory) -> (String, String, String) {
     }
 }
 
-/// Per model, the parts of its largest job's GPU peak, or why it has no prediction.
+/// Per model, the parts of its largest job's GPU peak and, when another job heals, of its largest
+/// healing job's (the two hold different weights: dense, or NF4 and adapters); or why the model has
+/// no prediction.
 fn memory_notes(jobs: &[PlannedJob], out: &mut String) {
-    let mut models: BTreeMap<&str, Option<(usize, &MemoryEstimate)>> = BTreeMap::new();
+    // Per model: the largest job, and the largest healing job.
+    type Largest<'a> = Option<(usize, &'a MemoryEstimate)>;
+    let mut models: BTreeMap<&str, (Largest, Largest)> = BTreeMap::new();
     let mut unknown: BTreeMap<&str, &str> = BTreeMap::new();
     for (i, j) in jobs.iter().enumerate() {
         match &j.memory {
             JobMemory::Predicted { gpu, .. } => {
-                let best = models.entry(j.spec.model.name.as_str()).or_default();
-                if best.is_none_or(|(_, b)| gpu.device_bytes > b.device_bytes) {
-                    *best = Some((i + 1, gpu));
+                let (any, healing) = models.entry(j.spec.model.name.as_str()).or_default();
+                let slots = if j.spec.heal.is_some() { vec![any, healing] } else { vec![any] };
+                for best in slots {
+                    if best.is_none_or(|(_, b)| gpu.device_bytes > b.device_bytes) {
+                        *best = Some((i + 1, gpu));
+                    }
                 }
             }
             JobMemory::Unknown(why) => {
@@ -73,13 +80,15 @@ fn memory_notes(jobs: &[PlannedJob], out: &mut String) {
             }
         }
     }
-    for (model, best) in models {
-        let Some((index, e)) = best else { continue };
-        let _ = writeln!(out, "\npeak memory of {model} on a CUDA worker (job #{index}, {}):", e.phase);
-        for (part, bytes) in &e.parts {
-            let _ = writeln!(out, "  {part:<18} {}", gib(*bytes));
+    for (model, (any, healing)) in models {
+        let healing = healing.filter(|h| any.is_none_or(|a| a.0 != h.0));
+        for (index, e) in any.into_iter().chain(healing) {
+            let _ = writeln!(out, "\npeak memory of {model} on a CUDA worker (job #{index}, {}):", e.phase);
+            for (part, bytes) in &e.parts {
+                let _ = writeln!(out, "  {part:<18} {}", gib(*bytes));
+            }
+            let _ = writeln!(out, "  {:<18} {} device, {} host", "total", gib(e.device_bytes), gib(e.host_bytes));
         }
-        let _ = writeln!(out, "  {:<18} {} device, {} host", "total", gib(e.device_bytes), gib(e.host_bytes));
     }
     for (model, why) in unknown {
         let _ = writeln!(out, "\nno memory prediction for {model}: {why}");

@@ -459,10 +459,11 @@ async fn the_export_alone_redraws_the_plots_and_the_table() {
         let lease = w.lease().await;
         w.complete(&lease).await;
     }
+    let grpc = server.grpc.clone();
     let coordinator = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
             .args(args)
-            .env("PRUNESWEEP_COORDINATOR", &server.grpc)
+            .env("PRUNESWEEP_COORDINATOR", &grpc)
             .env("PRUNESWEEP_TOKEN", USER)
             .output()
             .unwrap();
@@ -480,7 +481,6 @@ async fn the_export_alone_redraws_the_plots_and_the_table() {
         "the score table beside it"
     );
     // With the coordinator gone, both exports redraw what it drew.
-    let grpc = server.grpc.clone();
     server.shutdown().await;
     assert!(tokio::net::TcpStream::connect(grpc.trim_start_matches("http://")).await.is_err());
     for export in [&parquet, &csv] {

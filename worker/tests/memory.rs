@@ -8,7 +8,7 @@
 //!   calibration, not a check);
 //! - SmolLM2-135M (the real GGUF) and a wider random llama: each within ±15% of the prediction;
 //!   a deep, narrow random llama trained on long sequences (activations dominate), `#[ignore]`d
-//!   since the CPU's chunked training attention landed (+17.3%, outside ±15%);
+//!   (+15.2%, outside ±15%: a constant ~67 MiB not yet explained);
 //! - `#[ignore]`d (minutes, ~10 GiB of memory, 4.5 GB of disk): Llama-2-70B's layer shapes with 2
 //!   of its 80 layers, random, through load → NF4 → one healing step → eval: the peak must not
 //!   exceed the prediction by more than 15%. `scripts/memory-model.sh` runs everything and writes
@@ -269,10 +269,12 @@ async fn a_wide_random_llama_peaks_where_the_model_says() {
 }
 
 /// Ignored since the CPU's chunked training attention (`TrainedAttention`, d492c85) landed: its
-/// peak was measured 17.3% above the prediction (459 against 391 MiB, `results/memory-model.txt`),
-/// outside ±15%, and the chunk's copies (`CHUNKED_SCORE_COPIES`) are not refitted yet.
+/// peak sits 66–68 MiB above the prediction (459 against 391 MiB then; 395 against 343 MiB since
+/// QLoRA cells load NF4 directly: +15.2%, `results/memory-model.txt`), outside ±15%. The excess
+/// is the same with either base, so it is not the weights; what holds it (the chunk's copies,
+/// `CHUNKED_SCORE_COPIES`, or the allocator) is not found yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "+17.3% since the chunked training attention landed; CHUNKED_SCORE_COPIES awaits a refit"]
+#[ignore = "+15.2%: a constant ~67 MiB above the prediction, not yet explained"]
 async fn a_deep_narrow_llama_on_long_sequences_peaks_where_the_model_says() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();

@@ -24,11 +24,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
 use serde_json::json;
 
 use super::{
-    choice_tokens, common_prefix_len, scored_positions, EvalError, EvalReport, Layout, Pick, SubjectScore, Task,
+    choice_tokens, common_prefix_len, prefix_cache, scored_positions, EvalError, EvalReport, Layout, Pick,
+    SubjectScore, Task,
 };
 use crate::data::{records, Record};
 use crate::model::Model;
@@ -387,12 +387,7 @@ pub fn evaluate_letter(
         let ids: Vec<Vec<u32>> =
             group.iter().map(|q| model.tokenizer.encode(&letter_prompt(q, &examples))).collect::<Result<_, _>>()?;
         let p = common_prefix_len(&ids, 1);
-        let cache = if p > 0 {
-            let prefix = Tensor::new(&ids[0][..p], decoder.device())?.unsqueeze(0)?;
-            Some(decoder.prefill(&prefix)?.0)
-        } else {
-            None
-        };
+        let cache = prefix_cache(decoder, &ids[0][..p])?;
         let suffixes: Vec<Vec<u32>> = ids.iter().map(|s| s[p..].to_vec()).collect();
         let picks: Vec<Vec<Pick>> = suffixes.iter().map(|s| vec![(s.len() - 1, letter_ids.to_vec())]).collect();
         let logits = scored_positions(decoder, cache.as_ref(), &suffixes, &picks, batch, Layout::Packed, true)?;
@@ -408,11 +403,12 @@ pub fn evaluate_letter(
     Ok(report)
 }
 
-/// Cloze-scored MMLU (0-shot): each answer text's summed log-probability per character.
+/// Cloze-scored MMLU (0-shot): each answer text's summed log-probability per character. A
+/// question's context is computed once and its keys/values reused by its four continuations, which
+/// run packed end to end after it (a question is the batch).
 pub fn evaluate_cloze(
     model: &Model,
     data: &MmluData,
-    batch: usize,
     on_progress: &mut dyn FnMut(usize),
 ) -> Result<EvalReport, EvalError> {
     if data.questions.is_empty() {
@@ -425,38 +421,38 @@ pub fn evaluate_cloze(
     let started = Instant::now();
     let decoder = &model.decoder;
     let mut preds = Vec::with_capacity(data.questions.len());
-    // A batch holds whole questions (4 sequences each), so that scores are grouped by question.
-    let per_batch = batch.div_ceil(4).max(1);
-    for chunk in data.questions.chunks(per_batch) {
-        let mut seqs = Vec::new();
-        let mut picks: Vec<Vec<Pick>> = Vec::new();
-        for q in chunk {
-            let ctx = model.tokenizer.encode(&cloze_context(q))?;
-            for choice in &q.choices {
-                let whole = model.tokenizer.encode(&format!("{} {choice}", cloze_context(q)))?;
-                let cont: Vec<u32> = whole.get(ctx.len()..).unwrap_or_default().to_vec();
-                if cont.is_empty() || ctx.is_empty() {
-                    return Err(EvalError::Invalid(format!(
-                        "{} #{}: choice {choice:?} adds no tokens to the context",
-                        q.subject, q.index
-                    )));
-                }
-                // Position p predicts token p + 1: one pick per continuation token.
-                picks.push((ctx.len() - 1..whole.len() - 1).zip(cont).map(|(p, t)| (p, vec![t])).collect());
-                report.tokens += whole.len();
-                seqs.push(whole);
+    for q in &data.questions {
+        let ctx = model.tokenizer.encode(&cloze_context(q))?;
+        let mut wholes = Vec::with_capacity(q.choices.len());
+        for choice in &q.choices {
+            let whole = model.tokenizer.encode(&format!("{} {choice}", cloze_context(q)))?;
+            if whole.len() <= ctx.len() || ctx.is_empty() {
+                return Err(EvalError::Invalid(format!(
+                    "{} #{}: choice {choice:?} adds no tokens to the context",
+                    q.subject, q.index
+                )));
             }
+            wholes.push(whole);
         }
-        report.computed_tokens += seqs.iter().map(Vec::len).sum::<usize>();
-        let rows = scored_positions(decoder, None, &seqs, &picks, batch.max(4), Layout::Padded, false)?;
-        for (qi, q) in chunk.iter().enumerate() {
-            let mut scores = [0f32; 4];
-            for (c, score) in scores.iter_mut().enumerate() {
-                let logprob: f32 = rows[qi * 4 + c].iter().map(|v| v[0]).sum();
-                *score = logprob / q.choices[c].chars().count().max(1) as f32;
-            }
-            preds.push(argmax(&scores));
-        }
+        // The shared part, up to the token before the first scored one (position p predicts
+        // token p + 1: the context's last position scores each choice's first token).
+        let shared = common_prefix_len(&wholes, 1).min(ctx.len() - 1);
+        let cache = prefix_cache(decoder, &wholes[0][..shared])?;
+        let suffixes: Vec<Vec<u32>> = wholes.iter().map(|w| w[shared..].to_vec()).collect();
+        // One pick per continuation token (`whole[ctx.len()..]`), at suffix positions.
+        let picks: Vec<Vec<Pick>> = wholes
+            .iter()
+            .map(|w| (ctx.len() - 1..w.len() - 1).map(|p| (p - shared, vec![w[p + 1]])).collect())
+            .collect();
+        let rows = scored_positions(decoder, cache.as_ref(), &suffixes, &picks, suffixes.len(), Layout::Packed, false)?;
+        let scores: Vec<f32> = rows
+            .iter()
+            .zip(&q.choices)
+            .map(|(r, choice)| r.iter().map(|v| v[0]).sum::<f32>() / choice.chars().count().max(1) as f32)
+            .collect();
+        preds.push(argmax(&scores));
+        report.tokens += wholes.iter().map(Vec::len).sum::<usize>();
+        report.computed_tokens += shared + suffixes.iter().map(Vec::len).sum::<usize>();
         on_progress(preds.len());
     }
     report.seconds = started.elapsed().as_secs_f64();

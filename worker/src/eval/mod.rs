@@ -163,7 +163,7 @@ pub fn run(model: &Model, spec: &EvalSpec, progress: &mut dyn FnMut(usize, usize
             if spec.task == Task::Mmlu {
                 mmlu::evaluate_letter(model, &data, spec.shots, spec.batch, &mut on_batch)
             } else {
-                mmlu::evaluate_cloze(model, &data, spec.batch, &mut on_batch)
+                mmlu::evaluate_cloze(model, &data, &mut on_batch)
             }
         }
         Task::Boolq => {
@@ -298,6 +298,16 @@ pub fn common_prefix_len(seqs: &[Vec<u32>], keep: usize) -> usize {
     len.min(shortest.saturating_sub(keep))
 }
 
+/// The keys/values of a prompt prefix several sequences share (`None` for an empty one), for
+/// [`scored_positions`]' `prefix`.
+pub fn prefix_cache(decoder: &Decoder, prefix: &[u32]) -> Result<Option<KvCache>, EvalError> {
+    if prefix.is_empty() {
+        return Ok(None);
+    }
+    let ids = Tensor::new(prefix, decoder.device())?.unsqueeze(0)?;
+    Ok(Some(decoder.prefill(&ids)?.0))
+}
+
 /// What to read at one position of a suffix: the position (an index into the suffix) and the
 /// token ids whose scores are wanted there.
 pub type Pick = (usize, Vec<u32>);
@@ -311,6 +321,17 @@ pub enum Layout {
     /// and a shared prefix's keys/values are not copied per sequence. For a few sequences of
     /// uneven length after a long shared prefix (MMLU's few-shot header).
     Packed,
+}
+
+/// Rows of logits ([`Decoder::logits`]) computed at once by [`scored_positions`] (the memory
+/// model's figure).
+const LOGIT_ROWS: usize = prunesweep_proto::memory::LOGIT_ROWS as usize;
+
+/// `log Σ exp(x)` of each row of `logits` `[N, V]`, as `[N, 1]`: the max taken out first, as
+/// `log_softmax` does, so that no exponent overflows.
+fn log_sum_exp(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?;
+    logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max
 }
 
 /// Runs `suffixes` (each continuing `prefix`, if any) in batches of `batch` and returns, for each
@@ -356,9 +377,7 @@ pub fn scored_positions(
             .flat_map(|(ps, &start)| ps.iter().map(move |(p, _)| (start + p) as u32))
             .collect();
         let rows = hidden.index_select(&Tensor::new(flat.as_slice(), decoder.device())?, 0)?;
-        let logits = decoder.logits(&rows)?;
-        let scored = if raw_logits { logits } else { candle_nn::ops::log_softmax(&logits, D::Minus1)? };
-        // One [rows, k] gather of the picked tokens (short lists padded with their first id).
+        // The picked tokens of each row (short lists padded with their first id).
         let k = pick_chunk.iter().flatten().map(|(_, toks)| toks.len()).max().unwrap_or(0).max(1);
         let index: Vec<u32> = pick_chunk
             .iter()
@@ -366,7 +385,17 @@ pub fn scored_positions(
             .flat_map(|(_, toks)| (0..k).map(move |j| toks.get(j).or(toks.first()).copied().unwrap_or(0)))
             .collect();
         let index = Tensor::from_vec(index, (flat.len(), k), decoder.device())?;
-        let values = scored.contiguous()?.gather(&index, 1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        // The LM head over at most `LOGIT_ROWS` rows at a time, so that the logits of a long
+        // sequence (C4 loss scores every position) are never all held at once; the picked
+        // log-probabilities are the picked logits less each row's log-sum-exp.
+        let mut values = Vec::with_capacity(flat.len());
+        for start in (0..flat.len()).step_by(LOGIT_ROWS) {
+            let len = LOGIT_ROWS.min(flat.len() - start);
+            let logits = decoder.logits(&rows.narrow(0, start, len)?)?;
+            let picked = logits.contiguous()?.gather(&index.narrow(0, start, len)?, 1)?;
+            let picked = if raw_logits { picked } else { picked.broadcast_sub(&log_sum_exp(&logits)?)? };
+            values.extend(picked.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        }
         let mut rows = values.into_iter();
         for ps in pick_chunk {
             out.push(
