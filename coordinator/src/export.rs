@@ -364,6 +364,15 @@ impl Columns<'_> {
         Ok(c.i64().map_err(|e| self.error(name, e))?.iter().collect())
     }
 
+    /// [`Columns::strings`], or empty strings when the table has no such column (an export made
+    /// before the column existed: the provenance columns).
+    fn strings_if_any(&self, name: &str) -> Result<Vec<String>, ExportError> {
+        match self.df.column(name) {
+            Ok(_) => self.strings(name),
+            Err(_) => Ok(vec![String::new(); self.df.height()]),
+        }
+    }
+
     fn u32s(&self, name: &str) -> Result<Vec<Option<u32>>, ExportError> {
         Ok(self.ints(name)?.into_iter().map(|v| v.and_then(|v| u32::try_from(v).ok())).collect())
     }
@@ -381,11 +390,17 @@ pub fn read(path: &Path) -> Result<Vec<ExportRow>, ExportError> {
         (c.u32s("n_dropped")?, c.strings("layers_dropped")?, c.u32s("num_layers")?);
     let (fraction_dropped, task, metric, value) =
         (c.floats("fraction_dropped")?, c.strings("task")?, c.strings("metric")?, c.floats("value")?);
-    let (seconds, key, model_fingerprint) = (c.floats("seconds")?, c.strings("key")?, c.strings("model_fingerprint")?);
-    let (data_fingerprints, worker_version, worker_commit) =
-        (c.strings("data_fingerprints")?, c.strings("worker_version")?, c.strings("worker_commit")?);
-    let (device, dtype, wall_seconds, spec) =
-        (c.strings("device")?, c.strings("dtype")?, c.floats("wall_seconds")?, c.strings("spec")?);
+    // The provenance columns came later: an older export reads with them empty.
+    let (seconds, key, model_fingerprint) =
+        (c.floats("seconds")?, c.strings_if_any("key")?, c.strings_if_any("model_fingerprint")?);
+    let (data_fingerprints, worker_version, worker_commit) = (
+        c.strings_if_any("data_fingerprints")?,
+        c.strings_if_any("worker_version")?,
+        c.strings_if_any("worker_commit")?,
+    );
+    let wall_seconds =
+        if df.column("wall_seconds").is_ok() { c.floats("wall_seconds")? } else { vec![None; df.height()] };
+    let (device, dtype, spec) = (c.strings_if_any("device")?, c.strings_if_any("dtype")?, c.strings_if_any("spec")?);
     Ok((0..df.height())
         .map(|i| ExportRow {
             sweep: sweep[i].clone(),
@@ -521,6 +536,14 @@ mod tests {
         assert_eq!(read_distances(&path).unwrap(), distances);
         let e = read_distances(&dir.path().join("r.csv")).unwrap_err().to_string();
         assert!(e.contains("r.csv (column `l`)"), "{e}");
+        // An export from before the provenance columns reads with them empty.
+        let old = dir.path().join("old.csv");
+        let header = "sweep,job_id,kind,model,method,heal,fraction,n,n_dropped,layers_dropped,num_layers,\
+                      fraction_dropped,task,metric,value,seconds";
+        std::fs::write(&old, format!("{header}\ns,1,baseline,m,none,none,0.0,0,0,,30,0.0,boolq,accuracy,0.5,1.0\n"))
+            .unwrap();
+        let old = read(&old).unwrap();
+        assert_eq!((old[0].value, old[0].key.as_str(), old[0].wall_seconds), (0.5, "", None));
     }
 
     #[test]

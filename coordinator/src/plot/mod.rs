@@ -240,21 +240,34 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart, sweep: 
     let x_max = chart.curves.iter().flat_map(|c| c.points.iter().map(|p| p.x)).fold(0.5f64, f64::max).min(1.0);
     let layers = chart.layers.map_or(0.0, f64::from);
     let y_range = (lo - pad)..(hi + pad);
+    // A little room left of 0, so the baseline's marker is drawn whole.
+    let x_pad = x_max * 0.02;
     let mut c = ChartBuilder::on(&root)
         .caption(format!("{sweep}: {} ({})", chart.task, chart.metric), ("sans-serif", 22))
         .margin(14)
         .x_label_area_size(45)
         .top_x_label_area_size(if chart.layers.is_some() { 45 } else { 0 })
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..x_max, y_range.clone())
+        .build_cartesian_2d(-x_pad..x_max + x_pad, y_range.clone())
         .map_err(e)?
-        .set_secondary_coord(0f64..x_max * layers.max(1.0), y_range);
+        .set_secondary_coord(-x_pad * layers.max(1.0)..(x_max + x_pad) * layers.max(1.0), y_range);
     let with_se = chart.curves.iter().any(|c| c.points.iter().any(|p| p.se.is_some()));
     let y_desc = if with_se { format!("{} (± 1 s.e.)", chart.metric) } else { chart.metric.clone() };
-    c.configure_mesh().x_desc("fraction of layers dropped").y_desc(y_desc).draw().map_err(e)?;
+    c.configure_mesh()
+        .x_desc("fraction of layers dropped")
+        .y_desc(y_desc)
+        .max_light_lines(1)
+        .light_line_style(BLACK.mix(0.04))
+        .draw()
+        .map_err(e)?;
     if let Some(l) = chart.layers {
-        let whole =
-            |v: &f64| if (v - v.round()).abs() < 1e-6 { format!("{}", v.round() as i64) } else { String::new() };
+        let whole = |v: &f64| {
+            if (v - v.round()).abs() < 1e-6 && *v > -0.5 {
+                format!("{}", v.round() as i64)
+            } else {
+                String::new()
+            }
+        };
         c.configure_secondary_axes()
             .x_desc(format!("layers dropped (of {l})"))
             .x_labels(((x_max * layers) as usize + 1).clamp(2, 16))
