@@ -57,7 +57,7 @@ fn draw<DB: DrawingBackend>(
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(e)?;
     let (w, _) = root.dim_in_pixel();
-    let (main, legend) = root.split_horizontally(w.saturating_sub(110));
+    let (main, legend) = root.split_horizontally(w.saturating_sub(130));
     // The layer count: the deepest block's end.
     let layers = cells.keys().map(|(n, l)| n + l).max().unwrap_or(1).max(1);
     let (lo, hi) = cells.values().fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
@@ -104,7 +104,7 @@ fn draw<DB: DrawingBackend>(
     let mut bar = ChartBuilder::on(&legend)
         .margin_top(40)
         .margin_bottom(52)
-        .margin_right(36)
+        .margin_right(48)
         .y_label_area_size(46)
         .build_cartesian_2d(0f64..1f64, lo..lo + span)
         .map_err(e)?;
