@@ -315,6 +315,20 @@ pub fn write_distances(rows: &[DistanceExportRow], path: &Path) -> Result<(), Ex
     write_frame(&mut DataFrame::new_infer_height(columns)?, Format::Csv, path)
 }
 
+/// The columns the export gained with provenance: an export made before them reads with them
+/// empty.
+const PROVENANCE_COLUMNS: [&str; 9] = [
+    "key",
+    "model_fingerprint",
+    "data_fingerprints",
+    "worker_version",
+    "worker_commit",
+    "device",
+    "dtype",
+    "wall_seconds",
+    "spec",
+];
+
 /// A written table read back: `.parquet` by its schema, anything else as CSV with every column
 /// read as text first and converted by [`Columns`] (no type guessing from the first rows).
 fn read_frame(path: &Path) -> Result<DataFrame, ExportError> {
@@ -345,8 +359,13 @@ impl Columns<'_> {
         ExportError::Read { path: format!("{} (column `{name}`)", self.path.display()), source }
     }
 
+    /// The column as `dtype`. A provenance column an older export lacks reads as nulls (empty
+    /// strings, no numbers); any other missing column is an error.
     fn cast(&self, name: &str, dtype: &DataType) -> Result<Column, ExportError> {
-        self.df.column(name).and_then(|c| c.cast(dtype)).map_err(|e| self.error(name, e))
+        match self.df.column(name) {
+            Err(_) if PROVENANCE_COLUMNS.contains(&name) => Ok(Column::full_null(name.into(), self.df.height(), dtype)),
+            column => column.and_then(|c| c.cast(dtype)).map_err(|e| self.error(name, e)),
+        }
     }
 
     fn strings(&self, name: &str) -> Result<Vec<String>, ExportError> {
@@ -362,15 +381,6 @@ impl Columns<'_> {
     fn ints(&self, name: &str) -> Result<Vec<Option<i64>>, ExportError> {
         let c = self.cast(name, &DataType::Int64)?;
         Ok(c.i64().map_err(|e| self.error(name, e))?.iter().collect())
-    }
-
-    /// [`Columns::strings`], or empty strings when the table has no such column (an export made
-    /// before the column existed: the provenance columns).
-    fn strings_if_any(&self, name: &str) -> Result<Vec<String>, ExportError> {
-        match self.df.column(name) {
-            Ok(_) => self.strings(name),
-            Err(_) => Ok(vec![String::new(); self.df.height()]),
-        }
     }
 
     fn u32s(&self, name: &str) -> Result<Vec<Option<u32>>, ExportError> {
@@ -390,17 +400,11 @@ pub fn read(path: &Path) -> Result<Vec<ExportRow>, ExportError> {
         (c.u32s("n_dropped")?, c.strings("layers_dropped")?, c.u32s("num_layers")?);
     let (fraction_dropped, task, metric, value) =
         (c.floats("fraction_dropped")?, c.strings("task")?, c.strings("metric")?, c.floats("value")?);
-    // The provenance columns came later: an older export reads with them empty.
-    let (seconds, key, model_fingerprint) =
-        (c.floats("seconds")?, c.strings_if_any("key")?, c.strings_if_any("model_fingerprint")?);
-    let (data_fingerprints, worker_version, worker_commit) = (
-        c.strings_if_any("data_fingerprints")?,
-        c.strings_if_any("worker_version")?,
-        c.strings_if_any("worker_commit")?,
-    );
-    let wall_seconds =
-        if df.column("wall_seconds").is_ok() { c.floats("wall_seconds")? } else { vec![None; df.height()] };
-    let (device, dtype, spec) = (c.strings_if_any("device")?, c.strings_if_any("dtype")?, c.strings_if_any("spec")?);
+    let (seconds, key, model_fingerprint) = (c.floats("seconds")?, c.strings("key")?, c.strings("model_fingerprint")?);
+    let (data_fingerprints, worker_version, worker_commit) =
+        (c.strings("data_fingerprints")?, c.strings("worker_version")?, c.strings("worker_commit")?);
+    let (device, dtype, wall_seconds, spec) =
+        (c.strings("device")?, c.strings("dtype")?, c.floats("wall_seconds")?, c.strings("spec")?);
     Ok((0..df.height())
         .map(|i| ExportRow {
             sweep: sweep[i].clone(),

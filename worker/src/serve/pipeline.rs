@@ -521,10 +521,12 @@ mod tests {
         let work = dir.path().join("served");
         let mut served = Pipeline::new(Device::Cpu, work.clone(), roots(&work));
         let got = served.run(&job, &Progress::default()).unwrap();
-        let held = served.loaded.as_ref().unwrap();
-        assert!(held.nf4, "the held base is the NF4 one");
-        let (params, _) = held.model.clone().decoder.quantize_nf4().unwrap();
-        assert!(params > 0);
+        assert!(served.loaded.as_ref().unwrap().nf4, "the held base is the NF4 one");
+        // An unhealed job after it gets the dense model again, in its place.
+        let baseline = Job { work: Work::Baseline(cell.eval.clone()), ..job.clone() };
+        served.run(&baseline, &Progress::default()).unwrap();
+        assert!(!served.loaded.as_ref().unwrap().nf4);
+        assert_eq!(served.held_models().len(), 1, "one model held at a time");
 
         // The earlier way: the dense model, cut, then quantized by the trainer.
         let work = dir.path().join("dense");
