@@ -65,34 +65,27 @@ def boolq_prompts(data, limit):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("gguf")
-    ap.add_argument("data")
-    ap.add_argument("task", choices=["mmlu", "boolq", "cloze", "c4"])
-    ap.add_argument("--per-subject", type=int, default=5)
-    ap.add_argument("--shots", type=int, default=5)
-    ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--first-doc", type=int, default=600)
-    ap.add_argument("--seq-len", type=int, default=256)
-    args = ap.parse_args()
-
+def load(gguf):
+    """The tokenizer and the f32 model of a GGUF file, as every timed loop here runs it."""
     torch.set_num_threads(os.cpu_count() or 1)
-    gdir, gname = os.path.dirname(os.path.abspath(args.gguf)), os.path.basename(args.gguf)
+    gdir, gname = os.path.dirname(os.path.abspath(gguf)), os.path.basename(gguf)
     tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
     model = AutoModelForCausalLM.from_pretrained(
         gdir, gguf_file=gname, torch_dtype=torch.float32, attn_implementation="sdpa"
     ).eval()
+    return tok, model
 
-    if args.task in ("cloze", "c4"):
-        return score_sequences(args, tok, model)
-    if args.task == "mmlu":
-        name = f"mmlu{args.shots}"
-        prompts = mmlu_prompts(args.data, args.per_subject, args.shots)
+
+def last_token_task(tok, model, task, data, per_subject=5, shots=5, limit=200):
+    """mmlu (letter) or boolq: one forward per prompt, the candidates' logits at its last position.
+    Returns (name, questions, prompt tokens, seconds, accuracy)."""
+    if task == "mmlu":
+        name = f"mmlu{shots}"
+        prompts = mmlu_prompts(data, per_subject, shots)
         cand = [single_token(tok, " " + L) for L in LETTERS]
     else:
         name = "boolq"
-        prompts = boolq_prompts(args.data, args.limit)
+        prompts = boolq_prompts(data, limit)
         cand = [single_token(tok, " yes"), single_token(tok, " no")]
 
     encoded = [torch.tensor([tok(p)["input_ids"]], dtype=torch.long) for p, _ in prompts]
@@ -110,23 +103,47 @@ def main():
 
     correct = 0
     for (_, gold), v in zip(prompts, picked):
-        if args.task == "mmlu":
+        if task == "mmlu":
             j = max(range(4), key=lambda i: (float(v[i]), -i))  # ties -> first letter
             correct += LETTERS[j] == gold
         else:
             correct += bool(v[0] > v[1]) == gold
-    n = len(prompts)
+    return name, len(prompts), n_tokens, secs, correct / len(prompts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("gguf")
+    ap.add_argument("data")
+    ap.add_argument("task", choices=["mmlu", "boolq", "cloze", "c4"])
+    ap.add_argument("--per-subject", type=int, default=5)
+    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--first-doc", type=int, default=600)
+    ap.add_argument("--seq-len", type=int, default=256)
+    args = ap.parse_args()
+
+    tok, model = load(args.gguf)
+    if args.task in ("cloze", "c4"):
+        name, n, n_tokens, secs, metric = score_sequences(
+            tok, model, args.task, args.data, args.per_subject, args.limit, args.first_doc, args.seq_len)
+        metric = f"accuracy={metric:.4f}" if args.task == "cloze" else f"loss={metric:.4f}"
+    else:
+        name, n, n_tokens, secs, acc = last_token_task(
+            tok, model, args.task, args.data, args.per_subject, args.shots, args.limit)
+        metric = f"accuracy={acc:.4f}"
     print(f"BENCH transformers-{name} questions={n} tokens={n_tokens} seconds={secs:.3f} "
           f"q_s={n / secs:.3f} tok_s={n_tokens / secs:.1f}")
-    print(f"ACC transformers-{name} accuracy={correct / n:.4f}")
+    print(f"ACC transformers-{name} {metric}")
 
 
-def score_sequences(args, tok, model):
-    """cloze and c4: log-probabilities of continuation tokens, one forward per sequence."""
-    if args.task == "cloze":
+def score_sequences(tok, model, task, data, per_subject=2, limit=64, first_doc=600, seq_len=256):
+    """cloze and c4: log-probabilities of continuation tokens, one forward per sequence.
+    Returns (name, questions or documents, tokens, seconds, accuracy or loss)."""
+    if task == "cloze":
         name, questions = "cloze", []
-        for f in sorted(glob.glob(os.path.join(args.data, "mmlu", "test", "*_test.csv"))):
-            for row in read_csv(f)[: args.per_subject]:
+        for f in sorted(glob.glob(os.path.join(data, "mmlu", "test", "*_test.csv"))):
+            for row in read_csv(f)[:per_subject]:
                 ctx = cloze_context(row[0])
                 n_ctx = len(tok(ctx)["input_ids"])
                 wholes = [tok(ctx + " " + c)["input_ids"] for c in row[1:5]]
@@ -134,10 +151,10 @@ def score_sequences(args, tok, model):
         seqs = [s for _, ss in questions for s in ss]
     else:
         name = "c4"
-        with open(os.path.join(args.data, "c4", "c4-en-train.00000-of-01024.first1000.jsonl"), encoding="utf-8") as f:
+        with open(os.path.join(data, "c4", "c4-en-train.00000-of-01024.first1000.jsonl"), encoding="utf-8") as f:
             lines = f.read().split("\n")
-        docs = [json.loads(lines[j])["text"] for j in range(args.first_doc, args.first_doc + args.limit)]
-        seqs = [(ids, 1) for ids in (tok(d)["input_ids"][: args.seq_len] for d in docs) if len(ids) >= 2]
+        docs = [json.loads(lines[j])["text"] for j in range(first_doc, first_doc + limit)]
+        seqs = [(ids, 1) for ids in (tok(d)["input_ids"][:seq_len] for d in docs) if len(ids) >= 2]
     encoded = [torch.tensor([ids], dtype=torch.long) for ids, _ in seqs]
     n_tokens = sum(len(ids) for ids, _ in seqs)
     sums = []
@@ -149,18 +166,14 @@ def score_sequences(args, tok, model):
             tgt = torch.tensor(ids[first:], dtype=torch.long)
             sums.append(float(lp[first - 1 : -1].gather(1, tgt[:, None]).sum()))
         secs = time.perf_counter() - t0
-    if args.task == "cloze":
+    if task == "cloze":
         correct, k = 0, 0
         for row, _ in questions:
             scores = [sums[k + j] / len(row[1 + j]) for j in range(4)]
             k += 4
             correct += LETTERS[max(range(4), key=lambda j: (scores[j], -j))] == row[5]
-        n, metric = len(questions), f"accuracy={correct / len(questions):.4f}"
-    else:
-        n, metric = len(seqs), f"loss={-sum(sums) / sum(len(ids) - 1 for ids, _ in seqs):.4f}"
-    print(f"BENCH transformers-{name} questions={n} tokens={n_tokens} seconds={secs:.3f} "
-          f"q_s={n / secs:.3f} tok_s={n_tokens / secs:.1f}")
-    print(f"ACC transformers-{name} {metric}")
+        return name, len(questions), n_tokens, secs, correct / len(questions)
+    return name, len(seqs), n_tokens, secs, -sum(sums) / sum(len(ids) - 1 for ids, _ in seqs)
 
 
 if __name__ == "__main__":

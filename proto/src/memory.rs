@@ -327,12 +327,12 @@ fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64) -> (u64,
             let kv = layers * 2 * prefix * shape.kv_width() * e;
             (forward_bytes(shape, 1, batch * MMLU_QUESTION_TOKENS, prefix, e), 2 * batch * v * e, kv)
         }
-        // Cloze: one question at a time, its context as the prefix and its four continuations
-        // (assumed up to `MMLU_CHOICE_TOKENS` each) packed after it, every continuation token scored.
+        // Cloze: `batch` questions a pass, each its context then its four continuations (assumed
+        // up to `MMLU_CHOICE_TOKENS` each) packed end to end, every continuation token scored.
         EvalTaskKind::MmluCloze => {
-            let kv = layers * 2 * MMLU_QUESTION_TOKENS * shape.kv_width() * e;
-            let scored = 4 * MMLU_CHOICE_TOKENS;
-            (forward_bytes(shape, 1, scored, MMLU_QUESTION_TOKENS, e), 3 * scored * v * 4, kv)
+            let tokens = batch * (MMLU_QUESTION_TOKENS + 4 * MMLU_CHOICE_TOKENS);
+            let scored = (batch * 4 * MMLU_CHOICE_TOKENS).min(LOGIT_ROWS);
+            (forward_bytes(shape, 1, tokens, 0, e), 3 * scored * v * 4, 0)
         }
         EvalTaskKind::Boolq | EvalTaskKind::Unspecified => {
             (forward_bytes(shape, batch, BOOLQ_TOKENS, 0, e), 2 * batch * v * e, 0)

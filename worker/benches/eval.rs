@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut cloze_data = mmlu::MmluData::load(&data.join("mmlu"), None)?;
     cloze_data.truncate(Some(2), None);
-    let report = mmlu::evaluate_cloze(&model, &cloze_data, &mut |_| {})?;
+    let report = mmlu::evaluate_cloze(&model, &cloze_data, 8, &mut |_| {})?;
     print("prunesweep-cloze", &report);
 
     let c4 = data.join("c4/c4-en-train.00000-of-01024.first1000.jsonl");

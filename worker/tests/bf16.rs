@@ -155,7 +155,7 @@ fn smollm2_eval_predictions_in_bf16_agree_with_f32() {
     let mut data = mmlu::MmluData::load(&two_subjects(tmp.path()), None).unwrap();
     data.truncate(Some(30), None);
     let cloze = |m: &Model| -> Vec<(String, f64)> {
-        let r = mmlu::evaluate_cloze(m, &data, &mut |_| {}).unwrap();
+        let r = mmlu::evaluate_cloze(m, &data, 8, &mut |_| {}).unwrap();
         r.predictions.iter().map(|p| (p["pred"].to_string(), f64::INFINITY)).collect()
     };
     let (all, _, _) = agreement(&cloze(&f32_model), &cloze(&bf16_model), 0.0);

@@ -47,7 +47,7 @@ fn bad_mmlu_data_is_reported_with_file_and_line() {
     // the letter: the first tokens coincide, so letter scoring is refused rather than answering A.
     let e = mmlu::evaluate_letter(&model, &data, 0, 4, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("share their first token") && e.contains("cloze"), "{e}");
-    let report = mmlu::evaluate_cloze(&model, &data, &mut |_| {}).unwrap();
+    let report = mmlu::evaluate_cloze(&model, &data, 8, &mut |_| {}).unwrap();
     assert_eq!(report.n, 2);
     // Nothing left after --limit 0 is an error, not an accuracy of 0.
     let mut none = data.clone();

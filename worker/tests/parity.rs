@@ -160,11 +160,51 @@ fn shared_prefix_cache_matches_full_sequences() {
             // The tails packed end to end in one row, each seeing only the prefix and itself.
             let lengths: Vec<usize> = tails.iter().map(Vec::len).collect();
             let flat = Tensor::new(tails.concat().as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let hidden = chunked.run_packed(&flat, &lengths, Some(&cache)).unwrap();
+            let packing = prunesweep_worker::model::packing::Packing::sequences(&lengths, prefix.len());
+            let hidden = chunked.run_packed(&flat, &packing, Some(&cache)).unwrap();
             let at = lengths[..row].iter().sum::<usize>() + tail.len() - 1;
             let packed = model.decoder.logits_at(&hidden, &[at]).unwrap();
             let e = rel_err(&packed.get(0).unwrap(), &plain);
             assert!(e <= 1e-5, "{family} row {row}: packed rel err {e}");
+        }
+    }
+}
+
+/// A packed pass of several spans, with continuations (a context and two answers after it) and
+/// a shared prefix, gives every position the logits of its full sequence run alone: the context
+/// followed by the answer for an answer, the sequence itself otherwise. Mistral's window of 4
+/// checks that positions and the window follow a continuation's own stream. Tolerance: rel err
+/// ≤ 1e-5.
+#[test]
+fn packed_spans_and_continuations_match_full_sequences() {
+    use prunesweep_worker::model::packing::{Packing, Segment};
+    for family in FAMILIES {
+        let model = Model::load(&fixture(&format!("tiny-{family}")), &Device::Cpu).unwrap();
+        let tokens =
+            |n: usize, seed: usize| -> Vec<u32> { (0..n).map(|i| ((i * 37 + seed * 11) % 300 + 5) as u32).collect() };
+        let prefix = tokens(6, 1);
+        let d = &model.decoder;
+        let (cache, _) =
+            d.prefill(&Tensor::new(prefix.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+        // [context 120, answer 40, answer 15] | [sequence 200, sequence 30]: two spans.
+        let seg = |len, continues| Segment { len, continues };
+        let segments = vec![seg(120, None), seg(40, Some(0)), seg(15, Some(0)), seg(200, None), seg(30, None)];
+        let seqs: Vec<Vec<u32>> = segments.iter().enumerate().map(|(i, s)| tokens(s.len, i + 2)).collect();
+        let packing = Packing::new(segments.clone(), prefix.len()).unwrap();
+        assert_eq!(packing.spans(None, &Device::Cpu).unwrap().len(), 2);
+        let flat = Tensor::new(seqs.concat().as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let hidden = d.run_packed(&flat, &packing, Some(&cache)).unwrap();
+        let mut at = 0;
+        for (i, s) in segments.iter().enumerate() {
+            // The full sequence this segment ends: prefix, the sequence it continues, itself.
+            let parent = s.continues.map_or(&[][..], |r| seqs[r].as_slice());
+            let full: Vec<u32> = prefix.iter().chain(parent).chain(&seqs[i]).copied().collect();
+            let plain = d.forward(&Tensor::new(full.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+            let plain = plain.get(0).unwrap().narrow(0, full.len() - s.len, s.len).unwrap();
+            let packed = d.logits(&hidden.get(0).unwrap().narrow(0, at, s.len).unwrap()).unwrap();
+            let e = rel_err(&packed, &plain);
+            assert!(e <= 1e-5, "{family} segment {i}: packed rel err {e}");
+            at += s.len;
         }
     }
 }

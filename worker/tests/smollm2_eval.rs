@@ -32,7 +32,7 @@ fn smollm2_mmlu_letter_and_cloze_match_transformers() {
     assert_eq!(data.questions.len(), 40);
     let model = Model::load(&smollm2_gguf(), &Device::Cpu).unwrap();
     let letter = mmlu::evaluate_letter(&model, &data, 5, 8, &mut |_| {}).unwrap();
-    let cloze = mmlu::evaluate_cloze(&model, &data, &mut |_| {}).unwrap();
+    let cloze = mmlu::evaluate_cloze(&model, &data, 8, &mut |_| {}).unwrap();
     for (report, key) in [(&letter, "mmlu"), (&cloze, "mmlu_cloze")] {
         let want = items(&r, key);
         assert_eq!(report.predictions.len(), want.len());

@@ -65,7 +65,8 @@ pub fn load(path: &Path) -> Result<Vec<BoolqItem>, EvalError> {
     Ok(items)
 }
 
-/// Evaluates `items`; longer prompts are batched together (less padding), results stay in data order.
+/// Evaluates `items`, `batch` prompts packed end to end per pass (similar lengths together, so that
+/// the passes are even); results stay in data order.
 pub fn evaluate(
     model: &Model,
     items: &[BoolqItem],
@@ -87,7 +88,7 @@ pub fn evaluate(
     for (done, chunk) in order.chunks(batch.max(1)).enumerate() {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
         let picks: Vec<Vec<Pick>> = seqs.iter().map(|s| vec![(s.len() - 1, vec![yes, no])]).collect();
-        let rows = scored_positions(&model.decoder, None, &seqs, &picks, seqs.len(), Layout::Padded, true)?;
+        let rows = scored_positions(&model.decoder, None, &seqs, &picks, seqs.len(), Layout::Packed, true)?;
         for (&i, row) in chunk.iter().zip(rows) {
             let margin = row[0][0] - row[0][1];
             margins[i] = margin;

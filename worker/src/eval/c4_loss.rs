@@ -9,8 +9,9 @@ use serde_json::json;
 use super::{scored_positions, EvalError, EvalReport, Layout, Pick, Task};
 use crate::model::Model;
 
-/// Scores `docs` (already chosen: keep them disjoint from calibration and healing data). Documents
-/// under 2 tokens after truncation are skipped and listed.
+/// Scores `docs` (already chosen: keep them disjoint from calibration and healing data), `batch`
+/// documents packed end to end per pass. Documents under 2 tokens after truncation are skipped
+/// and listed.
 pub fn evaluate(
     model: &Model,
     docs: &[String],
@@ -40,7 +41,7 @@ pub fn evaluate(
         // Position p predicts token p + 1.
         let picks: Vec<Vec<Pick>> =
             chunk.iter().map(|s| s[1..].iter().enumerate().map(|(p, &t)| (p, vec![t])).collect()).collect();
-        let rows = scored_positions(&model.decoder, None, chunk, &picks, chunk.len(), Layout::Padded, false)?;
+        let rows = scored_positions(&model.decoder, None, chunk, &picks, chunk.len(), Layout::Packed, false)?;
         for (j, (seq, rows)) in chunk.iter().zip(rows).enumerate() {
             let doc_nll: f64 = -rows.iter().map(|v| f64::from(v[0])).sum::<f64>();
             let k = c * batch.max(1) + j;

@@ -404,11 +404,12 @@ pub fn evaluate_letter(
 }
 
 /// Cloze-scored MMLU (0-shot): each answer text's summed log-probability per character. A
-/// question's context is computed once and its keys/values reused by its four continuations, which
-/// run packed end to end after it (a question is the batch).
+/// question's context runs once with its four answers after it as continuations
+/// ([`Layout::Tree`]), and `batch` questions share one pass, packed end to end.
 pub fn evaluate_cloze(
     model: &Model,
     data: &MmluData,
+    batch: usize,
     on_progress: &mut dyn FnMut(usize),
 ) -> Result<EvalReport, EvalError> {
     if data.questions.is_empty() {
@@ -419,40 +420,56 @@ pub fn evaluate_cloze(
     let mut report = EvalReport::new(Task::MmluCloze);
     report.skipped = data.skipped.clone();
     let started = Instant::now();
-    let decoder = &model.decoder;
     let mut preds = Vec::with_capacity(data.questions.len());
-    for q in &data.questions {
-        let ctx = model.tokenizer.encode(&cloze_context(q))?;
-        let mut wholes = Vec::with_capacity(q.choices.len());
-        for choice in &q.choices {
-            let whole = model.tokenizer.encode(&format!("{} {choice}", cloze_context(q)))?;
-            if whole.len() <= ctx.len() || ctx.is_empty() {
-                return Err(EvalError::Invalid(format!(
-                    "{} #{}: choice {choice:?} adds no tokens to the context",
-                    q.subject, q.index
-                )));
+    for questions in data.questions.chunks(batch.max(1)) {
+        // One pass: per question, its shared context (if any) as a sequence and each answer as a
+        // continuation of it; `answers[i]` is the sequence of the question's i-th choice.
+        let (mut seqs, mut continues, mut picks, mut answers) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for q in questions {
+            let ctx = model.tokenizer.encode(&cloze_context(q))?;
+            let mut wholes = Vec::with_capacity(q.choices.len());
+            for choice in &q.choices {
+                let whole = model.tokenizer.encode(&format!("{} {choice}", cloze_context(q)))?;
+                if whole.len() <= ctx.len() || ctx.is_empty() {
+                    return Err(EvalError::Invalid(format!(
+                        "{} #{}: choice {choice:?} adds no tokens to the context",
+                        q.subject, q.index
+                    )));
+                }
+                wholes.push(whole);
             }
-            wholes.push(whole);
+            // The shared part, up to the token before the first scored one (position p predicts
+            // token p + 1: the context's last position scores each choice's first token).
+            let shared = common_prefix_len(&wholes, 1).min(ctx.len() - 1);
+            let context = (shared > 0).then(|| {
+                seqs.push(wholes[0][..shared].to_vec());
+                continues.push(None);
+                picks.push(Vec::new());
+                seqs.len() - 1
+            });
+            for w in &wholes {
+                answers.push(seqs.len());
+                seqs.push(w[shared..].to_vec());
+                continues.push(context);
+                // One pick per continuation token (`whole[ctx.len()..]`), at suffix positions.
+                picks.push((ctx.len() - 1..w.len() - 1).map(|p| (p - shared, vec![w[p + 1]])).collect::<Vec<Pick>>());
+            }
+            report.tokens += wholes.iter().map(Vec::len).sum::<usize>();
+            report.computed_tokens += shared + wholes.iter().map(|w| w.len() - shared).sum::<usize>();
         }
-        // The shared part, up to the token before the first scored one (position p predicts
-        // token p + 1: the context's last position scores each choice's first token).
-        let shared = common_prefix_len(&wholes, 1).min(ctx.len() - 1);
-        let cache = prefix_cache(decoder, &wholes[0][..shared])?;
-        let suffixes: Vec<Vec<u32>> = wholes.iter().map(|w| w[shared..].to_vec()).collect();
-        // One pick per continuation token (`whole[ctx.len()..]`), at suffix positions.
-        let picks: Vec<Vec<Pick>> = wholes
-            .iter()
-            .map(|w| (ctx.len() - 1..w.len() - 1).map(|p| (p - shared, vec![w[p + 1]])).collect())
-            .collect();
-        let rows = scored_positions(decoder, cache.as_ref(), &suffixes, &picks, suffixes.len(), Layout::Packed, false)?;
-        let scores: Vec<f32> = rows
-            .iter()
-            .zip(&q.choices)
-            .map(|(r, choice)| r.iter().map(|v| v[0]).sum::<f32>() / choice.chars().count().max(1) as f32)
-            .collect();
-        preds.push(argmax(&scores));
-        report.tokens += wholes.iter().map(Vec::len).sum::<usize>();
-        report.computed_tokens += shared + suffixes.iter().map(Vec::len).sum::<usize>();
+        let rows = scored_positions(&model.decoder, None, &seqs, &picks, seqs.len(), Layout::Tree(&continues), false)?;
+        let mut answers = answers.into_iter();
+        for q in questions {
+            let scores: Vec<f32> = q
+                .choices
+                .iter()
+                .map(|choice| {
+                    let r = &rows[answers.next().expect("one sequence per choice")];
+                    r.iter().map(|v| v[0]).sum::<f32>() / choice.chars().count().max(1) as f32
+                })
+                .collect();
+            preds.push(argmax(&scores));
+        }
         on_progress(preds.len());
     }
     report.seconds = started.elapsed().as_secs_f64();

@@ -8,8 +8,11 @@
 //! Speed comes from doing less work than a plain loop, never from changing the answer: prompts are
 //! tokenized whole (exactly as the plain path), the longest common token prefix of a group of
 //! prompts (MMLU's few-shot header) is run once and its keys/values shared by the group's
-//! questions, which run packed end to end after it ([`Layout::Packed`]: no padding), and only the
-//! positions that are scored go through the final norm and the LM head.
+//! questions, which run packed end to end after it ([`Layout::Packed`]: no padding, attention
+//! span by span); a cloze question's context runs once with its answers as continuations, many
+//! questions a pass ([`Layout::Tree`]); C4 documents run packed; and only the positions that are
+//! scored go through the final norm and the LM head, a bounded number of rows at a time, their
+//! log-normaliser in one fused pass.
 
 pub mod boolq;
 pub mod c4_loss;
@@ -18,13 +21,15 @@ pub mod mmlu;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use prunesweep_proto::v1::EvalTaskKind;
 use prunesweep_proto::Vocabulary;
 
 use crate::data::{read_document_range, DataError};
+use crate::model::log_sum_exp::log_sum_exp;
+use crate::model::packing::{Packing, Segment};
 use crate::model::{Decoder, KvCache, Model, ModelError, Tokenizer};
 
 /// Why an evaluation could not run. Messages name the file (and line) at fault.
@@ -163,7 +168,7 @@ pub fn run(model: &Model, spec: &EvalSpec, progress: &mut dyn FnMut(usize, usize
             if spec.task == Task::Mmlu {
                 mmlu::evaluate_letter(model, &data, spec.shots, spec.batch, &mut on_batch)
             } else {
-                mmlu::evaluate_cloze(model, &data, &mut on_batch)
+                mmlu::evaluate_cloze(model, &data, spec.batch, &mut on_batch)
             }
         }
         Task::Boolq => {
@@ -314,28 +319,27 @@ pub type Pick = (usize, Vec<u32>);
 
 /// How [`scored_positions`] lays a batch of sequences out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
+pub enum Layout<'a> {
     /// `[B, longest]`, right-padded: for many sequences of similar length (sort them first).
     Padded,
     /// End to end in one row, each sequence attending only to itself and the prefix: no padding,
-    /// and a shared prefix's keys/values are not copied per sequence. For a few sequences of
-    /// uneven length after a long shared prefix (MMLU's few-shot header).
+    /// no scores between sequences, and a shared prefix's keys/values are not copied per
+    /// sequence ([`Packing`]).
     Packed,
+    /// Packed, and sequence `i` continues sequence `continues[i]` (an earlier one, right before
+    /// its group): it sees that sequence and its positions follow it. A cloze question's
+    /// context runs once with its answers after it, and many questions share one pass.
+    /// Batches end only before a sequence of its own.
+    Tree(&'a [Option<usize>]),
 }
 
 /// Rows of logits ([`Decoder::logits`]) computed at once by [`scored_positions`] (the memory
 /// model's figure).
 const LOGIT_ROWS: usize = prunesweep_proto::memory::LOGIT_ROWS as usize;
 
-/// `log Σ exp(x)` of each row of `logits` `[N, V]`, as `[N, 1]`: the max taken out first, as
-/// `log_softmax` does, so that no exponent overflows.
-fn log_sum_exp(logits: &Tensor) -> candle_core::Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?;
-    logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max
-}
-
-/// Runs `suffixes` (each continuing `prefix`, if any) in batches of `batch` and returns, for each
-/// suffix and each of its picks, the scores of the picked tokens: raw logits when `raw_logits`,
+/// Runs `suffixes` (each continuing `prefix`, if any) in batches of `batch` (a [`Layout::Tree`]
+/// batch runs on to the end of its last group) and returns, for each suffix and each of its
+/// picks, the scores of the picked tokens: raw logits when `raw_logits`,
 /// else log-probabilities. Only the picked positions go through the final norm and the LM head,
 /// and the picked values leave the tensor in one gather per batch.
 pub fn scored_positions(
@@ -348,7 +352,24 @@ pub fn scored_positions(
     raw_logits: bool,
 ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
     let mut out = Vec::with_capacity(suffixes.len());
-    for (chunk, pick_chunk) in suffixes.chunks(batch.max(1)).zip(picks.chunks(batch.max(1))) {
+    let continues = match layout {
+        Layout::Tree(continues) => {
+            if continues.len() != suffixes.len() {
+                return Err(EvalError::Invalid(format!(
+                    "a tree layout names what {} sequences continue, for {} sequences",
+                    continues.len(),
+                    suffixes.len()
+                )));
+            }
+            // Checked whole first: a continuation then always lies in its sequence's batch.
+            let segments = suffixes.iter().zip(continues).map(|(s, &c)| Segment { len: s.len(), continues: c });
+            Packing::new(segments.collect(), 0)?;
+            Some(continues)
+        }
+        _ => None,
+    };
+    for range in batches(suffixes.len(), batch, continues) {
+        let (chunk, pick_chunk) = (&suffixes[range.clone()], &picks[range.clone()]);
         // The hidden states as rows `[N, H]`, and where each sequence's first token is among them.
         let (hidden, starts) = match layout {
             Layout::Padded => {
@@ -360,11 +381,22 @@ pub fn scored_positions(
                 let starts: Vec<usize> = (0..chunk.len()).map(|i| i * width).collect();
                 (hidden.flatten_to(1)?, starts)
             }
-            Layout::Packed => {
+            Layout::Packed | Layout::Tree(_) => {
                 let lengths: Vec<usize> = chunk.iter().map(Vec::len).collect();
-                let flat: Vec<u32> = chunk.concat();
-                let ids = Tensor::from_vec(flat, (1, lengths.iter().sum::<usize>()), decoder.device())?;
-                let hidden = decoder.run_packed(&ids, &lengths, prefix)?;
+                let p = prefix.map_or(0, |c| c.len);
+                let packing = match continues {
+                    None => Packing::sequences(&lengths, p),
+                    Some(continues) => {
+                        let segments = lengths
+                            .iter()
+                            .zip(&continues[range.clone()])
+                            .map(|(&len, c)| Segment { len, continues: c.map(|c| c - range.start) })
+                            .collect();
+                        Packing::new(segments, p)?
+                    }
+                };
+                let ids = Tensor::from_vec(chunk.concat(), (1, packing.len()), decoder.device())?;
+                let hidden = decoder.run_packed(&ids, &packing, prefix)?;
                 let starts: Vec<usize> =
                     lengths.iter().scan(0, |at, len| Some(std::mem::replace(at, *at + len))).collect();
                 (hidden.squeeze(0)?, starts)
@@ -376,6 +408,10 @@ pub fn scored_positions(
             .zip(&starts)
             .flat_map(|(ps, &start)| ps.iter().map(move |(p, _)| (start + p) as u32))
             .collect();
+        if flat.is_empty() {
+            out.extend(pick_chunk.iter().map(|_| Vec::new()));
+            continue;
+        }
         let rows = hidden.index_select(&Tensor::new(flat.as_slice(), decoder.device())?, 0)?;
         // The picked tokens of each row (short lists padded with their first id).
         let k = pick_chunk.iter().flatten().map(|(_, toks)| toks.len()).max().unwrap_or(0).max(1);
@@ -406,9 +442,35 @@ pub fn scored_positions(
     Ok(out)
 }
 
+/// The batches of `n` sequences, `batch` at a time; with `continues`, a batch ends only before
+/// a sequence of its own, so that no group is split.
+fn batches(n: usize, batch: usize, continues: Option<&[Option<usize>]>) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let mut end = (start + batch.max(1)).min(n);
+        if let Some(c) = continues {
+            while end < n && c[end].is_some() {
+                end += 1;
+            }
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_batches_keep_groups_whole() {
+        assert_eq!(batches(5, 2, None), vec![0..2, 2..4, 4..5]);
+        let c = [None, Some(0), Some(0), None, Some(3), None];
+        assert_eq!(batches(6, 2, Some(&c)), vec![0..3, 3..5, 5..6]);
+        assert_eq!(batches(6, 100, Some(&c)), vec![0..6]);
+    }
 
     #[test]
     fn common_prefix_keeps_a_suffix() {

@@ -1,11 +1,11 @@
 //! Self-attention: rotary position tables ([`Rotary`]), the prefix key/value cache ([`KvCache`]),
-//! grouped-query [`Attention`] with chunked scores, and the additive mask it applies
-//! (causal, packed segments, sliding window). While healing on a CPU, attention is one op
+//! grouped-query [`Attention`] with chunked scores, run span by span over a packed pass (the
+//! spans and their masks come from [`super::packing`]). While healing on a CPU, attention is one op
 //! (`TrainedAttention`) whose backward pass recomputes the scores chunk by chunk, so that no
 //! `[B, heads, T, T]` matrix is kept for backpropagation.
 //!
 //! Kept apart from [`super::decoder`] because it is the one part of a block with its own
-//! position, caching and memory logic; the decoder builds the rotary tables and the mask once per
+//! position, caching and memory logic; the decoder builds the rotary tables and the spans once per
 //! call and hands them to every block.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, D};
@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Shape, T
 use super::config::Config;
 use super::layers::Linear;
 use super::masked_softmax::masked_softmax;
+use super::packing::Span;
 use super::weights::WeightMap;
 use super::ModelError;
 
@@ -113,14 +114,15 @@ impl Attention {
         ]
     }
 
-    /// `x`: `[B, T, H]` (already normed). `prefix`: cached keys/values the tokens also attend to.
+    /// `x`: `[B, T, H]` (already normed), its rows laid out as `spans` (one for a plain pass;
+    /// see [`super::packing`]). `prefix`: cached keys/values every row also attends to.
     /// `record`: where to store this call's keys/values (building a prefix cache). `chunk`: the
     /// scores computed at once (see [`super::Decoder::set_attention_chunk`]).
     pub(super) fn forward(
         &self,
         x: &Tensor,
         rotary: &Rotary,
-        mask: &Tensor,
+        spans: &[Span],
         chunk: usize,
         prefix: Option<&(Tensor, Tensor)>,
         record: Option<&mut Vec<(Tensor, Tensor)>>,
@@ -135,20 +137,48 @@ impl Attention {
         if let Some(rec) = record {
             rec.push((k.clone(), v.clone()));
         }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q * scale)?;
+        let out = match spans {
+            [span] => self.attend_span(&q, &k, &v, span, chunk, prefix)?,
+            _ => {
+                // Packed sequences: each span's rows against the prefix and the span's own keys.
+                let mut outs = Vec::with_capacity(spans.len());
+                for span in spans {
+                    let rows = |x: &Tensor| x.narrow(2, span.start, span.len);
+                    outs.push(self.attend_span(&rows(&q)?, &rows(&k)?, &rows(&v)?, span, chunk, prefix)?);
+                }
+                Tensor::cat(&outs, 2)?
+            }
+        };
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+
+    /// `softmax(q kᵀ + mask) v` over one span: `q` (scaled), `k`, `v` hold the span's rows,
+    /// `[B, heads, len, hd]`; the prefix's keys/values go in front of the span's.
+    fn attend_span(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        span: &Span,
+        chunk: usize,
+        prefix: Option<&(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
         let p = prefix.map(|(pk, _)| pk.dim(2)).transpose()?.unwrap_or(0);
         let (k, v) = match prefix {
             Some((pk, pv)) => {
-                let shape = (b, nkv, p, hd);
-                (Tensor::cat(&[&pk.broadcast_as(shape)?, &k], 2)?, Tensor::cat(&[&pv.broadcast_as(shape)?, &v], 2)?)
+                let shape = (b, self.num_kv_heads, p, hd);
+                (Tensor::cat(&[&pk.broadcast_as(shape)?, k], 2)?, Tensor::cat(&[&pv.broadcast_as(shape)?, v], 2)?)
             }
-            None => (k, v),
+            None => (k.clone(), v.clone()),
         };
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        let scale = 1.0 / (hd as f64).sqrt();
-        let q = (q * scale)?;
-        let out = if q.track_op() && prefix.is_none() && super::kernels::fused_cpu(&q) {
+        if q.track_op() && prefix.is_none() && super::kernels::fused_cpu(q) {
             // Training on CPU: one op that keeps no score matrix for the backward pass.
-            q.contiguous()?.apply_op3(&k, &v, TrainedAttention { mask: mask.clone(), chunk })?
+            q.contiguous()?.apply_op3(&k, &v, TrainedAttention { mask: span.mask.clone(), chunk })
         } else {
             // Inference takes the queries in chunks whose scores stay near `chunk` values (long
             // prompts would otherwise materialise [B, nh, T, P+T] at once), reading only the keys
@@ -156,10 +186,8 @@ impl Attention {
             // piece anyway).
             let tracked = q.track_op();
             let rows = if tracked { t } else { rows_per_chunk(chunk, b, nh, p + t, t) };
-            attend(&q, &k, &v, mask, p, rows, !tracked)?
-        };
-        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out)
+            attend(q, &k, &v, &span.mask, p, rows, !tracked)
+        }
     }
 }
 
@@ -320,44 +348,10 @@ fn output_projection_name(parallel: bool) -> &'static str {
 /// default (8 MB of f32).
 pub const SCORES_PER_CHUNK: usize = 2 << 20;
 
-/// `[T, P+T]` additive mask for `segments` (lengths summing to `T`) laid end to end after a shared
-/// prefix of `P` tokens: a token sees the prefix and the earlier tokens of its own segment, and with
-/// a window `W` only keys less than `W` positions back. One segment is the plain causal mask. Row
-/// `i` never sees a key past `P + i` (attention relies on it to skip those keys).
-pub(super) fn attention_mask(
-    segments: &[usize],
-    p: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    let t: usize = segments.iter().sum();
-    let s = p + t;
-    let mut mask = vec![f32::NEG_INFINITY; t * s];
-    let mut start = 0;
-    for &len in segments {
-        for i in 0..len {
-            let (row, qpos) = ((start + i) * s, p + i);
-            let near = |kpos: usize| window.is_none_or(|w| qpos - kpos < w);
-            for j in (0..p).filter(|&j| near(j)) {
-                mask[row + j] = 0.0;
-            }
-            for k in (0..=i).filter(|&k| near(p + k)) {
-                mask[row + p + start + k] = 0.0;
-            }
-        }
-        start += len;
-    }
-    Tensor::from_vec(mask, (t, s), device)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Var;
-
-    fn visible(m: &Tensor) -> Vec<Vec<bool>> {
-        m.to_vec2::<f32>().unwrap().iter().map(|r| r.iter().map(|v| *v == 0.0).collect()).collect()
-    }
 
     #[test]
     fn trained_attention_matches_candle_ops_in_value_and_gradient() {
@@ -370,7 +364,7 @@ mod tests {
         };
         let (q, k, v) = (tensor((b, nh, t, hd), 1), tensor((b, nkv, t, hd), 2), tensor((b, nkv, t, hd), 3));
         let weights = tensor((b, nh, t, hd), 4);
-        let mask = attention_mask(&[t], 0, Some(5), &dev).unwrap();
+        let mask = super::super::packing::causal_mask(t, 0, Some(5), &dev).unwrap();
         let run = |ours: bool| {
             let (q, k, v) =
                 (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
@@ -397,30 +391,5 @@ mod tests {
             let scale = r.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(scale > 0.0 && diff <= 1e-5 * scale, "{what}: {diff} (largest value {scale})");
         }
-    }
-
-    #[test]
-    fn mask_is_causal_with_prefix_and_window() {
-        let m = attention_mask(&[2], 3, None, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(m[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
-        assert_eq!(m[1], vec![0.0; 5]);
-        let v = visible(&attention_mask(&[4], 0, Some(2), &Device::Cpu).unwrap());
-        assert_eq!(v[3], vec![false, false, true, true]);
-        assert_eq!(v[1], vec![true, true, false, false]);
-    }
-
-    #[test]
-    fn packed_segments_see_the_prefix_and_themselves() {
-        // Prefix of 2, then segments of 2 and 3 tokens.
-        let v = visible(&attention_mask(&[2, 3], 2, None, &Device::Cpu).unwrap());
-        let (t, f) = (true, false);
-        assert_eq!(v[0], vec![t, t, t, f, f, f, f]);
-        assert_eq!(v[1], vec![t, t, t, t, f, f, f]);
-        assert_eq!(v[2], vec![t, t, f, f, t, f, f], "the second segment does not see the first");
-        assert_eq!(v[4], vec![t, t, f, f, t, t, t]);
-        // A window of 2 counts positions within the segment's own sequence (prefix + segment).
-        let v = visible(&attention_mask(&[2, 3], 2, Some(2), &Device::Cpu).unwrap());
-        assert_eq!(v[2], vec![f, t, f, f, t, f, f]);
-        assert_eq!(v[4], vec![f, f, f, f, f, t, t]);
     }
 }

@@ -31,11 +31,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::attention::{attention_mask, Attention, KvCache, Rotary, SCORES_PER_CHUNK};
+use super::attention::{Attention, KvCache, Rotary, SCORES_PER_CHUNK};
 use super::config::Config;
 pub use super::frozen::Weight;
 use super::layers::{Linear, Mlp, Norm};
 use super::nf4::Nf4Matrix;
+use super::packing::{Packing, Span};
 use super::weights::WeightMap;
 use super::ModelError;
 
@@ -106,13 +107,13 @@ impl Block {
         &self,
         x: &Tensor,
         rotary: &Rotary,
-        mask: &Tensor,
+        spans: &[Span],
         chunk: usize,
         prefix: Option<&(Tensor, Tensor)>,
         record: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.forward(&h, rotary, mask, chunk, prefix, record)?;
+        let attn = self.self_attn.forward(&h, rotary, spans, chunk, prefix, record)?;
         match &self.post_attention_layernorm {
             // Phi-2: x + attn(ln x) + mlp(ln x).
             None => (x + attn)? + self.mlp.forward(&h)?,
@@ -126,13 +127,13 @@ impl Block {
     }
 }
 
-/// What every block of one pass over `[B, T]` token ids shares: the rotary tables and the causal
-/// mask, built once per pass. Healing runs the blocks one at a time with it
+/// What every block of one pass over `[B, T]` token ids shares: the rotary tables and the
+/// attention spans with their masks, built once per pass. Healing runs the blocks one at a time with it
 /// ([`Decoder::forward_block`]) so that it can recompute a block in the backward pass.
 #[derive(Debug)]
 pub struct BlockContext {
     rotary: Rotary,
-    mask: Tensor,
+    spans: Vec<Span>,
 }
 
 /// The whole decoder: embedding, the kept blocks, final norm and LM head.
@@ -239,33 +240,43 @@ impl Decoder {
         observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        self.run_segments(ids, &[t], prefix, record, observe)
+        let packing = Packing::single(t, prefix.map_or(0, |p| p.len));
+        self.run_packing(ids, &packing, prefix, record, observe)
     }
 
-    /// Runs several sequences packed into one row (`ids`: `[1, Σ lengths]`), each attending only to
-    /// itself (and to `prefix`, which every one of them continues), and returns `x^(L')`,
-    /// `[1, Σ lengths, H]`. Unlike right-padded batches, no work is spent on padding, and a shared
-    /// prefix's keys/values are used as they are rather than copied per sequence.
-    pub fn run_packed(&self, ids: &Tensor, lengths: &[usize], prefix: Option<&KvCache>) -> candle_core::Result<Tensor> {
-        self.run_segments(ids, lengths, prefix, None, &mut |_, _| Ok(()))
+    /// Runs the sequences `packing` lays end to end in one row (`ids`: `[1, packing.len()]`),
+    /// each attending only to itself, to the sequence it continues if any, and to `prefix`, and
+    /// returns `x^(L')`, `[1, packing.len(), H]`. Unlike right-padded batches, no work is spent
+    /// on padding or on scores between sequences, and a shared prefix's keys/values are used as
+    /// they are rather than copied per sequence.
+    pub fn run_packed(&self, ids: &Tensor, packing: &Packing, prefix: Option<&KvCache>) -> candle_core::Result<Tensor> {
+        self.run_packing(ids, packing, prefix, None, &mut |_, _| Ok(()))
     }
 
-    /// [`Decoder::run`] over `ids` `[B, T]` whose `T` positions hold `segments` end to end.
-    fn run_segments(
+    /// [`Decoder::run`] over `ids` `[B, T]` whose `T` positions `packing` lays out.
+    fn run_packing(
         &self,
         ids: &Tensor,
-        segments: &[usize],
+        packing: &Packing,
         prefix: Option<&KvCache>,
         record: Option<&mut KvCache>,
         observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        if segments.iter().sum::<usize>() != t || (segments.len() > 1 && b != 1) {
+        let segments = packing.segments().len();
+        if packing.len() != t || (segments > 1 && b != 1) {
             candle_core::bail!(
-                "packed segments {segments:?} do not fill ids of shape [{b}, {t}] (packing needs B = 1)"
+                "{segments} packed segments of {} tokens do not fill ids of shape [{b}, {t}] (packing needs B = 1)",
+                packing.len()
             );
         }
         let offset = prefix.map_or(0, |p| p.len);
+        if packing.prefix() != offset {
+            candle_core::bail!(
+                "the packing counts {} prefix tokens, the prefix cache holds {offset}",
+                packing.prefix()
+            );
+        }
         if prefix.is_some() && record.is_some() {
             candle_core::bail!("recording a KV cache on top of a prefix cache is not supported");
         }
@@ -274,16 +285,15 @@ impl Decoder {
                 candle_core::bail!("prefix cache has {} layers, model has {}", p.layers.len(), self.blocks.len());
             }
         }
-        let positions: Vec<usize> = segments.iter().flat_map(|&len| offset..offset + len).collect();
-        let rotary = Rotary::new(&self.cfg, &positions, self.dtype, &self.device)?;
         // The same for every block: built once per call, not once per layer.
-        let mask = attention_mask(segments, offset, self.cfg.sliding_window, &self.device)?;
+        let rotary = Rotary::new(&self.cfg, &packing.positions(), self.dtype, &self.device)?;
+        let spans = packing.spans(self.cfg.sliding_window, &self.device)?;
         let mut x = self.embed(ids)?;
         let mut recorded = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
             observe(l, &x)?;
             let rec = record.as_ref().map(|_| &mut recorded);
-            x = block.forward(&x, &rotary, &mask, self.attention_chunk, prefix.map(|p| &p.layers[l]), rec)?;
+            x = block.forward(&x, &rotary, &spans, self.attention_chunk, prefix.map(|p| &p.layers[l]), rec)?;
         }
         observe(self.blocks.len(), &x)?;
         if let Some(r) = record {
@@ -299,13 +309,12 @@ impl Decoder {
         self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
     }
 
-    /// The rotary tables and the causal mask for sequences of `t` tokens starting at position 0
+    /// The rotary tables and the causal span for sequences of `t` tokens starting at position 0
     /// (no prefix, no packing): what [`Decoder::run`] builds for `[B, t]` ids.
     pub fn block_context(&self, t: usize) -> candle_core::Result<BlockContext> {
-        let positions: Vec<usize> = (0..t).collect();
-        let rotary = Rotary::new(&self.cfg, &positions, self.dtype, &self.device)?;
-        let mask = attention_mask(&[t], 0, self.cfg.sliding_window, &self.device)?;
-        Ok(BlockContext { rotary, mask })
+        let packing = Packing::single(t, 0);
+        let rotary = Rotary::new(&self.cfg, &packing.positions(), self.dtype, &self.device)?;
+        Ok(BlockContext { rotary, spans: packing.spans(self.cfg.sliding_window, &self.device)? })
     }
 
     /// `x^(l+1)` from `x^(l)` (`[B, T, H]`) through kept block `l`, exactly as [`Decoder::run`]
@@ -314,7 +323,7 @@ impl Decoder {
         let Some(block) = self.blocks.get(l) else {
             candle_core::bail!("block {l} does not exist: the model has {} blocks", self.blocks.len())
         };
-        block.forward(x, &context.rotary, &context.mask, self.attention_chunk, None, None)
+        block.forward(x, &context.rotary, &context.spans, self.attention_chunk, None, None)
     }
 
     /// Whether kept block `l` carries at least one LoRA adapter.

@@ -5,7 +5,8 @@
 //! - [`decoder`]: the transformer itself ([`Decoder`]); the index convention of the residual
 //!   states is written at its top.
 //! - [`layers`]: its projections, norms and feed-forward networks; [`attention`]: rotary
-//!   positions, the prefix [`KvCache`], attention and its mask; `adapters`: [`Decoder`]'s LoRA
+//!   positions, the prefix [`KvCache`] and attention; [`packing`]: how a pass lays sequences end
+//!   to end (continuations, prefix) and the spans and masks attention runs over; `adapters`: [`Decoder`]'s LoRA
 //!   methods (attach, load, list, merge).
 //! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors;
 //!   [`tensor_files`]: safetensors read one tensor at a time; [`gguf`]: GGUF files, likewise;
@@ -15,8 +16,9 @@
 //! - [`nf4`], [`frozen`], [`lora`]: the frozen 4-bit base (resident on the device, decoded by the
 //!   CPU kernel or, on any device, by stock ops in `nf4_device.rs`), products with frozen weights,
 //!   and the low-rank adapters that healing trains; [`Model::load_nf4`] quantizes while loading.
-//! - [`masked_softmax`], [`silu_mul`]: attention's mask + softmax, and the gated MLP's
-//!   activation, each in one pass (inference on CPU).
+//! - [`masked_softmax`], [`silu_mul`], [`log_sum_exp`]: attention's mask + softmax, the gated
+//!   MLP's activation, and the log-normaliser of scored logits, each in one pass (inference on
+//!   CPU).
 //! - [`kernels`]: when those fused CPU kernels run, and when the stock ops CUDA and bf16 run.
 
 mod adapters;
@@ -28,12 +30,14 @@ pub mod gguf;
 pub mod hub;
 pub mod kernels;
 pub mod layers;
+pub mod log_sum_exp;
 pub mod lora;
 pub mod masked_softmax;
 pub mod nf4;
 mod nf4_device;
 #[cfg(test)]
 mod nf4_load;
+pub mod packing;
 pub mod silu_mul;
 pub mod streamed;
 pub mod tensor_files;

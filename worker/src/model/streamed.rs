@@ -12,8 +12,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{attention_mask, Rotary, SCORES_PER_CHUNK};
+use super::attention::{Rotary, SCORES_PER_CHUNK};
 use super::decoder::Block;
+use super::packing::Packing;
 use super::weights::{ModelSource, WeightMap};
 use super::{hf_config, Config, ModelError, Tokenizer};
 
@@ -89,17 +90,17 @@ impl StreamedDecoder {
         let mut context = Vec::with_capacity(batches.len());
         for ids in batches {
             let (b, t) = ids.dims2()?;
-            let positions: Vec<usize> = (0..t).collect();
-            let rotary = Rotary::new(&self.cfg, &positions, self.dtype, &self.device)?;
-            let mask = attention_mask(&[t], 0, self.cfg.sliding_window, &self.device)?;
+            let packing = Packing::single(t, 0);
+            let rotary = Rotary::new(&self.cfg, &packing.positions(), self.dtype, &self.device)?;
+            let spans = packing.spans(self.cfg.sliding_window, &self.device)?;
             states.push(self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))?);
-            context.push((rotary, mask));
+            context.push((rotary, spans));
         }
         for l in 0..self.cfg.num_layers {
             let block = Block::load(&mut self.weights, l, &self.cfg)?;
-            for (i, (x, (rotary, mask))) in states.iter_mut().zip(&context).enumerate() {
+            for (i, (x, (rotary, spans))) in states.iter_mut().zip(&context).enumerate() {
                 observe(l, i, x)?;
-                *x = block.forward(x, rotary, mask, SCORES_PER_CHUNK, None, None)?;
+                *x = block.forward(x, rotary, spans, SCORES_PER_CHUNK, None, None)?;
             }
         }
         for (i, x) in states.iter().enumerate() {
