@@ -160,7 +160,7 @@ fn shared_prefix_cache_matches_full_sequences() {
             // The tails packed end to end in one row, each seeing only the prefix and itself.
             let lengths: Vec<usize> = tails.iter().map(Vec::len).collect();
             let flat = Tensor::new(tails.concat().as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let packing = prunesweep_worker::model::packing::Packing::sequences(&lengths, prefix.len());
+            let packing = prunesweep_worker::model::packing::Packing::sequences(&lengths);
             let hidden = chunked.run_packed(&flat, &packing, Some(&cache)).unwrap();
             let at = lengths[..row].iter().sum::<usize>() + tail.len() - 1;
             let packed = model.decoder.logits_at(&hidden, &[at]).unwrap();
@@ -190,8 +190,8 @@ fn packed_spans_and_continuations_match_full_sequences() {
         let seg = |len, continues| Segment { len, continues };
         let segments = vec![seg(120, None), seg(40, Some(0)), seg(15, Some(0)), seg(200, None), seg(30, None)];
         let seqs: Vec<Vec<u32>> = segments.iter().enumerate().map(|(i, s)| tokens(s.len, i + 2)).collect();
-        let packing = Packing::new(segments.clone(), prefix.len()).unwrap();
-        assert_eq!(packing.spans(None, &Device::Cpu).unwrap().len(), 2);
+        let packing = Packing::new(segments.clone()).unwrap();
+        assert_eq!(packing.spans(prefix.len(), None, &Device::Cpu).unwrap().len(), 2);
         let flat = Tensor::new(seqs.concat().as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let hidden = d.run_packed(&flat, &packing, Some(&cache)).unwrap();
         let mut at = 0;

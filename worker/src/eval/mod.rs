@@ -363,7 +363,7 @@ pub fn scored_positions(
             }
             // Checked whole first: a continuation then always lies in its sequence's batch.
             let segments = suffixes.iter().zip(continues).map(|(s, &c)| Segment { len: s.len(), continues: c });
-            Packing::new(segments.collect(), 0)?;
+            Packing::new(segments.collect())?;
             Some(continues)
         }
         _ => None,
@@ -383,16 +383,15 @@ pub fn scored_positions(
             }
             Layout::Packed | Layout::Tree(_) => {
                 let lengths: Vec<usize> = chunk.iter().map(Vec::len).collect();
-                let p = prefix.map_or(0, |c| c.len);
                 let packing = match continues {
-                    None => Packing::sequences(&lengths, p),
+                    None => Packing::sequences(&lengths),
                     Some(continues) => {
                         let segments = lengths
                             .iter()
                             .zip(&continues[range.clone()])
                             .map(|(&len, c)| Segment { len, continues: c.map(|c| c - range.start) })
                             .collect();
-                        Packing::new(segments, p)?
+                        Packing::new(segments)?
                     }
                 };
                 let ids = Tensor::from_vec(chunk.concat(), (1, packing.len()), decoder.device())?;

@@ -240,8 +240,7 @@ impl Decoder {
         observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        let packing = Packing::single(t, prefix.map_or(0, |p| p.len));
-        self.run_packing(ids, &packing, prefix, record, observe)
+        self.run_packing(ids, &Packing::single(t), prefix, record, observe)
     }
 
     /// Runs the sequences `packing` lays end to end in one row (`ids`: `[1, packing.len()]`),
@@ -271,12 +270,6 @@ impl Decoder {
             );
         }
         let offset = prefix.map_or(0, |p| p.len);
-        if packing.prefix() != offset {
-            candle_core::bail!(
-                "the packing counts {} prefix tokens, the prefix cache holds {offset}",
-                packing.prefix()
-            );
-        }
         if prefix.is_some() && record.is_some() {
             candle_core::bail!("recording a KV cache on top of a prefix cache is not supported");
         }
@@ -286,8 +279,8 @@ impl Decoder {
             }
         }
         // The same for every block: built once per call, not once per layer.
-        let rotary = Rotary::new(&self.cfg, &packing.positions(), self.dtype, &self.device)?;
-        let spans = packing.spans(self.cfg.sliding_window, &self.device)?;
+        let rotary = Rotary::new(&self.cfg, &packing.positions(offset), self.dtype, &self.device)?;
+        let spans = packing.spans(offset, self.cfg.sliding_window, &self.device)?;
         let mut x = self.embed(ids)?;
         let mut recorded = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
@@ -312,9 +305,9 @@ impl Decoder {
     /// The rotary tables and the causal span for sequences of `t` tokens starting at position 0
     /// (no prefix, no packing): what [`Decoder::run`] builds for `[B, t]` ids.
     pub fn block_context(&self, t: usize) -> candle_core::Result<BlockContext> {
-        let packing = Packing::single(t, 0);
-        let rotary = Rotary::new(&self.cfg, &packing.positions(), self.dtype, &self.device)?;
-        Ok(BlockContext { rotary, spans: packing.spans(self.cfg.sliding_window, &self.device)? })
+        let packing = Packing::single(t);
+        let rotary = Rotary::new(&self.cfg, &packing.positions(0), self.dtype, &self.device)?;
+        Ok(BlockContext { rotary, spans: packing.spans(0, self.cfg.sliding_window, &self.device)? })
     }
 
     /// `x^(l+1)` from `x^(l)` (`[B, T, H]`) through kept block `l`, exactly as [`Decoder::run`]

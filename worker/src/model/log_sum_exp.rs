@@ -12,6 +12,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::masked_softmax::{exp, larger, LANES};
+
 /// `log Σ exp(x)` over the last dimension of `logits` `[N, V]`, as `[N, 1]`: the max taken out
 /// first, as `log_softmax` does, so that no exponent overflows.
 pub fn log_sum_exp(logits: &Tensor) -> candle_core::Result<Tensor> {
@@ -23,9 +25,6 @@ pub fn log_sum_exp(logits: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 struct LogSumExp;
-
-/// Lanes of the reductions: separate accumulators, so that the loops vectorise.
-const LANES: usize = 16;
 
 impl CustomOp1 for LogSumExp {
     fn name(&self) -> &'static str {
@@ -47,28 +46,28 @@ impl CustomOp1 for LogSumExp {
     }
 }
 
-/// One row's `log Σ exp(x)`; `-inf` for an empty row or one that is all `-inf`.
+/// One row's `log Σ exp(x)`: `-inf` for an empty row or one that is all `-inf`, `+inf` with a
+/// `+inf` logit, NaN with a NaN among finite logits.
 #[inline(always)]
 fn row_log_sum_exp(x: &[f32]) -> f32 {
     let whole = x.len() / LANES * LANES;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     for xs in x[..whole].chunks_exact(LANES) {
         for i in 0..LANES {
-            lanes[i] = if xs[i] > lanes[i] { xs[i] } else { lanes[i] };
+            lanes[i] = larger(lanes[i], xs[i]);
         }
     }
-    let max = lanes.into_iter().chain(x[whole..].iter().copied()).fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        // All -inf (log 0), or a +inf / NaN logit, which the result then carries.
-        return if max == f32::NEG_INFINITY { max } else { max + x.iter().sum::<f32>() };
+    let max = lanes.into_iter().chain(x[whole..].iter().copied()).fold(f32::NEG_INFINITY, larger);
+    if max.is_infinite() {
+        return max;
     }
     let mut sums = [0f32; LANES];
     for xs in x[..whole].chunks_exact(LANES) {
         for i in 0..LANES {
-            sums[i] += super::masked_softmax::exp(xs[i] - max);
+            sums[i] += exp(xs[i] - max);
         }
     }
-    let tail: f32 = x[whole..].iter().map(|&x| super::masked_softmax::exp(x - max)).sum();
+    let tail: f32 = x[whole..].iter().map(|&x| exp(x - max)).sum();
     let sum = sums.iter().map(|&s| f64::from(s)).sum::<f64>() + f64::from(tail);
     (sum.ln() as f32) + max
 }

@@ -66,13 +66,13 @@ impl CustomOp2 for MaskedSoftmax {
     }
 }
 
-/// Lanes of the reductions below: separate accumulators, so that the loops vectorise without
-/// reassociating a single float sum.
-const LANES: usize = 16;
+/// Lanes of the reductions below (and [`super::log_sum_exp`]'s): separate accumulators, so that
+/// the loops vectorise without reassociating a single float sum.
+pub(super) const LANES: usize = 16;
 
 /// `max(acc, v)` without NaN handling (a compare and a select).
 #[inline(always)]
-fn larger(acc: f32, v: f32) -> f32 {
+pub(super) fn larger(acc: f32, v: f32) -> f32 {
     if v > acc {
         v
     } else {

@@ -25,13 +25,13 @@ pub struct Segment {
     pub continues: Option<usize>,
 }
 
-/// The sequences of one pass, end to end, after `prefix` cached tokens that every one of them
-/// continues. A continuation comes after the sequence it continues and after that sequence's
-/// earlier continuations: a group (a sequence and its continuations) is contiguous.
+/// The sequences of one pass, end to end. A continuation comes after the sequence it continues
+/// and after that sequence's earlier continuations: a group (a sequence and its continuations)
+/// is contiguous. The prefix the pass continues, if any, is the caller's (its length is passed
+/// to [`Packing::positions`] and [`Packing::spans`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packing {
     segments: Vec<Segment>,
-    prefix: usize,
 }
 
 /// Rows `start .. start + len` of a pass whose attention is computed together, with its additive
@@ -48,19 +48,19 @@ pub struct Span {
 }
 
 impl Packing {
-    /// One sequence of `len` tokens after `prefix` cached ones: the plain causal pass.
-    pub fn single(len: usize, prefix: usize) -> Self {
-        Packing { segments: vec![Segment { len, continues: None }], prefix }
+    /// One sequence of `len` tokens: the plain causal pass.
+    pub fn single(len: usize) -> Self {
+        Packing { segments: vec![Segment { len, continues: None }] }
     }
 
-    /// Independent sequences of `lengths` tokens, each after the `prefix` cached ones.
-    pub fn sequences(lengths: &[usize], prefix: usize) -> Self {
-        Packing { segments: lengths.iter().map(|&len| Segment { len, continues: None }).collect(), prefix }
+    /// Independent sequences of `lengths` tokens.
+    pub fn sequences(lengths: &[usize]) -> Self {
+        Packing { segments: lengths.iter().map(|&len| Segment { len, continues: None }).collect() }
     }
 
-    /// `segments` after `prefix` cached tokens, checked: a continuation names an earlier
-    /// sequence of its own (not another continuation) and follows its group without a gap.
-    pub fn new(segments: Vec<Segment>, prefix: usize) -> candle_core::Result<Self> {
+    /// `segments`, checked: a continuation names an earlier sequence of its own (not another
+    /// continuation) and follows its group without a gap.
+    pub fn new(segments: Vec<Segment>) -> candle_core::Result<Self> {
         let mut group_root = None;
         for (i, s) in segments.iter().enumerate() {
             match s.continues {
@@ -75,7 +75,7 @@ impl Packing {
                 candle_core::bail!("packed segment {i} is empty");
             }
         }
-        Ok(Packing { segments, prefix })
+        Ok(Packing { segments })
     }
 
     /// Tokens in the row (the prefix not counted).
@@ -93,25 +93,21 @@ impl Packing {
         &self.segments
     }
 
-    /// The cached tokens every sequence continues.
-    pub fn prefix(&self) -> usize {
-        self.prefix
-    }
-
-    /// Each row's position: a sequence counts on from the prefix, a continuation from the end of
-    /// the sequence it continues.
-    pub fn positions(&self) -> Vec<usize> {
+    /// Each row's position after `prefix` cached tokens: a sequence counts on from the prefix, a
+    /// continuation from the end of the sequence it continues.
+    pub fn positions(&self, prefix: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(self.len());
         for s in &self.segments {
-            let first = self.prefix + s.continues.map_or(0, |r| self.segments[r].len);
+            let first = prefix + s.continues.map_or(0, |r| self.segments[r].len);
             out.extend(first..first + s.len);
         }
         out
     }
 
-    /// The spans attention runs: whole groups, merged while a span stays within [`SPAN_TOKENS`].
-    /// `window`: keys at least this many positions back are hidden (sliding-window attention).
-    pub fn spans(&self, window: Option<usize>, device: &Device) -> candle_core::Result<Vec<Span>> {
+    /// The spans attention runs after `prefix` cached tokens: whole groups, merged while a span
+    /// stays within [`SPAN_TOKENS`]. `window`: keys at least this many positions back are hidden
+    /// (sliding-window attention).
+    pub fn spans(&self, prefix: usize, window: Option<usize>, device: &Device) -> candle_core::Result<Vec<Span>> {
         // Groups as segment ranges, then runs of groups as spans.
         let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
         for (i, s) in self.segments.iter().enumerate() {
@@ -126,13 +122,13 @@ impl Packing {
         for (gi, g) in groups.iter().enumerate() {
             let n = tokens(g);
             if gi > first && len + n > SPAN_TOKENS {
-                spans.push(self.span(start, len, groups[first].start..groups[gi - 1].end, window, device)?);
+                spans.push(self.span(start, len, groups[first].start..groups[gi - 1].end, prefix, window, device)?);
                 (start, first, len) = (start + len, gi, 0);
             }
             len += n;
         }
         if let Some(last) = groups.last() {
-            spans.push(self.span(start, len, groups[first].start..last.end, window, device)?);
+            spans.push(self.span(start, len, groups[first].start..last.end, prefix, window, device)?);
         }
         Ok(spans)
     }
@@ -143,10 +139,10 @@ impl Packing {
         start: usize,
         len: usize,
         segments: std::ops::Range<usize>,
+        p: usize,
         window: Option<usize>,
         device: &Device,
     ) -> candle_core::Result<Span> {
-        let p = self.prefix;
         let width = p + len;
         let mut mask = vec![f32::NEG_INFINITY; len * width];
         // Where each segment starts within the span, to find a continuation's sequence.
@@ -180,7 +176,7 @@ impl Packing {
 /// The `[T, P + T]` mask of one sequence of `t` tokens after `p` cached ones (causal, with an
 /// optional window): the plain pass's only span.
 pub fn causal_mask(t: usize, p: usize, window: Option<usize>, device: &Device) -> candle_core::Result<Tensor> {
-    Ok(Packing::single(t, p).spans(window, device)?.remove(0).mask)
+    Ok(Packing::single(t).spans(p, window, device)?.remove(0).mask)
 }
 
 #[cfg(test)]
@@ -206,7 +202,7 @@ mod tests {
     #[test]
     fn short_sequences_share_a_span_and_see_only_the_prefix_and_themselves() {
         // Prefix of 2, then sequences of 2 and 3 tokens: one span of 5 rows.
-        let spans = Packing::sequences(&[2, 3], 2).spans(None, &CPU).unwrap();
+        let spans = Packing::sequences(&[2, 3]).spans(2, None, &CPU).unwrap();
         assert_eq!(spans.len(), 1);
         let v = visible(&spans[0].mask);
         let (t, f) = (true, false);
@@ -215,16 +211,16 @@ mod tests {
         assert_eq!(v[2], vec![t, t, f, f, t, f, f], "the second sequence does not see the first");
         assert_eq!(v[4], vec![t, t, f, f, t, t, t]);
         // A window of 2 counts positions within each sequence's own stream (prefix + itself).
-        let v = visible(&Packing::sequences(&[2, 3], 2).spans(Some(2), &CPU).unwrap()[0].mask);
+        let v = visible(&Packing::sequences(&[2, 3]).spans(2, Some(2), &CPU).unwrap()[0].mask);
         assert_eq!(v[2], vec![f, t, f, f, t, f, f]);
         assert_eq!(v[4], vec![f, f, f, f, f, t, t]);
-        assert_eq!(Packing::sequences(&[2, 3], 2).positions(), vec![2, 3, 2, 3, 4]);
+        assert_eq!(Packing::sequences(&[2, 3]).positions(2), vec![2, 3, 2, 3, 4]);
     }
 
     #[test]
     fn long_sequences_get_a_span_each() {
-        let packing = Packing::sequences(&[200, 100, 50, 256, 1], 0);
-        let spans = packing.spans(None, &CPU).unwrap();
+        let packing = Packing::sequences(&[200, 100, 50, 256, 1]);
+        let spans = packing.spans(0, None, &CPU).unwrap();
         let rows: Vec<(usize, usize)> = spans.iter().map(|s| (s.start, s.len)).collect();
         assert_eq!(rows, vec![(0, 200), (200, 150), (350, 256), (606, 1)]);
         for s in &spans {
@@ -236,9 +232,9 @@ mod tests {
     fn a_continuation_sees_its_sequence_and_follows_its_positions() {
         // A context of 3 tokens with two answers of 2 and 1 tokens, then a sequence of 2.
         let seg = |len, continues| Segment { len, continues };
-        let packing = Packing::new(vec![seg(3, None), seg(2, Some(0)), seg(1, Some(0)), seg(2, None)], 1).unwrap();
-        assert_eq!(packing.positions(), vec![1, 2, 3, 4, 5, 4, 1, 2]);
-        let spans = packing.spans(None, &CPU).unwrap();
+        let packing = Packing::new(vec![seg(3, None), seg(2, Some(0)), seg(1, Some(0)), seg(2, None)]).unwrap();
+        assert_eq!(packing.positions(1), vec![1, 2, 3, 4, 5, 4, 1, 2]);
+        let spans = packing.spans(1, None, &CPU).unwrap();
         assert_eq!(spans.len(), 1);
         let v = visible(&spans[0].mask);
         let (t, f) = (true, false);
@@ -248,17 +244,17 @@ mod tests {
         assert_eq!(v[5], vec![t, t, t, t, f, f, t, f, f], "the second answer does not see the first");
         assert_eq!(v[7], vec![t, f, f, f, f, f, f, t, t], "the next sequence sees only the prefix and itself");
         // With a window of 2, the first answer's second token (position 5) sees positions 4 and 5.
-        let v = visible(&packing.spans(Some(2), &CPU).unwrap()[0].mask);
+        let v = visible(&packing.spans(1, Some(2), &CPU).unwrap()[0].mask);
         assert_eq!(v[4], vec![f, f, f, f, t, t, f, f, f]);
     }
 
     #[test]
     fn continuations_must_follow_their_group() {
         let seg = |len, continues| Segment { len, continues };
-        assert!(Packing::new(vec![seg(2, None), seg(1, Some(0)), seg(1, Some(0))], 0).is_ok());
-        let e = Packing::new(vec![seg(2, None), seg(1, None), seg(1, Some(0))], 0).unwrap_err().to_string();
+        assert!(Packing::new(vec![seg(2, None), seg(1, Some(0)), seg(1, Some(0))]).is_ok());
+        let e = Packing::new(vec![seg(2, None), seg(1, None), seg(1, Some(0))]).unwrap_err().to_string();
         assert!(e.contains("segment 2 continues segment 0"), "{e}");
-        assert!(Packing::new(vec![seg(2, None), seg(1, Some(1))], 0).is_err(), "a continuation of a continuation");
-        assert!(Packing::new(vec![seg(0, None)], 0).is_err());
+        assert!(Packing::new(vec![seg(2, None), seg(1, Some(1))]).is_err(), "a continuation of a continuation");
+        assert!(Packing::new(vec![seg(0, None)]).is_err());
     }
 }

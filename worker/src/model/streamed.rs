@@ -90,9 +90,9 @@ impl StreamedDecoder {
         let mut context = Vec::with_capacity(batches.len());
         for ids in batches {
             let (b, t) = ids.dims2()?;
-            let packing = Packing::single(t, 0);
-            let rotary = Rotary::new(&self.cfg, &packing.positions(), self.dtype, &self.device)?;
-            let spans = packing.spans(self.cfg.sliding_window, &self.device)?;
+            let packing = Packing::single(t);
+            let rotary = Rotary::new(&self.cfg, &packing.positions(0), self.dtype, &self.device)?;
+            let spans = packing.spans(0, self.cfg.sliding_window, &self.device)?;
             states.push(self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))?);
             context.push((rotary, spans));
         }
