@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use prunesweep_worker::model::parse_device;
+use prunesweep_worker::serve::pipeline::DEFAULT_STATE_CACHE_BYTES;
 use prunesweep_worker::serve::roots::Roots;
 use prunesweep_worker::serve::{serve, ServeConfig};
 
@@ -43,6 +44,11 @@ pub struct ServeArgs {
     /// layer instead of loading it whole.
     #[arg(long, env = "PRUNESWEEP_MEMORY_BUDGET_GIB")]
     memory_budget_gib: Option<f64>,
+    /// Host memory (GiB) the held model may keep the residual states of evaluation passes in, so
+    /// that the next cell of the same model starts its evaluation where its cut begins rather
+    /// than recomputing the blocks before it (results are bit for bit the same). 0 turns it off.
+    #[arg(long, env = "PRUNESWEEP_STATE_CACHE_GIB", default_value_t = (DEFAULT_STATE_CACHE_BYTES >> 30) as f64)]
+    state_cache_gib: f64,
     /// Exit after this many jobs (default: serve until Ctrl-C / SIGTERM).
     #[arg(long)]
     max_jobs: Option<usize>,
@@ -67,6 +73,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = ServeConfig {
         roots,
         memory_budget: args.memory_budget_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+        state_cache: (args.state_cache_gib.max(0.0) * (1u64 << 30) as f64) as u64,
         coordinator: args.coordinator,
         name,
         device_name: args.device,

@@ -8,6 +8,8 @@
 //! position, caching and memory logic; the decoder builds the rotary tables and the spans once per
 //! call and hands them to every block.
 
+use rayon::prelude::*;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, D};
 
 use super::config::Config;
@@ -143,11 +145,18 @@ impl Attention {
             [span] => self.attend_span(&q, &k, &v, span, chunk, prefix)?,
             _ => {
                 // Packed sequences: each span's rows against the prefix and the span's own keys.
-                let mut outs = Vec::with_capacity(spans.len());
-                for span in spans {
+                // The spans are independent and their products small (one thread each in the
+                // GEMM), so inference on a CPU runs them side by side; each span's result does not
+                // depend on which thread computes it. A GPU queues them on its one stream anyway.
+                let span_out = |span: &Span| {
                     let rows = |x: &Tensor| x.narrow(2, span.start, span.len);
-                    outs.push(self.attend_span(&rows(&q)?, &rows(&k)?, &rows(&v)?, span, chunk, prefix)?);
-                }
+                    self.attend_span(&rows(&q)?, &rows(&k)?, &rows(&v)?, span, chunk, prefix)
+                };
+                let outs = if q.track_op() || !q.device().is_cpu() {
+                    spans.iter().map(span_out).collect::<candle_core::Result<Vec<_>>>()?
+                } else {
+                    spans.par_iter().map(span_out).collect::<candle_core::Result<Vec<_>>>()?
+                };
                 Tensor::cat(&outs, 2)?
             }
         };

@@ -384,6 +384,23 @@ impl Config {
         })
     }
 
+    /// The shape the memory model (`prunesweep_proto::memory`) predicts from: the worker's view
+    /// of the checkpoint, as the coordinator reads it from the same config.
+    pub fn shape(&self) -> prunesweep_proto::memory::ModelShape {
+        let narrow = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        prunesweep_proto::memory::ModelShape {
+            layers: narrow(self.num_layers),
+            hidden: narrow(self.hidden_size),
+            intermediate: narrow(self.intermediate_size),
+            heads: narrow(self.num_heads),
+            kv_heads: narrow(self.num_kv_heads),
+            head_dim: narrow(self.head_dim),
+            vocab: narrow(self.vocab_size),
+            tied_embeddings: self.tie_word_embeddings,
+            gated_mlp: self.gated_mlp,
+        }
+    }
+
     /// The inverse RoPE frequencies, one per rotated pair, after scaling.
     pub fn inv_freq(&self) -> Vec<f32> {
         let dim = self.rotary_dim;

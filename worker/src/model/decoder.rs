@@ -37,6 +37,7 @@ pub use super::frozen::Weight;
 use super::layers::{Linear, Mlp, Norm};
 use super::nf4::Nf4Matrix;
 use super::packing::{Packing, Span};
+use super::state_cache::{PassKey, StateCache};
 use super::weights::WeightMap;
 use super::ModelError;
 
@@ -45,6 +46,9 @@ use super::ModelError;
 pub struct Block {
     /// Index of this block in the unpruned checkpoint.
     pub original_index: usize,
+    /// Whether its weights are still those loaded (no adapter attached, nothing quantized or
+    /// merged since): only such blocks compute what the loaded model's [`StateCache`] kept.
+    as_loaded: bool,
     input_layernorm: Norm,
     /// `None` for Phi-2's parallel block, which norms once.
     post_attention_layernorm: Option<Norm>,
@@ -57,6 +61,7 @@ impl Block {
         let p = format!("model.layers.{index}");
         Ok(Block {
             original_index: index,
+            as_loaded: true,
             input_layernorm: Norm::load(w, &format!("{p}.input_layernorm"), cfg)?,
             post_attention_layernorm: if cfg.parallel_block {
                 None
@@ -76,8 +81,10 @@ impl Block {
         attn.chain(mlp).collect()
     }
 
-    /// [`Block::projections`], mutably (quantizing, attaching adapters).
+    /// [`Block::projections`], mutably (quantizing, attaching adapters). The block no longer
+    /// counts as loaded: its states are not taken from the [`StateCache`] any more.
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.as_loaded = false;
         let parallel = self.post_attention_layernorm.is_none();
         let attn = self.self_attn.projections_mut(parallel).into_iter().map(|(n, l)| (format!("self_attn.{n}"), l));
         let mlp = self.mlp.projections_mut().into_iter().map(|(n, l)| (format!("mlp.{n}"), l));
@@ -148,6 +155,9 @@ pub struct Decoder {
     device: Device,
     dtype: DType,
     attention_chunk: usize,
+    /// Residual states of earlier evaluation passes, shared with every clone (off until given a
+    /// budget).
+    states: StateCache,
 }
 
 impl Decoder {
@@ -169,7 +179,17 @@ impl Decoder {
         };
         w.finish(cfg.num_layers)?;
         let (device, dtype) = (embed_tokens.device().clone(), embed_tokens.dtype());
-        Ok(Decoder { cfg, embed_tokens, blocks, norm, lm_head, device, dtype, attention_chunk: SCORES_PER_CHUNK })
+        Ok(Decoder {
+            cfg,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            device,
+            dtype,
+            attention_chunk: SCORES_PER_CHUNK,
+            states: StateCache::default(),
+        })
     }
 
     /// How many attention scores are computed at once, in inference and in training on a CPU
@@ -178,6 +198,18 @@ impl Decoder {
     /// saves memory on long prompts; the result does not depend on it.
     pub fn set_attention_chunk(&mut self, scores: usize) {
         self.attention_chunk = scores.max(1);
+    }
+
+    /// The residual states this model and its clones keep between evaluation passes (see
+    /// [`super::state_cache`]): give it a budget to turn it on.
+    pub fn state_cache(&self) -> &StateCache {
+        &self.states
+    }
+
+    /// How many leading blocks are still the loaded model's first blocks, unchanged: the depth up
+    /// to which a kept state of the loaded model is this model's too.
+    fn blocks_as_loaded(&self) -> usize {
+        self.blocks.iter().enumerate().take_while(|(i, b)| b.original_index == *i && b.as_loaded).count()
     }
 
     /// The device the weights live on.
@@ -240,7 +272,7 @@ impl Decoder {
         observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        self.run_packing(ids, &Packing::single(t), prefix, record, observe)
+        self.run_packing(ids, &Packing::single(t), prefix, record, observe, false)
     }
 
     /// Runs the sequences `packing` lays end to end in one row (`ids`: `[1, packing.len()]`),
@@ -248,11 +280,16 @@ impl Decoder {
     /// returns `x^(L')`, `[1, packing.len(), H]`. Unlike right-padded batches, no work is spent
     /// on padding or on scores between sequences, and a shared prefix's keys/values are used as
     /// they are rather than copied per sequence.
+    ///
+    /// Without a prefix, the pass goes through the [`StateCache`]: it starts from the loaded
+    /// model's kept state at the deepest boundary its own first blocks still match, and keeps
+    /// states for later passes.
     pub fn run_packed(&self, ids: &Tensor, packing: &Packing, prefix: Option<&KvCache>) -> candle_core::Result<Tensor> {
-        self.run_packing(ids, packing, prefix, None, &mut |_, _| Ok(()))
+        self.run_packing(ids, packing, prefix, None, &mut |_, _| Ok(()), true)
     }
 
-    /// [`Decoder::run`] over `ids` `[B, T]` whose `T` positions `packing` lays out.
+    /// [`Decoder::run`] over `ids` `[B, T]` whose `T` positions `packing` lays out; `reuse`: through
+    /// the [`StateCache`] (callers that observe every state pass `false`).
     fn run_packing(
         &self,
         ids: &Tensor,
@@ -260,6 +297,7 @@ impl Decoder {
         prefix: Option<&KvCache>,
         record: Option<&mut KvCache>,
         observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
+        reuse: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let segments = packing.segments().len();
@@ -282,9 +320,28 @@ impl Decoder {
         let rotary = Rotary::new(&self.cfg, &packing.positions(offset), self.dtype, &self.device)?;
         let spans = packing.spans(offset, self.cfg.sliding_window, &self.device)?;
         let mut x = self.embed(ids)?;
+        // Which leading blocks match the loaded model's, and the key of this pass's states.
+        let as_loaded = self.blocks_as_loaded();
+        let key = if reuse && prefix.is_none() && record.is_none() && as_loaded > 0 && self.states.enabled() {
+            Some(PassKey::new(ids, packing, self.attention_chunk, super::kernels::fused_cpu(&x))?)
+        } else {
+            None
+        };
+        let mut start = 0;
+        if let Some(key) = &key {
+            if let Some((boundary, state)) = self.states.resume(key, as_loaded, &self.device)? {
+                (start, x) = (boundary, state);
+            }
+        }
+        let stride = StateCache::stride(self.cfg.num_layers);
         let mut recorded = Vec::new();
-        for (l, block) in self.blocks.iter().enumerate() {
+        for (l, block) in self.blocks.iter().enumerate().skip(start) {
             observe(l, &x)?;
+            if let Some(key) = &key {
+                if l > start && l <= as_loaded && (l % stride == 0 || l == as_loaded) {
+                    self.states.offer(key, l, &x)?;
+                }
+            }
             let rec = record.as_ref().map(|_| &mut recorded);
             x = block.forward(&x, &rotary, &spans, self.attention_chunk, prefix.map(|p| &p.layers[l]), rec)?;
         }

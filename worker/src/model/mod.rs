@@ -11,6 +11,8 @@
 //! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors;
 //!   [`tensor_files`]: safetensors read one tensor at a time; [`gguf`]: GGUF files, likewise;
 //!   [`streamed`]: a decoder run layer by layer from them, for models larger than the device.
+//! - [`state_cache`]: the loaded model's residual states kept between a sweep's evaluations, so that
+//!   a cell starts where its cut begins.
 //! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
 //! - [`writer`]: a (pruned) model → an HF directory that HF transformers loads.
 //! - [`nf4`], [`frozen`], [`lora`]: the frozen 4-bit base (resident on the device, decoded by the
@@ -39,6 +41,7 @@ mod nf4_device;
 mod nf4_load;
 pub mod packing;
 pub mod silu_mul;
+pub mod state_cache;
 pub mod streamed;
 pub mod tensor_files;
 pub mod tokenizer;

@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 pub const SPAN_TOKENS: usize = 256;
 
 /// One sequence of a packed pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Segment {
     /// Its tokens.
     pub len: usize,

@@ -17,6 +17,7 @@
 //! - [`pipeline`]: what running one job means (load, score, prune, heal, eval).
 //! - [`outbox`]: reports kept on disk until delivered.
 //! - [`roots`]: the folders a job's model and data may come from.
+//! - [`state_room`]: how much memory the held model's kept residual states may take during a job.
 //!
 //! The connection itself (token, TLS, deadlines, keepalives) is the contract's
 //! [`prunesweep_proto::client`], shared with the CLI.
@@ -24,6 +25,7 @@
 pub mod outbox;
 pub mod pipeline;
 pub mod roots;
+pub mod state_room;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -60,6 +62,9 @@ pub struct ServeConfig {
     pub roots: roots::Roots,
     /// At most this many bytes of the device's memory count as free (`--memory-budget-gib`).
     pub memory_budget: Option<u64>,
+    /// Host memory the held model may keep evaluation passes' residual states in, for the next
+    /// cells (`--state-cache-gib`; 0: none).
+    pub state_cache: u64,
     /// Long-poll wait per `LeaseJob` call.
     pub lease_wait: Duration,
     /// Stop after this many jobs (tests, batch use); `None` serves until shutdown.
@@ -219,8 +224,11 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
         _ = &mut shutdown => return Ok(()),
     };
     let memory_device = device.clone();
-    let mut pipeline =
-        Some(Pipeline::new(device, cfg.work_dir.clone(), cfg.roots.clone()).with_memory_budget(cfg.memory_budget));
+    let mut pipeline = Some(
+        Pipeline::new(device, cfg.work_dir.clone(), cfg.roots.clone())
+            .with_memory_budget(cfg.memory_budget)
+            .with_state_cache(cfg.state_cache),
+    );
     let mut done = 0usize;
     let mut backoff = Backoff::new();
     loop {
@@ -233,7 +241,10 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
             worker_id: session.worker_id.clone(),
             held_models: held,
             wait_ms: cfg.lease_wait.as_millis() as u64,
-            free_memory_bytes: crate::device::free_memory(&memory_device),
+            // Kept residual states count as free: they are dropped to make room for the job.
+            free_memory_bytes: crate::device::free_memory(&memory_device).map(|free| {
+                free + if memory_device.is_cpu() { pipeline.as_ref().map_or(0, Pipeline::reclaimable_bytes) } else { 0 }
+            }),
             report_unfinished: cfg.exit_when_done,
         };
         let leased = tokio::select! {
@@ -297,6 +308,7 @@ async fn run_leased(
             return (pipeline, false);
         }
     };
+    pipeline.expect(&spec);
     let progress = Arc::new(Progress::default());
     let prog = progress.clone();
     let mut handle = tokio::task::spawn_blocking(move || {

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use prunesweep_proto::v1::{Distance, DistanceMetric, PhaseTiming, ResultRow};
+use prunesweep_proto::v1::{Distance, DistanceMetric, JobSpec, PhaseTiming, ResultRow};
 
 use crate::eval::{self, EvalReport, EvalSpec, Task};
 use crate::heal::{self, HealEnd, HealError, HealSpec};
@@ -22,6 +22,7 @@ use crate::model::{default_dtype, streamed, Model, ModelError};
 use crate::prune::{self, LayerScores, PruneError};
 use crate::score::{self, ScoreSpec};
 use crate::serve::roots::Roots;
+use crate::serve::state_room;
 
 /// What a finished job reports (the fields of `CompleteJobRequest`).
 #[derive(Debug, Clone, Default)]
@@ -98,7 +99,20 @@ pub struct Pipeline {
     loaded: Option<Loaded>,
     /// At most this much of the device's memory is counted as free (`None`: all of it).
     memory_budget: Option<u64>,
+    /// Host memory the loaded model may keep residual states in between jobs
+    /// ([`crate::model::state_cache`]).
+    state_cache: u64,
+    /// The contract's spec of the job about to run ([`Pipeline::expect`]): its predicted peak
+    /// bounds the state cache while it runs ([`super::state_room`]).
+    expected: Option<JobSpec>,
 }
+
+/// The default of [`Pipeline::with_state_cache`] and `worker serve --state-cache-gib`: 4 GiB of
+/// host memory. The states of one boundary take tokens × hidden size × dtype bytes: for C4 loss
+/// on 64 documents of up to 256 tokens, BoolQ on 200 items and cloze on 114 questions (53k tokens
+/// in all), 116 MiB on SmolLM2-135M in f32 (so the 14 boundaries it keeps and the cuts' own fit)
+/// and 412 MiB on a 7B model in bf16 (about ten; the least recently used go first).
+pub const DEFAULT_STATE_CACHE_BYTES: u64 = 4 << 30;
 
 /// A loaded model and what it was loaded as, so that a job asking for the same is given a clone.
 struct Loaded {
@@ -152,7 +166,35 @@ impl Pipeline {
     /// A pipeline on `device` that reads only under `roots`; healing checkpoints go under
     /// `work_dir/jobs/<job key>/`.
     pub fn new(device: Device, work_dir: PathBuf, roots: Roots) -> Self {
-        Pipeline { device, work_dir, roots, loaded: None, memory_budget: None }
+        Pipeline {
+            device,
+            work_dir,
+            roots,
+            loaded: None,
+            memory_budget: None,
+            state_cache: DEFAULT_STATE_CACHE_BYTES,
+            expected: None,
+        }
+    }
+
+    /// Tells the pipeline the contract's spec of the job it runs next, so that the held model's
+    /// kept states leave that job's predicted peak free ([`super::state_room`]).
+    pub fn expect(&mut self, spec: &JobSpec) {
+        self.expected = Some(spec.clone());
+    }
+
+    /// Bytes the held model's kept states take now: free memory as far as a next job is
+    /// concerned, since they are dropped to make room for it.
+    pub fn reclaimable_bytes(&self) -> u64 {
+        self.loaded.as_ref().map_or(0, |l| l.model.decoder.state_cache().stats().bytes)
+    }
+
+    /// Lets the loaded model keep up to `bytes` of evaluation passes' residual states in host
+    /// memory, so that a cell's evaluation starts where its cut begins instead of recomputing the
+    /// blocks before it (0: keep nothing).
+    pub fn with_state_cache(mut self, bytes: u64) -> Self {
+        self.state_cache = bytes;
+        self
     }
 
     /// Counts at most `bytes` of the device's memory as free when deciding whether a model fits
@@ -189,7 +231,18 @@ impl Pipeline {
             .map_err(|e| model_failure(source, e))?;
             self.loaded = Some(Loaded { source: source.to_string(), dtype, nf4, model });
         }
-        Ok(self.loaded.as_ref().expect("just loaded").model.clone())
+        let model = &self.loaded.as_ref().expect("just loaded").model;
+        let cache = model.decoder.state_cache();
+        let free = crate::device::free_memory(&self.device).map(|f| f + cache.stats().bytes);
+        let expected = self.expected.take();
+        cache.set_budget(state_room::budget(
+            self.state_cache,
+            &self.device,
+            expected.as_ref(),
+            model.decoder.cfg.shape(),
+            free,
+        ));
+        Ok(model.clone())
     }
 
     /// Runs one job to completion, or until `progress.stop` is set; the output carries its
@@ -416,7 +469,18 @@ fn evaluate(tasks: &[EvalSpec], model: &Model, progress: &Progress, out: &mut Jo
     for (i, spec) in tasks.iter().enumerate() {
         progress.check()?;
         progress.set("eval", i as f64 / tasks.len().max(1) as f64);
+        let before = model.decoder.state_cache().stats();
         let report = eval::run(model, spec, &mut |_, _| {}).map_err(|e| eval_failure(spec, e))?;
+        let after = model.decoder.state_cache().stats();
+        if after.hits > before.hits {
+            tracing::info!(
+                task = %spec.task.name(),
+                passes = after.hits - before.hits,
+                blocks_skipped = after.blocks_skipped - before.blocks_skipped,
+                kept_mib = after.bytes >> 20,
+                "started passes from the loaded model's kept residual states"
+            );
+        }
         out.results.extend(result_rows(spec.task, &report)?);
     }
     out.timings.push(timing("eval", t));
@@ -538,6 +602,44 @@ mod tests {
         evaluate(&cell.eval, &dense, &Progress::default(), &mut want).unwrap();
         assert_eq!(got.layers_dropped, want.layers_dropped);
         assert_eq!(got.results, want.results, "the same losses, to the bit");
+    }
+
+    #[test]
+    fn unhealed_cells_start_from_the_baselines_states_with_the_same_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let docs = dir.path().join("docs.jsonl");
+        let lines: String = (0..4)
+            .map(|i| {
+                format!("{{\"text\": \"Document {i}: the quick brown fox jumps over the lazy dog {i} times.\"}}\n")
+            })
+            .collect();
+        std::fs::write(&docs, lines).unwrap();
+        let eval = vec![EvalSpec { limit: Some(4), seq_len: 24, batch: 2, ..EvalSpec::new(Task::C4Loss, &docs) }];
+        let model = fixtures.join("tiny-llama").display().to_string();
+        let job = |key: &str, work: Work| Job { id: 1, key: key.into(), model: model.clone(), dtype: None, work };
+        let cell = |method, n| {
+            let prune = PruneSpec { method, amount: prune::Amount::N(n) };
+            Work::Cell(Box::new(Cell { prune, distances: None, influence: None, heal: None, eval: eval.clone() }))
+        };
+        let jobs = [
+            job("baseline", Work::Baseline(eval.clone())),
+            job("deepest-1", cell(prune::Method::Deepest, 1)),
+            job("deepest-2", cell(prune::Method::Deepest, 2)),
+        ];
+        let roots = Roots::new(dir.path(), std::slice::from_ref(&fixtures), &[dir.path().into()]).unwrap();
+        let run_all =
+            |p: &mut Pipeline| jobs.iter().map(|j| p.run(j, &Progress::default()).unwrap()).collect::<Vec<_>>();
+        let mut kept = Pipeline::new(Device::Cpu, dir.path().into(), roots.clone());
+        let got = run_all(&mut kept);
+        let stats = kept.loaded.as_ref().unwrap().model.decoder.state_cache().stats();
+        // tiny-llama's 4 blocks: deepest-1 drops block 2 (the last one is kept), deepest-2 blocks 1-2.
+        assert_eq!((stats.hits, stats.blocks_skipped), (4, 2 * 2 + 2), "both cells' 2 passes started at their cut");
+        let want = run_all(&mut Pipeline::new(Device::Cpu, dir.path().into(), roots).with_state_cache(0));
+        for (got, want) in got.iter().zip(&want) {
+            assert_eq!(got.layers_dropped, want.layers_dropped);
+            assert_eq!(got.results, want.results, "the same losses, to the bit");
+        }
     }
 
     #[test]
