@@ -7,8 +7,7 @@
 //! - tiny-llama: the process's own memory, from which `CPU_RUNTIME_BYTES` was taken (a
 //!   calibration, not a check);
 //! - SmolLM2-135M (the real GGUF) and a wider random llama: each within ±15% of the prediction;
-//!   a deep, narrow random llama trained on long sequences (activations dominate), `#[ignore]`d
-//!   (+15.2%, outside ±15%: a constant ~67 MiB not yet explained);
+//!   a deep, narrow random llama trained on long sequences (activations dominate), likewise;
 //! - `#[ignore]`d (minutes, ~10 GiB of memory, 4.5 GB of disk): Llama-2-70B's layer shapes with 2
 //!   of its 80 layers, random, through load → NF4 → one healing step → eval: the peak must not
 //!   exceed the prediction by more than 15%. `scripts/memory-model.sh` runs everything and writes
@@ -268,13 +267,13 @@ async fn a_wide_random_llama_peaks_where_the_model_says() {
     check("random llama 6×1024 (ffn 4096, vocab 32000), heal r16 mb1 seq128 + c4-loss 4×128", &run);
 }
 
-/// Ignored since the CPU's chunked training attention (`TrainedAttention`, d492c85) landed: its
-/// peak sits 66–68 MiB above the prediction (459 against 391 MiB then; 395 against 343 MiB since
-/// QLoRA cells load NF4 directly: +15.2%, `results/memory-model.txt`), outside ±15%. The excess
-/// is the same with either base, so it is not the weights; what holds it (the chunk's copies,
-/// `CHUNKED_SCORE_COPIES`, or the allocator) is not found yet.
+/// Activations dominate here. Until the CPU's training norm, rotary and SiLU·up became single ops
+/// with their own backward passes (`model/rms_norm.rs`, `rope.rs`, `silu_mul.rs`), the peak sat a
+/// constant 66–68 MiB above the prediction (395 against 343 MiB, +15.2%: the composed ops'
+/// temporaries that autograd kept in the block's graph); since then six runs peaked at 316–388
+/// MiB against 341 (−7.5% to +13.8%: glibc's arenas move it between runs;
+/// `results/memory-model.txt`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "+15.2%: a constant ~67 MiB above the prediction, not yet explained"]
 async fn a_deep_narrow_llama_on_long_sequences_peaks_where_the_model_says() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();

@@ -54,12 +54,8 @@ struct CrossEntropy {
 }
 
 fn rows<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("{what}: logits must be f32") };
     let (n, v) = layout.shape().dims2()?;
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{what}: logits must be contiguous")
-    };
-    Ok((&data[start..end], n, v))
+    Ok((crate::model::kernels::f32_slice(what, storage, layout)?, n, v))
 }
 
 impl CustomOp1 for CrossEntropy {

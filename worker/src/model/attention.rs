@@ -41,10 +41,10 @@ impl Rotary {
     /// Rotates the first `rotary_dim` features of each head (`x`: `[B, heads, T, head_dim]`), HF's
     /// `rotate_half` layout; the rest pass through (partial rotary, Phi-2).
     fn apply(&self, x: &Tensor, rotary_dim: usize) -> candle_core::Result<Tensor> {
-        // The fused kernel has no backward pass; while healing, gradients flow through here.
+        // candle's fused kernel has no backward pass; while healing, gradients flow through ours.
         let rope = |x: &Tensor| {
             if x.track_op() {
-                candle_nn::rotary_emb::rope_slow(x, &self.cos, &self.sin)
+                super::rope::trained_rope(x, &self.cos, &self.sin)
             } else {
                 candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)
             }
@@ -275,11 +275,7 @@ struct TrainedAttention {
 
 /// A contiguous f32 CPU buffer as a tensor (a copy, outside any graph).
 fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("trained-attention: inputs must be f32") };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("trained-attention: inputs must be contiguous")
-    };
-    Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)
+    Tensor::from_slice(super::kernels::f32_slice("trained-attention", storage, layout)?, layout.shape(), &Device::Cpu)
 }
 
 impl CustomOp3 for TrainedAttention {

@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 thread_local! {
     static STOCK_OPS: Cell<bool> = const { Cell::new(false) };
@@ -18,6 +18,16 @@ thread_local! {
 /// [`with_stock_ops`].
 pub fn fused_cpu(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && !STOCK_OPS.with(Cell::get)
+}
+
+/// The values of a custom op's contiguous f32 CPU input, or an error naming the op (`op`) and
+/// what it was given.
+pub fn f32_slice<'s>(op: &str, storage: &'s CpuStorage, layout: &Layout) -> candle_core::Result<&'s [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: inputs must be f32, got {:?}", candle_core::backend::BackendStorage::dtype(storage))
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: inputs must be contiguous") };
+    Ok(&data[start..end])
 }
 
 /// Runs `f` with every op on this thread taking the stock (GPU) path; restores the previous

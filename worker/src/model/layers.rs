@@ -138,7 +138,7 @@ impl Module for Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             // The fused kernels have no backward pass; while healing, gradients flow through here.
-            Norm::Rms { weight, eps } if x.track_op() => candle_nn::ops::rms_norm_slow(x, weight, *eps),
+            Norm::Rms { weight, eps } if x.track_op() => super::rms_norm::trained_rms_norm(x, weight, *eps),
             Norm::Layer { weight, bias, eps } if x.track_op() => candle_nn::ops::layer_norm_slow(x, weight, bias, *eps),
             Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps),
             Norm::Layer { weight, bias, eps } => candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, *eps),

@@ -32,16 +32,13 @@ impl CustomOp1 for LogSumExp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("log-sum-exp: logits must be f32") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("log-sum-exp: logits must be contiguous")
-        };
+        let logits = super::kernels::f32_slice(self.name(), storage, layout)?;
         let (n, v) = match layout.dims() {
             &[n, v] => (n, v),
             dims => candle_core::bail!("log-sum-exp: logits must be [N, V], got {dims:?}"),
         };
         let mut out = vec![0f32; n];
-        out.par_iter_mut().zip(data[start..end].par_chunks(v.max(1))).for_each(|(o, row)| *o = row_log_sum_exp(row));
+        out.par_iter_mut().zip(logits.par_chunks(v.max(1))).for_each(|(o, row)| *o = row_log_sum_exp(row));
         Ok((CpuStorage::F32(out), Shape::from((n, 1))))
     }
 }

@@ -20,7 +20,8 @@
 //!   and the low-rank adapters that healing trains; [`Model::load_nf4`] quantizes while loading.
 //! - [`masked_softmax`], [`silu_mul`], [`log_sum_exp`]: attention's mask + softmax, the gated
 //!   MLP's activation, and the log-normaliser of scored logits, each in one pass (inference on
-//!   CPU).
+//!   CPU; `silu_mul` also in training, with its own backward pass); [`rms_norm`] and [`rope`]:
+//!   RMSNorm and rotary positions for training on CPU, each one op with its own backward pass.
 //! - [`kernels`]: when those fused CPU kernels run, and when the stock ops CUDA and bf16 run.
 
 mod adapters;
@@ -40,6 +41,8 @@ mod nf4_device;
 #[cfg(test)]
 mod nf4_load;
 pub mod packing;
+pub mod rms_norm;
+pub mod rope;
 pub mod silu_mul;
 pub mod state_cache;
 pub mod streamed;
