@@ -42,12 +42,13 @@ pub struct ServeArgs {
     /// Count at most this many GiB of the device's memory as free when deciding whether a model
     /// fits (a device shared with other work). A score job whose model does not fit runs layer by
     /// layer instead of loading it whole.
-    #[arg(long, env = "PRUNESWEEP_MEMORY_BUDGET_GIB")]
+    #[arg(long, env = "PRUNESWEEP_MEMORY_BUDGET_GIB", value_parser = gib)]
     memory_budget_gib: Option<f64>,
     /// Host memory (GiB) the held model may keep the residual states of evaluation passes in, so
     /// that the next cell of the same model starts its evaluation where its cut begins rather
     /// than recomputing the blocks before it (results are bit for bit the same). 0 turns it off.
-    #[arg(long, env = "PRUNESWEEP_STATE_CACHE_GIB", default_value_t = (DEFAULT_STATE_CACHE_BYTES >> 30) as f64)]
+    #[arg(long, env = "PRUNESWEEP_STATE_CACHE_GIB", value_parser = gib,
+        default_value_t = (DEFAULT_STATE_CACHE_BYTES >> 30) as f64)]
     state_cache_gib: f64,
     /// Exit after this many jobs (default: serve until Ctrl-C / SIGTERM).
     #[arg(long)]
@@ -63,6 +64,14 @@ pub struct ServeArgs {
 }
 
 /// Registers, then leases and runs jobs until Ctrl-C / SIGTERM.
+/// A memory size in GiB from the command line: a finite number ≥ 0.
+fn gib(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{text}` is not a size in GiB: give a number ≥ 0, such as 4 or 0.5")),
+    }
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let host = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok());
@@ -73,7 +82,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = ServeConfig {
         roots,
         memory_budget: args.memory_budget_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
-        state_cache: (args.state_cache_gib.max(0.0) * (1u64 << 30) as f64) as u64,
+        state_cache: (args.state_cache_gib * (1u64 << 30) as f64) as u64,
         coordinator: args.coordinator,
         name,
         device_name: args.device,
@@ -101,4 +110,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         };
         serve(cfg, device, shutdown).await.context("worker serve")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memory_sizes_are_finite_and_not_negative() {
+        assert_eq!(super::gib("4"), Ok(4.0));
+        assert_eq!(super::gib(" 0.5 "), Ok(0.5));
+        assert_eq!(super::gib("0"), Ok(0.0));
+        for bad in ["-1", "NaN", "inf", "4GiB", ""] {
+            let err = super::gib(bad).unwrap_err();
+            assert!(err.contains("number ≥ 0"), "{bad}: {err}");
+        }
+    }
 }
