@@ -6,7 +6,7 @@
 //! rotation is linear and orthogonal: its backward pass is the rotation by the opposite angle,
 //! the same kernel with `sin` negated.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// HF's `rotate_half` rotary on `x` (`[B, heads, T, head_dim]`) with `cos`, `sin` (`[T,
@@ -16,40 +16,46 @@ pub fn trained_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Resu
     if !super::kernels::fused_cpu(x) || !super::kernels::fused_cpu(cos) {
         return candle_nn::rotary_emb::rope_slow(x, cos, sin);
     }
-    let op = TrainedRope { cos: cos.flatten_all()?.to_vec1()?, sin: sin.flatten_all()?.to_vec1()?, inverse: false };
-    x.contiguous()?.apply_op1(op)
+    // The tables are inputs of the op (read in place, never tracked), not copies held by it.
+    x.contiguous()?.apply_op3(&cos.detach().contiguous()?, &sin.detach().contiguous()?, TrainedRope { inverse: false })
 }
 
-/// The rotation by the angles whose cosines and sines are `cos`, `sin` (`[T, half]`, row-major),
-/// or by their opposites when `inverse`.
+/// The rotation of `x` by the angles whose cosines and sines are its second and third inputs
+/// (`[T, half]`), or by their opposites when `inverse`.
 struct TrainedRope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
     inverse: bool,
 }
 
-impl CustomOp1 for TrainedRope {
+impl CustomOp3 for TrainedRope {
     fn name(&self) -> &'static str {
         "trained-rope"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = super::kernels::f32_slice(self.name(), storage, layout)?;
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        layout: &Layout,
+        cos: &CpuStorage,
+        cos_layout: &Layout,
+        sin: &CpuStorage,
+        sin_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = super::kernels::f32_slice(self.name(), x, layout)?;
+        let cos = super::kernels::f32_slice(self.name(), cos, cos_layout)?;
+        let sin = super::kernels::f32_slice(self.name(), sin, sin_layout)?;
         let &[_, _, t, d] = layout.dims() else {
             candle_core::bail!("trained-rope: input must be [B, heads, T, head_dim], got {:?}", layout.dims())
         };
         let half = d / 2;
-        if d % 2 != 0 || self.cos.len() != t * half || self.sin.len() != t * half {
-            candle_core::bail!("trained-rope: {} angles for T = {t}, head_dim = {d}", self.cos.len())
+        if d % 2 != 0 || cos.len() != t * half || sin.len() != t * half {
+            candle_core::bail!("trained-rope: {} angles for T = {t}, head_dim = {d}", cos.len())
         }
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
         // One (batch, head) at a time: T rows of head_dim.
         out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(y, x)| {
-            for ((y, x), (cos, sin)) in y
-                .chunks_exact_mut(d)
-                .zip(x.chunks_exact(d))
-                .zip(self.cos.chunks_exact(half).zip(self.sin.chunks_exact(half)))
+            for ((y, x), (cos, sin)) in
+                y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(cos.chunks_exact(half).zip(sin.chunks_exact(half)))
             {
                 let (x1, x2) = x.split_at(half);
                 let (y1, y2) = y.split_at_mut(half);
@@ -63,9 +69,16 @@ impl CustomOp1 for TrainedRope {
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let inverse = TrainedRope { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
-        Ok(Some(grad.detach().contiguous()?.apply_op1_no_bwd(&inverse)?))
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let inverse = TrainedRope { inverse: !self.inverse };
+        Ok((Some(grad.detach().contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?), None, None))
     }
 }
 

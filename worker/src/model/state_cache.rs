@@ -135,7 +135,16 @@ impl StateCache {
         let budget = inner.budget;
         inner.evict_to(budget - bytes);
         let state = state.to_device(&Device::Cpu)?;
-        inner.passes.entry(key.clone()).or_default().insert(boundary, Entry { state, bytes, used_at: now });
+        let entry = Entry { state, bytes, used_at: now };
+        match inner.passes.get_mut(key) {
+            Some(states) => {
+                states.insert(boundary, entry);
+            }
+            // The key (every token id of the pass) is copied once per pass, not per boundary.
+            None => {
+                inner.passes.insert(key.clone(), BTreeMap::from([(boundary, entry)]));
+            }
+        }
         inner.used += bytes;
         Ok(())
     }

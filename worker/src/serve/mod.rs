@@ -241,10 +241,9 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
             worker_id: session.worker_id.clone(),
             held_models: held,
             wait_ms: cfg.lease_wait.as_millis() as u64,
-            // Kept residual states count as free: they are dropped to make room for the job.
-            free_memory_bytes: crate::device::free_memory(&memory_device).map(|free| {
-                free + if memory_device.is_cpu() { pipeline.as_ref().map_or(0, Pipeline::reclaimable_bytes) } else { 0 }
-            }),
+            // Kept residual states in the device's memory count as free: they make room for the job.
+            free_memory_bytes: crate::device::free_memory(&memory_device)
+                .map(|free| free + pipeline.as_ref().map_or(0, Pipeline::reclaimable_bytes)),
             report_unfinished: cfg.exit_when_done,
         };
         let leased = tokio::select! {

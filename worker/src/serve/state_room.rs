@@ -13,9 +13,30 @@ use candle_core::Device;
 use prunesweep_proto::memory::{self, ModelShape, Placement};
 use prunesweep_proto::v1::JobSpec;
 
+use crate::model::state_cache::StateCache;
+use crate::model::Decoder;
+
 /// Parts of a prediction that are already resident once the job's model is held: counted by the
 /// kernel as used, so not needed again from the free memory.
 const RESIDENT_PARTS: [&str; 3] = ["runtime", "weights", "nf4 base"];
+
+/// Sets the held `decoder`'s state cache's budget for the job `spec` about to run on `device`
+/// ([`budget`], from the device's free memory now, the cache's own bytes counted as free).
+pub fn fit(decoder: &Decoder, configured: u64, device: &Device, spec: Option<&JobSpec>) {
+    let cache = decoder.state_cache();
+    let free = crate::device::free_memory(device).map(|f| f + reclaimable(cache, device));
+    cache.set_budget(budget(configured, device, spec, decoder.cfg.shape(), free));
+}
+
+/// The bytes of `device`'s memory that `cache` holds now: all of them on a CPU, none on a GPU
+/// (its states live in host memory).
+pub fn reclaimable(cache: &StateCache, device: &Device) -> u64 {
+    if device.is_cpu() {
+        cache.stats().bytes
+    } else {
+        0
+    }
+}
 
 /// The state cache's budget for the job `spec` on `device` with its model (of `shape`) held:
 /// `configured` at most; on a CPU, no more than `free` (free memory now, the cache's own bytes
