@@ -8,13 +8,17 @@
 # one untimed warm-up update.
 # Peak memory is the process's maximum RSS (GNU time / getrusage). The NF4 row also reports the
 # frozen base's bytes per parameter (quantized projections only; embedding and norms stay f32).
-# Usage: [SEQ_LEN=256] [MICRO_BATCH=4] [CASES="nf4 nf4-keep f32 f32-keep"] scripts/bench-heal.sh [STEPS]   (default 5)
+# PEFT="plain ckpt" adds torch + PEFT with transformers' gradient checkpointing (transformers-peft-ckpt),
+# the like-for-like row for prunesweep's default recomputation; the seq-2048 comparison uses it.
+# Usage: [SEQ_LEN=256] [MICRO_BATCH=4] [CASES="nf4 nf4-keep f32 f32-keep"] [PEFT="plain"] scripts/bench-heal.sh [STEPS]
+#        (default 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-5}
 seq_len=${SEQ_LEN:-256}
 micro=${MICRO_BATCH:-4}
 cases=${CASES:-nf4 nf4-keep f32 f32-keep}
+peft_cases=${PEFT:-plain}
 gguf=$(scripts/fetch-model.sh)
 data=${PRUNESWEEP_DATA:-$(cd .. && pwd)/shared/data}/c4/c4-en-train.00000-of-01024.first1000.jsonl
 cargo build -q --release -p prunesweep-worker --bin worker
@@ -45,7 +49,14 @@ row() { # name, extra flags
   done
   py=${REF_PYTHON:-python3}
   if "$py" -c 'import transformers, torch, gguf, peft' 2>/dev/null; then
-    "$py" scripts/bench_heal.py "$gguf" "$data" "$steps" "$seq_len" "$micro" 64 2>/dev/null | grep '^BENCH'
+    for p in $peft_cases; do
+      case $p in
+        plain) "$py" scripts/bench_heal.py "$gguf" "$data" "$steps" "$seq_len" "$micro" 64 2>/dev/null | grep '^BENCH' ;;
+        ckpt) "$py" scripts/bench_heal.py "$gguf" "$data" "$steps" "$seq_len" "$micro" 64 checkpointing 2>/dev/null |
+          grep '^BENCH' ;;
+        *) echo "unknown PEFT case $p (plain, ckpt)" >&2; exit 2 ;;
+      esac
+    done
   else
     echo "(no torch/transformers/peft in $py: set REF_PYTHON to compare)" >&2
   fi
@@ -54,7 +65,8 @@ echo "seq $seq_len, micro-batch $micro, $steps timed updates"
 printf '%-26s %6s %8s %9s %8s %9s %14s %12s\n' case steps tokens seconds tok/s "vs peft" "peak RSS MiB" "base B/param"
 awk '{ for (i = 3; i <= NF; i++) { split($i, kv, "="); v[$2, kv[1]] = kv[2] } cases[++n] = $2 }
   END {
-    ref = v["transformers-peft", "tok_s"]
+    # Against plain PEFT, or against PEFT with checkpointing when that is the only PEFT row.
+    ref = v["transformers-peft", "tok_s"]; if (ref == "") ref = v["transformers-peft-ckpt", "tok_s"]
     for (i = 1; i <= n; i++) {
       c = cases[i]; r = (ref != "") ? sprintf("%.2fx", v[c, "tok_s"] / ref) : "-"
       b = (v[c, "bytes_per_param"] != "") ? v[c, "bytes_per_param"] : "-"

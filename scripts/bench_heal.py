@@ -2,7 +2,7 @@
 """Training throughput of torch + PEFT LoRA on SmolLM2 (the reference row of bench-heal.sh).
 
 Usage:
-    python scripts/bench_heal.py GGUF C4_JSONL STEPS SEQ_LEN MICRO_BATCH RANK
+    python scripts/bench_heal.py GGUF C4_JSONL STEPS SEQ_LEN MICRO_BATCH RANK [checkpointing]
 
 What it runs, matching `worker heal --batch MICRO_BATCH --micro-batch MICRO_BATCH`:
   * the model from the GGUF (dequantized) in float32, `torch.set_num_threads(os.cpu_count())`;
@@ -13,6 +13,9 @@ What it runs, matching `worker heal --batch MICRO_BATCH --micro-batch MICRO_BATC
     next-token loss over all positions (labels = input_ids).
 The base stays float32: bitsandbytes' NF4 needs a CUDA build, so this row is plain LoRA (the
 prunesweep `--no-quantize` row is the like-for-like comparison; its NF4 row is QLoRA).
+With `checkpointing`, transformers' gradient checkpointing is on (each decoder layer's activations
+recomputed in the backward pass, non-reentrant, as prunesweep's default recomputation does) and the
+row is named transformers-peft-ckpt.
 The first update is a warm-up and is not timed. Prints
   BENCH transformers-peft steps=N tokens=T seconds=S tok_s=X peak_rss_mib=M
 """
@@ -30,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 def main() -> None:
     gguf, c4, steps, seq_len, micro, rank = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+    checkpointing = sys.argv[7:] == ["checkpointing"]
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     d, f = os.path.dirname(os.path.abspath(gguf)), os.path.basename(gguf)
@@ -38,6 +42,8 @@ def main() -> None:
     cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.05, target_modules=["gate_proj", "up_proj", "down_proj"],
                      task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     need = (steps + 1) * micro * seq_len
     ids = []
@@ -65,7 +71,8 @@ def main() -> None:
     secs = time.perf_counter() - t0
     tokens = steps * micro * seq_len
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"BENCH transformers-peft steps={steps} tokens={tokens} seconds={secs:.2f} tok_s={tokens / secs:.1f} "
+    name = "transformers-peft-ckpt" if checkpointing else "transformers-peft"
+    print(f"BENCH {name} steps={steps} tokens={tokens} seconds={secs:.2f} tok_s={tokens / secs:.1f} "
           f"peak_rss_mib={rss:.0f}")
 
 

@@ -213,9 +213,9 @@ pub fn nf4_bytes(n: u64) -> u64 {
 /// widths named (hidden, intermediate, and attention scores per head and key), counted from the
 /// ops `decoder.rs` records: the block input's norm, q/k/v and their rotated copies, the attention
 /// output and o, the residual sum, the second norm, gate, up, SiLU(gate)·up, down and the second
-/// residual sum, plus the adapters' dropout copies; the backward pass holds about as many
-/// gradients again while it walks the block. So: hidden-wide ~12, intermediate-wide ~6 (gate, up,
-/// their product, SiLU, and two gradients).
+/// residual sum (an adapter's own temporaries are counted apart, per module); the backward pass
+/// holds about as many gradients again while it walks the block. So: hidden-wide ~12,
+/// intermediate-wide ~6 (gate, up, their product, SiLU, and two gradients).
 const GRAPH_HIDDEN: u64 = 12;
 /// See [`GRAPH_HIDDEN`].
 const GRAPH_INTERMEDIATE: u64 = 6;
@@ -254,13 +254,13 @@ const FORWARD_INTERMEDIATE: u64 = 3;
 /// (`SCORES_PER_CHUNK` in `model/attention.rs`, 2 Mi values); held with their masked softmax.
 const INFERENCE_SCORE_VALUES: u64 = 2 << 20;
 
-/// Adapter parameters of one block: `r · (in + out)` per adapted module.
-fn adapter_params_per_block(
+/// The `(in, out)` widths of one block's adapted modules; an adapter has `r · (in + out)`
+/// parameters.
+fn adapted_modules(
     shape: &ModelShape,
     targets: AdapterTargets,
     modules: &[String],
-    rank: u64,
-) -> Result<u64, MemoryError> {
+) -> Result<Vec<(u64, u64)>, MemoryError> {
     let (h, i) = (u64::from(shape.hidden), u64::from(shape.intermediate));
     let (q, kv) = (shape.q_width(), shape.kv_width());
     let dims = |name: &str| -> Result<(u64, u64), MemoryError> {
@@ -284,7 +284,7 @@ fn adapter_params_per_block(
         AdapterTargets::AllLinear | AdapterTargets::Unspecified => ATTENTION.iter().chain(&FFN).copied().collect(),
         AdapterTargets::Modules => modules.iter().map(String::as_str).collect(),
     };
-    names.iter().try_fold(0, |sum, name| dims(name).map(|(a, b)| sum + rank * (a + b)))
+    names.iter().map(|name| dims(name)).collect()
 }
 
 /// Layers a cell drops: `round(fraction · L)` or `n` (the worker's rule, `prune.rs`).
@@ -437,7 +437,8 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
     if let Some(q) = qlora {
         let (mb, t, rank) = (u64::from(q.micro_batch_size.max(1)), u64::from(q.seq_len), u64::from(q.rank));
         let targets = AdapterTargets::try_from(q.targets).unwrap_or(AdapterTargets::Unspecified);
-        let per_block = adapter_params_per_block(shape, targets, &q.target_modules, rank)?;
+        let modules = adapted_modules(shape, targets, &q.target_modules)?;
+        let per_block: u64 = modules.iter().map(|(d_in, d_out)| rank * (d_in + d_out)).sum();
         let adapter_params = kept * per_block;
         // Adapters, gradient sums, AdamW's m and v: four f32 copies; and one block's gradients,
         // which recomputation adds to the sums block by block (`heal/gradients.rs`).
@@ -451,7 +452,16 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         } else {
             GRAPH_SCORES * scores
         };
-        let graph = mb * t * (GRAPH_HIDDEN * h + GRAPH_INTERMEDIATE * i) * e + scores * e;
+        // Off the CPU's f32 path an adapter is candle ops (`Lora::forward`), and the block's graph
+        // keeps, per adapted module and token, the dropout mask and the masked input (in-wide),
+        // `x Aᵀ` (r), and the update, its scaled copy and the sum (out-wide). On that path each
+        // adapted projection is one op (`model/lora_product.rs`) whose output is the block's own.
+        let adapter_graph: u64 = if placement == Placement::Cpu && e == 4 {
+            0
+        } else {
+            modules.iter().map(|(d_in, d_out)| 2 * d_in + rank + 3 * d_out).sum()
+        };
+        let graph = mb * t * (GRAPH_HIDDEN * h + GRAPH_INTERMEDIATE * i + adapter_graph) * e + scores * e;
         let activations = (kept + 1) * mb * t * h * e + graph;
         // Logits `[mb, T, V]` and their gradient, in f32 (the fused cross-entropy on a CPU); off
         // the CPU candle-nn's composed loss makes about ten temporaries of that size.

@@ -10,7 +10,9 @@
 //! The op's forward pass is one function for every backend ([`FrozenMatMul::fwd`]): it copies the
 //! input into a tensor outside the graph, computes the product with ordinary tensor ops on that
 //! device and hands back the result's storage. So the code CUDA runs is the code the CPU runs on
-//! the stock path (bf16, or [`super::kernels::with_stock_ops`]), which the tests cover.
+//! the stock path (bf16, or [`super::kernels::with_stock_ops`]), which the tests cover. The CPU's
+//! f32 path instead multiplies straight from the input's and the weight's values
+//! ([`super::kernels::matmul`]), as the fused LoRA product ([`super::lora_product`]) does.
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
+use super::kernels::{cpu_storage, matmul, Mat};
 use super::nf4::Nf4Matrix;
 
 /// A frozen projection weight `[out, in]`.
@@ -71,9 +74,32 @@ impl Weight {
     /// `g W`, the input's gradient for an output gradient `g: [n, out]`.
     fn input_grad(&self, g: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
         match self {
+            _ if fused => {
+                let cols = self.dims()?.1;
+                let (storage, layout) = g.storage_and_layout();
+                let g_mat = Mat::new(cpu_storage("frozen-matmul", &storage)?, layout)?;
+                let dx = self.with_cpu_mat("frozen-matmul", |w| matmul(&g_mat, &w))??;
+                Tensor::from_vec(dx, (g.dim(0)?, cols), g.device())
+            }
             Weight::Dense(w) => g.matmul(w),
-            Weight::Nf4(m) if fused => g.matmul(&m.dequantize(g.device())?.to_dtype(g.dtype())?),
             Weight::Nf4(m) => m.matmul(g),
+        }
+    }
+
+    /// The weight `[out, in]` in f32 on the CPU as a [`Mat`], lent to `f`: a dense weight's own
+    /// values (no copy), an NF4 one's decoded whole by the CPU kernel. `op` names the caller in
+    /// the error for any other weight.
+    pub(crate) fn with_cpu_mat<R>(&self, op: &str, f: impl FnOnce(Mat) -> R) -> candle_core::Result<R> {
+        match self {
+            Weight::Dense(w) => {
+                let (storage, layout) = w.storage_and_layout();
+                Ok(f(Mat::new(cpu_storage(op, &storage)?, layout)?))
+            }
+            Weight::Nf4(m) => {
+                let (rows, cols) = m.dims();
+                let values = CpuStorage::F32(m.dequantize_values()?);
+                Ok(f(Mat::rows(&values, rows, cols)?))
+            }
         }
     }
 }
@@ -125,6 +151,17 @@ impl CustomOp1 for FrozenMatMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if self.fused {
+            // The product read straight from the input's and the weight's values: no copies.
+            let (n, cols) = layout.shape().dims2()?;
+            let (rows, in_dim) = self.weight.dims()?;
+            if cols != in_dim {
+                candle_core::bail!("frozen-matmul: input has {cols} features, the weight expects {in_dim}");
+            }
+            let x = Mat::new(storage, layout)?;
+            let y = self.weight.with_cpu_mat(self.name(), |w| matmul(&x, &w.t()?))??;
+            return Ok((CpuStorage::F32(y), Shape::from((n, rows))));
+        }
         self.fwd(storage, layout, Storage::Cpu, |s| match s {
             Storage::Cpu(s) => Some(s),
             _ => None,

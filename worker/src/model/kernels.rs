@@ -42,3 +42,60 @@ pub fn with_stock_ops<R>(f: impl FnOnce() -> R) -> R {
     let _restore = Restore(STOCK_OPS.with(|s| s.replace(true)));
     f()
 }
+
+/// A tensor's CPU storage (from [`Tensor::storage_and_layout`]), or an error naming the op
+/// (`op`) for another device's.
+pub fn cpu_storage<'s>(op: &str, storage: &'s candle_core::Storage) -> candle_core::Result<&'s CpuStorage> {
+    match storage {
+        candle_core::Storage::Cpu(cpu) => Ok(cpu),
+        _ => candle_core::bail!("{op}: expected a CPU tensor"),
+    }
+}
+
+/// A 2-D f32 matrix on the CPU as candle's matmul reads it: storage and a layout, so that a
+/// transpose or an offset is only a layout and nothing is copied.
+#[derive(Debug, Clone)]
+pub struct Mat<'a> {
+    storage: &'a CpuStorage,
+    layout: Layout,
+}
+
+impl<'a> Mat<'a> {
+    /// The matrix `layout` (2-D) describes in `storage`.
+    pub fn new(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<Self> {
+        layout.shape().dims2()?;
+        Ok(Mat { storage, layout: layout.clone() })
+    }
+
+    /// The row-major `rows × cols` matrix that is all of `storage`.
+    pub fn rows(storage: &'a CpuStorage, rows: usize, cols: usize) -> candle_core::Result<Self> {
+        let CpuStorage::F32(values) = storage else { candle_core::bail!("a matrix for matmul must be f32") };
+        let len = values.len();
+        if len != rows * cols {
+            candle_core::bail!("a {rows}x{cols} matrix needs {} values, got {len}", rows * cols)
+        }
+        Ok(Mat { storage, layout: Layout::contiguous((rows, cols)) })
+    }
+
+    /// The transpose, as a view of the same values.
+    pub fn t(&self) -> candle_core::Result<Self> {
+        Ok(Mat { storage: self.storage, layout: self.layout.transpose(0, 1)? })
+    }
+}
+
+/// `a b` as a row-major f32 vector: candle's CPU matmul (the gemm crate's kernels, on rayon's
+/// threads) reading both operands where they lie.
+pub fn matmul(a: &Mat, b: &Mat) -> candle_core::Result<Vec<f32>> {
+    let ((m, k), (k_b, n)) = (a.layout.shape().dims2()?, b.layout.shape().dims2()?);
+    if k != k_b {
+        candle_core::bail!("matmul: {m}x{k} times {k_b}x{n}")
+    }
+    let product =
+        candle_core::backend::BackendStorage::matmul(a.storage, b.storage, (1, m, n, k), &a.layout, &b.layout)?;
+    match product {
+        CpuStorage::F32(values) => Ok(values),
+        other => {
+            candle_core::bail!("matmul: f32 operands gave {:?}", candle_core::backend::BackendStorage::dtype(&other))
+        }
+    }
+}

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::config::{Activation, Config, NormKind};
 use super::frozen::Weight;
 use super::lora::Lora;
+use super::lora_product::lora_product;
 use super::silu_mul::silu_mul;
 use super::weights::WeightMap;
 use super::ModelError;
@@ -73,14 +74,24 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
         let x = x.reshape((rows, in_dim))?;
-        let y = self.weight.matmul_t(&x)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let y = match &self.lora {
-            Some(lora) => (y + lora.forward(&x)?)?,
-            None => y,
+        // While healing on the CPU in f32: the product and its adapter as one op.
+        let training = self.lora.as_ref().and_then(|lora| Some((lora, lora.dropout_seed?)));
+        let y = match training.and_then(|(lora, seed)| lora_product(&self.weight, lora, seed, &x)) {
+            Some(y) => match &self.bias {
+                Some(b) => y?.broadcast_add(b)?,
+                None => y?,
+            },
+            None => {
+                let y = self.weight.matmul_t(&x)?;
+                let y = match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                match &self.lora {
+                    Some(lora) => (y + lora.forward(&x)?)?,
+                    None => y,
+                }
+            }
         };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("a tensor fed to Linear has at least one dim") = y.dim(1)?;
@@ -139,7 +150,9 @@ impl Module for Norm {
         match self {
             // The fused kernels have no backward pass; while healing, gradients flow through here.
             Norm::Rms { weight, eps } if x.track_op() => super::rms_norm::trained_rms_norm(x, weight, *eps),
-            Norm::Layer { weight, bias, eps } if x.track_op() => candle_nn::ops::layer_norm_slow(x, weight, bias, *eps),
+            Norm::Layer { weight, bias, eps } if x.track_op() => {
+                super::layer_norm::trained_layer_norm(x, weight, bias, *eps)
+            }
             Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps),
             Norm::Layer { weight, bias, eps } => candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, *eps),
         }

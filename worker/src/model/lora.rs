@@ -5,7 +5,8 @@
 //! Only `A` and `B` are [`Var`]s: they are the only tensors that receive gradients.
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, Rng};
+use rayon::prelude::*;
 
 /// Rank, scale and dropout shared by all adapters of a model, plus which projections get one.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,10 +97,7 @@ impl Lora {
         };
         let x = match self.dropout_seed {
             Some(seed) if self.dropout > 0.0 => {
-                let keep = 1.0 - self.dropout;
-                let mut rng = StdRng::seed_from_u64(seed);
-                let mask: Vec<f32> =
-                    (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
+                let mask = dropout_mask(seed, x.elem_count(), self.dropout);
                 (x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?
             }
             _ => x.clone(),
@@ -113,6 +111,35 @@ impl Lora {
     }
 }
 
+/// Elements per parallel task when drawing a dropout mask.
+const MASK_CHUNK: usize = 1 << 14;
+
+/// Inverted dropout's factor for element `index` of a call seeded `seed`: `1 / (1 − p)` with
+/// probability `1 − p`, else 0. A pure function of `(seed, index)` (a counter-based draw), so a
+/// mask is drawn in parallel and drawn again in a backward pass instead of being stored, and
+/// every device and code path sees the same mask.
+pub fn dropout_factor(seed: u64, index: usize, p: f32) -> f32 {
+    let keep = 1.0 - p;
+    // The top 24 bits: uniform on [0, 1) in steps of 2⁻²⁴, exact in f32.
+    let u = (mix_seed(seed, index as u64) >> 40) as f32 * (1.0 / (1u32 << 24) as f32);
+    if u < keep {
+        1.0 / keep
+    } else {
+        0.0
+    }
+}
+
+/// The dropout factors ([`dropout_factor`]) of elements `0 .. len` of a call seeded `seed`.
+pub fn dropout_mask(seed: u64, len: usize, p: f32) -> Vec<f32> {
+    let mut mask = vec![0f32; len];
+    mask.par_chunks_mut(MASK_CHUNK).enumerate().for_each(|(c, chunk)| {
+        for (i, m) in chunk.iter_mut().enumerate() {
+            *m = dropout_factor(seed, c * MASK_CHUNK + i, p);
+        }
+    });
+    mask
+}
+
 /// SplitMix64: a cheap, well-mixed hash of a seed and a stream number, for per-call dropout seeds.
 pub fn mix_seed(seed: u64, stream: u64) -> u64 {
     let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -124,6 +151,7 @@ pub fn mix_seed(seed: u64, stream: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     fn spec(dropout: f32) -> LoraSpec {
         LoraSpec { rank: 4, alpha: 8.0, dropout, targets: vec!["up_proj".into()] }
@@ -156,5 +184,17 @@ mod tests {
         assert_eq!(d1, d2);
         assert_ne!(d1, d3);
         assert_ne!(d1, plain);
+    }
+
+    #[test]
+    fn dropout_masks_keep_one_minus_p_and_scale_what_they_keep() {
+        for p in [0.05f32, 0.5] {
+            let mask = dropout_mask(3, 200_000, p);
+            let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64 / mask.len() as f64;
+            assert!((kept - f64::from(1.0 - p)).abs() < 0.005, "p = {p}: kept {kept}");
+            assert!(mask.iter().all(|&m| m == 0.0 || m == 1.0 / (1.0 - p)));
+            assert_eq!(mask[123_457], dropout_factor(3, 123_457, p));
+        }
+        assert_ne!(dropout_mask(3, 64, 0.5), dropout_mask(4, 64, 0.5));
     }
 }
