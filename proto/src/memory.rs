@@ -219,6 +219,17 @@ pub fn nf4_bytes(n: u64) -> u64 {
 const GRAPH_HIDDEN: u64 = 12;
 /// See [`GRAPH_HIDDEN`].
 const GRAPH_INTERMEDIATE: u64 = 6;
+
+/// [`GRAPH_HIDDEN`] and [`GRAPH_INTERMEDIATE`] on the CPU's f32 path, where the norms, rotary,
+/// SiLU·up, attention and each adapted projection are single ops keeping only their outputs:
+/// hidden-wide ~8 (the norms, q and its rotated copy, k/v and theirs at a third each, the
+/// attention output, o, the residual sums), intermediate-wide 3 (gate, up, SiLU(gate)·up), each
+/// op's gradients freed as the backward pass walks on. Checked on the runs of
+/// `worker/tests/memory.rs` after the LoRA product became one op (2026-12-01: the deep llama's
+/// peak fell ~20% below the composed-op counts).
+const FUSED_GRAPH_HIDDEN: u64 = 8;
+/// See [`FUSED_GRAPH_HIDDEN`].
+const FUSED_GRAPH_INTERMEDIATE: u64 = 3;
 /// Copies of one block's attention scores `[mb, heads, T, T]` alive at the training peak. Fitted,
 /// not counted: `worker heal` (recomputation on, micro-batch 4, r 8 on the FFN) on a random
 /// 16-layer llama of width 256 with 8 heads peaks at 156, 308, 750 and 2,283 MiB at T = 128, 256,
@@ -456,12 +467,13 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         // keeps, per adapted module and token, the dropout mask and the masked input (in-wide),
         // `x Aᵀ` (r), and the update, its scaled copy and the sum (out-wide). On that path each
         // adapted projection is one op (`model/lora_product.rs`) whose output is the block's own.
-        let adapter_graph: u64 = if placement == Placement::Cpu && e == 4 {
-            0
+        let block_graph = if placement == Placement::Cpu && e == 4 {
+            FUSED_GRAPH_HIDDEN * h + FUSED_GRAPH_INTERMEDIATE * i
         } else {
-            modules.iter().map(|(d_in, d_out)| 2 * d_in + rank + 3 * d_out).sum()
+            let adapters: u64 = modules.iter().map(|(d_in, d_out)| 2 * d_in + rank + 3 * d_out).sum();
+            GRAPH_HIDDEN * h + GRAPH_INTERMEDIATE * i + adapters
         };
-        let graph = mb * t * (GRAPH_HIDDEN * h + GRAPH_INTERMEDIATE * i + adapter_graph) * e + scores * e;
+        let graph = mb * t * block_graph * e + scores * e;
         let activations = (kept + 1) * mb * t * h * e + graph;
         // Logits `[mb, T, V]` and their gradient, in f32 (the fused cross-entropy on a CPU); off
         // the CPU candle-nn's composed loss makes about ten temporaries of that size.
