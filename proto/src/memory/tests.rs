@@ -1,0 +1,95 @@
+//! The memory model's predictions for known shapes and jobs.
+use super::*;
+use crate::v1::{CalibrationData, HealSpec, ModelRef, QLoraSettings};
+
+/// Llama-2-70B (`config.json` of meta-llama/Llama-2-70b-hf).
+const LLAMA2_70B: ModelShape = ModelShape {
+    layers: 80,
+    hidden: 8192,
+    intermediate: 28672,
+    heads: 64,
+    kv_heads: 8,
+    head_dim: 128,
+    vocab: 32000,
+    tied_embeddings: false,
+    gated_mlp: true,
+};
+
+fn cell(q: QLoraSettings) -> JobSpec {
+    JobSpec {
+        kind: JobKind::Cell as i32,
+        model: Some(ModelRef::default()),
+        amount: Some(crate::v1::job_spec::Amount::Fraction(0.25)),
+        heal: Some(HealSpec { name: "r64".into(), qlora: Some(q) }),
+        eval: vec![EvalTask::with_defaults(EvalTaskKind::Mmlu, "mmlu")],
+        ..JobSpec::default()
+    }
+}
+
+#[test]
+fn llama2_70b_has_its_published_parameter_count() {
+    // 68.98e9 (HF's safetensors index total, 137,953,316,864 bytes in bf16).
+    assert_eq!(LLAMA2_70B.params(), 68_976_648_192);
+}
+
+#[test]
+fn nf4_is_about_half_a_byte_per_parameter() {
+    let n = 8192 * 28672;
+    let per = nf4_bytes(n) as f64 / n as f64;
+    assert!((per - 0.5159).abs() < 1e-3, "{per}");
+}
+
+#[test]
+fn a_qlora_cell_holds_every_layer_in_nf4_and_only_the_rest_dense() {
+    let est = predict(&LLAMA2_70B, &cell(QLoraSettings::paper()), Placement::Cuda).unwrap();
+    assert_eq!(est.phase, "heal");
+    let part = |name| est.parts.iter().find(|p| p.0 == name).unwrap().1;
+    // Embedding, LM head and norms in bf16: no dense copy of a block projection.
+    let rest = 2 * 32000 * 8192 + 8192 + 80 * 2 * 8192;
+    assert_eq!(part("weights"), rest * 2, "bf16 on CUDA");
+    // All 80 blocks of 0.516-byte parameters: the cut layers stay in the held model.
+    let nf4 = part("nf4 base") as f64 / (80 * LLAMA2_70B.block_projection_params()) as f64;
+    assert!((nf4 - 0.516).abs() < 1e-3, "{nf4}");
+    // r = 64 on gate/up/down of the 60 kept blocks: 64 · (3 · 8192 + 3 · 28672), four f32
+    // copies, and one block's gradients.
+    let per_block = 64 * 3 * (8192 + 28672);
+    assert_eq!(part("adapters"), 60 * per_block * 16 + per_block * 4);
+    assert_eq!(est.device_bytes, est.parts.iter().map(|p| p.1).sum::<u64>());
+    // The paper's claim for 70B: the healing step fits one H200 (141 GB).
+    assert!(est.device_bytes < 141_000_000_000, "{}", gib(est.device_bytes));
+    // The same job on a CPU is f32 and one figure for device and host.
+    let cpu = predict(&LLAMA2_70B, &cell(QLoraSettings::paper()), Placement::Cpu).unwrap();
+    assert_eq!(cpu.device_bytes, cpu.host_bytes);
+    assert_eq!(cpu.parts.iter().find(|p| p.0 == "weights").unwrap().1, 2 * part("weights"));
+    // Without quantization the dense base is held instead.
+    let lora = cell(QLoraSettings { quantize_base: false, ..QLoraSettings::paper() });
+    let dense = predict(&LLAMA2_70B, &lora, Placement::Cuda).unwrap();
+    assert!(dense.parts.iter().all(|p| p.0 != "nf4 base"));
+    assert_eq!(dense.parts.iter().find(|p| p.0 == "weights").unwrap().1, LLAMA2_70B.params() * 2);
+}
+
+#[test]
+fn a_score_job_too_big_to_load_is_predicted_streamed() {
+    let job = JobSpec {
+        kind: JobKind::Score as i32,
+        calibration: Some(CalibrationData::with_defaults("c4")),
+        ..JobSpec::default()
+    };
+    let est = predict(&LLAMA2_70B, &job, Placement::Cuda).unwrap();
+    assert_eq!(est.phase, "score-streamed");
+    assert!(est.device_bytes < LLAMA2_70B.params() / 4, "{}", gib(est.device_bytes));
+}
+
+#[test]
+fn bad_shapes_and_unknown_modules_are_named() {
+    let shape = ModelShape { kv_heads: 3, ..LLAMA2_70B };
+    let e = predict(&shape, &JobSpec::default(), Placement::Cpu).unwrap_err().to_string();
+    assert!(e.contains("`heads` (64) is not a multiple of `kv_heads` (3)"), "{e}");
+    let q = QLoraSettings {
+        targets: AdapterTargets::Modules as i32,
+        target_modules: vec!["w1".into()],
+        ..QLoraSettings::paper()
+    };
+    let e = predict(&LLAMA2_70B, &cell(q), Placement::Cpu).unwrap_err().to_string();
+    assert!(e.contains("`w1`"), "{e}");
+}
