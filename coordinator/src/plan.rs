@@ -38,7 +38,13 @@ pub fn to_json(jobs: &[PlannedJob]) -> Value {
 
 fn estimate_json(e: &MemoryEstimate) -> Value {
     let parts: serde_json::Map<String, Value> = e.parts.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
-    json!({ "device_bytes": e.device_bytes, "host_bytes": e.host_bytes, "phase": e.phase, "parts": parts })
+    json!({
+        "device_bytes": e.device_bytes,
+        "host_bytes": e.host_bytes,
+        "least_device_bytes": e.least_device_bytes,
+        "phase": e.phase,
+        "parts": parts
+    })
 }
 
 /// Bytes in GiB, one decimal, for the table's narrow columns.
@@ -46,12 +52,16 @@ fn short_gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
 }
 
-/// The table's memory columns: GPU device, GPU host, CPU (GiB), or dashes.
+/// The table's memory columns: GPU device, GPU host, CPU (GiB), or dashes; a device figure the
+/// job can also run below (blocks read per pass, [`MemoryEstimate::least_device_bytes`]) is
+/// marked `*`.
 fn memory_columns(m: &JobMemory) -> (String, String, String) {
+    let device = |e: &MemoryEstimate| {
+        let mark = if e.least_device_bytes < e.device_bytes { "*" } else { "" };
+        format!("{}{mark}", short_gib(e.device_bytes))
+    };
     match m {
-        JobMemory::Predicted { gpu, cpu } => {
-            (short_gib(gpu.device_bytes), short_gib(gpu.host_bytes), short_gib(cpu.device_bytes))
-        }
+        JobMemory::Predicted { gpu, cpu } => (device(gpu), short_gib(gpu.host_bytes), device(cpu)),
         JobMemory::Unknown(_) => ("-".into(), "-".into(), "-".into()),
     }
 }
@@ -88,6 +98,15 @@ fn memory_notes(jobs: &[PlannedJob], out: &mut String) {
                 let _ = writeln!(out, "  {part:<18} {}", gib(*bytes));
             }
             let _ = writeln!(out, "  {:<18} {} device, {} host", "total", gib(e.device_bytes), gib(e.host_bytes));
+            if e.least_device_bytes < e.device_bytes {
+                let _ = writeln!(
+                    out,
+                    "  {:<18} {} device: with less free, a worker reads the blocks it cannot hold from the \
+                     checkpoint for each pass (slower; jobs marked *)",
+                    "or at least",
+                    gib(e.least_device_bytes)
+                );
+            }
         }
     }
     for (model, why) in unknown {
@@ -217,6 +236,15 @@ mod tests {
         assert!(table.contains("  nf4 base") && table.contains("  adapters"), "{table}");
         let json = to_json(&jobs);
         assert!(json[0]["memory"]["gpu"]["device_bytes"].as_u64().unwrap() > 0);
+        // The 70B baseline does not fit an H200 whole; leasing asks for what it runs in with
+        // blocks read per pass, and the table marks it and says so.
+        let baseline = jobs.iter().position(|j| j.spec.kind == crate::job::JobKind::Baseline).unwrap();
+        let JobMemory::Predicted { gpu, .. } = &jobs[baseline].memory else { panic!("predicted") };
+        assert!(gpu.device_bytes > 128 << 30 && gpu.least_device_bytes < 8 << 30, "{gpu:?}");
+        assert_eq!(jobs[baseline].memory.lease_bytes(), Some(gpu.least_device_bytes));
+        assert_eq!(json[baseline]["memory"]["gpu"]["least_device_bytes"], gpu.least_device_bytes);
+        assert!(table.lines().any(|l| l.contains("baseline") && l.contains("*")), "{table}");
+        assert!(table.contains("  or at least  "), "{table}");
         // The shape is no part of a job's content.
         let plain = SweepSpec::parse(YAML, "p.yaml").unwrap().expand();
         assert_eq!(plain.iter().map(|j| &j.key).collect::<Vec<_>>(), jobs.iter().map(|j| &j.key).collect::<Vec<_>>());

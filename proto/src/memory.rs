@@ -82,12 +82,17 @@ impl ModelShape {
         self.block_projections().iter().map(|(r, c)| r * c).sum()
     }
 
+    /// Parameters of one block: its projections and two norms.
+    pub fn block_params(&self) -> u64 {
+        self.block_projection_params() + 2 * u64::from(self.hidden)
+    }
+
     /// Parameters of the whole model: embedding, blocks (projections and two norms), final norm,
     /// and the LM head unless tied.
     pub fn params(&self) -> u64 {
         let (h, v) = (u64::from(self.hidden), u64::from(self.vocab));
         let head = if self.tied_embeddings { 0 } else { v * h };
-        v * h + head + h + u64::from(self.layers) * (self.block_projection_params() + 2 * h)
+        v * h + head + h + u64::from(self.layers) * self.block_params()
     }
 
     fn q_width(&self) -> u64 {
@@ -156,6 +161,12 @@ pub struct MemoryEstimate {
     pub phase: &'static str,
     /// The device peak's parts, largest first by construction order: (part, bytes).
     pub parts: Vec<(&'static str, u64)>,
+    /// The least device memory the job runs in: `device_bytes`, or less for an evaluation
+    /// (a baseline, or an unhealed cell) whose model does not fit the device,
+    /// where the worker reads the blocks it cannot hold from the checkpoint for each pass
+    /// (`worker/src/model/decoder.rs`, offloaded blocks): then the embedding, LM head, one block
+    /// and the evaluation's activations. What leasing compares with a worker's free memory.
+    pub least_device_bytes: u64,
 }
 
 /// The worker process's own resident memory on a CPU: its binary and libraries, the thread pools,
@@ -426,7 +437,7 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         let loaded = Phase { name: "score", parts };
         // Streamed (`model/streamed.rs`, which the worker picks when the model does not fit): the
         // embedding, one block, and every batch's residual stream twice (entering and leaving it).
-        let one_block = (shape.block_projection_params() + 2 * h) * e;
+        let one_block = shape.block_params() * e;
         let streamed = Phase {
             name: "score-streamed",
             parts: vec![
@@ -492,18 +503,34 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         phases.push(Phase { name: "heal", parts });
         resident.push(("adapters", 4 * adapter_params));
     }
+    // The same evaluations with the blocks offloaded: the embedding, final norm and LM head held,
+    // one block read at a time (the worker reads as many as fit and keeps them; none counted).
+    // Not for a healed cell: training needs every block held.
+    let offloadable = job.heal.is_none() && kind != JobKind::Score && !job.eval.is_empty();
+    let offloaded_weights = [
+        overhead,
+        ("weights", (shape.params() - layers * shape.block_params()) * e),
+        ("one block", shape.block_params() * e),
+    ];
+    let mut offloaded = Vec::new();
     for task in &job.eval {
         let (activations, logits, kv) = eval_bytes(shape, task, kept, e, placement);
-        let mut parts = resident.clone();
         let slack = (activations + logits + kv) * ALLOCATOR_SLACK_PERCENT / 100;
-        parts.extend([("activations", activations), ("logits", logits), ("allocator", slack)]);
+        let mut transient = vec![("activations", activations), ("logits", logits), ("allocator", slack)];
         if kv > 0 {
-            parts.push(("kv cache", kv));
+            transient.push(("kv cache", kv));
         }
+        let parts = resident.iter().chain(&transient).copied().collect();
         phases.push(Phase { name: "eval", parts });
+        let parts = offloaded_weights.iter().chain(&transient).copied().collect();
+        offloaded.push(Phase { name: "eval-offloaded", parts });
     }
     let peak = phases.into_iter().max_by_key(Phase::total).expect("the load phase is always there");
     let device_bytes = peak.total();
+    let least_device_bytes = match offloaded.iter().map(Phase::total).max() {
+        Some(least) if offloadable => least.min(device_bytes),
+        _ => device_bytes,
+    };
     let host_bytes = match placement {
         Placement::Cpu => device_bytes,
         // Loading passes one tensor at a time through the host: at most the embedding (or the
@@ -512,7 +539,7 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         // not counted; GGUF checkpoints are small models.)
         Placement::Cuda => CUDA_HOST_RUNTIME_BYTES + (v * h).max(h * i) * e + host_data,
     };
-    Ok(MemoryEstimate { device_bytes, host_bytes, phase: peak.name, parts: peak.parts })
+    Ok(MemoryEstimate { device_bytes, host_bytes, phase: peak.name, parts: peak.parts, least_device_bytes })
 }
 
 /// `bytes` in GiB with two decimals, as the plan and the logs print it.

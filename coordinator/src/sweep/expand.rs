@@ -52,10 +52,11 @@ pub enum JobMemory {
 impl JobMemory {
     /// The device bytes leasing compares with a worker's free memory: the CUDA prediction, since
     /// sweeps run on GPU workers (a CPU worker needs the CPU figure, larger in f32, which
-    /// `coordinator plan` also shows). `None`: no constraint.
+    /// `coordinator plan` also shows), the least the job runs in (an evaluation whose model does
+    /// not fit reads blocks per pass). `None`: no constraint.
     pub fn lease_bytes(&self) -> Option<u64> {
         match self {
-            JobMemory::Predicted { gpu, .. } => Some(gpu.device_bytes),
+            JobMemory::Predicted { gpu, .. } => Some(gpu.least_device_bytes),
             JobMemory::Unknown(_) => None,
         }
     }

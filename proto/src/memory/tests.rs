@@ -81,6 +81,42 @@ fn a_score_job_too_big_to_load_is_predicted_streamed() {
 }
 
 #[test]
+fn an_evaluation_too_big_to_load_runs_in_its_blocks_read_per_pass() {
+    let baseline = JobSpec {
+        kind: JobKind::Baseline as i32,
+        model: Some(ModelRef::default()),
+        eval: vec![EvalTask::with_defaults(EvalTaskKind::Mmlu, "mmlu")],
+        ..JobSpec::default()
+    };
+    let est = predict(&LLAMA2_70B, &baseline, Placement::Cuda).unwrap();
+    // Held whole: the bf16 weights (128.5 GiB) and the evaluation, more than an H200 holds.
+    assert!(est.device_bytes > LLAMA2_70B.params() * 2, "{}", gib(est.device_bytes));
+    // Offloaded: the embedding, LM head and final norm, one block, and the evaluation.
+    let rest = (2 * 32000 * 8192 + 8192) * 2;
+    let block = LLAMA2_70B.block_params() * 2;
+    let eval = est.device_bytes
+        - est.parts.iter().filter(|p| ["cuda context", "weights"].contains(&p.0)).map(|p| p.1).sum::<u64>();
+    assert_eq!(est.least_device_bytes, CUDA_CONTEXT_BYTES + rest + block + eval);
+    assert!(est.least_device_bytes < 16 << 30, "{}", gib(est.least_device_bytes));
+    // An unhealed cell too; a healed one needs every block held, and a score job is already
+    // predicted at its least.
+    let unhealed = JobSpec { kind: JobKind::Cell as i32, heal: None, ..cell(QLoraSettings::paper()) };
+    let est = predict(&LLAMA2_70B, &unhealed, Placement::Cuda).unwrap();
+    assert!(est.least_device_bytes < est.device_bytes / 8);
+    for job in [cell(QLoraSettings::paper()), cell(QLoraSettings { quantize_base: false, ..QLoraSettings::paper() })] {
+        let est = predict(&LLAMA2_70B, &job, Placement::Cuda).unwrap();
+        assert_eq!(est.least_device_bytes, est.device_bytes);
+    }
+    let score = JobSpec {
+        kind: JobKind::Score as i32,
+        calibration: Some(CalibrationData::with_defaults("c4")),
+        ..JobSpec::default()
+    };
+    let est = predict(&LLAMA2_70B, &score, Placement::Cuda).unwrap();
+    assert_eq!(est.least_device_bytes, est.device_bytes);
+}
+
+#[test]
 fn bad_shapes_and_unknown_modules_are_named() {
     let shape = ModelShape { kv_heads: 3, ..LLAMA2_70B };
     let e = predict(&shape, &JobSpec::default(), Placement::Cpu).unwrap_err().to_string();

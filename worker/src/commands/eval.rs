@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prunesweep_worker::eval::{self, EvalReport, EvalSpec, Task};
+use prunesweep_worker::model::Model;
 
 use super::ModelArgs;
 
@@ -42,6 +43,12 @@ pub struct EvalArgs {
     /// Sequences per forward pass; default 8.
     #[arg(long)]
     batch: Option<usize>,
+    /// Hold at most this many GiB of the model's blocks in device memory and read the others
+    /// from the checkpoint for each forward pass: a model larger than the device (or the host)
+    /// is evaluated in its own dtype, slower, with the same numbers. HF safetensors checkpoints
+    /// only; not with --adapter. (`worker serve` does this by itself when a model does not fit.)
+    #[arg(long, value_name = "GIB", value_parser = super::gib, conflicts_with = "adapter")]
+    hold_gib: Option<f64>,
     /// Result JSON: task, accuracy or loss, n, tokens, seconds, per-subject figures, predictions.
     #[arg(long)]
     out: PathBuf,
@@ -63,9 +70,31 @@ impl EvalArgs {
     }
 }
 
+/// `--model` with every block left in the checkpoint, `--drop` applied, then the first blocks
+/// that fit in `hold` bytes read into device memory ([`Model::load_offloaded`]).
+fn load_offloaded(args: &ModelArgs, hold: u64) -> anyhow::Result<Model> {
+    let (device, dtype) = args.device_and_dtype()?;
+    let mut model = Model::load_offloaded(&args.model, &device, dtype)?;
+    if let Some(block) = args.drop {
+        model.decoder.remove_layers(&block.indices())?;
+    }
+    let (held, bytes) = model.decoder.make_resident(hold)?;
+    tracing::info!(
+        model = %model.describe(),
+        held,
+        held_gib = format!("{:.2}", bytes as f64 / f64::from(1u32 << 30)),
+        read_per_pass = model.decoder.offloaded_blocks(),
+        "loaded with blocks read from the checkpoint for each pass"
+    );
+    Ok(model)
+}
+
 /// Runs the task ([`eval::run`]) and writes the JSON.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let model = args.model.load()?;
+    let model = match args.hold_gib {
+        None => args.model.load()?,
+        Some(gib) => load_offloaded(&args.model, (gib * f64::from(1u32 << 30)) as u64)?,
+    };
     let spec = args.spec();
     let pb = ProgressBar::new(0).with_style(
         ProgressStyle::with_template(&format!(

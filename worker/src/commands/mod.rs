@@ -119,6 +119,14 @@ impl ModelArgs {
     }
 }
 
+/// A memory size in GiB from the command line: a finite number ≥ 0.
+pub fn gib(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{text}` is not a size in GiB: give a number ≥ 0, such as 4 or 0.5")),
+    }
+}
+
 /// Calibration data for a scoring pass. Defaults: [`ScoreSpec::default`], the same a sweep's
 /// score job gets.
 #[derive(Args, Clone)]

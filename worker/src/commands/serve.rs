@@ -10,6 +10,8 @@ use prunesweep_worker::serve::pipeline::DEFAULT_STATE_CACHE_BYTES;
 use prunesweep_worker::serve::roots::Roots;
 use prunesweep_worker::serve::{serve, ServeConfig};
 
+use super::gib;
+
 /// Arguments of `worker serve`.
 #[derive(Args)]
 pub struct ServeArgs {
@@ -41,7 +43,8 @@ pub struct ServeArgs {
     data_roots: Vec<PathBuf>,
     /// Count at most this many GiB of the device's memory as free when deciding whether a model
     /// fits (a device shared with other work). A score job whose model does not fit runs layer by
-    /// layer instead of loading it whole.
+    /// layer instead of loading it whole; an evaluation (baseline, unhealed cell) holds the blocks
+    /// that fit and reads the others from the checkpoint for each pass.
     #[arg(long, env = "PRUNESWEEP_MEMORY_BUDGET_GIB", value_parser = gib)]
     memory_budget_gib: Option<f64>,
     /// Host memory (GiB) the held model may keep the residual states of evaluation passes in, so
@@ -64,14 +67,6 @@ pub struct ServeArgs {
 }
 
 /// Registers, then leases and runs jobs until Ctrl-C / SIGTERM.
-/// A memory size in GiB from the command line: a finite number ≥ 0.
-fn gib(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        _ => Err(format!("`{text}` is not a size in GiB: give a number ≥ 0, such as 4 or 0.5")),
-    }
-}
-
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let host = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok());

@@ -29,6 +29,7 @@ impl Decoder {
 
     /// Checks `spec` against this model: a known target list, a rank that fits every target.
     fn check_adapter_spec(&self, spec: &LoraSpec) -> Result<(), ModelError> {
+        self.require_resident("attaching adapters")?;
         let valid = self.adapter_targets();
         if spec.targets.is_empty() {
             return Err(ModelError::Adapter(format!("no target modules; valid: {}", valid.join(", "))));

@@ -36,6 +36,7 @@ use super::config::Config;
 pub use super::frozen::Weight;
 use super::layers::{Linear, Mlp, Norm};
 use super::nf4::Nf4Matrix;
+use super::offload::Offloaded;
 use super::packing::{Packing, Span};
 use super::state_cache::{PassKey, StateCache};
 use super::weights::WeightMap;
@@ -49,6 +50,22 @@ pub struct Block {
     /// Whether its weights are still those loaded (no adapter attached, nothing quantized or
     /// merged since): only such blocks compute what the loaded model's [`StateCache`] kept.
     as_loaded: bool,
+    weights: BlockWeights,
+}
+
+/// Where a block's weights are.
+#[derive(Debug, Clone)]
+enum BlockWeights {
+    /// Held on the device.
+    Resident(Box<Layers>),
+    /// Left in the checkpoint and read onto the device for each pass, then dropped: how a model
+    /// larger than the device's free memory is evaluated ([`Decoder::load_offloaded`]).
+    Offloaded(Arc<Offloaded>),
+}
+
+/// A block's parts.
+#[derive(Debug, Clone)]
+pub(super) struct Layers {
     input_layernorm: Norm,
     /// `None` for Phi-2's parallel block, which norms once.
     post_attention_layernorm: Option<Norm>,
@@ -56,12 +73,10 @@ pub struct Block {
     mlp: Mlp,
 }
 
-impl Block {
+impl Layers {
     pub(super) fn load(w: &mut WeightMap, index: usize, cfg: &Config) -> Result<Self, ModelError> {
         let p = format!("model.layers.{index}");
-        Ok(Block {
-            original_index: index,
-            as_loaded: true,
+        Ok(Layers {
             input_layernorm: Norm::load(w, &format!("{p}.input_layernorm"), cfg)?,
             post_attention_layernorm: if cfg.parallel_block {
                 None
@@ -73,44 +88,22 @@ impl Block {
         })
     }
 
-    /// Every projection of the block, named as in HF (`self_attn.q_proj`, `mlp.fc1`, …).
-    pub fn projections(&self) -> Vec<(String, &Linear)> {
+    fn projections(&self) -> Vec<(String, &Linear)> {
         let parallel = self.post_attention_layernorm.is_none();
         let attn = self.self_attn.projections(parallel).into_iter().map(|(n, l)| (format!("self_attn.{n}"), l));
         let mlp = self.mlp.projections().into_iter().map(|(n, l)| (format!("mlp.{n}"), l));
         attn.chain(mlp).collect()
     }
 
-    /// [`Block::projections`], mutably (quantizing, attaching adapters). The block no longer
-    /// counts as loaded: its states are not taken from the [`StateCache`] any more.
-    pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        self.as_loaded = false;
+    fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let parallel = self.post_attention_layernorm.is_none();
         let attn = self.self_attn.projections_mut(parallel).into_iter().map(|(n, l)| (format!("self_attn.{n}"), l));
         let mlp = self.mlp.projections_mut().into_iter().map(|(n, l)| (format!("mlp.{n}"), l));
         attn.chain(mlp).collect()
     }
 
-    fn save(
-        &self,
-        new_index: usize,
-        dtype: DType,
-        device: &Device,
-        out: &mut Vec<(String, Tensor)>,
-    ) -> candle_core::Result<()> {
-        let p = format!("model.layers.{new_index}");
-        self.input_layernorm.save(&format!("{p}.input_layernorm"), out);
-        if let Some(n) = &self.post_attention_layernorm {
-            n.save(&format!("{p}.post_attention_layernorm"), out);
-        }
-        for (name, lin) in self.projections() {
-            lin.save(&format!("{p}.{name}"), dtype, device, out)?;
-        }
-        Ok(())
-    }
-
     /// `x^(l+1) = x^(l) + f(x^(l))`.
-    pub(super) fn forward(
+    fn forward(
         &self,
         x: &Tensor,
         rotary: &Rotary,
@@ -129,6 +122,96 @@ impl Block {
                 let x = (x + attn)?;
                 let m = self.mlp.forward(&norm2.forward(&x)?)?;
                 x + m
+            }
+        }
+    }
+}
+
+impl Block {
+    pub(super) fn load(w: &mut WeightMap, index: usize, cfg: &Config) -> Result<Self, ModelError> {
+        let layers = Layers::load(w, index, cfg)?;
+        Ok(Block { original_index: index, as_loaded: true, weights: BlockWeights::Resident(Box::new(layers)) })
+    }
+
+    /// Block `index` left in the checkpoint that `w` reads ([`BlockWeights::Offloaded`]); `None`
+    /// when `w` cannot read it again (not safetensors files).
+    pub(super) fn offloaded(w: &WeightMap, index: usize, cfg: &Config) -> Option<Self> {
+        let offloaded = Offloaded::new(w, index, cfg)?;
+        Some(Block { original_index: index, as_loaded: true, weights: BlockWeights::Offloaded(Arc::new(offloaded)) })
+    }
+
+    /// Reads an offloaded block onto the device to keep, if its bytes fit in `room`; returns the
+    /// bytes it took (0: resident already, or it does not fit).
+    pub(super) fn hold(&mut self, room: u64) -> Result<u64, ModelError> {
+        let BlockWeights::Offloaded(o) = &self.weights else { return Ok(0) };
+        if o.bytes() > room {
+            return Ok(0);
+        }
+        let bytes = o.bytes();
+        self.weights = BlockWeights::Resident(Box::new(o.read(self.original_index)?));
+        Ok(bytes)
+    }
+
+    /// Whether its weights are read from the checkpoint for each pass instead of held.
+    pub fn is_offloaded(&self) -> bool {
+        matches!(self.weights, BlockWeights::Offloaded(_))
+    }
+
+    /// Every projection of the block, named as in HF (`self_attn.q_proj`, `mlp.fc1`, …); none
+    /// for an offloaded block, whose weights are not held.
+    pub fn projections(&self) -> Vec<(String, &Linear)> {
+        match &self.weights {
+            BlockWeights::Resident(layers) => layers.projections(),
+            BlockWeights::Offloaded(_) => Vec::new(),
+        }
+    }
+
+    /// [`Block::projections`], mutably (quantizing, attaching adapters). The block no longer
+    /// counts as loaded: its states are not taken from the [`StateCache`] any more.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.as_loaded = false;
+        match &mut self.weights {
+            BlockWeights::Resident(layers) => layers.projections_mut(),
+            BlockWeights::Offloaded(_) => Vec::new(),
+        }
+    }
+
+    fn save(
+        &self,
+        new_index: usize,
+        dtype: DType,
+        device: &Device,
+        out: &mut Vec<(String, Tensor)>,
+    ) -> candle_core::Result<()> {
+        let BlockWeights::Resident(layers) = &self.weights else {
+            candle_core::bail!("block {} is offloaded (not held): it cannot be written", self.original_index)
+        };
+        let p = format!("model.layers.{new_index}");
+        layers.input_layernorm.save(&format!("{p}.input_layernorm"), out);
+        if let Some(n) = &layers.post_attention_layernorm {
+            n.save(&format!("{p}.post_attention_layernorm"), out);
+        }
+        for (name, lin) in layers.projections() {
+            lin.save(&format!("{p}.{name}"), dtype, device, out)?;
+        }
+        Ok(())
+    }
+
+    /// `x^(l+1) = x^(l) + f(x^(l))`; an offloaded block is read for the call and dropped after it.
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        spans: &[Span],
+        chunk: usize,
+        prefix: Option<&(Tensor, Tensor)>,
+        record: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        match &self.weights {
+            BlockWeights::Resident(layers) => layers.forward(x, rotary, spans, chunk, prefix, record),
+            BlockWeights::Offloaded(o) => {
+                let layers = o.read(self.original_index).map_err(candle_core::Error::wrap)?;
+                layers.forward(x, rotary, spans, chunk, prefix, record)
             }
         }
     }
@@ -163,10 +246,18 @@ pub struct Decoder {
 impl Decoder {
     /// Builds the decoder from HF-named weights (`model.layers.{i}...`), checking every shape
     /// against `cfg`. Every tensor must be used: leftovers mean the config and checkpoint disagree.
-    pub fn load(cfg: Config, mut w: WeightMap) -> Result<Self, ModelError> {
+    pub fn load(cfg: Config, w: WeightMap) -> Result<Self, ModelError> {
+        Self::build(cfg, w, Block::load)
+    }
+
+    pub(super) fn build(
+        cfg: Config,
+        mut w: WeightMap,
+        block: impl Fn(&mut WeightMap, usize, &Config) -> Result<Block, ModelError>,
+    ) -> Result<Self, ModelError> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = w.take("model.embed_tokens.weight", &[v, h])?;
-        let blocks = (0..cfg.num_layers).map(|i| Block::load(&mut w, i, &cfg)).collect::<Result<Vec<_>, _>>()?;
+        let blocks = (0..cfg.num_layers).map(|i| block(&mut w, i, &cfg)).collect::<Result<Vec<_>, _>>()?;
         let norm = Norm::load(&mut w, final_norm_name(cfg.parallel_block), &cfg)?;
         let lm_head = if cfg.tie_word_embeddings {
             // Tied, as HF re-ties on load: a stored copy of the head is ignored.
@@ -421,6 +512,7 @@ impl Decoder {
     /// NF4 weights are written dequantized; adapters are not included (see
     /// [`Decoder::merge_adapters`] and [`Decoder::adapter_tensors`]).
     pub fn named_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        self.require_resident("writing the model").map_err(candle_core::Error::wrap)?;
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
         for (i, block) in self.blocks.iter().enumerate() {
             block.save(i, self.dtype, &self.device, &mut out)?;
@@ -435,6 +527,7 @@ impl Decoder {
     /// Stores every block projection as NF4 (QLoRA's frozen base; embedding, norms and LM head
     /// stay as they are). Returns `(parameters, bytes)` of the quantized projections.
     pub fn quantize_nf4(&mut self) -> candle_core::Result<(usize, usize)> {
+        self.require_resident("quantizing the model").map_err(candle_core::Error::wrap)?;
         let (mut params, mut bytes) = (0, 0);
         for block in &mut self.blocks {
             for (_, lin) in block.projections_mut() {

@@ -10,7 +10,8 @@
 //!   methods (attach, load, list, merge).
 //! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors;
 //!   [`tensor_files`]: safetensors read one tensor at a time; [`gguf`]: GGUF files, likewise;
-//!   [`streamed`]: a decoder run layer by layer from them, for models larger than the device.
+//!   [`streamed`]: a decoder run layer by layer from them, for models larger than the device;
+//!   [`offload`]: a decoder whose blocks that do not fit are read from them for each pass.
 //! - [`state_cache`]: the loaded model's residual states kept between a sweep's evaluations, so that
 //!   a cell starts where its cut begins.
 //! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
@@ -42,6 +43,7 @@ pub mod nf4;
 mod nf4_device;
 #[cfg(test)]
 mod nf4_load;
+pub mod offload;
 pub mod packing;
 pub mod rms_norm;
 pub mod rope;
@@ -168,6 +170,10 @@ pub enum ModelError {
     /// A requested layer removal is impossible.
     #[error("cannot drop layers: {0}")]
     InvalidDrop(String),
+    /// An operation needs the weights held, and the model's blocks are offloaded
+    /// ([`Decoder::load_offloaded`]).
+    #[error("{0}")]
+    Offloaded(String),
     /// A tensor operation failed.
     #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
@@ -243,6 +249,27 @@ impl Model {
                 (decoder, tokenizer, g.config_json)
             }
         };
+        Ok(Model { decoder, tokenizer, source, config_json })
+    }
+
+    /// [`Model::load_as`] for a model larger than the device's free memory: the embedding, final
+    /// norm and LM head are loaded, the blocks stay in the checkpoint and are read for each pass
+    /// ([`Decoder::load_offloaded`]) until [`Decoder::make_resident`] keeps them. Needs an HF
+    /// safetensors checkpoint: a GGUF file is refused (it is dequantized whole on load).
+    pub fn load_offloaded(path: &Path, device: &Device, dtype: DType) -> Result<Model, ModelError> {
+        let source = ModelSource::resolve(path)?;
+        let ModelSource::HfDir(dir) = &source else {
+            return Err(ModelError::NotAModel {
+                path: path.to_path_buf(),
+                why: "reading blocks from the checkpoint per pass needs an HF safetensors checkpoint; a GGUF file \
+                      is dequantized whole on load (load it whole, on a device it fits)"
+                    .into(),
+            });
+        };
+        let (cfg, config_json) = hf_config(dir)?;
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let weights = weights::WeightMap::open_hf(dir, &cfg, dtype, device)?;
+        let decoder = Decoder::load_offloaded(cfg, weights)?;
         Ok(Model { decoder, tokenizer, source, config_json })
     }
 

@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -33,7 +34,8 @@ enum Store {
     Gguf(GgufTensors),
     /// Read from safetensors files when taken; `parts` maps each projection the checkpoint stores
     /// fused ([`super::config::Family::fused_modules`]) to its rows of the fused tensor.
-    Files { files: TensorFiles, parts: HashMap<String, Split> },
+    /// Shared by the per-block maps of [`WeightMap::block`].
+    Files { files: Arc<TensorFiles>, parts: Arc<HashMap<String, Split>> },
 }
 
 /// Tensors by HF name, consumed one by one while the decoder is built.
@@ -113,7 +115,7 @@ impl WeightMap {
             parts.insert(split.part.clone(), split);
         }
         Ok(WeightMap {
-            store: Store::Files { files, parts },
+            store: Store::Files { files: Arc::new(files), parts: Arc::new(parts) },
             remaining,
             origin,
             dtype,
@@ -121,6 +123,37 @@ impl WeightMap {
             fused: None,
             nf4_blocks: false,
         })
+    }
+
+    /// A map of block `index`'s tensors alone (`model.layers.{index}.*`, whether taken from this
+    /// map or not), reading the same files: what an offloaded block is loaded from for each pass
+    /// ([`super::decoder::Decoder::load_offloaded`]). `None` unless this map reads safetensors
+    /// files (tensors in memory or a GGUF file cannot be read again block by block).
+    pub fn block(&self, index: usize) -> Option<WeightMap> {
+        let Store::Files { files, parts } = &self.store else { return None };
+        let prefix = format!("model.layers.{index}.");
+        let fused: HashSet<&str> = parts.values().map(|s| s.fused.as_str()).collect();
+        let remaining = files
+            .names()
+            .filter(|n| !fused.contains(n))
+            .chain(parts.keys().map(String::as_str))
+            .filter(|n| n.starts_with(&prefix))
+            .map(str::to_string)
+            .collect();
+        Some(WeightMap {
+            store: Store::Files { files: Arc::clone(files), parts: Arc::clone(parts) },
+            remaining,
+            origin: self.origin.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+            fused: None,
+            nf4_blocks: false,
+        })
+    }
+
+    /// The dtype tensors are taken in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// How many elements the tensors not yet taken hold (a fused module's parts counted once).

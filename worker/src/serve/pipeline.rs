@@ -263,22 +263,31 @@ impl Pipeline {
         let mut out = JobOutput::default();
         self.roots.check(job)?;
         if let Work::Score(spec) = &job.work {
-            if self.needs_streaming(job)? {
+            if self.too_big_to_load(job)? {
                 return self.score_streamed(job, spec, progress, out);
             }
         }
         progress.set("load", 0.0);
         let t = Instant::now();
         let nf4_base = matches!(&job.work, Work::Cell(c) if c.heal.as_ref().is_some_and(|h| h.config.quantize));
-        let mut model = self.model(&job.model, job.dtype, nf4_base)?;
+        let healed = matches!(&job.work, Work::Cell(c) if c.heal.is_some());
+        let mut model = if !healed && self.too_big_to_load(job)? {
+            self.offloaded_model(job)?
+        } else {
+            self.model(&job.model, job.dtype, nf4_base)?
+        };
         out.timings.push(timing("load", t));
         out.num_layers = Some(model.decoder.num_blocks() as u32);
         progress.check()?;
         match &job.work {
             Work::Score(spec) => score_model(spec, &model, progress, &mut out)?,
-            Work::Baseline(tasks) => evaluate(tasks, &model, progress, &mut out)?,
+            Work::Baseline(tasks) => {
+                self.hold_what_fits(&mut model)?;
+                evaluate(tasks, &model, progress, &mut out)?
+            }
             Work::Cell(cell) => {
                 prune_model(cell, &mut model, &mut out)?;
+                self.hold_what_fits(&mut model)?;
                 progress.check()?;
                 if let Some(spec) = &cell.heal {
                     self.heal(job, spec, &mut model, progress, &mut out)?;
@@ -292,22 +301,64 @@ impl Pipeline {
 
     /// Whether `job`'s model, not loaded yet, would not fit its device: its weights in the job's
     /// dtype take more than 90% of the device's free memory (host RAM for a CPU worker). Such a
-    /// score job runs layer by layer instead ([`score::run_streamed`]).
-    fn needs_streaming(&self, job: &Job) -> Result<bool, JobError> {
+    /// score job runs layer by layer instead ([`score::run_streamed`]), and an evaluation with
+    /// the blocks that do not fit read for each pass ([`Pipeline::offloaded_model`]).
+    fn too_big_to_load(&self, job: &Job) -> Result<bool, JobError> {
         if self.loaded.as_ref().is_some_and(|l| l.source == job.model) {
             return Ok(false);
         }
         let dtype = job.dtype.unwrap_or_else(|| default_dtype(&self.device));
         let needed =
             streamed::checkpoint_bytes(Path::new(&job.model), dtype).map_err(|e| model_failure(&job.model, e))?;
-        let free = match (crate::device::free_memory(&self.device), self.memory_budget) {
-            (Some(free), Some(budget)) => Some(free.min(budget)),
-            (free, budget) => free.or(budget),
-        };
-        Ok(match (needed, free) {
+        Ok(match (needed, self.free_memory()) {
             (Some(needed), Some(free)) => needed as f64 > 0.9 * free as f64,
             _ => false,
         })
+    }
+
+    /// The device's free memory now, at most the configured budget (`None`: unknown).
+    fn free_memory(&self) -> Option<u64> {
+        match (crate::device::free_memory(&self.device), self.memory_budget) {
+            (Some(free), Some(budget)) => Some(free.min(budget)),
+            (free, budget) => free.or(budget),
+        }
+    }
+
+    /// `job`'s model for an evaluation it does not fit the device for: the embedding and LM head
+    /// loaded, every block left in the checkpoint ([`Model::load_offloaded`]) until
+    /// [`Pipeline::hold_what_fits`] reads those that fit. Not kept for the next job.
+    fn offloaded_model(&mut self, job: &Job) -> Result<Model, JobError> {
+        self.loaded = None;
+        let dtype = job.dtype.unwrap_or_else(|| default_dtype(&self.device));
+        Model::load_offloaded(Path::new(&job.model), &self.device, dtype).map_err(|e| model_failure(&job.model, e))
+    }
+
+    /// Reads into device memory as many of `model`'s offloaded blocks as the free memory holds
+    /// beside the job's evaluation ([`state_room::resident_budget`]); the others are read from the
+    /// checkpoint for each pass. Nothing to do for a model loaded whole.
+    fn hold_what_fits(&self, model: &mut Model) -> Result<(), JobError> {
+        let offloaded = model.decoder.offloaded_blocks();
+        if offloaded == 0 {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let budget = state_room::resident_budget(
+            &self.device,
+            self.expected.as_ref(),
+            model.decoder.cfg.shape(),
+            self.free_memory(),
+        );
+        let (held, bytes) = model.decoder.make_resident(budget).map_err(|e| model_failure(&model.describe(), e))?;
+        tracing::info!(
+            model = %model.describe(),
+            held,
+            held_gib = format!("{:.2}", bytes as f64 / f64::from(1u32 << 30)),
+            read_per_pass = offloaded - held,
+            seconds = format!("{:.1}", t.elapsed().as_secs_f64()),
+            "the model does not fit the device's free memory whole: blocks that do not fit are read from the \
+             checkpoint for each evaluation pass"
+        );
+        Ok(())
     }
 
     /// A score job on a model too large for the device: scored layer by layer, never loaded whole

@@ -53,6 +53,21 @@ pub fn budget(configured: u64, device: &Device, spec: Option<&JobSpec>, shape: M
     configured.min(free.saturating_sub(need))
 }
 
+/// Bytes of a model's blocks that an evaluation whose model does not fit may hold on `device`
+/// (the rest are read from the checkpoint for each pass, `Decoder::make_resident`): 90% of
+/// `free` less the least the job `spec` runs in on a model of `shape` (its embedding, LM head, one
+/// block read at a time and its activations: `least_device_bytes`). Without a spec (one-off
+/// commands, tests), or when its peak cannot be predicted, 80% of `free`; with `free` unknown,
+/// nothing (every block stays offloaded).
+pub fn resident_budget(device: &Device, spec: Option<&JobSpec>, shape: ModelShape, free: Option<u64>) -> u64 {
+    let Some(free) = free else { return 0 };
+    let placement = if device.is_cpu() { Placement::Cpu } else { Placement::Cuda };
+    match spec.map(|spec| memory::predict(&shape, spec, placement)) {
+        Some(Ok(predicted)) => (free / 10 * 9).saturating_sub(predicted.least_device_bytes),
+        _ => free / 10 * 8,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

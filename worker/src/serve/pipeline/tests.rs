@@ -141,6 +141,42 @@ fn unhealed_cells_start_from_the_baselines_states_with_the_same_numbers() {
 }
 
 #[test]
+fn evaluations_of_a_model_larger_than_the_memory_budget_read_blocks_per_pass_with_the_same_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let docs = dir.path().join("docs.jsonl");
+    let lines: String =
+        (0..3).map(|i| format!("{{\"text\": \"Document {i}: a fox, a dog, {i} jumps and a long rest.\"}}\n")).collect();
+    std::fs::write(&docs, lines).unwrap();
+    let eval = vec![EvalSpec { limit: Some(3), seq_len: 24, batch: 2, ..EvalSpec::new(Task::C4Loss, &docs) }];
+    let model = fixtures.join("tiny-llama");
+    let job =
+        |key: &str, work: Work| Job { id: 1, key: key.into(), model: model.display().to_string(), dtype: None, work };
+    let cell = Cell {
+        prune: PruneSpec { method: prune::Method::Deepest, amount: prune::Amount::N(1) },
+        distances: None,
+        influence: None,
+        heal: None,
+        eval: eval.clone(),
+    };
+    let jobs = [job("baseline", Work::Baseline(eval.clone())), job("deepest-1", Work::Cell(Box::new(cell)))];
+    let roots = Roots::new(dir.path(), std::slice::from_ref(&fixtures), &[dir.path().into()]).unwrap();
+    let run_all = |p: &mut Pipeline| jobs.iter().map(|j| p.run(j, &Progress::default()).unwrap()).collect::<Vec<_>>();
+    let want = run_all(&mut Pipeline::new(Device::Cpu, dir.path().into(), roots.clone()));
+    let weights = streamed::checkpoint_bytes(&model, DType::F32).unwrap().unwrap();
+    // No block held (a budget of 1 KiB), some (half the weights for blocks), all (80% of them).
+    for budget in [1 << 10, weights / 8 * 5, weights] {
+        let mut small = Pipeline::new(Device::Cpu, dir.path().into(), roots.clone()).with_memory_budget(Some(budget));
+        let got = run_all(&mut small);
+        assert!(small.held_models().is_empty(), "offloaded: nothing kept for the next job");
+        for (got, want) in got.iter().zip(&want) {
+            assert_eq!((got.num_layers, &got.layers_dropped), (want.num_layers, &want.layers_dropped));
+            assert_eq!(got.results, want.results, "the same losses, to the bit (budget {budget})");
+        }
+    }
+}
+
+#[test]
 fn heartbeats_carry_the_phases_token_rate() {
     let p = Progress::default();
     p.set("score", 0.0);

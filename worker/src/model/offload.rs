@@ -1,0 +1,98 @@
+//! Blocks left in the checkpoint: how a model larger than the device's free memory is evaluated.
+//!
+//! [`Decoder::load_offloaded`] loads the embedding, final norm and LM head and leaves every block
+//! in the checkpoint's safetensors files. Each pass reads an offloaded block onto the device just
+//! before it runs and drops it after, so the device holds one such block at a time; the numbers
+//! are the same to the bit as a whole-model load's (the same tensors, read the same way, run
+//! through the same ops). [`Decoder::make_resident`] then keeps as many blocks as the free memory
+//! holds, so only the rest are read again for every pass: a 70B model in bf16 (131 GiB) is
+//! evaluated on one 141 GB H200 holding most of its blocks. The worker picks this for a baseline
+//! or an unhealed cell whose model does not fit (`serve/pipeline.rs`); `worker eval --hold-gib`
+//! forces it. Healing needs every block held and refuses an offloaded model.
+
+use super::config::Config;
+use super::decoder::{Decoder, Layers};
+use super::weights::WeightMap;
+use super::ModelError;
+
+/// Where an offloaded block is read from: a map of its tensors in the checkpoint's files
+/// ([`WeightMap::block`]), made afresh for each read, and what they take once loaded.
+#[derive(Debug)]
+pub(super) struct Offloaded {
+    source: WeightMap,
+    cfg: Config,
+    bytes: u64,
+}
+
+impl Offloaded {
+    /// Block `index` of the checkpoint `w` reads; `None` when `w` cannot read it again (not
+    /// safetensors files).
+    pub(super) fn new(w: &WeightMap, index: usize, cfg: &Config) -> Option<Self> {
+        let source = w.block(index)?;
+        let bytes = source.remaining_elements() * w.dtype().size_in_bytes() as u64;
+        Some(Offloaded { source, cfg: cfg.clone(), bytes })
+    }
+
+    /// Bytes the block takes on the device in the model's dtype.
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Block `index` read from the checkpoint onto the device, every tensor checked as a
+    /// whole-model load checks it.
+    pub(super) fn read(&self, index: usize) -> Result<Layers, ModelError> {
+        let mut w = self.source.block(index).expect("made from files, so readable again");
+        Layers::load(&mut w, index, &self.cfg)
+    }
+}
+
+impl Decoder {
+    /// [`Decoder::load`] with every block left in the checkpoint `w` reads (see the module's
+    /// doc), until [`Decoder::make_resident`] keeps it. `w` must read safetensors files.
+    pub fn load_offloaded(cfg: Config, w: WeightMap) -> Result<Self, ModelError> {
+        if w.block(0).is_none() {
+            return Err(ModelError::Offloaded(
+                "blocks can be read for each pass only from an HF checkpoint's safetensors files".into(),
+            ));
+        }
+        Self::build(cfg, w, |w, i, cfg| Ok(super::decoder::Block::offloaded(w, i, cfg).expect("files checked above")))
+    }
+
+    /// How many of the kept blocks are offloaded: read from the checkpoint for each pass.
+    pub fn offloaded_blocks(&self) -> usize {
+        self.blocks.iter().filter(|b| b.is_offloaded()).count()
+    }
+
+    /// Reads offloaded blocks onto the device to keep, first to last, while their bytes fit in
+    /// `budget`; returns how many blocks and bytes were made resident. The rest stay offloaded.
+    pub fn make_resident(&mut self, budget: u64) -> Result<(usize, u64), ModelError> {
+        let (mut blocks, mut bytes) = (0, 0);
+        for block in &mut self.blocks {
+            if !block.is_offloaded() {
+                continue;
+            }
+            let took = block.hold(budget - bytes)?;
+            if took == 0 {
+                break;
+            }
+            (blocks, bytes) = (blocks + 1, bytes + took);
+        }
+        Ok((blocks, bytes))
+    }
+
+    /// Fails, saying what cannot be done with blocks not held, when some are offloaded.
+    pub(super) fn require_resident(&self, what: &str) -> Result<(), ModelError> {
+        match self.offloaded_blocks() {
+            0 => Ok(()),
+            n => Err(ModelError::Offloaded(format!(
+                "{what} needs every block held, but {n} of {} are read from the checkpoint for each pass (the \
+                 model does not fit the device's free memory): heal with a 4-bit base (quantize_base: true) or \
+                 on a device with room for the whole model",
+                self.blocks.len()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
