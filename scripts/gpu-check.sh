@@ -15,7 +15,9 @@
 #       model is that Q4_1 GGUF) and vs a CPU f32 run of a cheap subset made here (run last).
 #   (d) a random-weight checkpoint with Llama-2-7B's shapes made on the GPU by
 #       scripts/gpu/make_random_llama.py; forward tokens/s (ours: `worker eval --task c4-loss`;
-#       torch: scripts/gpu/torch_side.py forward, same documents and ids, bf16, SDPA) and 50
+#       torch: scripts/gpu/torch_side.py forward, same documents and ids, bf16, SDPA), the same
+#       forward holding 4 GiB of blocks and reading the rest from the checkpoint for each pass
+#       (`--hold-gib`: the loss must equal the whole load's, with its tok/s and peak), and 50
 #       healing steps at seq 2048, micro-batch 4, r 64, FFN targets: tokens/s and peak GPU memory
 #       (nvidia-smi polled every 200 ms), ours vs torch + PEFT. QLoRA on both sides when
 #       bitsandbytes imports; else plain LoRA on the bf16 base on both (ours with --no-quantize),
@@ -235,14 +237,14 @@ if [[ "$SMALL" == 1 ]]; then
     c_mmlu_args=(--limit 8); c_boolq_args=(--limit 8)
     c_ref_mmlu_args=(--limit 8); c_ref_boolq_args=(--limit 8)
     d_shape=(--hidden 64 --layers 2 --heads 4 --intermediate 172 --vocab 32000)
-    d_fwd_docs=8; d_seq=128; d_batch=4; d_steps=3; d_rank=8
+    d_fwd_docs=8; d_seq=128; d_batch=4; d_steps=3; d_rank=8; d_hold_gib=0.0001
 else
     logit_tol=0.08
     b_samples=256; b_seq=512; b_batch_dev=32
     c_mmlu_args=(); c_boolq_args=()
     c_ref_mmlu_args=(--limit-per-subject 3); c_ref_boolq_args=(--limit 200)
     d_shape=()
-    d_fwd_docs=64; d_seq=2048; d_batch=4; d_steps=50; d_rank=64
+    d_fwd_docs=64; d_seq=2048; d_batch=4; d_steps=50; d_rank=64; d_hold_gib=4
 fi
 dist_tol=0.005
 ((on_gpu)) || dist_tol=0.002   # bf16 vs f32 on the same CPU: the tests' tolerance
@@ -537,6 +539,19 @@ EOF
     else
         row d "forward tokens/s (c4-loss, $d_fwd_docs docs × ≤ $d_seq): ours vs torch" "$o_tps vs skipped: no torch" "" "INFO" \
             "ours wall $(secs_of d-forward-ours) s; $(peak_label) $(peak_of d-forward-ours)"
+    fi
+
+    # the same forward with most blocks left in the checkpoint and read for each pass (issue 14:
+    # evaluating a model larger than the device, forced with --hold-gib): the same loss to the bit
+    run_cmd d-forward-offloaded 120 200 "${worker[@]}" eval --model "$dir" "${dev_args[@]}" --task c4-loss \
+        "${fargs[@]}" --hold-gib "$d_hold_gib" --out "$out/d-forward-offloaded.json" || true
+    if [[ -s "$out/d-forward-offloaded.json" && -s "$out/d-forward-ours.json" ]]; then
+        local l_all l_off v=FAIL
+        l_all="$(jget "$out/d-forward-ours.json" loss)"
+        l_off="$(jget "$out/d-forward-offloaded.json" loss)"
+        [[ "$l_all" == "$l_off" && "$l_all" != "?" ]] && v=PASS
+        row d "forward, blocks beyond $d_hold_gib GiB read per pass: loss vs the whole load's" "$l_off vs $l_all" "equal" "$v" \
+            "$(calc "round($(jget "$out/d-forward-offloaded.json" tokens) / $(jget "$out/d-forward-offloaded.json" seconds))") tok/s, wall $(secs_of d-forward-offloaded) s; $(peak_label) $(peak_of d-forward-offloaded)"
     fi
 
     # healing: 50 steps, seq 2048, micro-batch 4, r 64, FFN

@@ -241,6 +241,19 @@ fn write_random_llama(dir: &Path, shape: &ModelShape, dtype: &str) {
     out.flush().unwrap();
 }
 
+/// A wide random llama: 6 layers of width 1024 (FFN 4096), a 32k vocabulary, untied.
+const WIDE: ModelShape = ModelShape {
+    layers: 6,
+    hidden: 1024,
+    intermediate: 4096,
+    heads: 16,
+    kv_heads: 4,
+    head_dim: 64,
+    vocab: 32000,
+    tied_embeddings: false,
+    gated_mlp: true,
+};
+
 fn check(what: &str, run: &Run) {
     run.report(what);
     assert!(
@@ -272,18 +285,7 @@ async fn smollm2_heal_cell_peaks_where_the_model_says() {
 async fn a_wide_random_llama_peaks_where_the_model_says() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let shape = ModelShape {
-        layers: 6,
-        hidden: 1024,
-        intermediate: 4096,
-        heads: 16,
-        kv_heads: 4,
-        head_dim: 64,
-        vocab: 32000,
-        tied_embeddings: false,
-        gated_mlp: true,
-    };
-    write_random_llama(&dir.path().join("wide"), &shape, "F32");
+    write_random_llama(&dir.path().join("wide"), &WIDE, "F32");
     let job = Job { rank: 16, micro_batch: 1, seq_len: 128, eval_seq_len: 128 };
     let run = run_cell("wide", &dir.path().join("wide"), dir.path(), &job).await;
     check("random llama 6×1024 (ffn 4096, vocab 32000), heal r16 mb1 seq128 + c4-loss 4×128", &run);
@@ -297,19 +299,8 @@ async fn a_wide_random_llama_peaks_where_the_model_says() {
 async fn a_baseline_larger_than_the_budget_peaks_at_the_least_the_model_says() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let shape = ModelShape {
-        layers: 6,
-        hidden: 1024,
-        intermediate: 4096,
-        heads: 16,
-        kv_heads: 4,
-        head_dim: 64,
-        vocab: 32000,
-        tied_embeddings: false,
-        gated_mlp: true,
-    };
     let model = dir.path().join("wide");
-    write_random_llama(&model, &shape, "F32");
+    write_random_llama(&model, &WIDE, "F32");
     let c4 = c4_sample().display().to_string();
     let yaml = format!(
         "name: mem-offload\nmodels: [{{name: m, path: {}}}]\nmethods: [deepest]\nn: [1]\n\

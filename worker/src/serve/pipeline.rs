@@ -303,10 +303,13 @@ impl Pipeline {
     /// dtype take more than 90% of the device's free memory (host RAM for a CPU worker). Such a
     /// score job runs layer by layer instead ([`score::run_streamed`]), and an evaluation with
     /// the blocks that do not fit read for each pass ([`Pipeline::offloaded_model`]).
-    fn too_big_to_load(&self, job: &Job) -> Result<bool, JobError> {
+    /// A different model held now is dropped first (every path then loads `job`'s), so that its
+    /// memory counts as free.
+    fn too_big_to_load(&mut self, job: &Job) -> Result<bool, JobError> {
         if self.loaded.as_ref().is_some_and(|l| l.source == job.model) {
             return Ok(false);
         }
+        self.loaded = None;
         let dtype = job.dtype.unwrap_or_else(|| default_dtype(&self.device));
         let needed =
             streamed::checkpoint_bytes(Path::new(&job.model), dtype).map_err(|e| model_failure(&job.model, e))?;
