@@ -257,6 +257,11 @@ const GRAPH_SCORES: u64 = 13;
 /// the scores' gradient, one chunk (at most `SCORES_PER_CHUNK` values) at a time.
 const CHUNKED_SCORE_COPIES: u64 = 4;
 
+/// Evaluation passes a worker runs at once, block by block across them, when the model's blocks
+/// are read from the checkpoint per pass (`eval/mod.rs`): each offloaded block is read once for
+/// all of them, and their residual streams are held together meanwhile.
+pub const PASSES_PER_READ: u64 = 16;
+
 /// What the allocator holds beyond the live tensors, as a share of a phase's transient bytes
 /// (activations and logits): the per-block graphs of recomputation and the evaluation batches
 /// are allocated and freed over and over, and glibc's per-thread arenas keep some of what was
@@ -331,8 +336,8 @@ fn forward_bytes(shape: &ModelShape, rows: u64, tokens: u64, prefix: u64, e: u64
 }
 
 /// An evaluation task's forward pass, scored logits and key/value cache: `(activations, logits,
-/// kv cache)` bytes.
-fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64, placement: Placement) -> (u64, u64, u64) {
+/// kv cache)` bytes, and the tokens of one pass.
+fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64, placement: Placement) -> (u64, u64, u64, u64) {
     let batch = u64::from(task.batch_size.max(1));
     let v = u64::from(shape.vocab);
     // Scored rows' f32 logits: on a CPU in f32 their log-sum-exp is one fused pass over them
@@ -345,7 +350,7 @@ fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64, placemen
         // (`eval/mod.rs`).
         EvalTaskKind::C4Loss => {
             let t = u64::from(task.seq_len.unwrap_or(crate::defaults::C4_LOSS_SEQ_LEN));
-            (forward_bytes(shape, batch, t, 0, e), logit_copies * (batch * t).min(LOGIT_ROWS) * v * 4, 0)
+            (forward_bytes(shape, batch, t, 0, e), logit_copies * (batch * t).min(LOGIT_ROWS) * v * 4, 0, batch * t)
         }
         // Letter: the few-shot prefix runs once and its keys/values (every layer, k and v) are
         // shared by the batch's questions, which run packed end to end after it; one position per
@@ -353,17 +358,18 @@ fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64, placemen
         EvalTaskKind::Mmlu => {
             let prefix = 64 + u64::from(task.shots.unwrap_or(5)) * MMLU_SHOT_TOKENS;
             let kv = layers * 2 * prefix * shape.kv_width() * e;
-            (forward_bytes(shape, 1, batch * MMLU_QUESTION_TOKENS, prefix, e), 2 * batch * v * e, kv)
+            let tokens = batch * MMLU_QUESTION_TOKENS;
+            (forward_bytes(shape, 1, tokens, prefix, e), 2 * batch * v * e, kv, tokens)
         }
         // Cloze: `batch` questions a pass, each its context then its four continuations (assumed
         // up to `MMLU_CHOICE_TOKENS` each) packed end to end, every continuation token scored.
         EvalTaskKind::MmluCloze => {
             let tokens = batch * (MMLU_QUESTION_TOKENS + 4 * MMLU_CHOICE_TOKENS);
             let scored = (batch * 4 * MMLU_CHOICE_TOKENS).min(LOGIT_ROWS);
-            (forward_bytes(shape, 1, tokens, 0, e), logit_copies * scored * v * 4, 0)
+            (forward_bytes(shape, 1, tokens, 0, e), logit_copies * scored * v * 4, 0, tokens)
         }
         EvalTaskKind::Boolq | EvalTaskKind::Unspecified => {
-            (forward_bytes(shape, batch, BOOLQ_TOKENS, 0, e), 2 * batch * v * e, 0)
+            (forward_bytes(shape, batch, BOOLQ_TOKENS, 0, e), 2 * batch * v * e, 0, batch * BOOLQ_TOKENS)
         }
     }
 }
@@ -514,7 +520,7 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
     ];
     let mut offloaded = Vec::new();
     for task in &job.eval {
-        let (activations, logits, kv) = eval_bytes(shape, task, kept, e, placement);
+        let (activations, logits, kv, pass_tokens) = eval_bytes(shape, task, kept, e, placement);
         let slack = (activations + logits + kv) * ALLOCATOR_SLACK_PERCENT / 100;
         let mut transient = vec![("activations", activations), ("logits", logits), ("allocator", slack)];
         if kv > 0 {
@@ -522,7 +528,10 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         }
         let parts = resident.iter().chain(&transient).copied().collect();
         phases.push(Phase { name: "eval", parts });
-        let parts = offloaded_weights.iter().chain(&transient).copied().collect();
+        // Offloaded, `PASSES_PER_READ` passes run block by block together: their residual streams
+        // are held at once.
+        let states = ("pass states", PASSES_PER_READ * pass_tokens * h * e);
+        let parts = offloaded_weights.iter().chain(&transient).chain([&states]).copied().collect();
         offloaded.push(Phase { name: "eval-offloaded", parts });
     }
     let peak = phases.into_iter().max_by_key(Phase::total).expect("the load phase is always there");

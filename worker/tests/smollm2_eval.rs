@@ -106,3 +106,44 @@ fn shared_prefix_logits_equal_plain_logits_on_smollm2() {
         }
     }
 }
+
+/// Every task on SmolLM2 with 10 of its 30 blocks held and 20 read from the checkpoint for each
+/// pass (an HF directory written from the GGUF, `Model::load_offloaded`): the whole load's
+/// predictions, margins and losses to the bit. Sixteen passes at a time run block by block
+/// together (MMLU letter within a subject, BoolQ, C4 loss), so each read serves many passes.
+#[test]
+fn smollm2_with_blocks_read_per_pass_evaluates_to_the_same_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("smollm2-hf");
+    Model::load(&smollm2_gguf(), &Device::Cpu).unwrap().save_hf(&dir, &[]).unwrap();
+    let whole = Model::load(&dir, &Device::Cpu).unwrap();
+    let mut offloaded = Model::load_offloaded(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
+    let block = {
+        let mut probe = Model::load_offloaded(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
+        probe.decoder.make_resident(u64::MAX).unwrap().1 / 30
+    };
+    assert_eq!(offloaded.decoder.make_resident(10 * block).unwrap().0, 10);
+    assert_eq!(offloaded.decoder.offloaded_blocks(), 20);
+
+    let mut data = mmlu::MmluData::load(&two_subjects(tmp.path()), None).unwrap();
+    data.truncate(Some(6), None);
+    let mut bq = boolq::load(&data_dir().join("boolq/val.jsonl")).unwrap();
+    bq.truncate(24);
+    let docs = read_documents(&data_dir().join("c4/c4-en-train.00000-of-01024.first1000.jsonl"), Some(912)).unwrap();
+    for model in [&whole, &offloaded] {
+        assert_eq!(prunesweep_worker::eval::passes_per_call(&model.decoder) > 1, model.decoder.offloaded_blocks() > 0);
+    }
+    let run = |model: &Model| {
+        let letter = mmlu::evaluate_letter(model, &data, 5, 2, &mut |_| {}).unwrap();
+        let cloze = mmlu::evaluate_cloze(model, &data, 4, &mut |_| {}).unwrap();
+        let boolq = boolq::evaluate(model, &bq, 4, &mut |_| {}).unwrap();
+        let c4 = c4_loss::evaluate(model, &docs[900..], 64, 3, &mut |_| {}).unwrap();
+        (letter.predictions, cloze.predictions, boolq.predictions, c4.predictions, c4.loss)
+    };
+    let want = run(&whole);
+    let got = run(&offloaded);
+    assert_eq!(got.0, want.0, "MMLU letter");
+    assert_eq!(got.1, want.1, "MMLU cloze");
+    assert_eq!(got.2, want.2, "BoolQ (margins included)");
+    assert_eq!((got.3, got.4), (want.3, want.4), "C4 loss per document and overall");
+}

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{choice_tokens, scored_positions, EvalError, EvalReport, Layout, Pick, Task};
+use super::{choice_tokens, passes_per_call, scored_positions, EvalError, EvalReport, Layout, Pick, Task};
 use crate::model::Model;
 
 /// One BoolQ item.
@@ -85,16 +85,17 @@ pub fn evaluate(
     order.sort_by_key(|&i| ids[i].len());
     let mut preds = vec![false; items.len()];
     let mut margins = vec![0f32; items.len()];
-    for (done, chunk) in order.chunks(batch.max(1)).enumerate() {
+    let per_call = batch.max(1) * passes_per_call(&model.decoder);
+    for (done, chunk) in order.chunks(per_call).enumerate() {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
         let picks: Vec<Vec<Pick>> = seqs.iter().map(|s| vec![(s.len() - 1, vec![yes, no])]).collect();
-        let rows = scored_positions(&model.decoder, None, &seqs, &picks, seqs.len(), Layout::Packed, true)?;
+        let rows = scored_positions(&model.decoder, None, &seqs, &picks, batch.max(1), Layout::Packed, true)?;
         for (&i, row) in chunk.iter().zip(rows) {
             let margin = row[0][0] - row[0][1];
             margins[i] = margin;
             preds[i] = margin > 0.0;
         }
-        on_progress(((done + 1) * batch.max(1)).min(items.len()));
+        on_progress(((done + 1) * per_call).min(items.len()));
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.tokens = ids.iter().map(Vec::len).sum();

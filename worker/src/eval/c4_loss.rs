@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::{scored_positions, EvalError, EvalReport, Layout, Pick, Task};
+use super::{passes_per_call, scored_positions, EvalError, EvalReport, Layout, Pick, Task};
 use crate::model::Model;
 
 /// Scores `docs` (already chosen: keep them disjoint from calibration and healing data), `batch`
@@ -37,21 +37,22 @@ pub fn evaluate(
         return Err(EvalError::Invalid("no document has 2 or more tokens".into()));
     }
     let (mut nll, mut count) = (0f64, 0usize);
-    for (c, chunk) in seqs.chunks(batch.max(1)).enumerate() {
+    let per_call = batch.max(1) * passes_per_call(&model.decoder);
+    for (c, chunk) in seqs.chunks(per_call).enumerate() {
         // Position p predicts token p + 1.
         let picks: Vec<Vec<Pick>> =
             chunk.iter().map(|s| s[1..].iter().enumerate().map(|(p, &t)| (p, vec![t])).collect()).collect();
-        let rows = scored_positions(&model.decoder, None, chunk, &picks, chunk.len(), Layout::Packed, false)?;
+        let rows = scored_positions(&model.decoder, None, chunk, &picks, batch.max(1), Layout::Packed, false)?;
         for (j, (seq, rows)) in chunk.iter().zip(rows).enumerate() {
             let doc_nll: f64 = -rows.iter().map(|v| f64::from(v[0])).sum::<f64>();
-            let k = c * batch.max(1) + j;
+            let k = c * per_call + j;
             report.predictions.push(json!({
                 "index": doc_index[k], "tokens": seq.len() - 1, "loss": doc_nll / (seq.len() - 1) as f64,
             }));
             nll += doc_nll;
             count += seq.len() - 1;
         }
-        on_progress(((c + 1) * batch.max(1)).min(seqs.len()));
+        on_progress(((c + 1) * per_call).min(seqs.len()));
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.n = seqs.len();

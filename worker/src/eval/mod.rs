@@ -341,7 +341,9 @@ const LOGIT_ROWS: usize = prunesweep_proto::memory::LOGIT_ROWS as usize;
 /// batch runs on to the end of its last group) and returns, for each suffix and each of its
 /// picks, the scores of the picked tokens: raw logits when `raw_logits`,
 /// else log-probabilities. Only the picked positions go through the final norm and the LM head,
-/// and the picked values leave the tensor in one gather per batch.
+/// and the picked values leave the tensor in one gather per batch. When `decoder` reads blocks
+/// from the checkpoint per pass, up to [`PASSES_PER_READ`] batches run block by block together
+/// ([`Decoder::run_packed_group`]), with the same results.
 pub fn scored_positions(
     decoder: &Decoder,
     prefix: Option<&KvCache>,
@@ -368,77 +370,139 @@ pub fn scored_positions(
         }
         _ => None,
     };
-    for range in batches(suffixes.len(), batch, continues) {
-        let (chunk, pick_chunk) = (&suffixes[range.clone()], &picks[range.clone()]);
-        // The hidden states as rows `[N, H]`, and where each sequence's first token is among them.
-        let (hidden, starts) = match layout {
-            Layout::Padded => {
-                let width = chunk.iter().map(Vec::len).max().expect("chunks are non-empty");
-                let padded: Vec<u32> =
-                    chunk.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(width)).collect();
-                let ids = Tensor::from_vec(padded, (chunk.len(), width), decoder.device())?;
-                let hidden = decoder.run(&ids, prefix, None, &mut |_, _| Ok(()))?;
-                let starts: Vec<usize> = (0..chunk.len()).map(|i| i * width).collect();
-                (hidden.flatten_to(1)?, starts)
-            }
-            Layout::Packed | Layout::Tree(_) => {
-                let lengths: Vec<usize> = chunk.iter().map(Vec::len).collect();
-                let packing = match continues {
-                    None => Packing::sequences(&lengths),
-                    Some(continues) => {
-                        let segments = lengths
-                            .iter()
-                            .zip(&continues[range.clone()])
-                            .map(|(&len, c)| Segment { len, continues: c.map(|c| c - range.start) })
-                            .collect();
-                        Packing::new(segments)?
-                    }
-                };
-                let ids = Tensor::from_vec(chunk.concat(), (1, packing.len()), decoder.device())?;
-                let hidden = decoder.run_packed(&ids, &packing, prefix)?;
-                let starts: Vec<usize> =
-                    lengths.iter().scan(0, |at, len| Some(std::mem::replace(at, *at + len))).collect();
-                (hidden.squeeze(0)?, starts)
-            }
+    let ranges = batches(suffixes.len(), batch, continues);
+    // A model whose blocks are read per pass runs several passes block by block across them.
+    let group = passes_per_call(decoder);
+    for ranges in ranges.chunks(group) {
+        let passes = ranges
+            .iter()
+            .map(|range| pass_input(decoder, &suffixes[range.clone()], range, layout, continues))
+            .collect::<Result<Vec<_>, _>>()?;
+        let hidden = if group > 1 {
+            let inputs: Vec<(Tensor, Packing)> = passes.iter().map(|p| (p.ids.clone(), p.packing.clone())).collect();
+            decoder.run_packed_group(&inputs, prefix)?
+        } else {
+            let p = &passes[0];
+            vec![match layout {
+                Layout::Padded => decoder.run(&p.ids, prefix, None, &mut |_, _| Ok(()))?,
+                Layout::Packed | Layout::Tree(_) => decoder.run_packed(&p.ids, &p.packing, prefix)?,
+            }]
         };
-        // Gather all picked rows of the batch, then one norm + LM head.
-        let flat: Vec<u32> = pick_chunk
-            .iter()
-            .zip(&starts)
-            .flat_map(|(ps, &start)| ps.iter().map(move |(p, _)| (start + p) as u32))
-            .collect();
-        if flat.is_empty() {
-            out.extend(pick_chunk.iter().map(|_| Vec::new()));
-            continue;
-        }
-        let rows = hidden.index_select(&Tensor::new(flat.as_slice(), decoder.device())?, 0)?;
-        // The picked tokens of each row (short lists padded with their first id).
-        let k = pick_chunk.iter().flatten().map(|(_, toks)| toks.len()).max().unwrap_or(0).max(1);
-        let index: Vec<u32> = pick_chunk
-            .iter()
-            .flatten()
-            .flat_map(|(_, toks)| (0..k).map(move |j| toks.get(j).or(toks.first()).copied().unwrap_or(0)))
-            .collect();
-        let index = Tensor::from_vec(index, (flat.len(), k), decoder.device())?;
-        // The LM head over at most `LOGIT_ROWS` rows at a time, so that the logits of a long
-        // sequence (C4 loss scores every position) are never all held at once; the picked
-        // log-probabilities are the picked logits less each row's log-sum-exp.
-        let mut values = Vec::with_capacity(flat.len());
-        for start in (0..flat.len()).step_by(LOGIT_ROWS) {
-            let len = LOGIT_ROWS.min(flat.len() - start);
-            let logits = decoder.logits(&rows.narrow(0, start, len)?)?;
-            let picked = logits.contiguous()?.gather(&index.narrow(0, start, len)?, 1)?;
-            let picked = if raw_logits { picked } else { picked.broadcast_sub(&log_sum_exp(&logits)?)? };
-            values.extend(picked.to_dtype(DType::F32)?.to_vec2::<f32>()?);
-        }
-        let mut rows = values.into_iter();
-        for ps in pick_chunk {
-            out.push(
-                ps.iter().map(|(_, toks)| rows.next().expect("one row per pick")[..toks.len()].to_vec()).collect(),
-            );
+        for ((range, pass), hidden) in ranges.iter().zip(&passes).zip(hidden) {
+            // The hidden states as rows `[N, H]`.
+            let hidden = match layout {
+                Layout::Padded => hidden.flatten_to(1)?,
+                Layout::Packed | Layout::Tree(_) => hidden.squeeze(0)?,
+            };
+            score_rows(decoder, &hidden, &pass.starts, &picks[range.clone()], raw_logits, &mut out)?;
         }
     }
     Ok(out)
+}
+
+/// Passes a model whose blocks are read from the checkpoint per pass runs at once
+/// ([`Decoder::run_packed_group`]): each offloaded block is read once for all of them, and their
+/// residual streams are held together meanwhile (the memory model's `PASSES_PER_READ`).
+const PASSES_PER_READ: usize = prunesweep_proto::memory::PASSES_PER_READ as usize;
+
+/// How many passes of `batch` sequences a task hands [`scored_positions`] at once: one, or
+/// [`PASSES_PER_READ`] when `decoder` reads blocks from the checkpoint per pass.
+pub fn passes_per_call(decoder: &Decoder) -> usize {
+    if decoder.offloaded_blocks() > 0 {
+        PASSES_PER_READ
+    } else {
+        1
+    }
+}
+
+/// One pass's input: ids, their layout, and where each sequence's first token is among its rows.
+struct PassInput {
+    ids: Tensor,
+    packing: Packing,
+    starts: Vec<usize>,
+}
+
+/// The input of the pass over `chunk` (sequences `range` of a [`scored_positions`] call).
+fn pass_input(
+    decoder: &Decoder,
+    chunk: &[Vec<u32>],
+    range: &std::ops::Range<usize>,
+    layout: Layout,
+    continues: Option<&[Option<usize>]>,
+) -> Result<PassInput, EvalError> {
+    Ok(match layout {
+        Layout::Padded => {
+            let width = chunk.iter().map(Vec::len).max().expect("chunks are non-empty");
+            let padded: Vec<u32> =
+                chunk.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(width)).collect();
+            let ids = Tensor::from_vec(padded, (chunk.len(), width), decoder.device())?;
+            PassInput { ids, packing: Packing::single(width), starts: (0..chunk.len()).map(|i| i * width).collect() }
+        }
+        Layout::Packed | Layout::Tree(_) => {
+            let lengths: Vec<usize> = chunk.iter().map(Vec::len).collect();
+            let packing = match continues {
+                None => Packing::sequences(&lengths),
+                Some(continues) => {
+                    let segments = lengths
+                        .iter()
+                        .zip(&continues[range.clone()])
+                        .map(|(&len, c)| Segment { len, continues: c.map(|c| c - range.start) })
+                        .collect();
+                    Packing::new(segments)?
+                }
+            };
+            let ids = Tensor::from_vec(chunk.concat(), (1, packing.len()), decoder.device())?;
+            let starts = lengths.iter().scan(0, |at, len| Some(std::mem::replace(at, *at + len))).collect();
+            PassInput { ids, packing, starts }
+        }
+    })
+}
+
+/// Scores one pass's picks from its hidden rows `[N, H]` (each sequence's first row at `starts`)
+/// and appends them to `out`, one entry per sequence.
+fn score_rows(
+    decoder: &Decoder,
+    hidden: &Tensor,
+    starts: &[usize],
+    pick_chunk: &[Vec<Pick>],
+    raw_logits: bool,
+    out: &mut Vec<Vec<Vec<f32>>>,
+) -> Result<(), EvalError> {
+    // Gather all picked rows of the batch, then one norm + LM head.
+    let flat: Vec<u32> = pick_chunk
+        .iter()
+        .zip(starts)
+        .flat_map(|(ps, &start)| ps.iter().map(move |(p, _)| (start + p) as u32))
+        .collect();
+    if flat.is_empty() {
+        out.extend(pick_chunk.iter().map(|_| Vec::new()));
+        return Ok(());
+    }
+    let rows = hidden.index_select(&Tensor::new(flat.as_slice(), decoder.device())?, 0)?;
+    // The picked tokens of each row (short lists padded with their first id).
+    let k = pick_chunk.iter().flatten().map(|(_, toks)| toks.len()).max().unwrap_or(0).max(1);
+    let index: Vec<u32> = pick_chunk
+        .iter()
+        .flatten()
+        .flat_map(|(_, toks)| (0..k).map(move |j| toks.get(j).or(toks.first()).copied().unwrap_or(0)))
+        .collect();
+    let index = Tensor::from_vec(index, (flat.len(), k), decoder.device())?;
+    // The LM head over at most `LOGIT_ROWS` rows at a time, so that the logits of a long
+    // sequence (C4 loss scores every position) are never all held at once; the picked
+    // log-probabilities are the picked logits less each row's log-sum-exp.
+    let mut values = Vec::with_capacity(flat.len());
+    for start in (0..flat.len()).step_by(LOGIT_ROWS) {
+        let len = LOGIT_ROWS.min(flat.len() - start);
+        let logits = decoder.logits(&rows.narrow(0, start, len)?)?;
+        let picked = logits.contiguous()?.gather(&index.narrow(0, start, len)?, 1)?;
+        let picked = if raw_logits { picked } else { picked.broadcast_sub(&log_sum_exp(&logits)?)? };
+        values.extend(picked.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+    }
+    let mut rows = values.into_iter();
+    for ps in pick_chunk {
+        out.push(ps.iter().map(|(_, toks)| rows.next().expect("one row per pick")[..toks.len()].to_vec()).collect());
+    }
+    Ok(())
 }
 
 /// The batches of `n` sequences, `batch` at a time; with `continues`, a batch ends only before

@@ -103,7 +103,7 @@ impl Layers {
     }
 
     /// `x^(l+1) = x^(l) + f(x^(l))`.
-    fn forward(
+    pub(super) fn forward(
         &self,
         x: &Tensor,
         rotary: &Rotary,
@@ -207,12 +207,15 @@ impl Block {
         prefix: Option<&(Tensor, Tensor)>,
         record: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
+        self.with_layers(|layers| layers.forward(x, rotary, spans, chunk, prefix, record))
+    }
+
+    /// Calls `f` with the block's parts: held, or read from the checkpoint for the call and
+    /// dropped after it.
+    pub(super) fn with_layers<R>(&self, f: impl FnOnce(&Layers) -> candle_core::Result<R>) -> candle_core::Result<R> {
         match &self.weights {
-            BlockWeights::Resident(layers) => layers.forward(x, rotary, spans, chunk, prefix, record),
-            BlockWeights::Offloaded(o) => {
-                let layers = o.read(self.original_index).map_err(candle_core::Error::wrap)?;
-                layers.forward(x, rotary, spans, chunk, prefix, record)
-            }
+            BlockWeights::Resident(layers) => f(layers),
+            BlockWeights::Offloaded(o) => f(&o.read(self.original_index).map_err(candle_core::Error::wrap)?),
         }
     }
 }
@@ -222,8 +225,8 @@ impl Block {
 /// ([`Decoder::forward_block`]) so that it can recompute a block in the backward pass.
 #[derive(Debug)]
 pub struct BlockContext {
-    rotary: Rotary,
-    spans: Vec<Span>,
+    pub(super) rotary: Rotary,
+    pub(super) spans: Vec<Span>,
 }
 
 /// The whole decoder: embedding, the kept blocks, final norm and LM head.
@@ -237,7 +240,7 @@ pub struct Decoder {
     lm_head: Linear,
     device: Device,
     dtype: DType,
-    attention_chunk: usize,
+    pub(super) attention_chunk: usize,
     /// Residual states of earlier evaluation passes, shared with every clone (off until given a
     /// budget).
     states: StateCache,
@@ -390,26 +393,12 @@ impl Decoder {
         observe: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
         reuse: bool,
     ) -> candle_core::Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let segments = packing.segments().len();
-        if packing.len() != t || (segments > 1 && b != 1) {
-            candle_core::bail!(
-                "{segments} packed segments of {} tokens do not fill ids of shape [{b}, {t}] (packing needs B = 1)",
-                packing.len()
-            );
-        }
-        let offset = prefix.map_or(0, |p| p.len);
         if prefix.is_some() && record.is_some() {
             candle_core::bail!("recording a KV cache on top of a prefix cache is not supported");
         }
-        if let Some(p) = prefix {
-            if p.layers.len() != self.blocks.len() {
-                candle_core::bail!("prefix cache has {} layers, model has {}", p.layers.len(), self.blocks.len());
-            }
-        }
-        // The same for every block: built once per call, not once per layer.
-        let rotary = Rotary::new(&self.cfg, &packing.positions(offset), self.dtype, &self.device)?;
-        let spans = packing.spans(offset, self.cfg.sliding_window, &self.device)?;
+        let t = ids.dim(1)?;
+        let (offset, context) = self.pass_context(ids, packing, prefix)?;
+        let BlockContext { rotary, spans } = context;
         let mut x = self.embed(ids)?;
         // Which leading blocks match the loaded model's, and the key of this pass's states.
         let as_loaded = self.blocks_as_loaded();
@@ -442,6 +431,34 @@ impl Decoder {
             r.len = offset + t;
         }
         Ok(x)
+    }
+
+    /// Checks that `packing` lays out `ids` (`[B, T]`; several segments need `B = 1`) and that
+    /// `prefix` has a layer per block, and builds what every block of the pass shares (once per
+    /// pass, not once per block); returns it with the pass's first position (after `prefix`).
+    pub(super) fn pass_context(
+        &self,
+        ids: &Tensor,
+        packing: &Packing,
+        prefix: Option<&KvCache>,
+    ) -> candle_core::Result<(usize, BlockContext)> {
+        let (b, t) = ids.dims2()?;
+        let segments = packing.segments().len();
+        if packing.len() != t || (segments > 1 && b != 1) {
+            candle_core::bail!(
+                "{segments} packed segments of {} tokens do not fill ids of shape [{b}, {t}] (packing needs B = 1)",
+                packing.len()
+            );
+        }
+        if let Some(p) = prefix {
+            if p.layers.len() != self.blocks.len() {
+                candle_core::bail!("prefix cache has {} layers, model has {}", p.layers.len(), self.blocks.len());
+            }
+        }
+        let offset = prefix.map_or(0, |p| p.len);
+        let rotary = Rotary::new(&self.cfg, &packing.positions(offset), self.dtype, &self.device)?;
+        let spans = packing.spans(offset, self.cfg.sliding_window, &self.device)?;
+        Ok((offset, BlockContext { rotary, spans }))
     }
 
     /// The token embedding `x^(0)` of `ids` (`[B, T]`, u32): `[B, T, H]`.

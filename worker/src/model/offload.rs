@@ -10,8 +10,12 @@
 //! or an unhealed cell whose model does not fit (`serve/pipeline.rs`); `worker eval --hold-gib`
 //! forces it. Healing needs every block held and refuses an offloaded model.
 
+use candle_core::Tensor;
+
+use super::attention::KvCache;
 use super::config::Config;
 use super::decoder::{Decoder, Layers};
+use super::packing::Packing;
 use super::weights::WeightMap;
 use super::ModelError;
 
@@ -56,6 +60,33 @@ impl Decoder {
             ));
         }
         Self::build(cfg, w, |w, i, cfg| Ok(super::decoder::Block::offloaded(w, i, cfg).expect("files checked above")))
+    }
+
+    /// Runs several passes (`ids` laid out by their packing, all after `prefix` if any), as
+    /// [`Decoder::run_packed`] runs each, block by block across them: an offloaded block is read
+    /// from the checkpoint once for all of them instead of once per pass. Returns each pass's
+    /// `x^(L')`, bit for bit what `run_packed` returns; every pass's residual stream is held at
+    /// once meanwhile.
+    pub fn run_packed_group(
+        &self,
+        passes: &[(Tensor, Packing)],
+        prefix: Option<&KvCache>,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let mut states = Vec::with_capacity(passes.len());
+        for (ids, packing) in passes {
+            let (_, context) = self.pass_context(ids, packing, prefix)?;
+            states.push((self.embed(ids)?, context));
+        }
+        for (l, block) in self.blocks.iter().enumerate() {
+            block.with_layers(|layers| {
+                for (x, c) in &mut states {
+                    let kv = prefix.map(|p| &p.layers[l]);
+                    *x = layers.forward(x, &c.rotary, &c.spans, self.attention_chunk, kv, None)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(states.into_iter().map(|(x, _)| x).collect())
     }
 
     /// How many of the kept blocks are offloaded: read from the checkpoint for each pass.

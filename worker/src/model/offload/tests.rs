@@ -96,3 +96,29 @@ fn offloading_needs_safetensors_files() {
     let e = Decoder::load_offloaded(whole.decoder.cfg.clone(), w).unwrap_err();
     assert!(e.to_string().contains("only from an HF checkpoint's safetensors files"), "{e}");
 }
+
+/// Several passes run block by block together (each offloaded block read once for all) give each
+/// pass's `run_packed` result, with and without a shared prefix.
+#[test]
+fn passes_run_together_match_passes_run_one_by_one() {
+    use crate::model::packing::Packing;
+    let path = fixture("tiny-llama");
+    let whole = Model::load(&path, &Device::Cpu).unwrap();
+    let mut offloaded = Model::load_offloaded(&path, &Device::Cpu, DType::F32).unwrap();
+    offloaded.decoder.make_resident(1 << 20).unwrap();
+    let passes: Vec<(Tensor, Packing)> = [vec![3u32, 1, 4, 1, 5], vec![9, 2, 6, 5, 3, 5, 8, 9]]
+        .into_iter()
+        .map(|ids| {
+            let packing = Packing::sequences(&[2, ids.len() - 2]);
+            (Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), packing)
+        })
+        .collect();
+    let (prefix, _) = whole.decoder.prefill(&Tensor::new(&[[7u32, 7, 2]], &Device::Cpu).unwrap()).unwrap();
+    for prefix in [None, Some(&prefix)] {
+        let got = offloaded.decoder.run_packed_group(&passes, prefix).unwrap();
+        for ((ids, packing), got) in passes.iter().zip(got) {
+            let want = whole.decoder.run_packed(ids, packing, prefix).unwrap();
+            assert_eq!(got.to_vec3::<f32>().unwrap(), want.to_vec3::<f32>().unwrap());
+        }
+    }
+}
