@@ -339,7 +339,8 @@ async fn a_deep_narrow_llama_on_long_sequences_peaks_where_the_model_says() {
     check("random llama 16×256 (tied, vocab 8000), heal r8 mb4 seq512 + c4-loss 4×512", &run);
 }
 
-/// Item 5 of issue #14: Llama-2-70B's layers on the CPU path. `cargo test -p prunesweep-worker
+/// Item 5 of issue #14: Llama-2-70B's layers on the CPU path, healed (NF4 base), then evaluated
+/// with its blocks read from the checkpoint per pass. `cargo test -p prunesweep-worker
 /// --test memory -- --ignored --nocapture` (or `scripts/memory-model.sh`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes and ~10 GiB of memory: run by scripts/memory-model.sh"]
@@ -369,4 +370,14 @@ async fn llama2_70b_layers_heal_within_the_prediction() {
         gib(run.measured),
         gib(run.predicted.device_bytes)
     );
+    // The same checkpoint's baseline on a worker told it has 1 GiB: no block held, each read from
+    // the file for every sixteen passes; the peak is the least the job runs in.
+    let c4 = c4_sample().display().to_string();
+    let yaml = format!(
+        "name: mem-l70-offload\nmodels: [{{name: m, path: {}}}]\nmethods: [deepest]\nn: [1]\n\
+         eval:\n  - {{task: c4-loss, path: {c4}, limit: 8, seq_len: 64, first_doc: 900, batch_size: 4}}\n",
+        dir.path().join("l70").display()
+    );
+    let run = run_sweep("l70-offload", yaml, dir.path(), JobKind::Baseline, &["--memory-budget-gib", "1"]).await;
+    check("Llama-2-70B layer shapes, 2 of 80 layers, baseline c4-loss 4×64, blocks read per pass", &run);
 }

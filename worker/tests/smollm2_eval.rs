@@ -110,7 +110,7 @@ fn shared_prefix_logits_equal_plain_logits_on_smollm2() {
 /// Every task on SmolLM2 with 10 of its 30 blocks held and 20 read from the checkpoint for each
 /// pass (an HF directory written from the GGUF, `Model::load_offloaded`): the whole load's
 /// predictions, margins and losses to the bit. Sixteen passes at a time run block by block
-/// together (MMLU letter within a subject, BoolQ, C4 loss), so each read serves many passes.
+/// together (MMLU letter within a subject, cloze, BoolQ, C4 loss), so each read serves many passes.
 #[test]
 fn smollm2_with_blocks_read_per_pass_evaluates_to_the_same_bits() {
     let tmp = tempfile::tempdir().unwrap();

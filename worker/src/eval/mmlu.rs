@@ -27,8 +27,8 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::{
-    choice_tokens, common_prefix_len, prefix_cache, scored_positions, EvalError, EvalReport, Layout, Pick,
-    SubjectScore, Task,
+    choice_tokens, common_prefix_len, passes_per_call, prefix_cache, scored_passes, scored_positions, EvalError,
+    EvalReport, Layout, Pick, SubjectScore, Task,
 };
 use crate::data::{records, Record};
 use crate::model::Model;
@@ -421,11 +421,18 @@ pub fn evaluate_cloze(
     report.skipped = data.skipped.clone();
     let started = Instant::now();
     let mut preds = Vec::with_capacity(data.questions.len());
-    for questions in data.questions.chunks(batch.max(1)) {
-        // One pass: per question, its shared context (if any) as a sequence and each answer as a
+    // Passes of `batch` questions, handed over one at a time (or, when the model reads blocks
+    // per pass, several at once to run block by block together).
+    let per_call = batch.max(1) * passes_per_call(&model.decoder);
+    for questions in data.questions.chunks(per_call) {
+        // Per question, its shared context (if any) as a sequence and each answer as a
         // continuation of it; `answers[i]` is the sequence of the question's i-th choice.
         let (mut seqs, mut continues, mut picks, mut answers) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for q in questions {
+        let mut passes = Vec::new();
+        for (i, q) in questions.iter().enumerate() {
+            if i % batch.max(1) == 0 {
+                passes.push(seqs.len()..seqs.len());
+            }
             let ctx = model.tokenizer.encode(&cloze_context(q))?;
             let mut wholes = Vec::with_capacity(q.choices.len());
             for choice in &q.choices {
@@ -456,8 +463,9 @@ pub fn evaluate_cloze(
             }
             report.tokens += wholes.iter().map(Vec::len).sum::<usize>();
             report.computed_tokens += shared + wholes.iter().map(|w| w.len() - shared).sum::<usize>();
+            passes.last_mut().expect("opened above").end = seqs.len();
         }
-        let rows = scored_positions(&model.decoder, None, &seqs, &picks, seqs.len(), Layout::Tree(&continues), false)?;
+        let rows = scored_passes(&model.decoder, None, &seqs, &picks, &passes, Layout::Tree(&continues), false)?;
         let mut answers = answers.into_iter();
         for q in questions {
             let scores: Vec<f32> = q

@@ -353,7 +353,34 @@ pub fn scored_positions(
     layout: Layout,
     raw_logits: bool,
 ) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
+    // (A tree of the wrong length is refused by `scored_passes`.)
+    let continues = match layout {
+        Layout::Tree(continues) if continues.len() == suffixes.len() => Some(continues),
+        _ => None,
+    };
+    let ranges = batches(suffixes.len(), batch, continues);
+    scored_passes(decoder, prefix, suffixes, picks, &ranges, layout, raw_logits)
+}
+
+/// [`scored_positions`] over the passes `ranges` (consecutive, covering `suffixes`; a
+/// [`Layout::Tree`] pass holds whole groups) instead of batches of a fixed size.
+pub fn scored_passes(
+    decoder: &Decoder,
+    prefix: Option<&KvCache>,
+    suffixes: &[Vec<u32>],
+    picks: &[Vec<Pick>],
+    ranges: &[std::ops::Range<usize>],
+    layout: Layout,
+    raw_logits: bool,
+) -> Result<Vec<Vec<Vec<f32>>>, EvalError> {
     let mut out = Vec::with_capacity(suffixes.len());
+    let covered = ranges.first().map_or(0, |r| r.start) == 0 && ranges.last().map_or(0, |r| r.end) == suffixes.len();
+    if !covered || ranges.windows(2).any(|w| w[0].end != w[1].start) || ranges.iter().any(|r| r.is_empty()) {
+        return Err(EvalError::Invalid(format!(
+            "passes {ranges:?} do not cover {} sequences one after another",
+            suffixes.len()
+        )));
+    }
     let continues = match layout {
         Layout::Tree(continues) => {
             if continues.len() != suffixes.len() {
@@ -363,14 +390,16 @@ pub fn scored_positions(
                     suffixes.len()
                 )));
             }
-            // Checked whole first: a continuation then always lies in its sequence's batch.
+            // Checked whole first, then that no pass splits a group.
             let segments = suffixes.iter().zip(continues).map(|(s, &c)| Segment { len: s.len(), continues: c });
             Packing::new(segments.collect())?;
+            if let Some(r) = ranges.iter().find(|&r| continues[r.clone()].iter().flatten().any(|&c| c < r.start)) {
+                return Err(EvalError::Invalid(format!("pass {r:?} splits a group from the sequence it continues")));
+            }
             Some(continues)
         }
         _ => None,
     };
-    let ranges = batches(suffixes.len(), batch, continues);
     // A model whose blocks are read per pass runs several passes block by block across them.
     let group = passes_per_call(decoder);
     for ranges in ranges.chunks(group) {
@@ -526,6 +555,28 @@ fn batches(n: usize, batch: usize, continues: Option<&[Option<usize>]>) -> Vec<s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passes_must_cover_the_sequences_and_keep_groups_whole() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let model = crate::model::Model::load(&dir, &candle_core::Device::Cpu).unwrap();
+        let seqs = vec![vec![1u32, 2, 3], vec![4, 5], vec![6, 7, 8]];
+        let picks: Vec<Vec<Pick>> = seqs.iter().map(|s| vec![(s.len() - 1, vec![1])]).collect();
+        let run = |ranges: &[std::ops::Range<usize>], layout| {
+            scored_passes(&model.decoder, None, &seqs, &picks, ranges, layout, true)
+        };
+        let whole = run(&[0..2, 2..3], Layout::Packed).unwrap();
+        assert_eq!(whole, scored_positions(&model.decoder, None, &seqs, &picks, 2, Layout::Packed, true).unwrap()[..]);
+        let short = [std::ops::Range { start: 0, end: 1 }];
+        for bad in [&short[..], &[0..1, 2..3], &[0..2, 2..2, 2..3]] {
+            let e = run(bad, Layout::Packed).unwrap_err().to_string();
+            assert!(e.contains("do not cover 3 sequences"), "{bad:?}: {e}");
+        }
+        let continues = [None, Some(0), None];
+        let e = run(&[0..1, 1..3], Layout::Tree(&continues)).unwrap_err().to_string();
+        assert!(e.contains("pass 1..3 splits a group"), "{e}");
+        run(&[0..2, 2..3], Layout::Tree(&continues)).unwrap();
+    }
 
     #[test]
     fn tree_batches_keep_groups_whole() {

@@ -23,202 +23,26 @@
 //!
 //! # Layout
 //!
-//! This file puts blocks together and runs them; their parts live in [`super::layers`]
-//! (projections, norms, MLPs) and [`super::attention`] (rotary positions, attention, its mask and
-//! the prefix [`KvCache`]), and [`Decoder`]'s LoRA adapter methods in `adapters.rs`.
+//! This file puts blocks together and runs them; a block ([`Block`]: held, or read from the
+//! checkpoint per pass) is in [`super::block`], its parts in [`super::layers`] (projections,
+//! norms, MLPs) and [`super::attention`] (rotary positions, attention, its mask and the prefix
+//! [`KvCache`]), [`Decoder`]'s LoRA adapter methods in `adapters.rs`, and its offloading ones in
+//! [`super::offload`].
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::attention::{Attention, KvCache, Rotary, SCORES_PER_CHUNK};
+use super::attention::{KvCache, Rotary, SCORES_PER_CHUNK};
+pub use super::block::Block;
 use super::config::Config;
 pub use super::frozen::Weight;
-use super::layers::{Linear, Mlp, Norm};
+use super::layers::{Linear, Norm};
 use super::nf4::Nf4Matrix;
-use super::offload::Offloaded;
 use super::packing::{Packing, Span};
 use super::state_cache::{PassKey, StateCache};
 use super::weights::WeightMap;
 use super::ModelError;
-
-/// One decoder block `f(x^(l), θ^(l))`, remembering which layer of the original checkpoint it was.
-#[derive(Debug, Clone)]
-pub struct Block {
-    /// Index of this block in the unpruned checkpoint.
-    pub original_index: usize,
-    /// Whether its weights are still those loaded (no adapter attached, nothing quantized or
-    /// merged since): only such blocks compute what the loaded model's [`StateCache`] kept.
-    as_loaded: bool,
-    weights: BlockWeights,
-}
-
-/// Where a block's weights are.
-#[derive(Debug, Clone)]
-enum BlockWeights {
-    /// Held on the device.
-    Resident(Box<Layers>),
-    /// Left in the checkpoint and read onto the device for each pass, then dropped: how a model
-    /// larger than the device's free memory is evaluated ([`Decoder::load_offloaded`]).
-    Offloaded(Arc<Offloaded>),
-}
-
-/// A block's parts.
-#[derive(Debug, Clone)]
-pub(super) struct Layers {
-    input_layernorm: Norm,
-    /// `None` for Phi-2's parallel block, which norms once.
-    post_attention_layernorm: Option<Norm>,
-    self_attn: Attention,
-    mlp: Mlp,
-}
-
-impl Layers {
-    pub(super) fn load(w: &mut WeightMap, index: usize, cfg: &Config) -> Result<Self, ModelError> {
-        let p = format!("model.layers.{index}");
-        Ok(Layers {
-            input_layernorm: Norm::load(w, &format!("{p}.input_layernorm"), cfg)?,
-            post_attention_layernorm: if cfg.parallel_block {
-                None
-            } else {
-                Some(Norm::load(w, &format!("{p}.post_attention_layernorm"), cfg)?)
-            },
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
-        })
-    }
-
-    fn projections(&self) -> Vec<(String, &Linear)> {
-        let parallel = self.post_attention_layernorm.is_none();
-        let attn = self.self_attn.projections(parallel).into_iter().map(|(n, l)| (format!("self_attn.{n}"), l));
-        let mlp = self.mlp.projections().into_iter().map(|(n, l)| (format!("mlp.{n}"), l));
-        attn.chain(mlp).collect()
-    }
-
-    fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let parallel = self.post_attention_layernorm.is_none();
-        let attn = self.self_attn.projections_mut(parallel).into_iter().map(|(n, l)| (format!("self_attn.{n}"), l));
-        let mlp = self.mlp.projections_mut().into_iter().map(|(n, l)| (format!("mlp.{n}"), l));
-        attn.chain(mlp).collect()
-    }
-
-    /// `x^(l+1) = x^(l) + f(x^(l))`.
-    pub(super) fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &Rotary,
-        spans: &[Span],
-        chunk: usize,
-        prefix: Option<&(Tensor, Tensor)>,
-        record: Option<&mut Vec<(Tensor, Tensor)>>,
-    ) -> candle_core::Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.forward(&h, rotary, spans, chunk, prefix, record)?;
-        match &self.post_attention_layernorm {
-            // Phi-2: x + attn(ln x) + mlp(ln x).
-            None => (x + attn)? + self.mlp.forward(&h)?,
-            // Pre-norm: x' = x + attn(norm₁ x); x'' = x' + mlp(norm₂ x').
-            Some(norm2) => {
-                let x = (x + attn)?;
-                let m = self.mlp.forward(&norm2.forward(&x)?)?;
-                x + m
-            }
-        }
-    }
-}
-
-impl Block {
-    pub(super) fn load(w: &mut WeightMap, index: usize, cfg: &Config) -> Result<Self, ModelError> {
-        let layers = Layers::load(w, index, cfg)?;
-        Ok(Block { original_index: index, as_loaded: true, weights: BlockWeights::Resident(Box::new(layers)) })
-    }
-
-    /// Block `index` left in the checkpoint that `w` reads ([`BlockWeights::Offloaded`]); `None`
-    /// when `w` cannot read it again (not safetensors files).
-    pub(super) fn offloaded(w: &WeightMap, index: usize, cfg: &Config) -> Option<Self> {
-        let offloaded = Offloaded::new(w, index, cfg)?;
-        Some(Block { original_index: index, as_loaded: true, weights: BlockWeights::Offloaded(Arc::new(offloaded)) })
-    }
-
-    /// Reads an offloaded block onto the device to keep, if its bytes fit in `room`; returns the
-    /// bytes it took (0: resident already, or it does not fit).
-    pub(super) fn hold(&mut self, room: u64) -> Result<u64, ModelError> {
-        let BlockWeights::Offloaded(o) = &self.weights else { return Ok(0) };
-        if o.bytes() > room {
-            return Ok(0);
-        }
-        let bytes = o.bytes();
-        self.weights = BlockWeights::Resident(Box::new(o.read(self.original_index)?));
-        Ok(bytes)
-    }
-
-    /// Whether its weights are read from the checkpoint for each pass instead of held.
-    pub fn is_offloaded(&self) -> bool {
-        matches!(self.weights, BlockWeights::Offloaded(_))
-    }
-
-    /// Every projection of the block, named as in HF (`self_attn.q_proj`, `mlp.fc1`, …); none
-    /// for an offloaded block, whose weights are not held.
-    pub fn projections(&self) -> Vec<(String, &Linear)> {
-        match &self.weights {
-            BlockWeights::Resident(layers) => layers.projections(),
-            BlockWeights::Offloaded(_) => Vec::new(),
-        }
-    }
-
-    /// [`Block::projections`], mutably (quantizing, attaching adapters). The block no longer
-    /// counts as loaded: its states are not taken from the [`StateCache`] any more.
-    pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        self.as_loaded = false;
-        match &mut self.weights {
-            BlockWeights::Resident(layers) => layers.projections_mut(),
-            BlockWeights::Offloaded(_) => Vec::new(),
-        }
-    }
-
-    fn save(
-        &self,
-        new_index: usize,
-        dtype: DType,
-        device: &Device,
-        out: &mut Vec<(String, Tensor)>,
-    ) -> candle_core::Result<()> {
-        let BlockWeights::Resident(layers) = &self.weights else {
-            candle_core::bail!("block {} is offloaded (not held): it cannot be written", self.original_index)
-        };
-        let p = format!("model.layers.{new_index}");
-        layers.input_layernorm.save(&format!("{p}.input_layernorm"), out);
-        if let Some(n) = &layers.post_attention_layernorm {
-            n.save(&format!("{p}.post_attention_layernorm"), out);
-        }
-        for (name, lin) in layers.projections() {
-            lin.save(&format!("{p}.{name}"), dtype, device, out)?;
-        }
-        Ok(())
-    }
-
-    /// `x^(l+1) = x^(l) + f(x^(l))`; an offloaded block is read for the call and dropped after it.
-    pub(super) fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &Rotary,
-        spans: &[Span],
-        chunk: usize,
-        prefix: Option<&(Tensor, Tensor)>,
-        record: Option<&mut Vec<(Tensor, Tensor)>>,
-    ) -> candle_core::Result<Tensor> {
-        self.with_layers(|layers| layers.forward(x, rotary, spans, chunk, prefix, record))
-    }
-
-    /// Calls `f` with the block's parts: held, or read from the checkpoint for the call and
-    /// dropped after it.
-    pub(super) fn with_layers<R>(&self, f: impl FnOnce(&Layers) -> candle_core::Result<R>) -> candle_core::Result<R> {
-        match &self.weights {
-            BlockWeights::Resident(layers) => f(layers),
-            BlockWeights::Offloaded(o) => f(&o.read(self.original_index).map_err(candle_core::Error::wrap)?),
-        }
-    }
-}
 
 /// What every block of one pass over `[B, T]` token ids shares: the rotary tables and the
 /// attention spans with their masks, built once per pass. Healing runs the blocks one at a time with it

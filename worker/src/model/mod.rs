@@ -3,7 +3,7 @@
 //!
 //! - [`config`]: `config.json` / GGUF metadata → [`Config`] (five families).
 //! - [`decoder`]: the transformer itself ([`Decoder`]); the index convention of the residual
-//!   states is written at its top.
+//!   states is written at its top; [`block`]: one block, held or read from the checkpoint per pass.
 //! - [`layers`]: its projections, norms and feed-forward networks; [`attention`]: rotary
 //!   positions, the prefix [`KvCache`] and attention; [`packing`]: how a pass lays sequences end
 //!   to end (continuations, prefix) and the spans and masks attention runs over; `adapters`: [`Decoder`]'s LoRA
@@ -27,6 +27,7 @@
 
 mod adapters;
 pub mod attention;
+pub mod block;
 pub mod config;
 pub mod decoder;
 pub mod frozen;

@@ -13,8 +13,9 @@
 use candle_core::Tensor;
 
 use super::attention::KvCache;
+use super::block::{Block, Layers};
 use super::config::Config;
-use super::decoder::{Decoder, Layers};
+use super::decoder::Decoder;
 use super::packing::Packing;
 use super::weights::WeightMap;
 use super::ModelError;
@@ -59,7 +60,7 @@ impl Decoder {
                 "blocks can be read for each pass only from an HF checkpoint's safetensors files".into(),
             ));
         }
-        Self::build(cfg, w, |w, i, cfg| Ok(super::decoder::Block::offloaded(w, i, cfg).expect("files checked above")))
+        Self::build(cfg, w, |w, i, cfg| Ok(Block::offloaded(w, i, cfg).expect("files checked above")))
     }
 
     /// Runs several passes (`ids` laid out by their packing, all after `prefix` if any), as

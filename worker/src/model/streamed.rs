@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{Rotary, SCORES_PER_CHUNK};
-use super::decoder::Block;
+use super::block::Block;
 use super::packing::Packing;
 use super::weights::{ModelSource, WeightMap};
 use super::{hf_config, Config, ModelError, Tokenizer};
