@@ -32,7 +32,7 @@ pub struct ScoreArgs {
     /// every calibration batch and dropped, so a model larger than the device (or the host) is
     /// scored in its own dtype. Same numbers as without it. HF safetensors checkpoints only; not
     /// with --drop or --adapter.
-    #[arg(long, conflicts_with_all = ["drop", "adapter"])]
+    #[arg(long, alias = "stream-layers", conflicts_with_all = ["drop", "adapter"])]
     streamed: bool,
 }
 

@@ -14,6 +14,16 @@ use super::packing::Span;
 use super::weights::WeightMap;
 use super::ModelError;
 
+/// What every block of one pass over `[B, T]` token ids shares: the rotary tables and the
+/// attention spans with their masks, built once per pass. Healing runs the blocks one at a time with it
+/// ([`Decoder::forward_block`](super::Decoder::forward_block)) so that it can recompute a block in the
+/// backward pass.
+#[derive(Debug)]
+pub struct BlockContext {
+    pub(super) rotary: Rotary,
+    pub(super) spans: Vec<Span>,
+}
+
 /// One decoder block `f(x^(l), θ^(l))`, remembering which layer of the original checkpoint it was.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -78,14 +88,13 @@ impl Layers {
     pub(super) fn forward(
         &self,
         x: &Tensor,
-        rotary: &Rotary,
-        spans: &[Span],
+        context: &BlockContext,
         chunk: usize,
         prefix: Option<&(Tensor, Tensor)>,
         record: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.forward(&h, rotary, spans, chunk, prefix, record)?;
+        let attn = self.self_attn.forward(&h, &context.rotary, &context.spans, chunk, prefix, record)?;
         match &self.post_attention_layernorm {
             // Phi-2: x + attn(ln x) + mlp(ln x).
             None => (x + attn)? + self.mlp.forward(&h)?,
@@ -173,13 +182,12 @@ impl Block {
     pub(super) fn forward(
         &self,
         x: &Tensor,
-        rotary: &Rotary,
-        spans: &[Span],
+        context: &BlockContext,
         chunk: usize,
         prefix: Option<&(Tensor, Tensor)>,
         record: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
-        self.with_layers(|layers| layers.forward(x, rotary, spans, chunk, prefix, record))
+        self.with_layers(|layers| layers.forward(x, context, chunk, prefix, record))
     }
 
     /// Calls `f` with the block's parts: held, or read from the checkpoint for the call and

@@ -34,24 +34,15 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::attention::{KvCache, Rotary, SCORES_PER_CHUNK};
-pub use super::block::Block;
+pub use super::block::{Block, BlockContext};
 use super::config::Config;
 pub use super::frozen::Weight;
 use super::layers::{Linear, Norm};
 use super::nf4::Nf4Matrix;
-use super::packing::{Packing, Span};
+use super::packing::Packing;
 use super::state_cache::{PassKey, StateCache};
 use super::weights::WeightMap;
 use super::ModelError;
-
-/// What every block of one pass over `[B, T]` token ids shares: the rotary tables and the
-/// attention spans with their masks, built once per pass. Healing runs the blocks one at a time with it
-/// ([`Decoder::forward_block`]) so that it can recompute a block in the backward pass.
-#[derive(Debug)]
-pub struct BlockContext {
-    pub(super) rotary: Rotary,
-    pub(super) spans: Vec<Span>,
-}
 
 /// The whole decoder: embedding, the kept blocks, final norm and LM head.
 #[derive(Debug, Clone)]
@@ -222,7 +213,6 @@ impl Decoder {
         }
         let t = ids.dim(1)?;
         let (offset, context) = self.pass_context(ids, packing, prefix)?;
-        let BlockContext { rotary, spans } = context;
         let mut x = self.embed(ids)?;
         // Which leading blocks match the loaded model's, and the key of this pass's states.
         let as_loaded = self.blocks_as_loaded();
@@ -247,7 +237,7 @@ impl Decoder {
                 }
             }
             let rec = record.as_ref().map(|_| &mut recorded);
-            x = block.forward(&x, &rotary, &spans, self.attention_chunk, prefix.map(|p| &p.layers[l]), rec)?;
+            x = block.forward(&x, &context, self.attention_chunk, prefix.map(|p| &p.layers[l]), rec)?;
         }
         observe(self.blocks.len(), &x)?;
         if let Some(r) = record {
@@ -305,7 +295,7 @@ impl Decoder {
         let Some(block) = self.blocks.get(l) else {
             candle_core::bail!("block {l} does not exist: the model has {} blocks", self.blocks.len())
         };
-        block.forward(x, &context.rotary, &context.spans, self.attention_chunk, None, None)
+        block.forward(x, context, self.attention_chunk, None, None)
     }
 
     /// Whether kept block `l` carries at least one LoRA adapter.

@@ -82,7 +82,7 @@ impl Decoder {
             block.with_layers(|layers| {
                 for (x, c) in &mut states {
                     let kv = prefix.map(|p| &p.layers[l]);
-                    *x = layers.forward(x, &c.rotary, &c.spans, self.attention_chunk, kv, None)?;
+                    *x = layers.forward(x, c, self.attention_chunk, kv, None)?;
                 }
                 Ok(())
             })?;

@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{Rotary, SCORES_PER_CHUNK};
-use super::block::Block;
+use super::block::{Block, BlockContext};
 use super::packing::Packing;
 use super::weights::{ModelSource, WeightMap};
 use super::{hf_config, Config, ModelError, Tokenizer};
@@ -94,13 +94,13 @@ impl StreamedDecoder {
             let rotary = Rotary::new(&self.cfg, &packing.positions(0), self.dtype, &self.device)?;
             let spans = packing.spans(0, self.cfg.sliding_window, &self.device)?;
             states.push(self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))?);
-            context.push((rotary, spans));
+            context.push(BlockContext { rotary, spans });
         }
         for l in 0..self.cfg.num_layers {
             let block = Block::load(&mut self.weights, l, &self.cfg)?;
-            for (i, (x, (rotary, spans))) in states.iter_mut().zip(&context).enumerate() {
+            for (i, (x, context)) in states.iter_mut().zip(&context).enumerate() {
                 observe(l, i, x)?;
-                *x = block.forward(x, rotary, spans, SCORES_PER_CHUNK, None, None)?;
+                *x = block.forward(x, context, SCORES_PER_CHUNK, None, None)?;
             }
         }
         for (i, x) in states.iter().enumerate() {
