@@ -64,6 +64,20 @@ fn gated_by_default() -> bool {
 }
 
 impl ModelShape {
+    /// Llama-2-70B (`config.json` of meta-llama/Llama-2-70b-hf): the paper's largest model, whose
+    /// predictions the README states for one H200 and whose layer shapes the memory tests run.
+    pub const LLAMA2_70B: ModelShape = ModelShape {
+        layers: 80,
+        hidden: 8192,
+        intermediate: 28672,
+        heads: 64,
+        kv_heads: 8,
+        head_dim: 128,
+        vocab: 32000,
+        tied_embeddings: false,
+        gated_mlp: true,
+    };
+
     /// One block's projections as (rows, columns): q, k, v, o, then gate, up, down (fc1, fc2
     /// without a gated MLP).
     pub fn block_projections(&self) -> Vec<(u64, u64)> {

@@ -347,17 +347,7 @@ async fn a_deep_narrow_llama_on_long_sequences_peaks_where_the_model_says() {
 async fn llama2_70b_layers_heal_within_the_prediction() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let shape = ModelShape {
-        layers: 2,
-        hidden: 8192,
-        intermediate: 28672,
-        heads: 64,
-        kv_heads: 8,
-        head_dim: 128,
-        vocab: 32000,
-        tied_embeddings: false,
-        gated_mlp: true,
-    };
+    let shape = ModelShape { layers: 2, ..ModelShape::LLAMA2_70B };
     let t = std::time::Instant::now();
     write_random_llama(&dir.path().join("l70"), &shape, "BF16");
     eprintln!("memory-model: wrote the 2-layer 70B-shaped checkpoint in {:.0} s", t.elapsed().as_secs_f64());

@@ -2,18 +2,7 @@
 use super::*;
 use crate::v1::{CalibrationData, HealSpec, ModelRef, QLoraSettings};
 
-/// Llama-2-70B (`config.json` of meta-llama/Llama-2-70b-hf).
-const LLAMA2_70B: ModelShape = ModelShape {
-    layers: 80,
-    hidden: 8192,
-    intermediate: 28672,
-    heads: 64,
-    kv_heads: 8,
-    head_dim: 128,
-    vocab: 32000,
-    tied_embeddings: false,
-    gated_mlp: true,
-};
+const LLAMA2_70B: ModelShape = ModelShape::LLAMA2_70B;
 
 fn cell(q: QLoraSettings) -> JobSpec {
     JobSpec {

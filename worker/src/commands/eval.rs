@@ -6,9 +6,8 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prunesweep_worker::eval::{self, EvalReport, EvalSpec, Task};
-use prunesweep_worker::model::Model;
 
-use super::ModelArgs;
+use super::{Base, ModelArgs};
 
 /// Arguments of `worker eval`. Defaults: [`EvalSpec::new`], the same a sweep's eval task gets.
 #[derive(Args)]
@@ -70,30 +69,11 @@ impl EvalArgs {
     }
 }
 
-/// `--model` with every block left in the checkpoint, `--drop` applied, then the first blocks
-/// that fit in `hold` bytes read into device memory ([`Model::load_offloaded`]).
-fn load_offloaded(args: &ModelArgs, hold: u64) -> anyhow::Result<Model> {
-    let (device, dtype) = args.device_and_dtype()?;
-    let mut model = Model::load_offloaded(&args.model, &device, dtype)?;
-    if let Some(block) = args.drop {
-        model.decoder.remove_layers(&block.indices())?;
-    }
-    let (held, bytes) = model.decoder.make_resident(hold)?;
-    tracing::info!(
-        model = %model.describe(),
-        held,
-        held_gib = format!("{:.2}", bytes as f64 / f64::from(1u32 << 30)),
-        read_per_pass = model.decoder.offloaded_blocks(),
-        "loaded with blocks read from the checkpoint for each pass"
-    );
-    Ok(model)
-}
-
 /// Runs the task ([`eval::run`]) and writes the JSON.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let model = match args.hold_gib {
         None => args.model.load()?,
-        Some(gib) => load_offloaded(&args.model, (gib * f64::from(1u32 << 30)) as u64)?,
+        Some(gib) => args.model.load_base(Base::Holding((gib * f64::from(1u32 << 30)) as u64))?,
     };
     let spec = args.spec();
     let pb = ProgressBar::new(0).with_style(

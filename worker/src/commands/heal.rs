@@ -12,7 +12,7 @@ use prunesweep_worker::data::file_sha256;
 use prunesweep_worker::heal::{self, HealConfig, HealEnd, HealSpec, TargetSet, EXIT_PREEMPTED};
 use serde_json::json;
 
-use super::ModelArgs;
+use super::{Base, ModelArgs};
 
 /// Arguments of `worker heal`. Defaults: [`HealConfig::default`], the paper's (App. A.1), the
 /// same a sweep's heal variant gets.
@@ -118,7 +118,7 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
     }
     // A QLoRA base is quantized while it loads; `--merge` needs only the NF4 weights too (it
     // merges into their dequantized values).
-    let mut model = args.model.load_base(!args.no_quantize)?;
+    let mut model = args.model.load_base(if args.no_quantize { Base::Dense } else { Base::Nf4 })?;
     let spec = args.spec();
     let identity = json!({
         "model": args.model.model,

@@ -95,20 +95,28 @@ impl ModelArgs {
 
     /// Loads the model, applies `--drop`, then attaches `--adapter`.
     pub fn load(&self) -> anyhow::Result<Model> {
-        self.load_base(false)
+        self.load_base(Base::Dense)
     }
 
-    /// [`ModelArgs::load`], with the block projections quantized to NF4 one tensor at a time while
-    /// loading when `nf4` (a QLoRA base: the dense model is never held whole).
-    pub fn load_base(&self, nf4: bool) -> anyhow::Result<Model> {
+    /// [`ModelArgs::load`] with the blocks loaded as `base` says.
+    pub fn load_base(&self, base: Base) -> anyhow::Result<Model> {
         let (device, dtype) = self.device_and_dtype()?;
-        let mut model = if nf4 {
-            Model::load_nf4(&self.model, &device, dtype)?
-        } else {
-            Model::load_as(&self.model, &device, dtype)?
+        let mut model = match base {
+            Base::Dense => Model::load_as(&self.model, &device, dtype)?,
+            Base::Nf4 => Model::load_nf4(&self.model, &device, dtype)?,
+            Base::Holding(_) => Model::load_offloaded(&self.model, &device, dtype)?,
         };
         if let Some(block) = self.drop {
             model.decoder.remove_layers(&block.indices())?;
+        }
+        if let Base::Holding(bytes) = base {
+            let (held, bytes) = model.decoder.make_resident(bytes)?;
+            tracing::info!(
+                held,
+                held_gib = format!("{:.2}", bytes as f64 / f64::from(1u32 << 30)),
+                read_per_pass = model.decoder.offloaded_blocks(),
+                "blocks that do not fit are read from the checkpoint for each pass"
+            );
         }
         if let Some(dir) = &self.adapter {
             let spec = prunesweep_worker::heal::adapter::attach(&mut model, dir)?;
@@ -117,6 +125,19 @@ impl ModelArgs {
         tracing::info!(model = %model.describe(), "loaded");
         Ok(model)
     }
+}
+
+/// How `--model`'s blocks are loaded.
+#[derive(Debug, Clone, Copy)]
+pub enum Base {
+    /// In the model's dtype.
+    Dense,
+    /// Their projections quantized to NF4 one tensor at a time while loading (a QLoRA base: the
+    /// dense model is never held whole).
+    Nf4,
+    /// Left in the checkpoint, the first kept ones that fit in this many bytes then held, the rest
+    /// read for each pass ([`Model::load_offloaded`]; after `--drop`).
+    Holding(u64),
 }
 
 /// A memory size in GiB from the command line: a finite number ≥ 0.

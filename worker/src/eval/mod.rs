@@ -408,7 +408,7 @@ pub fn scored_passes(
             .map(|range| pass_input(decoder, &suffixes[range.clone()], range, layout, continues))
             .collect::<Result<Vec<_>, _>>()?;
         let hidden = if group > 1 {
-            let inputs: Vec<(Tensor, Packing)> = passes.iter().map(|p| (p.ids.clone(), p.packing.clone())).collect();
+            let inputs: Vec<(&Tensor, &Packing)> = passes.iter().map(|p| (&p.ids, &p.packing)).collect();
             decoder.run_packed_group(&inputs, prefix)?
         } else {
             let p = &passes[0];

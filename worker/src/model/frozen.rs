@@ -188,13 +188,15 @@ impl CustomOp1 for FrozenMatMul {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::kernels::with_stock_ops;
     use candle_core::Var;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    fn random(shape: (usize, usize), seed: u64) -> Tensor {
+    /// A `shape` matrix of seeded uniform values in [−0.5, 0.5) on the CPU (also the LoRA
+    /// product's tests').
+    pub(crate) fn random(shape: (usize, usize), seed: u64) -> Tensor {
         let mut rng = StdRng::seed_from_u64(seed);
         let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.random::<f32>() - 0.5).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()

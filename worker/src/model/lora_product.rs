@@ -179,17 +179,12 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::model::frozen::tests::random;
     use crate::model::kernels::with_stock_ops;
     use crate::model::lora::LoraSpec;
     use crate::model::nf4::Nf4Matrix;
     use candle_core::{DType, Device, Var};
-    use rand::{rngs::StdRng, Rng, SeedableRng};
-
-    fn random(shape: (usize, usize), seed: u64) -> Tensor {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.random::<f32>() - 0.5).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use rand::{rngs::StdRng, SeedableRng};
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()

@@ -70,11 +70,11 @@ impl Decoder {
     /// once meanwhile.
     pub fn run_packed_group(
         &self,
-        passes: &[(Tensor, Packing)],
+        passes: &[(&Tensor, &Packing)],
         prefix: Option<&KvCache>,
     ) -> candle_core::Result<Vec<Tensor>> {
         let mut states = Vec::with_capacity(passes.len());
-        for (ids, packing) in passes {
+        for &(ids, packing) in passes {
             let (_, context) = self.pass_context(ids, packing, prefix)?;
             states.push((self.embed(ids)?, context));
         }

@@ -262,20 +262,17 @@ impl Pipeline {
     fn run_job(&mut self, job: &Job, progress: &Progress) -> Result<JobOutput, JobError> {
         let mut out = JobOutput::default();
         self.roots.check(job)?;
-        if let Work::Score(spec) = &job.work {
-            if self.too_big_to_load(job)? {
-                return self.score_streamed(job, spec, progress, out);
-            }
+        // A model too big to load whole is scored layer by layer, or evaluated with the blocks
+        // that do not fit read per pass; a healed cell needs every block held, so it loads whole.
+        let healed = matches!(&job.work, Work::Cell(c) if c.heal.is_some());
+        let too_big = !healed && self.too_big_to_load(job)?;
+        if let (true, Work::Score(spec)) = (too_big, &job.work) {
+            return self.score_streamed(job, spec, progress, out);
         }
         progress.set("load", 0.0);
         let t = Instant::now();
         let nf4_base = matches!(&job.work, Work::Cell(c) if c.heal.as_ref().is_some_and(|h| h.config.quantize));
-        let healed = matches!(&job.work, Work::Cell(c) if c.heal.is_some());
-        let mut model = if !healed && self.too_big_to_load(job)? {
-            self.offloaded_model(job)?
-        } else {
-            self.model(&job.model, job.dtype, nf4_base)?
-        };
+        let mut model = if too_big { self.offloaded_model(job)? } else { self.model(&job.model, job.dtype, nf4_base)? };
         out.timings.push(timing("load", t));
         out.num_layers = Some(model.decoder.num_blocks() as u32);
         progress.check()?;

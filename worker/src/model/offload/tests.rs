@@ -115,7 +115,8 @@ fn passes_run_together_match_passes_run_one_by_one() {
         .collect();
     let (prefix, _) = whole.decoder.prefill(&Tensor::new(&[[7u32, 7, 2]], &Device::Cpu).unwrap()).unwrap();
     for prefix in [None, Some(&prefix)] {
-        let got = offloaded.decoder.run_packed_group(&passes, prefix).unwrap();
+        let inputs: Vec<(&Tensor, &Packing)> = passes.iter().map(|(ids, packing)| (ids, packing)).collect();
+        let got = offloaded.decoder.run_packed_group(&inputs, prefix).unwrap();
         for ((ids, packing), got) in passes.iter().zip(got) {
             let want = whole.decoder.run_packed(ids, packing, prefix).unwrap();
             assert_eq!(got.to_vec3::<f32>().unwrap(), want.to_vec3::<f32>().unwrap());
