@@ -17,7 +17,9 @@
 #       scripts/gpu/make_random_llama.py; forward tokens/s (ours: `worker eval --task c4-loss`;
 #       torch: scripts/gpu/torch_side.py forward, same documents and ids, bf16, SDPA), the same
 #       forward holding 4 GiB of blocks and reading the rest from the checkpoint for each pass
-#       (`--hold-gib`: the loss must equal the whole load's, with its tok/s and peak), and 50
+#       (`--hold-gib`: the loss must equal the whole load's, with its tok/s and peak), the same
+#       forward with the blocks spread over two devices (`--device cuda:0,cuda:1`, or the one device
+#       listed twice: the loss must equal one device's), and 50
 #       healing steps at seq 2048, micro-batch 4, r 64, FFN targets: tokens/s and peak GPU memory
 #       (nvidia-smi polled every 200 ms), ours vs torch + PEFT. QLoRA on both sides when
 #       bitsandbytes imports; else plain LoRA on the bf16 base on both (ours with --no-quantize),
@@ -552,6 +554,22 @@ EOF
         [[ "$l_all" == "$l_off" && "$l_all" != "?" ]] && v=PASS
         row d "forward, blocks beyond $d_hold_gib GiB read per pass: loss vs the whole load's" "$l_off vs $l_all" "equal" "$v" \
             "$(calc "round($(jget "$out/d-forward-offloaded.json" tokens) / $(jget "$out/d-forward-offloaded.json" seconds))") tok/s, wall $(secs_of d-forward-offloaded) s; $(peak_label) $(peak_of d-forward-offloaded)"
+    fi
+
+    # the same forward with the blocks spread over two devices in contiguous ranges (issue 14:
+    # --device A,B): cuda:0,cuda:1 where the machine has two GPUs, else the one device listed twice
+    # (then the split and the per-device contexts run, the copies between GPUs do not)
+    local pair="$DEVICE,$DEVICE"
+    ((on_gpu)) && [[ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ]] && pair="cuda:0,cuda:1"
+    run_cmd d-forward-spread 120 200 "${worker[@]}" eval --model "$dir" --device "$pair" --dtype bf16 --task c4-loss \
+        "${fargs[@]}" --out "$out/d-forward-spread.json" || true
+    if [[ -s "$out/d-forward-spread.json" && -s "$out/d-forward-ours.json" ]]; then
+        local l_one l_two v=FAIL
+        l_one="$(jget "$out/d-forward-ours.json" loss)"
+        l_two="$(jget "$out/d-forward-spread.json" loss)"
+        [[ "$l_one" == "$l_two" && "$l_one" != "?" ]] && v=PASS
+        row d "forward, blocks spread over --device $pair: loss vs one device's" "$l_two vs $l_one" "equal" "$v" \
+            "$(calc "round($(jget "$out/d-forward-spread.json" tokens) / $(jget "$out/d-forward-spread.json" seconds))") tok/s, wall $(secs_of d-forward-spread) s; $(peak_label) $(peak_of d-forward-spread)"
     fi
 
     # healing: 50 steps, seq 2048, micro-batch 4, r 64, FFN

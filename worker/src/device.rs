@@ -214,6 +214,24 @@ pub fn free_memory(device: &Device) -> Option<u64> {
     }
 }
 
+/// The bytes of a model's blocks each of `devices` can take when they are spread over them
+/// ([`crate::model::Decoder::spread`]): 90% of its free memory (as measured now, so after the
+/// embedding and LM head are loaded on the first), shared evenly by the entries naming the same
+/// device (`cpu,cpu` halves the host's). Where free memory cannot be told, the devices share
+/// without a limit.
+pub fn room_for_blocks(devices: &[Device]) -> Vec<u64> {
+    devices
+        .iter()
+        .map(|device| {
+            let entries = devices.iter().filter(|d| d.same_device(device)).count() as u64;
+            match free_memory(device) {
+                Some(free) => free / 10 * 9 / entries,
+                None => u64::MAX / devices.len() as u64,
+            }
+        })
+        .collect()
+}
+
 /// All the memory where `device` keeps its tensors, in bytes (the GPU's, or the host's); `None`
 /// where it cannot be told.
 pub fn total_memory(device: &Device) -> Option<u64> {
@@ -260,6 +278,17 @@ mod tests {
         let free = free_memory(&Device::Cpu).expect("MemAvailable");
         assert!(free > 0);
         assert!(free <= cpu_total_bytes().unwrap());
+    }
+
+    #[test]
+    fn a_device_listed_twice_shares_its_room() {
+        let [one] = room_for_blocks(&[Device::Cpu])[..] else { panic!("one room per device") };
+        let two = room_for_blocks(&[Device::Cpu, Device::Cpu]);
+        assert_eq!(two.len(), 2);
+        assert_eq!(two[0], two[1]);
+        // MemAvailable moves between the calls: within 5% of half of one.
+        assert!((two[0] as f64 - one as f64 / 2.0).abs() < one as f64 * 0.05, "{one} vs {two:?}");
+        assert!(one <= free_memory(&Device::Cpu).unwrap());
     }
 
     #[test]

@@ -125,4 +125,35 @@ fn eval_cli_writes_the_result_json_and_refuses_unscorable_answers() {
     assert!(loss > 0.0 && (norm - loss / 320f64.ln()).abs() < 1e-9);
     assert_eq!(r["predictions"][1]["index"], 1);
     assert_eq!(r["tokens"], 16 + 16, "two documents truncated to 16 byte tokens");
+
+    // The same cut model's blocks spread over two devices (on a CPU, the CPU twice): the same loss.
+    let spread_out = tmp.path().join("spread.json");
+    let (tiny_path, text_path, out_path) =
+        (tiny.to_str().unwrap(), text.to_str().unwrap(), spread_out.to_str().unwrap());
+    let spread_args = |extra: &[&'static str]| {
+        let mut a = vec!["eval", "--model", tiny_path, "--drop", "1:1", "--task", "c4-loss", "--data", text_path];
+        a.extend(["--samples", "2", "--seq-len", "16", "--device", "cpu,cpu", "--out", out_path]);
+        a.extend(extra);
+        a
+    };
+    let (ok, stderr) = run(&spread_args(&[]));
+    assert!(ok && stderr.contains("blocks spread over the devices"), "{stderr}");
+    let spread: Value = serde_json::from_str(&std::fs::read_to_string(&spread_out).unwrap()).unwrap();
+    assert_eq!(spread["loss"], r["loss"], "spread over two devices vs one");
+    // What needs one device says so.
+    let (ok, stderr) = run(&spread_args(&["--hold-gib", "1"]));
+    assert!(!ok && stderr.contains("leave --hold-gib out, or give one device"), "{stderr}");
+    let pruned = tmp.path().join("pruned");
+    let (ok, stderr) = run(&[
+        "prune",
+        "--model",
+        tiny_path,
+        "--device",
+        "cpu,cpu",
+        "--layers",
+        "1:1",
+        "--out",
+        pruned.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("this command runs on one device"), "{stderr}");
 }

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use prunesweep_worker::forward::forward_text;
 
-use super::ModelArgs;
+use super::{Base, ModelArgs};
 
 /// Arguments of `worker forward`.
 #[derive(Args)]
@@ -23,7 +23,7 @@ pub struct ForwardArgs {
 
 /// Runs the prompt and writes the tensors.
 pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
-    let model = args.model.load()?;
+    let model = args.model.load_base(Base::Spread)?;
     let text = std::fs::read_to_string(&args.prompt_file)
         .with_context(|| format!("reading the prompt file {}", args.prompt_file.display()))?;
     let record = forward_text(&model, &text)?;

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
+use prunesweep_worker::model::decoder::format_ranges;
 use prunesweep_worker::model::{default_dtype, parse_device, parse_dtype, LayerBlock, Model};
 use prunesweep_worker::score::ScoreSpec;
 
@@ -72,7 +73,9 @@ pub struct ModelArgs {
     /// Drop layers START..START+N-1 first (0-based, half-open like mergekit's layer_range), e.g. 20:6.
     #[arg(long, value_name = "START:N")]
     pub drop: Option<LayerBlock>,
-    /// cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    /// cpu, cuda or cuda:N (cuda needs a build with --features cuda). worker eval and worker
+    /// forward also take several, e.g. cuda:0,cuda:1: the model's blocks are then read onto them
+    /// in contiguous ranges, sized by each device's free memory (a model larger than one GPU).
     #[arg(long, default_value = "cpu", env = "PRUNESWEEP_DEVICE")]
     pub device: String,
     /// f32 or bf16; default: the device's own (f32 on cpu, bf16 on cuda). bf16 on a CPU runs the
@@ -86,11 +89,24 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The device, and the dtype (`--dtype`, else the device's own).
+    /// The device, and the dtype (`--dtype`, else the device's own); fails when `--device` lists
+    /// several.
     pub fn device_and_dtype(&self) -> anyhow::Result<(candle_core::Device, DType)> {
-        let device = parse_device(&self.device).map_err(anyhow::Error::msg)?;
-        let dtype = self.dtype.unwrap_or_else(|| default_dtype(&device));
-        Ok((device, dtype))
+        let devices = self.devices()?;
+        if devices.len() > 1 {
+            anyhow::bail!(
+                "--device {}: this command runs on one device (only worker eval and worker forward spread a \
+                 model over several); give one",
+                self.device
+            )
+        }
+        let dtype = self.dtype.unwrap_or_else(|| default_dtype(&devices[0]));
+        Ok((devices[0].clone(), dtype))
+    }
+
+    /// Every device `--device` lists (comma-separated), in order.
+    pub fn devices(&self) -> anyhow::Result<Vec<candle_core::Device>> {
+        self.device.split(',').map(|name| parse_device(name.trim()).map_err(anyhow::Error::msg)).collect()
     }
 
     /// Loads the model, applies `--drop`, then attaches `--adapter`.
@@ -100,14 +116,34 @@ impl ModelArgs {
 
     /// [`ModelArgs::load`] with the blocks loaded as `base` says.
     pub fn load_base(&self, base: Base) -> anyhow::Result<Model> {
-        let (device, dtype) = self.device_and_dtype()?;
+        let devices = match base {
+            Base::Spread => self.devices()?,
+            _ => vec![self.device_and_dtype()?.0],
+        };
+        let (device, spread) = (&devices[0], devices.len() > 1);
+        let dtype = self.dtype.unwrap_or_else(|| default_dtype(device));
+        if spread && self.adapter.is_some() {
+            anyhow::bail!("--adapter needs the model on one device: give one --device, or merge the adapter first")
+        }
         let mut model = match base {
-            Base::Dense => Model::load_as(&self.model, &device, dtype)?,
-            Base::Nf4 => Model::load_nf4(&self.model, &device, dtype)?,
-            Base::Holding(_) => Model::load_offloaded(&self.model, &device, dtype)?,
+            Base::Dense | Base::Spread if !spread => Model::load_as(&self.model, device, dtype)?,
+            Base::Nf4 => Model::load_nf4(&self.model, device, dtype)?,
+            Base::Dense | Base::Spread | Base::Holding(_) => Model::load_offloaded(&self.model, device, dtype)?,
         };
         if let Some(block) = self.drop {
             model.decoder.remove_layers(&block.indices())?;
+        }
+        if spread {
+            let room = prunesweep_worker::device::room_for_blocks(&devices);
+            let ranges = model.decoder.spread(&devices, &room)?;
+            let kept = model.decoder.kept_layers();
+            let placed: Vec<String> = self
+                .device
+                .split(',')
+                .zip(&ranges)
+                .map(|(name, range)| format!("{}: layers {}", name.trim(), format_ranges(&kept[range.clone()])))
+                .collect();
+            tracing::info!(devices = devices.len(), placed = placed.join("; "), "blocks spread over the devices");
         }
         if let Base::Holding(bytes) = base {
             let (held, bytes) = model.decoder.make_resident(bytes)?;
@@ -138,6 +174,9 @@ pub enum Base {
     /// Left in the checkpoint, the first kept ones that fit in this many bytes then held, the rest
     /// read for each pass ([`Model::load_offloaded`]; after `--drop`).
     Holding(u64),
+    /// As [`Base::Dense`] on one device; when `--device` lists several, left in the checkpoint and
+    /// then read onto them in contiguous ranges (after `--drop`; [`prunesweep_worker::model::spread`]).
+    Spread,
 }
 
 /// A memory size in GiB from the command line: a finite number ≥ 0.

@@ -38,6 +38,11 @@ impl Rotary {
         Ok(Rotary { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
 
+    /// The same tables on `device`.
+    pub fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        Ok(Rotary { cos: self.cos.to_device(device)?, sin: self.sin.to_device(device)? })
+    }
+
     /// Rotates the first `rotary_dim` features of each head (`x`: `[B, heads, T, head_dim]`), HF's
     /// `rotate_half` layout; the rest pass through (partial rotary, Phi-2).
     fn apply(&self, x: &Tensor, rotary_dim: usize) -> candle_core::Result<Tensor> {

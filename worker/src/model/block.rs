@@ -24,6 +24,47 @@ pub struct BlockContext {
     pub(super) spans: Vec<Span>,
 }
 
+impl BlockContext {
+    /// The same context on `device`.
+    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        let spans = self
+            .spans
+            .iter()
+            .map(|s| Ok(Span { mask: s.mask.to_device(device)?, ..s.clone() }))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(BlockContext { rotary: self.rotary.to_device(device)?, spans })
+    }
+}
+
+/// One pass's [`BlockContext`] on each device its blocks are on: built on the decoder's device,
+/// copied to another the first time a block there runs. Only a model spread over several
+/// devices ([`super::spread`]) ever needs a second one.
+pub(super) struct PassContexts {
+    contexts: Vec<(Device, BlockContext)>,
+}
+
+impl PassContexts {
+    /// The pass's `context`, on `device`.
+    pub(super) fn new(device: &Device, context: BlockContext) -> Self {
+        PassContexts { contexts: vec![(device.clone(), context)] }
+    }
+
+    /// The residual stream `x` moved to `block`'s device (as it is, on the same device), and the
+    /// context there.
+    pub(super) fn enter(&mut self, block: &Block, x: &Tensor) -> candle_core::Result<(Tensor, &BlockContext)> {
+        let device = &block.device;
+        let i = match self.contexts.iter().position(|(d, _)| d.same_device(device)) {
+            Some(i) => i,
+            None => {
+                let context = self.contexts[0].1.to_device(device)?;
+                self.contexts.push((device.clone(), context));
+                self.contexts.len() - 1
+            }
+        };
+        Ok((x.to_device(device)?, &self.contexts[i].1))
+    }
+}
+
 /// One decoder block `f(x^(l), θ^(l))`, remembering which layer of the original checkpoint it was.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -32,6 +73,9 @@ pub struct Block {
     /// Whether its weights are still those loaded (no adapter attached, nothing quantized or
     /// merged since): only such blocks compute what the loaded model's [`StateCache`](super::state_cache::StateCache) kept.
     pub(super) as_loaded: bool,
+    /// The device its weights are on, or read onto: the decoder's, or one of several the blocks
+    /// are spread over ([`super::spread`]).
+    pub(super) device: Device,
     weights: BlockWeights,
 }
 
@@ -111,17 +155,18 @@ impl Layers {
 impl Block {
     pub(super) fn load(w: &mut WeightMap, index: usize, cfg: &Config) -> Result<Self, ModelError> {
         let layers = Layers::load(w, index, cfg)?;
-        Ok(Block { original_index: index, as_loaded: true, weights: BlockWeights::Resident(Box::new(layers)) })
+        let weights = BlockWeights::Resident(Box::new(layers));
+        Ok(Block { original_index: index, as_loaded: true, device: w.device().clone(), weights })
     }
 
     /// Block `index` left in the checkpoint that `w` reads ([`BlockWeights::Offloaded`]); `None`
     /// when `w` cannot read it again (not safetensors files).
     pub(super) fn offloaded(w: &WeightMap, index: usize, cfg: &Config) -> Option<Self> {
-        let offloaded = Offloaded::new(w, index, cfg)?;
-        Some(Block { original_index: index, as_loaded: true, weights: BlockWeights::Offloaded(Arc::new(offloaded)) })
+        let weights = BlockWeights::Offloaded(Arc::new(Offloaded::new(w, index, cfg)?));
+        Some(Block { original_index: index, as_loaded: true, device: w.device().clone(), weights })
     }
 
-    /// Reads an offloaded block onto the device to keep, if its bytes fit in `room`; returns the
+    /// Reads an offloaded block onto its device to keep, if its bytes fit in `room`; returns the
     /// bytes it took (0: resident already, or it does not fit).
     pub(super) fn hold(&mut self, room: u64) -> Result<u64, ModelError> {
         let BlockWeights::Offloaded(o) = &self.weights else { return Ok(0) };
@@ -129,13 +174,21 @@ impl Block {
             return Ok(0);
         }
         let bytes = o.bytes();
-        self.weights = BlockWeights::Resident(Box::new(o.read(self.original_index)?));
+        self.weights = BlockWeights::Resident(Box::new(o.read(self.original_index, &self.device)?));
         Ok(bytes)
     }
 
     /// Whether its weights are read from the checkpoint for each pass instead of held.
     pub fn is_offloaded(&self) -> bool {
         matches!(self.weights, BlockWeights::Offloaded(_))
+    }
+
+    /// The bytes an offloaded block takes once read; `None` for a held one.
+    pub(super) fn offloaded_bytes(&self) -> Option<u64> {
+        match &self.weights {
+            BlockWeights::Offloaded(o) => Some(o.bytes()),
+            BlockWeights::Resident(_) => None,
+        }
     }
 
     /// Every projection of the block, named as in HF (`self_attn.q_proj`, `mlp.fc1`, …); none
@@ -195,7 +248,9 @@ impl Block {
     pub(super) fn with_layers<R>(&self, f: impl FnOnce(&Layers) -> candle_core::Result<R>) -> candle_core::Result<R> {
         match &self.weights {
             BlockWeights::Resident(layers) => f(layers),
-            BlockWeights::Offloaded(o) => f(&o.read(self.original_index).map_err(candle_core::Error::wrap)?),
+            BlockWeights::Offloaded(o) => {
+                f(&o.read(self.original_index, &self.device).map_err(candle_core::Error::wrap)?)
+            }
         }
     }
 }

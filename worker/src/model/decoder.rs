@@ -34,6 +34,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::attention::{KvCache, Rotary, SCORES_PER_CHUNK};
+use super::block::PassContexts;
 pub use super::block::{Block, BlockContext};
 use super::config::Config;
 pub use super::frozen::Weight;
@@ -59,6 +60,8 @@ pub struct Decoder {
     /// Residual states of earlier evaluation passes, shared with every clone (off until given a
     /// budget).
     states: StateCache,
+    /// Whether the blocks are spread over several devices ([`super::spread`]).
+    pub(super) spread: bool,
 }
 
 impl Decoder {
@@ -98,6 +101,7 @@ impl Decoder {
             dtype,
             attention_chunk: SCORES_PER_CHUNK,
             states: StateCache::default(),
+            spread: false,
         })
     }
 
@@ -229,16 +233,20 @@ impl Decoder {
         }
         let stride = StateCache::stride(self.cfg.num_layers);
         let mut recorded = Vec::new();
+        let mut contexts = PassContexts::new(&self.device, context);
         for (l, block) in self.blocks.iter().enumerate().skip(start) {
-            observe(l, &x)?;
+            observe(l, &x.to_device(&self.device)?)?;
             if let Some(key) = &key {
                 if l > start && l <= as_loaded && (l % stride == 0 || l == as_loaded) {
                     self.states.offer(key, l, &x)?;
                 }
             }
             let rec = record.as_ref().map(|_| &mut recorded);
-            x = block.forward(&x, &context, self.attention_chunk, prefix.map(|p| &p.layers[l]), rec)?;
+            let (input, context) = contexts.enter(block, &x)?;
+            x = block.forward(&input, context, self.attention_chunk, prefix.map(|p| &p.layers[l]), rec)?;
         }
+        // Back where the final norm and the LM head are (a no-op unless the blocks are spread).
+        let x = x.to_device(&self.device)?;
         observe(self.blocks.len(), &x)?;
         if let Some(r) = record {
             r.layers = recorded;

@@ -11,7 +11,8 @@
 //! - [`weights`]: checkpoint layouts (HF directory, hub cache, GGUF) → HF-named tensors;
 //!   [`tensor_files`]: safetensors read one tensor at a time; [`gguf`]: GGUF files, likewise;
 //!   [`streamed`]: a decoder run layer by layer from them, for models larger than the device;
-//!   [`offload`]: a decoder whose blocks that do not fit are read from them for each pass.
+//!   [`offload`]: a decoder whose blocks that do not fit are read from them for each pass;
+//!   [`spread`]: a decoder whose blocks are read onto several devices in contiguous ranges.
 //! - [`state_cache`]: the loaded model's residual states kept between a sweep's evaluations, so that
 //!   a cell starts where its cut begins.
 //! - [`tokenizer`]: `tokenizer.json`, or the BPE rebuilt from GGUF metadata.
@@ -49,6 +50,7 @@ pub mod packing;
 pub mod rms_norm;
 pub mod rope;
 pub mod silu_mul;
+pub mod spread;
 pub mod state_cache;
 pub mod streamed;
 pub mod tensor_files;
@@ -175,6 +177,10 @@ pub enum ModelError {
     /// ([`Decoder::load_offloaded`]).
     #[error("{0}")]
     Offloaded(String),
+    /// A model's blocks cannot be spread over several devices as asked, or an operation needs
+    /// them on one ([`Decoder::spread`]).
+    #[error("{0}")]
+    Spread(String),
     /// A tensor operation failed.
     #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),

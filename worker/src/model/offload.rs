@@ -10,10 +10,10 @@
 //! or an unhealed cell whose model does not fit (`serve/pipeline.rs`); `worker eval --hold-gib`
 //! forces it. Healing needs every block held and refuses an offloaded model.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use super::attention::KvCache;
-use super::block::{Block, Layers};
+use super::block::{Block, Layers, PassContexts};
 use super::config::Config;
 use super::decoder::Decoder;
 use super::packing::Packing;
@@ -43,10 +43,10 @@ impl Offloaded {
         self.bytes
     }
 
-    /// Block `index` read from the checkpoint onto the device, every tensor checked as a
+    /// Block `index` read from the checkpoint onto `device`, every tensor checked as a
     /// whole-model load checks it.
-    pub(super) fn read(&self, index: usize) -> Result<Layers, ModelError> {
-        let mut w = self.source.block(index).expect("made from files, so readable again");
+    pub(super) fn read(&self, index: usize, device: &Device) -> Result<Layers, ModelError> {
+        let mut w = self.source.block(index).expect("made from files, so readable again").onto(device);
         Layers::load(&mut w, index, &self.cfg)
     }
 }
@@ -76,18 +76,19 @@ impl Decoder {
         let mut states = Vec::with_capacity(passes.len());
         for &(ids, packing) in passes {
             let (_, context) = self.pass_context(ids, packing, prefix)?;
-            states.push((self.embed(ids)?, context));
+            states.push((self.embed(ids)?, PassContexts::new(self.device(), context)));
         }
         for (l, block) in self.blocks.iter().enumerate() {
             block.with_layers(|layers| {
-                for (x, c) in &mut states {
+                for (x, contexts) in &mut states {
                     let kv = prefix.map(|p| &p.layers[l]);
-                    *x = layers.forward(x, c, self.attention_chunk, kv, None)?;
+                    let (input, context) = contexts.enter(block, x)?;
+                    *x = layers.forward(&input, context, self.attention_chunk, kv, None)?;
                 }
                 Ok(())
             })?;
         }
-        Ok(states.into_iter().map(|(x, _)| x).collect())
+        states.into_iter().map(|(x, _)| x.to_device(self.device())).collect()
     }
 
     /// How many of the kept blocks are offloaded: read from the checkpoint for each pass.
@@ -112,8 +113,15 @@ impl Decoder {
         Ok((blocks, bytes))
     }
 
-    /// Fails, saying what cannot be done with blocks not held, when some are offloaded.
+    /// Fails, saying what cannot be done with blocks not held, when some are offloaded or the
+    /// blocks are spread over several devices.
     pub(super) fn require_resident(&self, what: &str) -> Result<(), ModelError> {
+        if self.is_spread() {
+            return Err(ModelError::Spread(format!(
+                "{what} needs the whole model on one device, but its blocks are spread over several (several \
+                 devices are for evaluation: worker eval and worker forward); give one --device"
+            )));
+        }
         match self.offloaded_blocks() {
             0 => Ok(()),
             n => Err(ModelError::Offloaded(format!(

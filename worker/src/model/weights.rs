@@ -156,6 +156,18 @@ impl WeightMap {
         self.dtype
     }
 
+    /// The device tensors are taken onto.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// This map, taking its tensors onto `device` instead: how a block of a model spread over
+    /// several devices is read onto its own ([`super::spread`]).
+    pub fn onto(mut self, device: &Device) -> Self {
+        self.device = device.clone();
+        self
+    }
+
     /// How many elements the tensors not yet taken hold (a fused module's parts counted once).
     pub fn remaining_elements(&self) -> u64 {
         let elements = |name: &str| -> u64 {
