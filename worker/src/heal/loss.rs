@@ -4,11 +4,18 @@
 //! composed `log_softmax` + `gather` of candle-nn makes about ten temporaries of that size in the
 //! forward and backward passes. Here the forward pass reads the logits once (row max and
 //! log-sum-exp, kept for the backward) and the backward pass writes
-//! `∂L/∂z = (softmax(z) − onehot(target)) · g / n` in one sweep.
+//! `∂L/∂z = (softmax(z) − onehot(target)) · g / n` in one sweep; both run rows in parallel with
+//! the vectorised exponential of inference's log-sum-exp ([`crate::model::log_sum_exp`]) instead
+//! of a libm call per logit on one thread.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::model::kernels::vectorized;
+use crate::model::log_sum_exp::row_log_sum_exp;
+use crate::model::masked_softmax::exp;
 
 use crate::model::{Decoder, Model};
 
@@ -65,15 +72,19 @@ impl CustomOp1 for CrossEntropy {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (z, n, v) = rows(storage, layout, self.name())?;
-        let mut lse = Vec::with_capacity(n);
-        let mut total = 0f64;
-        for (i, row) in z.chunks_exact(v).enumerate() {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-            let l = max + sum.ln();
-            lse.push(l);
-            total += (l - row[self.targets[i] as usize]) as f64;
-        }
+        let mut lse = vec![0f32; n];
+        lse.par_iter_mut().zip(z.par_chunks(v.max(1))).for_each(|(l, row)| {
+            *l = vectorized(
+                #[inline(always)]
+                || row_log_sum_exp(row),
+            )
+        });
+        let total: f64 = lse
+            .iter()
+            .zip(z.chunks(v.max(1)))
+            .zip(self.targets.iter())
+            .map(|((&l, row), &t)| f64::from(l - row[t as usize]))
+            .sum();
         *self.lse.lock().expect("the lock is never poisoned") = lse;
         Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
     }
@@ -104,12 +115,18 @@ impl CustomOp1 for CrossEntropyGrad {
             candle_core::bail!("{}: the forward pass did not run on these logits", self.name());
         }
         let mut out = vec![0f32; n * v];
-        for (i, (dst, row)) in out.chunks_exact_mut(v).zip(z.chunks_exact(v)).enumerate() {
-            for (d, &x) in dst.iter_mut().zip(row) {
-                *d = (x - lse[i]).exp() * self.scale;
-            }
-            dst[self.targets[i] as usize] -= self.scale;
-        }
+        let rows = out.par_chunks_mut(v.max(1)).zip(z.par_chunks(v.max(1)));
+        rows.zip(lse.par_iter()).zip(self.targets.par_iter()).for_each(|(((dst, row), &l), &t)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (d, &x) in dst.iter_mut().zip(row) {
+                        *d = exp(x - l) * self.scale;
+                    }
+                    dst[t as usize] -= self.scale;
+                },
+            )
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, v))))
     }
 }

@@ -43,6 +43,17 @@ pub fn with_stock_ops<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512 where present,
+/// chosen at run time through `pulp`; the build's baseline otherwise), so that the loops the
+/// fused kernels run inside it vectorise 16 lanes wide instead of 4. The arithmetic is the same
+/// instructions lane by lane (no reassociation, no fused multiply-add the code does not ask for),
+/// so the results are the same bits. Call it inside each parallel task: target features do not
+/// pass through rayon's closures.
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
 /// A tensor's CPU storage (from [`Tensor::storage_and_layout`]), or an error naming the op
 /// (`op`) for another device's.
 pub fn cpu_storage<'s>(op: &str, storage: &'s candle_core::Storage) -> candle_core::Result<&'s CpuStorage> {

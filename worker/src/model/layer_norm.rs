@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::f32_slice;
+use super::kernels::{f32_slice, vectorized};
 
 /// The values of the op's inputs (the residual stream's rows, the weight and bias, the gradient).
 fn rows<'s>(storage: &'s CpuStorage, layout: &Layout) -> candle_core::Result<&'s [f32]> {
@@ -64,10 +64,15 @@ impl CustomOp3 for TrainedLayerNorm {
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
-            let (mean, r) = moments(x, self.eps);
-            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                *y = (x - mean) * r * w + b;
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (mean, r) = moments(x, self.eps);
+                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *y = (x - mean) * r * w + b;
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
@@ -113,17 +118,22 @@ impl CustomOp3 for LayerNormGrad {
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(h).zip(x.par_chunks(h).zip(grad.par_chunks(h))).for_each(|(dx, (x, dy))| {
-            let (mean, r) = moments(x, self.eps);
-            let (mut sum_u, mut sum_ux) = (0f32, 0f32);
-            for ((&x, &dy), &w) in x.iter().zip(dy).zip(w) {
-                let u = dy * w;
-                sum_u += u;
-                sum_ux += u * (x - mean) * r;
-            }
-            let (mean_u, mean_ux) = (sum_u / h as f32, sum_ux / h as f32);
-            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                *dx = r * (dy * w - mean_u - (x - mean) * r * mean_ux);
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (mean, r) = moments(x, self.eps);
+                    let (mut sum_u, mut sum_ux) = (0f32, 0f32);
+                    for ((&x, &dy), &w) in x.iter().zip(dy).zip(w) {
+                        let u = dy * w;
+                        sum_u += u;
+                        sum_ux += u * (x - mean) * r;
+                    }
+                    let (mean_u, mean_ux) = (sum_u / h as f32, sum_ux / h as f32);
+                    for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                        *dx = r * (dy * w - mean_u - (x - mean) * r * mean_ux);
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }

@@ -12,6 +12,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::kernels::vectorized;
 use super::masked_softmax::{exp, larger, LANES};
 
 /// `log Σ exp(x)` over the last dimension of `logits` `[N, V]`, as `[N, 1]`: the max taken out
@@ -38,7 +39,12 @@ impl CustomOp1 for LogSumExp {
             dims => candle_core::bail!("log-sum-exp: logits must be [N, V], got {dims:?}"),
         };
         let mut out = vec![0f32; n];
-        out.par_iter_mut().zip(logits.par_chunks(v.max(1))).for_each(|(o, row)| *o = row_log_sum_exp(row));
+        out.par_iter_mut().zip(logits.par_chunks(v.max(1))).for_each(|(o, row)| {
+            *o = vectorized(
+                #[inline(always)]
+                || row_log_sum_exp(row),
+            )
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, 1))))
     }
 }
@@ -46,7 +52,7 @@ impl CustomOp1 for LogSumExp {
 /// One row's `log Σ exp(x)`: `-inf` for an empty row or one that is all `-inf`, `+inf` with a
 /// `+inf` logit, NaN with a NaN among finite logits.
 #[inline(always)]
-fn row_log_sum_exp(x: &[f32]) -> f32 {
+pub(crate) fn row_log_sum_exp(x: &[f32]) -> f32 {
     let whole = x.len() / LANES * LANES;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     for xs in x[..whole].chunks_exact(LANES) {

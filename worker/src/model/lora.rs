@@ -118,6 +118,7 @@ const MASK_CHUNK: usize = 1 << 14;
 /// probability `1 − p`, else 0. A pure function of `(seed, index)` (a counter-based draw), so a
 /// mask is drawn in parallel and drawn again in a backward pass instead of being stored, and
 /// every device and code path sees the same mask.
+#[inline(always)]
 pub fn dropout_factor(seed: u64, index: usize, p: f32) -> f32 {
     let keep = 1.0 - p;
     // The top 24 bits: uniform on [0, 1) in steps of 2⁻²⁴, exact in f32.
@@ -133,14 +134,20 @@ pub fn dropout_factor(seed: u64, index: usize, p: f32) -> f32 {
 pub fn dropout_mask(seed: u64, len: usize, p: f32) -> Vec<f32> {
     let mut mask = vec![0f32; len];
     mask.par_chunks_mut(MASK_CHUNK).enumerate().for_each(|(c, chunk)| {
-        for (i, m) in chunk.iter_mut().enumerate() {
-            *m = dropout_factor(seed, c * MASK_CHUNK + i, p);
-        }
+        super::kernels::vectorized(
+            #[inline(always)]
+            || {
+                for (i, m) in chunk.iter_mut().enumerate() {
+                    *m = dropout_factor(seed, c * MASK_CHUNK + i, p);
+                }
+            },
+        )
     });
     mask
 }
 
 /// SplitMix64: a cheap, well-mixed hash of a seed and a stream number, for per-call dropout seeds.
+#[inline(always)]
 pub fn mix_seed(seed: u64, stream: u64) -> u64 {
     let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

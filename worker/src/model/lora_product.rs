@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::frozen::Weight;
-use super::kernels::{cpu_storage, f32_slice, matmul, Mat};
+use super::kernels::{cpu_storage, f32_slice, matmul, vectorized, Mat};
 use super::lora::{dropout_factor, Lora};
 
 /// `x Wᵀ + (α/r) · B A dropout(x)` for `x: [n, in]` → `[n, out]`, recorded for autograd (the
@@ -64,7 +64,7 @@ impl LoraProduct {
     fn masked(&self, x: &[f32]) -> Option<CpuStorage> {
         (self.dropout > 0.0).then(|| {
             let mut out = vec![0f32; x.len()];
-            add_into(&mut out, x, |i| dropout_factor(self.seed, i, self.dropout));
+            add_masked(&mut out, x, self.seed, self.dropout);
             CpuStorage::F32(out)
         })
     }
@@ -107,7 +107,7 @@ impl CustomOp3 for LoraProduct {
         };
         let h = CpuStorage::F32(matmul(&xm, &a.t()?)?);
         let update = matmul(&Mat::rows(&h, n, r)?, &b.t()?)?;
-        add_into(&mut y, &update, |_| self.scale);
+        add_scaled(&mut y, &update, self.scale);
         *self.kept.lock().expect("lora-product: a pass panicked holding h") = Some(h);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
@@ -142,9 +142,15 @@ impl CustomOp3 for LoraProduct {
             None => CpuStorage::F32(matmul(&xm, &a.t()?)?),
         };
         let mut db = matmul(&g.t()?, &Mat::rows(&h, n, r)?)?;
-        db.iter_mut().for_each(|v| *v *= self.scale);
+        vectorized(
+            #[inline(always)]
+            || db.iter_mut().for_each(|v| *v *= self.scale),
+        );
         let mut dh = matmul(&g, &b)?;
-        dh.iter_mut().for_each(|v| *v *= self.scale);
+        vectorized(
+            #[inline(always)]
+            || dh.iter_mut().for_each(|v| *v *= self.scale),
+        );
         let dh = CpuStorage::F32(dh);
         let dh = Mat::rows(&dh, n, r)?;
         let da = matmul(&dh.t()?, &xm)?;
@@ -152,9 +158,9 @@ impl CustomOp3 for LoraProduct {
             let mut dx = self.weight.with_cpu_mat(name, |w| matmul(&g, &w))??;
             let update = matmul(&dh, &a)?;
             if self.dropout > 0.0 {
-                add_into(&mut dx, &update, |i| dropout_factor(self.seed, i, self.dropout));
+                add_masked(&mut dx, &update, self.seed, self.dropout);
             } else {
-                add_into(&mut dx, &update, |_| 1.0);
+                add_scaled(&mut dx, &update, 1.0);
             }
             Some(Tensor::from_vec(dx, (n, d_in), grad.device())?)
         } else {
@@ -165,12 +171,29 @@ impl CustomOp3 for LoraProduct {
     }
 }
 
-/// `dst[i] += factor(i) · src[i]`, in parallel.
-fn add_into(dst: &mut [f32], src: &[f32], factor: impl Fn(usize) -> f32 + Sync) {
+/// `dst[i] += scale · src[i]`, in parallel.
+fn add_scaled(dst: &mut [f32], src: &[f32], scale: f32) {
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(dst, src)| {
+        vectorized(
+            #[inline(always)]
+            || dst.iter_mut().zip(src).for_each(|(d, &s)| *d += scale * s),
+        )
+    });
+}
+
+/// `dst[i] += m_i · src[i]` for the dropout mask `m` of `seed` and probability `p`
+/// ([`dropout_factor`], the same values), in parallel.
+fn add_masked(dst: &mut [f32], src: &[f32], seed: u64, p: f32) {
     dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(c, (dst, src))| {
-        for (i, (d, &s)) in dst.iter_mut().zip(src).enumerate() {
-            *d += factor(c * CHUNK + i) * s;
-        }
+        let first = c * CHUNK;
+        vectorized(
+            #[inline(always)]
+            || {
+                for (i, (d, &s)) in dst.iter_mut().zip(src).enumerate() {
+                    *d += dropout_factor(seed, first + i, p) * s;
+                }
+            },
+        )
     });
 }
 

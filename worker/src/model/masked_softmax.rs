@@ -12,6 +12,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::kernels::vectorized;
+
 /// `softmax(scores + mask)` over the last dimension. `scores`: `[..., T, S]`; `mask`: `[T, S]`,
 /// additive (`0` visible, `-inf` hidden).
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
@@ -59,8 +61,13 @@ impl CustomOp2 for MaskedSoftmax {
         let scores = &scores[start..end];
         let mut out = vec![0f32; scores.len()];
         out.par_chunks_mut(s).zip(scores.par_chunks(s)).enumerate().for_each(|(row, (out, x))| {
-            let m = &mask[mask_start + (row % t) * mask_row..][..s];
-            softmax_row(x, m, out);
+            vectorized(
+                #[inline(always)]
+                || {
+                    let m = &mask[mask_start + (row % t) * mask_row..][..s];
+                    softmax_row(x, m, out);
+                },
+            )
         });
         Ok((CpuStorage::F32(out), scores_layout.shape().clone()))
     }
@@ -68,7 +75,7 @@ impl CustomOp2 for MaskedSoftmax {
 
 /// Lanes of the reductions below (and [`super::log_sum_exp`]'s): separate accumulators, so that
 /// the loops vectorise without reassociating a single float sum.
-pub(super) const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// `max(acc, v)` without NaN handling (a compare and a select).
 #[inline(always)]
@@ -122,7 +129,7 @@ fn softmax_row(x: &[f32], m: &[f32], out: &mut [f32]) {
 /// always hold a 1 (`x = 0`), so that is noise; above 88 it returns `e^88` (SiLU of a gate below
 /// −88 is then ~1e-36 rather than 0).
 #[inline(always)]
-pub(super) fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const SHIFT: f32 = 12_582_912.0; // 1.5 · 2²³, whose bits are 0x4B40_0000

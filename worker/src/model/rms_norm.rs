@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::f32_slice;
+use super::kernels::{f32_slice, vectorized};
 
 /// The values of the op's inputs (the residual stream's rows, the weight, the gradient).
 fn rows<'s>(storage: &'s CpuStorage, layout: &Layout) -> candle_core::Result<&'s [f32]> {
@@ -55,10 +55,15 @@ impl CustomOp2 for TrainedRmsNorm {
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
-            let r = inverse_rms(x, self.eps);
-            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                *y = x * r * w;
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    let r = inverse_rms(x, self.eps);
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                        *y = x * r * w;
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
@@ -103,12 +108,17 @@ impl CustomOp3 for RmsNormGrad {
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(h).zip(x.par_chunks(h).zip(grad.par_chunks(h))).for_each(|(dx, (x, dy))| {
-            let r = inverse_rms(x, self.eps);
-            let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, dy), w)| x * dy * w).sum();
-            let c = r * r * r * dot / h as f32;
-            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                *dx = r * dy * w - x * c;
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    let r = inverse_rms(x, self.eps);
+                    let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, dy), w)| x * dy * w).sum();
+                    let c = r * r * r * dot / h as f32;
+                    for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                        *dx = r * dy * w - x * c;
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }

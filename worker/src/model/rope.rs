@@ -9,6 +9,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::kernels::vectorized;
+
 /// HF's `rotate_half` rotary on `x` (`[B, heads, T, head_dim]`) with `cos`, `sin` (`[T,
 /// head_dim / 2]`), tracking `x`'s gradient: the fused op on a CPU in f32, candle's composed ops
 /// elsewhere.
@@ -54,17 +56,24 @@ impl CustomOp3 for TrainedRope {
         let mut out = vec![0f32; x.len()];
         // One (batch, head) at a time: T rows of head_dim.
         out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(y, x)| {
-            for ((y, x), (cos, sin)) in
-                y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(cos.chunks_exact(half).zip(sin.chunks_exact(half)))
-            {
-                let (x1, x2) = x.split_at(half);
-                let (y1, y2) = y.split_at_mut(half);
-                for i in 0..half {
-                    let (c, s) = (cos[i], sign * sin[i]);
-                    y1[i] = x1[i] * c - x2[i] * s;
-                    y2[i] = x2[i] * c + x1[i] * s;
-                }
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((y, x), (cos, sin)) in y
+                        .chunks_exact_mut(d)
+                        .zip(x.chunks_exact(d))
+                        .zip(cos.chunks_exact(half).zip(sin.chunks_exact(half)))
+                    {
+                        let (x1, x2) = x.split_at(half);
+                        let (y1, y2) = y.split_at_mut(half);
+                        for i in 0..half {
+                            let (c, s) = (cos[i], sign * sin[i]);
+                            y1[i] = x1[i] * c - x2[i] * s;
+                            y2[i] = x2[i] * c + x1[i] * s;
+                        }
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }

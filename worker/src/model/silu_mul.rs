@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::f32_slice;
+use super::kernels::{f32_slice, vectorized};
 use super::masked_softmax::exp;
 
 /// `gate / (1 + e^(−gate)) · up`, elementwise; `gate` and `up` have the same shape.
@@ -54,9 +54,14 @@ impl CustomOp2 for SiluMul {
         let (gate, up) = (f32_slice(self.name(), gate, gate_layout)?, f32_slice(self.name(), up, up_layout)?);
         let mut out = vec![0f32; gate.len()];
         out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(out, (g, u))| {
-            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                *o = g * u / (1.0 + exp(-g));
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                        *o = g * u / (1.0 + exp(-g));
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
@@ -102,14 +107,19 @@ impl CustomOp3 for SiluMulGrad {
         let (d_gate, d_up) = out.split_at_mut(gate.len());
         d_gate.par_chunks_mut(CHUNK).zip(d_up.par_chunks_mut(CHUNK)).zip(gate.par_chunks(CHUNK)).enumerate().for_each(
             |(i, ((d_gate, d_up), gate))| {
-                let at = i * CHUNK;
-                let (up, grad) = (&up[at..at + gate.len()], &grad[at..at + gate.len()]);
-                for j in 0..gate.len() {
-                    let (g, u, dy) = (gate[j], up[j], grad[j]);
-                    let s = 1.0 / (1.0 + exp(-g));
-                    d_gate[j] = dy * u * s * (1.0 + g * (1.0 - s));
-                    d_up[j] = dy * g * s;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let at = i * CHUNK;
+                        let (up, grad) = (&up[at..at + gate.len()], &grad[at..at + gate.len()]);
+                        for j in 0..gate.len() {
+                            let (g, u, dy) = (gate[j], up[j], grad[j]);
+                            let s = 1.0 / (1.0 + exp(-g));
+                            d_gate[j] = dy * u * s * (1.0 + g * (1.0 - s));
+                            d_up[j] = dy * g * s;
+                        }
+                    },
+                )
             },
         );
         let mut dims = vec![2];
