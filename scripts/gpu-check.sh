@@ -490,6 +490,18 @@ part_c_ref() {
 }
 
 # --- (d) a random Llama-2-7B-shaped model: ours vs torch -------------------------------------------------
+# same_loss_row NAME WHAT: a row for part (d) requiring the C4 loss of run NAME (NAME.json) to equal, to the
+# last digit, the one-device whole load's (d-forward-ours.json), with NAME's speed and peak memory
+same_loss_row() {
+    local name=$1 what=$2 want got v=FAIL
+    [[ -s "$out/$name.json" && -s "$out/d-forward-ours.json" ]] || return 0
+    want="$(jget "$out/d-forward-ours.json" loss)"
+    got="$(jget "$out/$name.json" loss)"
+    [[ "$want" == "$got" && "$want" != "?" ]] && v=PASS
+    row d "$what" "$got vs $want" "equal" "$v" \
+        "$(calc "round($(jget "$out/$name.json" tokens) / $(jget "$out/$name.json" seconds))") tok/s, wall $(secs_of "$name") s; $(peak_label) $(peak_of "$name")"
+}
+
 part_d() {
     local dir="$scratch/random-llama"
     [[ "$SMALL" == 1 ]] && dir="$scratch/random-llama-small"
@@ -547,14 +559,7 @@ EOF
     # evaluating a model larger than the device, forced with --hold-gib): the same loss to the bit
     run_cmd d-forward-offloaded 120 200 "${worker[@]}" eval --model "$dir" "${dev_args[@]}" --task c4-loss \
         "${fargs[@]}" --hold-gib "$d_hold_gib" --out "$out/d-forward-offloaded.json" || true
-    if [[ -s "$out/d-forward-offloaded.json" && -s "$out/d-forward-ours.json" ]]; then
-        local l_all l_off v=FAIL
-        l_all="$(jget "$out/d-forward-ours.json" loss)"
-        l_off="$(jget "$out/d-forward-offloaded.json" loss)"
-        [[ "$l_all" == "$l_off" && "$l_all" != "?" ]] && v=PASS
-        row d "forward, blocks beyond $d_hold_gib GiB read per pass: loss vs the whole load's" "$l_off vs $l_all" "equal" "$v" \
-            "$(calc "round($(jget "$out/d-forward-offloaded.json" tokens) / $(jget "$out/d-forward-offloaded.json" seconds))") tok/s, wall $(secs_of d-forward-offloaded) s; $(peak_label) $(peak_of d-forward-offloaded)"
-    fi
+    same_loss_row d-forward-offloaded "forward, blocks beyond $d_hold_gib GiB read per pass: loss vs the whole load's"
 
     # the same forward with the blocks spread over two devices in contiguous ranges (issue 14:
     # --device A,B): cuda:0,cuda:1 where the machine has two GPUs, else the one device listed twice
@@ -563,14 +568,7 @@ EOF
     ((on_gpu)) && [[ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ]] && pair="cuda:0,cuda:1"
     run_cmd d-forward-spread 120 200 "${worker[@]}" eval --model "$dir" --device "$pair" --dtype bf16 --task c4-loss \
         "${fargs[@]}" --out "$out/d-forward-spread.json" || true
-    if [[ -s "$out/d-forward-spread.json" && -s "$out/d-forward-ours.json" ]]; then
-        local l_one l_two v=FAIL
-        l_one="$(jget "$out/d-forward-ours.json" loss)"
-        l_two="$(jget "$out/d-forward-spread.json" loss)"
-        [[ "$l_one" == "$l_two" && "$l_one" != "?" ]] && v=PASS
-        row d "forward, blocks spread over --device $pair: loss vs one device's" "$l_two vs $l_one" "equal" "$v" \
-            "$(calc "round($(jget "$out/d-forward-spread.json" tokens) / $(jget "$out/d-forward-spread.json" seconds))") tok/s, wall $(secs_of d-forward-spread) s; $(peak_label) $(peak_of d-forward-spread)"
-    fi
+    same_loss_row d-forward-spread "forward, blocks spread over --device $pair: loss vs one device's"
 
     # healing: 50 steps, seq 2048, micro-batch 4, r 64, FFN
     local quant=no
