@@ -61,7 +61,7 @@ pub struct Decoder {
     /// budget).
     states: StateCache,
     /// Whether the blocks are spread over several devices ([`super::spread`]).
-    pub(super) spread: bool,
+    pub(super) blocks_spread: bool,
 }
 
 impl Decoder {
@@ -101,7 +101,7 @@ impl Decoder {
             dtype,
             attention_chunk: SCORES_PER_CHUNK,
             states: StateCache::default(),
-            spread: false,
+            blocks_spread: false,
         })
     }
 

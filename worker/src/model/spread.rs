@@ -96,13 +96,13 @@ impl Decoder {
                 block.hold(u64::MAX)?;
             }
         }
-        self.spread = true;
+        self.blocks_spread = true;
         Ok(ranges)
     }
 
     /// Whether the blocks are spread over several devices ([`Decoder::spread`]).
     pub fn is_spread(&self) -> bool {
-        self.spread
+        self.blocks_spread
     }
 }
 
