@@ -71,13 +71,6 @@ impl EvalArgs {
 
 /// Runs the task ([`eval::run`]) and writes the JSON.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    if args.hold_gib.is_some() && args.model.devices()?.len() > 1 {
-        anyhow::bail!(
-            "--hold-gib reads the blocks that do not fit from the checkpoint on one device; with several devices \
-             (--device {}) the blocks are spread over them instead: leave --hold-gib out, or give one device",
-            args.model.device
-        )
-    }
     let model = match args.hold_gib {
         None => args.model.load_base(Base::Spread)?,
         Some(gib) => args.model.load_base(Base::Holding((gib * f64::from(1u32 << 30)) as u64))?,

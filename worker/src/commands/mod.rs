@@ -94,14 +94,23 @@ impl ModelArgs {
     pub fn device_and_dtype(&self) -> anyhow::Result<(candle_core::Device, DType)> {
         let devices = self.devices()?;
         if devices.len() > 1 {
-            anyhow::bail!(
-                "--device {}: this command runs on one device (only worker eval and worker forward spread a \
-                 model over several); give one",
-                self.device
-            )
+            return Err(self.one_device_only());
         }
-        let dtype = self.dtype.unwrap_or_else(|| default_dtype(&devices[0]));
-        Ok((devices[0].clone(), dtype))
+        Ok((devices[0].clone(), self.dtype_on(&devices[0])))
+    }
+
+    /// The error for a `--device` list given to a command that runs on one device.
+    fn one_device_only(&self) -> anyhow::Error {
+        anyhow::anyhow!(
+            "--device {}: this command runs on one device (only worker eval and worker forward spread a model \
+             over several); give one",
+            self.device
+        )
+    }
+
+    /// `--dtype`, else `device`'s own.
+    fn dtype_on(&self, device: &candle_core::Device) -> DType {
+        self.dtype.unwrap_or_else(|| default_dtype(device))
     }
 
     /// Every device `--device` lists (comma-separated), in order.
@@ -116,19 +125,26 @@ impl ModelArgs {
 
     /// [`ModelArgs::load`] with the blocks loaded as `base` says.
     pub fn load_base(&self, base: Base) -> anyhow::Result<Model> {
-        let devices = match base {
-            Base::Spread => self.devices()?,
-            _ => vec![self.device_and_dtype()?.0],
-        };
+        let devices = self.devices()?;
         let (device, spread) = (&devices[0], devices.len() > 1);
-        let dtype = self.dtype.unwrap_or_else(|| default_dtype(device));
-        if spread && self.adapter.is_some() {
-            anyhow::bail!("--adapter needs the model on one device: give one --device, or merge the adapter first")
+        match base {
+            Base::Holding(_) if spread => anyhow::bail!(
+                "--hold-gib reads the blocks that do not fit from the checkpoint on one device; with several devices \
+                 (--device {}) the blocks are spread over them instead: leave --hold-gib out, or give one device",
+                self.device
+            ),
+            Base::Dense | Base::Nf4 if spread => return Err(self.one_device_only()),
+            _ if spread && self.adapter.is_some() => {
+                anyhow::bail!("--adapter needs the model on one device: give one --device, or merge the adapter first")
+            }
+            _ => {}
         }
+        let dtype = self.dtype_on(device);
         let mut model = match base {
-            Base::Dense | Base::Spread if !spread => Model::load_as(&self.model, device, dtype)?,
             Base::Nf4 => Model::load_nf4(&self.model, device, dtype)?,
-            Base::Dense | Base::Spread | Base::Holding(_) => Model::load_offloaded(&self.model, device, dtype)?,
+            Base::Holding(_) => Model::load_offloaded(&self.model, device, dtype)?,
+            Base::Spread if spread => Model::load_offloaded(&self.model, device, dtype)?,
+            Base::Dense | Base::Spread => Model::load_as(&self.model, device, dtype)?,
         };
         if let Some(block) = self.drop {
             model.decoder.remove_layers(&block.indices())?;

@@ -231,20 +231,9 @@ impl Block {
         Ok(())
     }
 
-    /// `x^(l+1) = x^(l) + f(x^(l))`; an offloaded block is read for the call and dropped after it.
-    pub(super) fn forward(
-        &self,
-        x: &Tensor,
-        context: &BlockContext,
-        chunk: usize,
-        prefix: Option<&(Tensor, Tensor)>,
-        record: Option<&mut Vec<(Tensor, Tensor)>>,
-    ) -> candle_core::Result<Tensor> {
-        self.with_layers(|layers| layers.forward(x, context, chunk, prefix, record))
-    }
-
     /// Calls `f` with the block's parts: held, or read from the checkpoint for the call and
-    /// dropped after it.
+    /// dropped after it. Every caller runs a block as `with_layers(|l| l.forward(..))`, so that
+    /// one read serves however many passes `f` runs.
     pub(super) fn with_layers<R>(&self, f: impl FnOnce(&Layers) -> candle_core::Result<R>) -> candle_core::Result<R> {
         match &self.weights {
             BlockWeights::Resident(layers) => f(layers),

@@ -243,7 +243,8 @@ impl Decoder {
             }
             let rec = record.as_ref().map(|_| &mut recorded);
             let (input, context) = contexts.enter(block, &x)?;
-            x = block.forward(&input, context, self.attention_chunk, prefix.map(|p| &p.layers[l]), rec)?;
+            let kv = prefix.map(|p| &p.layers[l]);
+            x = block.with_layers(|layers| layers.forward(&input, context, self.attention_chunk, kv, rec))?;
         }
         // Back where the final norm and the LM head are (a no-op unless the blocks are spread).
         let x = x.to_device(&self.device)?;
@@ -303,7 +304,7 @@ impl Decoder {
         let Some(block) = self.blocks.get(l) else {
             candle_core::bail!("block {l} does not exist: the model has {} blocks", self.blocks.len())
         };
-        block.forward(x, context, self.attention_chunk, None, None)
+        block.with_layers(|layers| layers.forward(x, context, self.attention_chunk, None, None))
     }
 
     /// Whether kept block `l` carries at least one LoRA adapter.

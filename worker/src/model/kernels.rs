@@ -47,8 +47,9 @@ pub fn with_stock_ops<R>(f: impl FnOnce() -> R) -> R {
 /// chosen at run time through `pulp`; the build's baseline otherwise), so that the loops the
 /// fused kernels run inside it vectorise 16 lanes wide instead of 4. The arithmetic is the same
 /// instructions lane by lane (no reassociation, no fused multiply-add the code does not ask for),
-/// so the results are the same bits. Call it inside each parallel task: target features do not
-/// pass through rayon's closures.
+/// so the results are the same bits. Call it inside each parallel task (target features do not
+/// pass through rayon's closures), and mark the closure `#[inline(always)]`: otherwise LLVM may
+/// compile it as a function of its own, outside the dispatch and without the features.
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)

@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{Rotary, SCORES_PER_CHUNK};
-use super::block::{Block, BlockContext};
+use super::block::{BlockContext, Layers};
 use super::packing::Packing;
 use super::weights::{ModelSource, WeightMap};
 use super::{hf_config, Config, ModelError, Tokenizer};
@@ -97,10 +97,10 @@ impl StreamedDecoder {
             context.push(BlockContext { rotary, spans });
         }
         for l in 0..self.cfg.num_layers {
-            let block = Block::load(&mut self.weights, l, &self.cfg)?;
+            let layers = Layers::load(&mut self.weights, l, &self.cfg)?;
             for (i, (x, context)) in states.iter_mut().zip(&context).enumerate() {
                 observe(l, i, x)?;
-                *x = block.forward(x, context, SCORES_PER_CHUNK, None, None)?;
+                *x = layers.forward(x, context, SCORES_PER_CHUNK, None, None)?;
             }
         }
         for (i, x) in states.iter().enumerate() {
