@@ -44,8 +44,8 @@ pub fn with_stock_ops<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512 where present,
-/// chosen at run time through `pulp`; the build's baseline otherwise), so that the loops the
-/// fused kernels run inside it vectorise 16 lanes wide instead of 4. The arithmetic is the same
+/// else AVX2 + FMA, chosen at run time through `pulp`; the build's SSE2 baseline otherwise), so
+/// that the loops the fused kernels run inside it vectorise 16 or 8 lanes wide instead of 4. The arithmetic is the same
 /// instructions lane by lane (no reassociation, no fused multiply-add the code does not ask for),
 /// so the results are the same bits. Call it inside each parallel task (target features do not
 /// pass through rayon's closures), and mark the closure `#[inline(always)]`: otherwise LLVM may
