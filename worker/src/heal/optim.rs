@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::model::kernels::{f32_slice, fused_cpu, vectorized};
+use crate::model::kernels::{f32_slice, f32_slice_mut, fused_cpu, vectorized, ELEMENTWISE_CHUNK as CHUNK};
 
 /// Learning rate for optimizer update `step` (0-based) of `total`, as HF's
 /// `get_cosine_schedule_with_warmup`: `peak · step / warmup` during warmup, then
@@ -96,9 +96,6 @@ impl AdamW {
     }
 }
 
-/// Elements per parallel task of the in-place passes.
-const CHUNK: usize = 1 << 14;
-
 /// `m ← m·β + g·(1 − β)` (or `g²` for the second moment), in place. Each product is rounded to
 /// f32 as candle's `Tensor * f64` rounds it (`x · f32(c) + 0`), so the values are the stock ops'.
 struct Moment {
@@ -180,15 +177,6 @@ impl InplaceOp3 for Apply {
         });
         Ok(())
     }
-}
-
-/// The values of an in-place op's contiguous f32 CPU destination.
-fn f32_slice_mut<'s>(op: &str, storage: &'s mut CpuStorage, layout: &Layout) -> candle_core::Result<&'s mut [f32]> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: the destination must be f32") };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op}: the destination must be contiguous")
-    };
-    Ok(&mut data[start..end])
 }
 
 #[cfg(test)]

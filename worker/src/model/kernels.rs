@@ -30,6 +30,19 @@ pub fn f32_slice<'s>(op: &str, storage: &'s CpuStorage, layout: &Layout) -> cand
     Ok(&data[start..end])
 }
 
+/// The values of an in-place op's contiguous f32 CPU destination, or an error naming the op.
+pub fn f32_slice_mut<'s>(op: &str, storage: &'s mut CpuStorage, layout: &Layout) -> candle_core::Result<&'s mut [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: the destination must be f32") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the destination must be contiguous")
+    };
+    Ok(&mut data[start..end])
+}
+
+/// Elements per parallel task of the fused elementwise passes: large enough that scheduling is
+/// noise, small enough for 2+ cores to share an MLP activation of a few hundred tokens.
+pub const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
 /// Runs `f` with every op on this thread taking the stock (GPU) path; restores the previous
 /// choice afterwards, also when `f` panics.
 pub fn with_stock_ops<R>(f: impl FnOnce() -> R) -> R {

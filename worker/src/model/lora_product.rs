@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::frozen::Weight;
-use super::kernels::{cpu_storage, f32_slice, matmul, vectorized, Mat};
+use super::kernels::{cpu_storage, f32_slice, matmul, vectorized, Mat, ELEMENTWISE_CHUNK as CHUNK};
 use super::lora::{dropout_factor, Lora};
 
 /// `x Wᵀ + (α/r) · B A dropout(x)` for `x: [n, in]` → `[n, out]`, recorded for autograd (the
@@ -53,9 +53,6 @@ struct LoraProduct {
     /// `h = (m ⊙ x) Aᵀ`, `[n, r]`, from the forward pass for the backward one.
     kept: Mutex<Option<CpuStorage>>,
 }
-
-/// Elements per parallel task of the elementwise passes.
-const CHUNK: usize = 1 << 14;
 
 impl LoraProduct {
     const NAME: &'static str = "lora-product";

@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{f32_slice, vectorized};
+use super::kernels::{f32_slice, vectorized, ELEMENTWISE_CHUNK as CHUNK};
 use super::masked_softmax::exp;
 
 /// `gate / (1 + e^(−gate)) · up`, elementwise; `gate` and `up` have the same shape.
@@ -31,10 +31,6 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 struct SiluMul;
-
-/// Elements per parallel task: large enough that scheduling is noise, small enough for 2+ cores
-/// to share an MLP activation of a few hundred tokens.
-const CHUNK: usize = 1 << 14;
 
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
