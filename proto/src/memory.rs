@@ -15,9 +15,10 @@
 //!   stream), whichever is smaller;
 //! - **heal**: the loaded model (for QLoRA, all its layers in NF4: the cut layers stay in the
 //!   held copy; without quantization, the dense model), the adapters with their gradients and
-//!   AdamW moments (f32), and one micro-batch's training activations with per-block recomputation
-//!   (the worker's default, `HealConfig::recompute`): every block's input kept, one block's graph
-//!   at a time, and the logits with their gradient;
+//!   AdamW moments (f32), and one micro-batch's training activations with every block recomputed
+//!   (`heal/gradients.rs`): every block's input kept, one block's graph at a time, and the logits
+//!   with their gradient. That is the least a heal runs in; a worker with more free memory keeps
+//!   the top blocks' graphs in it instead of recomputing them ([`Training::graphs_that_fit`]);
 //! - **eval**: the model as healing left it (NF4 base and adapters, moments dropped) plus one
 //!   evaluation batch's forward pass, its scored logits and, for MMLU, the few-shot prefix's
 //!   key/value cache.
@@ -178,8 +179,8 @@ pub struct MemoryEstimate {
     /// The least device memory the job runs in: `device_bytes`, or less for an evaluation
     /// (a baseline, or an unhealed cell) whose model does not fit the device,
     /// where the worker reads the blocks it cannot hold from the checkpoint for each pass
-    /// (`worker/src/model/decoder.rs`, offloaded blocks): then the embedding, LM head, one block
-    /// and the evaluation's activations. What leasing compares with a worker's free memory.
+    /// (`worker/src/model/decoder.rs`, offloaded blocks): then the embedding, LM head, two blocks
+    /// (one running, the next being read) and the evaluation's activations. What leasing compares with a worker's free memory.
     pub least_device_bytes: u64,
 }
 
@@ -477,41 +478,17 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
     // Host memory beyond the runtime that a phase holds (the training ids).
     let mut host_data = 0;
     if let Some(q) = qlora {
-        let (mb, t, rank) = (u64::from(q.micro_batch_size.max(1)), u64::from(q.seq_len), u64::from(q.rank));
-        let targets = AdapterTargets::try_from(q.targets).unwrap_or(AdapterTargets::Unspecified);
-        let modules = adapted_modules(shape, targets, &q.target_modules)?;
-        let per_block: u64 = modules.iter().map(|(d_in, d_out)| rank * (d_in + d_out)).sum();
+        let training = Training::new(shape, q, e, placement)?;
+        let per_block = training.adapter_params_per_block();
         let adapter_params = kept * per_block;
         // Adapters, gradient sums, AdamW's m and v: four f32 copies; and one block's gradients,
         // which recomputation adds to the sums block by block (`heal/gradients.rs`).
         let adapters = 4 * 4 * adapter_params + 4 * per_block;
-        // Recomputation: each kept block's input, the gradient flowing down, one block's graph.
-        let scores = mb * u64::from(shape.heads) * t * t;
-        let scores = if placement == Placement::Cpu && e == 4 {
-            // The CPU's f32 path trains attention as one op (`TrainedAttention`): it keeps no
-            // scores, and its backward pass recomputes them a chunk of queries at a time.
-            CHUNKED_SCORE_COPIES * scores.min(INFERENCE_SCORE_VALUES)
-        } else {
-            GRAPH_SCORES * scores
-        };
-        // Off the CPU's f32 path an adapter is candle ops (`Lora::forward`), and the block's graph
-        // keeps, per adapted module and token, the dropout mask and the masked input (in-wide),
-        // `x Aᵀ` (r), and the update, its scaled copy and the sum (out-wide). On that path each
-        // adapted projection is one op (`model/lora_product.rs`) whose output is the block's own.
-        let block_graph = if placement == Placement::Cpu && e == 4 {
-            FUSED_GRAPH_HIDDEN * h + FUSED_GRAPH_INTERMEDIATE * i
-        } else {
-            let adapters: u64 = modules.iter().map(|(d_in, d_out)| 2 * d_in + rank + 3 * d_out).sum();
-            GRAPH_HIDDEN * h + GRAPH_INTERMEDIATE * i + adapters
-        };
-        let graph = mb * t * block_graph * e + scores * e;
-        let activations = (kept + 1) * mb * t * h * e + graph;
-        // Logits `[mb, T, V]` and their gradient, in f32 (the fused cross-entropy on a CPU); off
-        // the CPU candle-nn's composed loss makes about ten temporaries of that size.
-        let logits = match placement {
-            Placement::Cpu if e == 4 => 2 * mb * t * v * 4,
-            _ => 10 * mb * t * v * e,
-        };
+        // Every block recomputed: the least a worker runs the step in (one with more free memory
+        // keeps the top blocks' graphs in it, `Training::activation_bytes`).
+        let activations = training.activation_bytes(kept, 0);
+        let logits = training.logit_bytes();
+        let t = u64::from(q.seq_len);
         let mut parts = resident.clone();
         let slack = (activations + logits) * ALLOCATOR_SLACK_PERCENT / 100;
         parts.extend([("adapters", adapters), ("activations", activations), ("logits", logits), ("allocator", slack)]);
@@ -524,13 +501,14 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         resident.push(("adapters", 4 * adapter_params));
     }
     // The same evaluations with the blocks offloaded: the embedding, final norm and LM head held,
-    // one block read at a time (the worker reads as many as fit and keeps them; none counted).
+    // one block running while the next is read (`Block::read_ahead`; the worker reads as many as
+    // fit and keeps them; none counted).
     // Not for a healed cell: training needs every block held.
     let offloadable = job.heal.is_none() && kind != JobKind::Score && !job.eval.is_empty();
     let offloaded_weights = [
         overhead,
         ("weights", (shape.params() - layers * shape.block_params()) * e),
-        ("one block", shape.block_params() * e),
+        ("two blocks", 2 * shape.block_params() * e),
     ];
     let mut offloaded = Vec::new();
     for task in &job.eval {
@@ -569,6 +547,9 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
 pub fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / f64::from(1u32 << 30))
 }
+
+mod training;
+pub use training::Training;
 
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use common::{c4_sample, fixture, worker_log as worker};
 use prunesweep_worker::data::read_documents;
 use prunesweep_worker::heal::packing::PackedChunks;
 use prunesweep_worker::heal::{
-    accumulate_gradients, eos_id, next_token_loss, HealConfig, HealEnd, HealError, TargetSet, Trainer,
+    accumulate_gradients, eos_id, next_token_loss, HealConfig, HealEnd, HealError, Recompute, TargetSet, Trainer,
 };
 use prunesweep_worker::model::lora::LoraSpec;
 use prunesweep_worker::model::Model;
@@ -510,13 +510,31 @@ fn ffn_targets_adapt_each_familys_feed_forward_modules() {
 }
 
 /// Every adapter tensor's gradient for one micro-batch of `ids` (`loss / 2`, as with two
-/// micro-batches per update), and the micro-batch's loss, computed with or without recomputing
-/// each block in the backward pass.
-fn micro_batch_gradients(model: &Model, ids: &Tensor, recompute: bool) -> (f64, Vec<(String, Tensor)>) {
+/// micro-batches per update), and the micro-batch's loss, with the top `kept_graphs` blocks
+/// keeping their graphs and the others recomputed in the backward pass.
+fn micro_batch_gradients(model: &Model, ids: &Tensor, kept_graphs: usize) -> (f64, Vec<(String, Tensor)>) {
     let (names, vars): (Vec<String>, Vec<Var>) = model.decoder.adapter_vars().into_iter().unzip();
     let mut sums: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().zeros_like().unwrap()).collect();
-    let loss = accumulate_gradients(model, ids, recompute, 2.0, &vars, &mut sums).unwrap();
+    let loss = accumulate_gradients(model, ids, kept_graphs, 2.0, &vars, &mut sums).unwrap();
     (loss, names.into_iter().zip(sums).collect())
+}
+
+/// The same by plain full backpropagation: the decoder's own forward pass, one graph, one
+/// backward pass.
+fn full_backpropagation(model: &Model, ids: &Tensor) -> (f64, Vec<(String, Tensor)>) {
+    let loss = next_token_loss(model, ids).unwrap();
+    let value = loss.to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let grads = (loss / 2.0).unwrap().backward().unwrap();
+    let gradients = model
+        .decoder
+        .adapter_vars()
+        .into_iter()
+        .map(|(name, var)| {
+            let g = grads.get(var.as_tensor()).cloned().unwrap_or_else(|| var.as_tensor().zeros_like().unwrap());
+            (name, g)
+        })
+        .collect();
+    (value, gradients)
 }
 
 #[test]
@@ -551,17 +569,23 @@ fn recomputed_blocks_give_the_gradients_of_full_backpropagation() {
         let data = chunks(&model, &cfg, 0);
         let ids = data.batch(0, 3, &Device::Cpu).unwrap();
         model.decoder.set_adapter_training(Some(5));
-        let (full_loss, full) = micro_batch_gradients(&model, &ids, false);
-        let (recomputed_loss, recomputed) = micro_batch_gradients(&model, &ids, true);
-        model.decoder.set_adapter_training(None);
-        assert_eq!(full_loss, recomputed_loss, "{fixture_name}: the loss differs");
-        assert_eq!(full.len(), recomputed.len());
-        for ((name, a), (_, b)) in full.iter().zip(&recomputed) {
-            assert!(max_abs_diff(a, &a.zeros_like().unwrap()) > 0.0, "{fixture_name} {name}: no gradient");
-            let rel = common::rel_err(b, a);
-            worst = worst.max(rel);
-            assert!(rel <= 1e-6, "{fixture_name} {name}: recomputed gradient differs by {rel} (relative)");
+        let (full_loss, full) = full_backpropagation(&model, &ids);
+        // Every block recomputed, the top one or two kept (a split inside the model), none.
+        for kept_graphs in [0, 1, 2, usize::MAX] {
+            let (loss, recomputed) = micro_batch_gradients(&model, &ids, kept_graphs);
+            assert_eq!(full_loss, loss, "{fixture_name}, {kept_graphs} graphs kept: the loss differs");
+            assert_eq!(full.len(), recomputed.len());
+            for ((name, a), (_, b)) in full.iter().zip(&recomputed) {
+                assert!(max_abs_diff(a, &a.zeros_like().unwrap()) > 0.0, "{fixture_name} {name}: no gradient");
+                let rel = common::rel_err(b, a);
+                worst = worst.max(rel);
+                assert!(
+                    rel <= 1e-6,
+                    "{fixture_name} {name}, {kept_graphs} graphs kept: recomputed gradient differs by {rel} (relative)"
+                );
+            }
         }
+        model.decoder.set_adapter_training(None);
     }
     eprintln!("largest relative gradient difference, recomputed vs full backpropagation: {worst:e}");
 }
@@ -583,20 +607,22 @@ fn blocks_run_one_at_a_time_compute_what_the_decoder_computes() {
 fn heal_runs_with_and_without_recomputation_reach_the_same_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let mut values = Vec::new();
-    for recompute in [true, false] {
+    for recompute in [Recompute::ALL, Recompute::NONE, Recompute::Top(2), Recompute::Fit] {
         let cfg = HealConfig { recompute, ..tiny_config(4) };
         let mut m = tiny();
         let data = chunks(&m, &cfg, 0);
-        let out = tmp.path().join(format!("recompute-{recompute}"));
+        let out = tmp.path().join(format!("recompute-{}", values.len()));
         let mut t = Trainer::new(&mut m, cfg, data, &out, json!({}), false).unwrap();
         assert_eq!(t.run(&AtomicBool::new(false), &mut |_| {}).unwrap(), HealEnd::Finished);
         drop(t);
         values.push(adapter_values(&m));
     }
-    let (recomputed, full) = (&values[0], &values[1]);
-    assert_eq!(recomputed.len(), full.len());
-    for ((name, x), (_, y)) in recomputed.iter().zip(full) {
-        let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-        assert!(d <= 1e-6, "{name}: with and without recomputation differ by {d}");
+    let full = &values[1];
+    for (run, recomputed) in values.iter().enumerate() {
+        assert_eq!(recomputed.len(), full.len());
+        for ((name, x), (_, y)) in recomputed.iter().zip(full) {
+            let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-6, "{name}: run {run} and full backpropagation differ by {d}");
+        }
     }
 }

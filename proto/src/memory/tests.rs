@@ -80,9 +80,10 @@ fn an_evaluation_too_big_to_load_runs_in_its_blocks_read_per_pass() {
     let est = predict(&LLAMA2_70B, &baseline, Placement::Cuda).unwrap();
     // Held whole: the bf16 weights (128.5 GiB) and the evaluation, more than an H200 holds.
     assert!(est.device_bytes > LLAMA2_70B.params() * 2, "{}", gib(est.device_bytes));
-    // Offloaded: the embedding, LM head and final norm, one block, and the evaluation.
+    // Offloaded: the embedding, LM head and final norm, two blocks (one running, the next being
+    // read), and the evaluation.
     let rest = (2 * 32000 * 8192 + 8192) * 2;
-    let block = LLAMA2_70B.block_params() * 2;
+    let block = 2 * LLAMA2_70B.block_params() * 2;
     let eval = est.device_bytes
         - est.parts.iter().filter(|p| ["cuda context", "weights"].contains(&p.0)).map(|p| p.1).sum::<u64>();
     // Sixteen passes of 8 questions run block by block together, their residual streams held.
@@ -119,4 +120,41 @@ fn bad_shapes_and_unknown_modules_are_named() {
     };
     let e = predict(&LLAMA2_70B, &cell(q), Placement::Cpu).unwrap_err().to_string();
     assert!(e.contains("`w1`"), "{e}");
+}
+
+#[test]
+fn kept_graphs_trade_recomputation_for_their_activations() {
+    const SMOLLM2: ModelShape = ModelShape {
+        layers: 30,
+        hidden: 576,
+        intermediate: 1536,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        vocab: 49152,
+        tied_embeddings: true,
+        gated_mlp: true,
+    };
+    let q = QLoraSettings { seq_len: 256, micro_batch_size: 4, batch_size: 4, ..QLoraSettings::paper() };
+    for placement in [Placement::Cpu, Placement::Cuda] {
+        let e = if placement == Placement::Cpu { 4 } else { 2 };
+        let t = Training::new(&SMOLLM2, &q, e, placement).unwrap();
+        // The prediction counts every kept block recomputed (a quarter of 30 cut: 22 kept).
+        let est = predict(&SMOLLM2, &cell(q.clone()), placement).unwrap();
+        let part = |name| est.parts.iter().find(|p| p.0 == name).unwrap().1;
+        assert_eq!(part("activations"), t.activation_bytes(22, 0), "{placement:?}");
+        // Keeping the top block's graph frees its input; each further one costs its graph
+        // less the input it no longer keeps apart.
+        let input = 4 * 256 * 576 * e;
+        assert_eq!(t.activation_bytes(30, 0) - t.activation_bytes(30, 1), input);
+        assert_eq!(t.activation_bytes(30, 2) - t.activation_bytes(30, 1), t.block_graph_bytes() - input);
+        assert_eq!(t.activation_bytes(30, 30), t.activation_bytes(30, usize::MAX as u64), "at most every block");
+        // How many fit: one for nothing spare, every block for plenty, and exactly k for
+        // k's cost with the allocator's share.
+        assert_eq!(t.graphs_that_fit(30, 0), 1);
+        assert_eq!(t.graphs_that_fit(30, u64::MAX / 4), 30);
+        let cost = |k| (t.activation_bytes(30, k) - t.activation_bytes(30, 0)) * 6 / 5;
+        assert_eq!(t.graphs_that_fit(30, cost(10)), 10);
+        assert_eq!(t.graphs_that_fit(30, cost(10) - 1), 9);
+    }
 }

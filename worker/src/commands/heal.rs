@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prunesweep_proto::defaults;
 use prunesweep_worker::data::file_sha256;
-use prunesweep_worker::heal::{self, HealConfig, HealEnd, HealSpec, TargetSet, EXIT_PREEMPTED};
+use prunesweep_worker::heal::{self, HealConfig, HealEnd, HealSpec, Recompute, TargetSet, EXIT_PREEMPTED};
 use serde_json::json;
 
 use super::{Base, ModelArgs};
@@ -76,9 +76,14 @@ pub struct HealArgs {
     /// Train against the dense base instead of the NF4 one (plain LoRA, not QLoRA).
     #[arg(long)]
     no_quantize: bool,
-    /// Keep every block's activations for the backward pass instead of recomputing each block
-    /// from its saved input (the same gradients; faster, but several times the memory).
-    #[arg(long)]
+    /// Which blocks keep their activations for the backward pass; the others are recomputed from
+    /// their saved inputs (the same gradients, one more block forward pass each): `fit`, as many
+    /// of the top blocks as 90% of the free memory holds beside the rest of the run; `all`; or a
+    /// number of top blocks (0: every block recomputed, the least memory, e.g. beside other jobs).
+    #[arg(long, default_value = "fit", value_name = "fit|all|N")]
+    keep_graphs: Recompute,
+    /// Keep every block's activations: `--keep-graphs all`.
+    #[arg(long, conflicts_with = "keep_graphs")]
     no_recompute: bool,
     /// Output folder: the PEFT adapter (adapter_config.json, adapter_model.safetensors),
     /// prunesweep.json, checkpoint.safetensors and train_log.csv.
@@ -103,7 +108,7 @@ impl HealArgs {
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
             quantize: !self.no_quantize,
-            recompute: !self.no_recompute,
+            recompute: if self.no_recompute { Recompute::NONE } else { self.keep_graphs },
             ..HealConfig::default()
         };
         HealSpec { data: self.data.clone(), first_doc: self.first_doc, config }
@@ -138,7 +143,8 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
         trainable = trainer.trainable_params(),
         targets = ?trainer.lora().targets,
         start = trainer.step(),
-        "healing"
+        kept_graphs = trainer.kept_graphs(),
+        "healing (the blocks below the top `kept_graphs` are recomputed in the backward pass)"
     );
     let steps = trainer.config().steps;
     let pb = ProgressBar::new(steps as u64).with_style(
@@ -160,7 +166,8 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
     }
     let nf4 =
         if qp > 0 { json!({"params": qp, "bytes": qb, "bytes_per_param": qb as f64 / qp as f64}) } else { json!(null) };
-    trainer.save_adapter(&args.out, json!({ "base": identity.clone(), "nf4": nf4 }))?;
+    let kept_graphs = trainer.kept_graphs();
+    trainer.save_adapter(&args.out, json!({ "base": identity.clone(), "nf4": nf4, "kept_graphs": kept_graphs }))?;
     drop(trainer);
     if args.merge {
         model.decoder.merge_adapters()?;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use prunesweep_worker::heal::Recompute;
 use prunesweep_worker::model::parse_device;
 use prunesweep_worker::serve::pipeline::DEFAULT_STATE_CACHE_BYTES;
 use prunesweep_worker::serve::roots::Roots;
@@ -53,6 +54,14 @@ pub struct ServeArgs {
     #[arg(long, env = "PRUNESWEEP_STATE_CACHE_GIB", value_parser = gib,
         default_value_t = (DEFAULT_STATE_CACHE_BYTES >> 30) as f64)]
     state_cache_gib: f64,
+    /// Which blocks of a healing cell keep their activations for the backward pass; the others
+    /// are recomputed from their saved inputs (the same gradients): `fit`, as many of the top
+    /// blocks as 90% of the free memory (at most `--memory-budget-gib`) holds beside the rest of
+    /// the cell; `all`; or a number of top blocks (0: every block recomputed, the least memory,
+    /// which is what the coordinator's memory model leases a cell for: for several workers
+    /// sharing one machine's memory).
+    #[arg(long, env = "PRUNESWEEP_KEEP_GRAPHS", default_value = "fit", value_name = "fit|all|N")]
+    keep_graphs: Recompute,
     /// Exit after this many jobs (default: serve until Ctrl-C / SIGTERM).
     #[arg(long)]
     max_jobs: Option<usize>,
@@ -78,6 +87,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         roots,
         memory_budget: args.memory_budget_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
         state_cache: (args.state_cache_gib * (1u64 << 30) as f64) as u64,
+        recompute: args.keep_graphs,
         coordinator: args.coordinator,
         name,
         device_name: args.device,

@@ -105,11 +105,48 @@ pub struct HealConfig {
     pub checkpoint_every: usize,
     /// Freeze the base in NF4 (QLoRA); `false` trains against the dense base (plain LoRA).
     pub quantize: bool,
-    /// Recompute each decoder block in the backward pass from its saved input instead of keeping
-    /// every block's activations ([`super::gradients`]): the same gradients in a fraction of the
-    /// memory, for one more forward pass. Not part of a checkpoint's fingerprint: a run may be
-    /// resumed with it switched either way.
-    pub recompute: bool,
+    /// Which decoder blocks keep their activations for the backward pass; the others are
+    /// recomputed from their saved inputs ([`super::gradients`]): the same gradients either way.
+    /// Not part of a checkpoint's fingerprint: a run may be resumed with another choice.
+    pub recompute: Recompute,
+}
+
+/// Which decoder blocks keep their autograd graphs for the backward pass; the others are run
+/// again in it from their saved inputs ([`super::gradients`]). Each kept graph saves one
+/// block's forward pass per micro-batch (with every block recomputed a step does ~1.4× the work
+/// of full backpropagation) and costs that block's activations in memory
+/// ([`prunesweep_proto::memory::Training::block_graph_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recompute {
+    /// As many of the top blocks keep their graphs as the device's free memory holds when
+    /// training starts, beyond what the run needs with every block recomputed
+    /// ([`super::gradients::graphs_that_fit`]): full backpropagation's speed where the memory is
+    /// there, recomputation's memory where it is not. The default.
+    Fit,
+    /// Exactly the top `n` blocks keep their graphs: 0 recomputes every block (the least
+    /// memory), `usize::MAX` none (full backpropagation).
+    Top(usize),
+}
+
+impl Recompute {
+    /// Full backpropagation: every block keeps its graph.
+    pub const NONE: Recompute = Recompute::Top(usize::MAX);
+    /// Every block recomputed: the least memory.
+    pub const ALL: Recompute = Recompute::Top(0);
+}
+
+impl FromStr for Recompute {
+    type Err = String;
+    /// `fit`, `all` (every graph kept), or a number of top blocks.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fit" => Ok(Recompute::Fit),
+            "all" => Ok(Recompute::NONE),
+            n => n.parse().map(Recompute::Top).map_err(|_| {
+                format!("`{n}`: give `fit` (as many as free memory holds), `all`, or a number of blocks (0: none)")
+            }),
+        }
+    }
 }
 
 impl Default for HealConfig {
@@ -143,8 +180,8 @@ impl HealConfig {
             seed,
             checkpoint_every: q.checkpoint_every as usize,
             quantize: q.quantize_base,
-            // The contract has no setting for it: a sweep's heal always saves the memory.
-            recompute: true,
+            // The contract has no setting for it: a sweep's heal uses the memory its worker has.
+            recompute: Recompute::Fit,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -5,8 +5,8 @@
 //!   [`prepare`] turns a spec into a [`Trainer`], for `worker heal` and a sweep's cells alike.
 //! - [`packing`]: documents → fixed-length training chunks.
 //! - [`loss`]: the next-token loss (fused cross-entropy).
-//! - [`gradients`]: a micro-batch's adapter gradients, by default recomputing each block in the
-//!   backward pass instead of keeping every block's activations.
+//! - [`gradients`]: a micro-batch's adapter gradients, recomputing in the backward pass the
+//!   blocks whose activations the free memory does not hold (or as many as told).
 //! - [`optim`]: AdamW, the cosine schedule with warmup, gradient clipping.
 //! - [`checkpoint`]: the resumable training state, written atomically.
 //! - [`adapter`]: the PEFT adapter folder (write, and attach for evaluation).
@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 use crate::model::lora::{mix_seed, LoraSpec};
 use crate::model::{candle_message, Model, ModelError};
 use checkpoint::Checkpoint;
-pub use config::{HealConfig, HealSpec, TargetSet};
+pub use config::{HealConfig, HealSpec, Recompute, TargetSet};
 pub use gradients::accumulate_gradients;
 pub use loss::next_token_loss;
 use optim::{clip_grad_norm, cosine_lr, AdamW};
@@ -134,6 +134,9 @@ pub struct Trainer<'m> {
     step: usize,
     /// Step of the last checkpoint on disk, if any.
     last_checkpoint: Option<usize>,
+    /// How many of the top blocks keep their graphs for the backward pass
+    /// ([`HealConfig::recompute`] resolved: [`Trainer::fit_graphs`]).
+    kept_graphs: usize,
     /// (parameters, bytes) of the NF4 base.
     pub quantized: (usize, usize),
 }
@@ -185,8 +188,10 @@ impl<'m> Trainer<'m> {
             opt,
             step: 0,
             last_checkpoint: None,
+            kept_graphs: 0,
             quantized,
         };
+        trainer.fit_graphs(crate::device::free_memory(trainer.model.decoder.device()));
         let path = trainer.checkpoint_path();
         match (resume, path.exists()) {
             (true, true) => trainer.restore(&path)?,
@@ -200,6 +205,21 @@ impl<'m> Trainer<'m> {
             (false, false) => {}
         }
         Ok(trainer)
+    }
+
+    /// Sizes [`HealConfig::recompute`] for `free` bytes of free device memory (the model,
+    /// adapters and moments already in it; `None`: unknown) and returns how many of the top
+    /// blocks keep their graphs ([`gradients::graphs_that_fit`]). [`Trainer::new`] sizes it for
+    /// the device's free memory; `worker serve` again for what its memory budget leaves.
+    pub fn fit_graphs(&mut self, free: Option<u64>) -> usize {
+        self.kept_graphs = gradients::graphs_that_fit(&self.model.decoder, &self.cfg, &self.lora.targets, free);
+        self.kept_graphs
+    }
+
+    /// How many of the top blocks keep their graphs for the backward pass (the rest are
+    /// recomputed): at least the number of blocks for full backpropagation.
+    pub fn kept_graphs(&self) -> usize {
+        self.kept_graphs
     }
 
     /// The settings in force.
@@ -305,8 +325,8 @@ impl<'m> Trainer<'m> {
         HealError::NonFinite { step: self.step, value, kept }
     }
 
-    /// One optimizer update: `batch / micro_batch` forward/backward passes (recomputing each
-    /// block in the backward pass unless `cfg.recompute` is off), clipping, AdamW.
+    /// One optimizer update: `batch / micro_batch` forward/backward passes (recomputing the
+    /// blocks below the top [`Trainer::kept_graphs`] in the backward pass), clipping, AdamW.
     pub fn train_step(&mut self) -> Result<(f64, f64, f64), HealError> {
         let accum = self.cfg.accumulation();
         let device = self.model.decoder.device().clone();
@@ -319,7 +339,7 @@ impl<'m> Trainer<'m> {
             self.model
                 .decoder
                 .set_adapter_training(Some(mix_seed(self.cfg.seed ^ 0xD50F, (self.step * accum + micro) as u64)));
-            let value = accumulate_gradients(self.model, &ids, self.cfg.recompute, accum as f64, &vars, &mut grads);
+            let value = accumulate_gradients(self.model, &ids, self.kept_graphs, accum as f64, &vars, &mut grads);
             self.model.decoder.set_adapter_training(None);
             let value = value?;
             if !value.is_finite() {

@@ -232,14 +232,44 @@ impl Block {
     }
 
     /// Calls `f` with the block's parts: held, or read from the checkpoint for the call and
-    /// dropped after it. Every caller runs a block as `with_layers(|l| l.forward(..))`, so that
-    /// one read serves however many passes `f` runs.
-    pub(super) fn with_layers<R>(&self, f: impl FnOnce(&Layers) -> candle_core::Result<R>) -> candle_core::Result<R> {
-        match &self.weights {
-            BlockWeights::Resident(layers) => f(layers),
-            BlockWeights::Offloaded(o) => {
+    /// dropped after it — by `ahead` when it was started earlier ([`Block::read_ahead`]). Every
+    /// caller runs a block as `with_layers(ahead, |l| l.forward(..))`, so that one read serves
+    /// however many passes `f` runs.
+    pub(super) fn with_layers<R>(
+        &self,
+        ahead: Option<ReadAhead>,
+        f: impl FnOnce(&Layers) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        match (&self.weights, ahead) {
+            (BlockWeights::Resident(layers), _) => f(layers),
+            (BlockWeights::Offloaded(_), Some(ahead)) => f(&ahead.finish()?),
+            (BlockWeights::Offloaded(o), None) => {
                 f(&o.read(self.original_index, &self.device).map_err(candle_core::Error::wrap)?)
             }
+        }
+    }
+
+    /// For an offloaded block, starts reading it from the checkpoint on another thread, so that
+    /// the read overlaps the block before it running (on a GPU, the host's file reading and
+    /// conversion overlap the device's work); `None` for a held block. A pass then holds two
+    /// offloaded blocks at a time, the one running and the next.
+    pub(super) fn read_ahead(&self) -> Option<ReadAhead> {
+        let BlockWeights::Offloaded(o) = &self.weights else { return None };
+        let (o, index, device) = (o.clone(), self.original_index, self.device.clone());
+        Some(ReadAhead(std::thread::spawn(move || o.read(index, &device))))
+    }
+}
+
+/// An offloaded block's read, started on another thread by [`Block::read_ahead`]; given to that
+/// block's [`Block::with_layers`]. Dropped unused, the read finishes and is dropped.
+pub(super) struct ReadAhead(std::thread::JoinHandle<Result<Layers, ModelError>>);
+
+impl ReadAhead {
+    /// Waits for the read.
+    fn finish(self) -> candle_core::Result<Layers> {
+        match self.0.join() {
+            Ok(read) => read.map_err(candle_core::Error::wrap),
+            Err(_) => candle_core::bail!("the thread reading a block from the checkpoint panicked"),
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! [`Decoder::load_offloaded`] loads the embedding, final norm and LM head and leaves every block
 //! in the checkpoint's safetensors files. Each pass reads an offloaded block onto the device just
-//! before it runs and drops it after, so the device holds one such block at a time; the numbers
+//! while the block before it runs ([`Block::read_ahead`]) and drops it after, so the device holds
+//! two such blocks at a time, the one running and the next; the numbers
 //! are the same to the bit as a whole-model load's (the same tensors, read the same way, run
 //! through the same ops). [`Decoder::make_resident`] then keeps as many blocks as the free memory
 //! holds, so only the rest are read again for every pass: a 70B model in bf16 (131 GiB) is
@@ -78,8 +79,11 @@ impl Decoder {
             let (_, context) = self.pass_context(ids, packing, prefix)?;
             states.push((self.embed(ids)?, PassContexts::new(self.device(), context)));
         }
+        let mut ahead = self.blocks.first().and_then(Block::read_ahead);
         for (l, block) in self.blocks.iter().enumerate() {
-            block.with_layers(|layers| {
+            // This block's read (when offloaded) was started before; start the next one's.
+            let this = std::mem::replace(&mut ahead, self.blocks.get(l + 1).and_then(Block::read_ahead));
+            block.with_layers(this, |layers| {
                 for (x, contexts) in &mut states {
                     let kv = prefix.map(|p| &p.layers[l]);
                     let (input, context) = contexts.enter(block, x)?;

@@ -42,6 +42,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
+use crate::heal::Recompute;
 use crate::job::{Job, JobError};
 use outbox::{Outbox, Report};
 use pipeline::{Pipeline, Progress};
@@ -65,6 +66,9 @@ pub struct ServeConfig {
     /// Host memory the held model may keep evaluation passes' residual states in, for the next
     /// cells (`--state-cache-gib`; 0: none).
     pub state_cache: u64,
+    /// Which blocks of a healing cell keep their graphs (`--keep-graphs`; a job's own setting
+    /// is always [`Recompute::Fit`]).
+    pub recompute: Recompute,
     /// Long-poll wait per `LeaseJob` call.
     pub lease_wait: Duration,
     /// Stop after this many jobs (tests, batch use); `None` serves until shutdown.
@@ -227,7 +231,8 @@ pub async fn serve(cfg: ServeConfig, device: Device, shutdown: impl Future<Outpu
     let mut pipeline = Some(
         Pipeline::new(device, cfg.work_dir.clone(), cfg.roots.clone())
             .with_memory_budget(cfg.memory_budget)
-            .with_state_cache(cfg.state_cache),
+            .with_state_cache(cfg.state_cache)
+            .with_recompute(cfg.recompute),
     );
     let mut done = 0usize;
     let mut backoff = Backoff::new();

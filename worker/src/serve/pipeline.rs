@@ -15,7 +15,7 @@ use candle_core::{DType, Device};
 use prunesweep_proto::v1::{Distance, DistanceMetric, JobSpec, PhaseTiming, ResultRow};
 
 use crate::eval::{self, EvalReport, EvalSpec, Task};
-use crate::heal::{self, HealEnd, HealError, HealSpec};
+use crate::heal::{self, HealConfig, HealEnd, HealError, HealSpec, Recompute};
 use crate::job::{Cell, FileKind, Job, JobError, Work};
 use crate::model::weights::ModelSource;
 use crate::model::{default_dtype, streamed, Model, ModelError};
@@ -99,6 +99,8 @@ pub struct Pipeline {
     loaded: Option<Loaded>,
     /// At most this much of the device's memory is counted as free (`None`: all of it).
     memory_budget: Option<u64>,
+    /// Which blocks of a healing cell keep their graphs ([`Pipeline::with_recompute`]).
+    recompute: Recompute,
     /// Host memory the loaded model may keep residual states in between jobs
     /// ([`crate::model::state_cache`]).
     state_cache: u64,
@@ -172,6 +174,7 @@ impl Pipeline {
             roots,
             loaded: None,
             memory_budget: None,
+            recompute: Recompute::Fit,
             state_cache: DEFAULT_STATE_CACHE_BYTES,
             expected: None,
         }
@@ -201,6 +204,14 @@ impl Pipeline {
     /// (a device shared with other work; tests).
     pub fn with_memory_budget(mut self, bytes: Option<u64>) -> Self {
         self.memory_budget = bytes;
+        self
+    }
+
+    /// Which blocks of a healing cell keep their activations for the backward pass (default
+    /// [`Recompute::Fit`]: as many of the top ones as the free memory, at most the budget,
+    /// holds; the rest are recomputed).
+    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
+        self.recompute = recompute;
         self
     }
 
@@ -407,7 +418,11 @@ impl Pipeline {
                  worker's, or another worker's on a shared work dir)"
             );
         }
-        let mut trainer = heal::prepare(model, spec, &dir, identity, true).map_err(heal_failure)?;
+        let spec = HealSpec { config: HealConfig { recompute: self.recompute, ..spec.config.clone() }, ..spec.clone() };
+        let mut trainer = heal::prepare(model, &spec, &dir, identity, true).map_err(heal_failure)?;
+        // The top blocks keep their graphs in what this worker's budget leaves free.
+        let kept_graphs = trainer.fit_graphs(self.free_memory());
+        tracing::info!(job = %job.key, kept_graphs, "healing (the blocks below the top `kept_graphs` are recomputed)");
         let end = trainer
             .run(&progress.stop, &mut |s| {
                 progress.set("heal", s.step as f64 / steps as f64);
