@@ -79,6 +79,20 @@ impl ModelShape {
         gated_mlp: true,
     };
 
+    /// SmolLM2-135M(-Instruct) (`config.json` of HuggingFaceTB/SmolLM2-135M): the model the
+    /// project's real runs and measurements use.
+    pub const SMOLLM2_135M: ModelShape = ModelShape {
+        layers: 30,
+        hidden: 576,
+        intermediate: 1536,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        vocab: 49152,
+        tied_embeddings: true,
+        gated_mlp: true,
+    };
+
     /// One block's projections as (rows, columns): q, k, v, o, then gate, up, down (fc1, fc2
     /// without a gated MLP).
     pub fn block_projections(&self) -> Vec<(u64, u64)> {

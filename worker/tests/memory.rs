@@ -300,19 +300,8 @@ async fn smollm2_heal_cell_with_every_graph_kept_peaks_where_the_model_says() {
     let gguf = smollm2_gguf().canonicalize().unwrap();
     let job = Job { rank: 64, micro_batch: 2, seq_len: 256, eval_seq_len: 128 };
     let mut run = run_cell_with("smollm2-all", &gguf, gguf.parent().unwrap(), &job, &["--keep-graphs", "all"]).await;
-    let smollm2 = ModelShape {
-        layers: 30,
-        hidden: 576,
-        intermediate: 1536,
-        heads: 9,
-        kv_heads: 3,
-        head_dim: 64,
-        vocab: 49152,
-        tied_embeddings: true,
-        gated_mlp: true,
-    };
     let q = QLoraSettings { rank: 64, micro_batch_size: 2, seq_len: 256, ..QLoraSettings::paper() };
-    let training = Training::new(&smollm2, &q, 4, Placement::Cpu).unwrap();
+    let training = Training::new(&ModelShape::SMOLLM2_135M, &q, 4, Placement::Cpu).unwrap();
     let kept = 29; // n = 1 cut
     let graphs = (training.activation_bytes(kept, kept) - training.activation_bytes(kept, 0)) * 6 / 5;
     run.predicted.parts.push(("kept graphs", graphs));

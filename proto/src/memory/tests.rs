@@ -124,17 +124,7 @@ fn bad_shapes_and_unknown_modules_are_named() {
 
 #[test]
 fn kept_graphs_trade_recomputation_for_their_activations() {
-    const SMOLLM2: ModelShape = ModelShape {
-        layers: 30,
-        hidden: 576,
-        intermediate: 1536,
-        heads: 9,
-        kv_heads: 3,
-        head_dim: 64,
-        vocab: 49152,
-        tied_embeddings: true,
-        gated_mlp: true,
-    };
+    const SMOLLM2: ModelShape = ModelShape::SMOLLM2_135M;
     let q = QLoraSettings { seq_len: 256, micro_batch_size: 4, batch_size: 4, ..QLoraSettings::paper() };
     for placement in [Placement::Cpu, Placement::Cuda] {
         let e = if placement == Placement::Cpu { 4 } else { 2 };

@@ -74,17 +74,7 @@ mod tests {
     use prunesweep_proto::v1::{EvalTask, EvalTaskKind, JobKind};
 
     fn shape() -> ModelShape {
-        ModelShape {
-            layers: 30,
-            hidden: 576,
-            intermediate: 1536,
-            heads: 9,
-            kv_heads: 3,
-            head_dim: 64,
-            vocab: 49152,
-            tied_embeddings: true,
-            gated_mlp: true,
-        }
+        ModelShape::SMOLLM2_135M
     }
 
     fn baseline() -> JobSpec {
