@@ -143,7 +143,10 @@ impl FromStr for Recompute {
             "fit" => Ok(Recompute::Fit),
             "all" => Ok(Recompute::NONE),
             n => n.parse().map(Recompute::Top).map_err(|_| {
-                format!("`{n}`: give `fit` (as many as free memory holds), `all`, or a number of blocks (0: none)")
+                format!(
+                    "`{n}`: give `fit` (as many as the free memory holds), `all`, or how many of the top blocks \
+                     keep theirs (0: every block is recomputed)"
+                )
             }),
         }
     }
@@ -243,4 +246,21 @@ pub struct HealSpec {
     pub first_doc: usize,
     /// The run's settings.
     pub config: HealConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_graphs_reads_fit_all_or_a_count_and_names_the_choices_otherwise() {
+        assert_eq!("fit".parse(), Ok(Recompute::Fit));
+        assert_eq!("all".parse(), Ok(Recompute::NONE));
+        assert_eq!("0".parse(), Ok(Recompute::ALL));
+        assert_eq!("12".parse(), Ok(Recompute::Top(12)));
+        let e = "-1".parse::<Recompute>().unwrap_err();
+        assert!(e.contains("`-1`") && e.contains("`fit`") && e.contains("`all`"), "{e}");
+        // A sweep's heal uses the memory its worker has.
+        assert_eq!(HealConfig::default().recompute, Recompute::Fit);
+    }
 }
