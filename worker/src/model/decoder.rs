@@ -234,10 +234,7 @@ impl Decoder {
         let stride = StateCache::stride(self.cfg.num_layers);
         let mut recorded = Vec::new();
         let mut contexts = PassContexts::new(&self.device, context);
-        let mut ahead = self.blocks.get(start).and_then(Block::read_ahead);
-        for (l, block) in self.blocks.iter().enumerate().skip(start) {
-            // This block's read (when offloaded) was started before; start the next one's.
-            let this = std::mem::replace(&mut ahead, self.blocks.get(l + 1).and_then(Block::read_ahead));
+        for (l, block, ahead) in self.blocks_reading_ahead(start) {
             observe(l, &x.to_device(&self.device)?)?;
             if let Some(key) = &key {
                 if l > start && l <= as_loaded && (l % stride == 0 || l == as_loaded) {
@@ -247,7 +244,7 @@ impl Decoder {
             let rec = record.as_ref().map(|_| &mut recorded);
             let (input, context) = contexts.enter(block, &x)?;
             let kv = prefix.map(|p| &p.layers[l]);
-            x = block.with_layers(this, |layers| layers.forward(&input, context, self.attention_chunk, kv, rec))?;
+            x = block.with_layers(ahead, |layers| layers.forward(&input, context, self.attention_chunk, kv, rec))?;
         }
         // Back where the final norm and the LM head are (a no-op unless the blocks are spread).
         let x = x.to_device(&self.device)?;

@@ -14,7 +14,7 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::KvCache;
-use super::block::{Block, Layers, PassContexts};
+use super::block::{Block, Layers, PassContexts, ReadAhead};
 use super::config::Config;
 use super::decoder::Decoder;
 use super::packing::Packing;
@@ -79,11 +79,8 @@ impl Decoder {
             let (_, context) = self.pass_context(ids, packing, prefix)?;
             states.push((self.embed(ids)?, PassContexts::new(self.device(), context)));
         }
-        let mut ahead = self.blocks.first().and_then(Block::read_ahead);
-        for (l, block) in self.blocks.iter().enumerate() {
-            // This block's read (when offloaded) was started before; start the next one's.
-            let this = std::mem::replace(&mut ahead, self.blocks.get(l + 1).and_then(Block::read_ahead));
-            block.with_layers(this, |layers| {
+        for (l, block, ahead) in self.blocks_reading_ahead(0) {
+            block.with_layers(ahead, |layers| {
                 for (x, contexts) in &mut states {
                     let kv = prefix.map(|p| &p.layers[l]);
                     let (input, context) = contexts.enter(block, x)?;
@@ -93,6 +90,20 @@ impl Decoder {
             })?;
         }
         states.into_iter().map(|(x, _)| x.to_device(self.device())).collect()
+    }
+
+    /// The kept blocks from `start` in order, each with its read when offloaded, already started:
+    /// handing out block `l` starts block `l + 1`'s read ([`Block::read_ahead`]), so that it
+    /// overlaps block `l` running. Every pass over the blocks goes through here.
+    pub(super) fn blocks_reading_ahead(
+        &self,
+        start: usize,
+    ) -> impl Iterator<Item = (usize, &Block, Option<ReadAhead>)> + '_ {
+        let mut ahead = self.blocks.get(start).and_then(Block::read_ahead);
+        self.blocks.iter().enumerate().skip(start).map(move |(l, block)| {
+            let this = std::mem::replace(&mut ahead, self.blocks.get(l + 1).and_then(Block::read_ahead));
+            (l, block, this)
+        })
     }
 
     /// How many of the kept blocks are offloaded: read from the checkpoint for each pass.

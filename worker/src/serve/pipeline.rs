@@ -15,7 +15,7 @@ use candle_core::{DType, Device};
 use prunesweep_proto::v1::{Distance, DistanceMetric, JobSpec, PhaseTiming, ResultRow};
 
 use crate::eval::{self, EvalReport, EvalSpec, Task};
-use crate::heal::{self, HealConfig, HealEnd, HealError, HealSpec, Recompute};
+use crate::heal::{self, HealEnd, HealError, HealSpec, Recompute};
 use crate::job::{Cell, FileKind, Job, JobError, Work};
 use crate::model::weights::ModelSource;
 use crate::model::{default_dtype, streamed, Model, ModelError};
@@ -418,7 +418,8 @@ impl Pipeline {
                  worker's, or another worker's on a shared work dir)"
             );
         }
-        let spec = HealSpec { config: HealConfig { recompute: self.recompute, ..spec.config.clone() }, ..spec.clone() };
+        let mut spec = spec.clone();
+        spec.config.recompute = self.recompute;
         let mut trainer = heal::prepare(model, &spec, &dir, identity, true).map_err(heal_failure)?;
         // The top blocks keep their graphs in what this worker's budget leaves free.
         let kept_graphs = trainer.fit_graphs(self.free_memory());
