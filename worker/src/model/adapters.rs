@@ -204,7 +204,7 @@ impl Decoder {
             for (_, lin) in block.projections_mut() {
                 if let Some(lora) = lin.lora.take() {
                     let w = lin.weight.to_dense(dtype, &device)?;
-                    lin.weight = Weight::Dense((w + lora.delta()?.to_dtype(dtype)?)?);
+                    lin.weight = Weight::dense((w + lora.delta()?.to_dtype(dtype)?)?)?;
                 }
             }
         }

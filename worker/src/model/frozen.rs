@@ -33,6 +33,24 @@ pub enum Weight {
 }
 
 impl Weight {
+    /// A dense weight `w` (`[out, in]`) stored for the products it takes part in: on the CPU in
+    /// f32 with a long input dimension, its values are laid out as `Wᵀ` (`[in, out]` row-major,
+    /// `w` a transposed view of them), so that the forward product `x Wᵀ` reads them row-major
+    /// (gemm is up to 2x faster so, [`super::kernels::ROW_MAJOR_RHS_MIN_K`]); as loaded
+    /// elsewhere. The values are the same either way.
+    pub fn dense(w: Tensor) -> candle_core::Result<Self> {
+        let (out_dim, in_dim) = w.dims2()?;
+        if !(w.device().is_cpu() && w.dtype() == DType::F32 && super::kernels::row_major_rhs_pays(in_dim)) {
+            return Ok(Weight::Dense(w));
+        }
+        let w = w.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let values = super::kernels::f32_slice("dense weight", cpu_storage("dense weight", &storage)?, layout)?;
+        let transposed =
+            Tensor::from_vec(super::kernels::transpose(values, out_dim, in_dim), (in_dim, out_dim), &Device::Cpu)?;
+        Ok(Weight::Dense(transposed.t()?))
+    }
+
     /// `[out, in]`.
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
@@ -65,10 +83,20 @@ impl Weight {
     /// CPU kernel; otherwise tile by tile with stock ops.
     fn product(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
         match self {
+            _ if fused => {
+                let x = x.contiguous()?;
+                let (storage, layout) = x.storage_and_layout();
+                let y = self.cpu_product(&Mat::new(cpu_storage("frozen-matmul", &storage)?, layout)?)?;
+                Tensor::from_vec(y, (x.dim(0)?, self.dims()?.0), x.device())
+            }
             Weight::Dense(w) => x.matmul(&w.t()?),
-            Weight::Nf4(m) if fused => x.matmul(&m.dequantize(x.device())?.t()?),
             Weight::Nf4(m) => m.matmul_t(x),
         }
+    }
+
+    /// `x Wᵀ` on the CPU in f32, read straight from the input's and the weight's values.
+    fn cpu_product(&self, x: &Mat) -> candle_core::Result<Vec<f32>> {
+        self.with_cpu_mat("frozen-matmul", |w| matmul(x, &w.t()?))?
     }
 
     /// `g W`, the input's gradient for an output gradient `g: [n, out]`.
@@ -158,8 +186,7 @@ impl CustomOp1 for FrozenMatMul {
             if cols != in_dim {
                 candle_core::bail!("frozen-matmul: input has {cols} features, the weight expects {in_dim}");
             }
-            let x = Mat::new(storage, layout)?;
-            let y = self.weight.with_cpu_mat(self.name(), |w| matmul(&x, &w.t()?))??;
+            let y = self.weight.cpu_product(&Mat::new(storage, layout)?)?;
             return Ok((CpuStorage::F32(y), Shape::from((n, rows))));
         }
         self.fwd(storage, layout, Storage::Cpu, |s| match s {
@@ -210,7 +237,12 @@ pub(crate) mod tests {
     /// The frozen product and the plain one, on `x` in `dtype`: values, the input's gradient, and
     /// whether the dense weight got a gradient.
     fn check(weight: &Weight, dense: &Tensor, dtype: DType, tol: f32) {
-        let x = Var::from_tensor(&random((5, dense.dim(1).unwrap()), 2).to_dtype(dtype).unwrap()).unwrap();
+        check_rows(weight, dense, 5, dtype, tol)
+    }
+
+    /// [`check`] on an input of `rows` rows.
+    fn check_rows(weight: &Weight, dense: &Tensor, rows: usize, dtype: DType, tol: f32) {
+        let x = Var::from_tensor(&random((rows, dense.dim(1).unwrap()), 2).to_dtype(dtype).unwrap()).unwrap();
         let dense = dense.to_dtype(dtype).unwrap();
         let y = weight.matmul_t(x.as_tensor()).unwrap();
         let y_ref = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
@@ -250,6 +282,26 @@ pub(crate) mod tests {
         let tiled = Weight::Nf4(Arc::new((*nf4).clone().with_tile_values(5 * 70)));
         with_stock_ops(|| check(&tiled, &w_nf4, DType::F32, 1e-5));
         check(&tiled, &w_nf4, DType::BF16, 2e-2);
+    }
+
+    #[test]
+    fn a_long_input_weight_is_stored_transposed_with_the_same_values_and_products() {
+        // 780 inputs: stored as Wᵀ row-major; 800 outputs: the backward product copies W
+        // row-major again (70 rows, enough to repay the copy). A short-input weight stays as is.
+        let w = random((800, 780), 5);
+        let weight = Weight::dense(w.clone()).unwrap();
+        let Weight::Dense(stored) = &weight else { panic!("a dense weight") };
+        assert!(!stored.is_contiguous() && stored.t().unwrap().is_contiguous(), "stored as Wᵀ row-major");
+        assert_eq!(max_diff(stored, &w), 0.0);
+        check_rows(&weight, &w, 70, DType::F32, 1e-4);
+        let plain = weight.matmul_t(&random((70, 780), 6)).unwrap();
+        let reference = random((70, 780), 6).matmul(&w.t().unwrap()).unwrap();
+        assert!(max_diff(&plain, &reference) <= 1e-4, "{}", max_diff(&plain, &reference));
+        let short = random((30, 64), 7);
+        let Weight::Dense(kept) = Weight::dense(short.clone()).unwrap() else { panic!("a dense weight") };
+        assert!(kept.is_contiguous());
+        let Weight::Dense(bf16) = Weight::dense(w.to_dtype(DType::BF16).unwrap()).unwrap() else { panic!() };
+        assert!(bf16.is_contiguous(), "only f32 on the CPU is laid out for gemm");
     }
 
     #[test]

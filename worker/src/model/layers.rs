@@ -41,7 +41,7 @@ impl Linear {
         let weight = if w.quantizes(&weight_name) {
             Weight::Nf4(Arc::new(w.take_nf4(&weight_name, [out_dim, in_dim])?))
         } else {
-            Weight::Dense(w.take(&weight_name, &[out_dim, in_dim])?)
+            Weight::dense(w.take(&weight_name, &[out_dim, in_dim])?)?
         };
         let bias = if bias { Some(w.take(&format!("{name}.bias"), &[out_dim])?) } else { None };
         Ok(Linear { weight, bias, lora: None })
