@@ -286,8 +286,8 @@ pub(crate) mod tests {
 
     #[test]
     fn a_long_input_weight_is_stored_transposed_with_the_same_values_and_products() {
-        // 780 inputs: stored as Wᵀ row-major; 800 outputs: the backward product copies W
-        // row-major again (70 rows, enough to repay the copy). A short-input weight stays as is.
+        // 780 inputs: stored as Wᵀ row-major, the backward product reading W through a view. A
+        // short-input weight stays as is.
         let w = random((800, 780), 5);
         let weight = Weight::dense(w.clone()).unwrap();
         let Weight::Dense(stored) = &weight else { panic!("a dense weight") };

@@ -107,32 +107,18 @@ impl<'a> Mat<'a> {
     pub fn t(&self) -> candle_core::Result<Self> {
         Ok(Mat { storage: self.storage, layout: self.layout.transpose(0, 1)? })
     }
-
-    /// For a column-major `rows × cols` matrix (the transpose of a row-major one), its values:
-    /// `cols` runs of `rows`. `None` for any other layout.
-    fn column_major_values(&self) -> candle_core::Result<Option<&'a [f32]>> {
-        let (rows, cols) = self.layout.shape().dims2()?;
-        if self.layout.stride() != [1, rows] {
-            return Ok(None);
-        }
-        let CpuStorage::F32(values) = self.storage else { return Ok(None) };
-        let start = self.layout.start_offset();
-        Ok(values.get(start..start + rows * cols))
-    }
 }
 
 /// The inner dimension from which gemm's f32 kernels multiply by a column-major right-hand side
 /// markedly slower than by the same matrix row-major: on a Zen 4 (2 cores, AVX-512), `x Wᵀ` at
 /// 1024 rows ran 101 / 148 / 110 / 136 GFLOP/s for K = 768 / 1024 / 1536 / 2048 (N = 576) with
 /// `Wᵀ` a view, against 161-196 with `Wᵀ` stored row-major; at K = 576 the two were equal
-/// (`scripts/bench-gemm.sh` prints both layouts). Decoder weights whose input dimension reaches
-/// it are stored transposed on the CPU (`Linear`), and [`matmul`] copies such an operand
-/// row-major first.
+/// (`scripts/bench-gemm.sh` prints both layouts). Dense block weights whose input dimension
+/// reaches it are stored transposed on the CPU ([`super::frozen::Weight::dense`]). Products with
+/// an NF4 weight, decoded for each product, still read its `Wᵀ` as a view: copying it row-major
+/// per product held a second decoded matrix at a time, and the wide memory test's peak rose past
+/// the memory model's ±15%.
 pub const ROW_MAJOR_RHS_MIN_K: usize = 768;
-
-/// The fewest left-hand rows for which [`matmul`] copies a column-major operand row-major: the
-/// copy reads and writes `K·N` values once, the product saves time on each of `M` rows.
-const ROW_MAJOR_RHS_MIN_ROWS: usize = 64;
 
 /// Whether a product with inner dimension `k` runs faster with its right-hand operand stored
 /// row-major (see [`ROW_MAJOR_RHS_MIN_K`]).
@@ -166,22 +152,12 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// `a b` as a row-major f32 vector: candle's CPU matmul (the gemm crate's kernels, on rayon's
-/// threads) reading both operands where they lie, except a column-major `b` (a weight's `Wᵀ`
-/// view) over a long inner dimension, which is first copied row-major when `a` has enough rows
-/// to repay the copy (see [`ROW_MAJOR_RHS_MIN_K`]).
+/// threads) reading both operands where they lie.
 pub fn matmul(a: &Mat, b: &Mat) -> candle_core::Result<Vec<f32>> {
     let ((m, k), (k_b, n)) = (a.layout.shape().dims2()?, b.layout.shape().dims2()?);
     if k != k_b {
         candle_core::bail!("matmul: {m}x{k} times {k_b}x{n}")
     }
-    let row_major;
-    let b = match b.column_major_values()? {
-        Some(values) if m >= ROW_MAJOR_RHS_MIN_ROWS && row_major_rhs_pays(k) => {
-            row_major = CpuStorage::F32(transpose(values, n, k));
-            Mat::rows(&row_major, k, n)?
-        }
-        _ => b.clone(),
-    };
     let product =
         candle_core::backend::BackendStorage::matmul(a.storage, b.storage, (1, m, n, k), &a.layout, &b.layout)?;
     match product {
@@ -208,29 +184,6 @@ mod tests {
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(t[c * rows + r], v[r * cols + c], "{rows}x{cols} at ({r}, {c})");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn matmul_by_a_column_major_operand_is_the_product_whether_copied_or_not() {
-        // k = 800 copies the transposed view row-major for 70 rows, not for 8.
-        for (m, k, n) in [(70, 800, 40), (8, 800, 40), (70, 100, 40)] {
-            let a = CpuStorage::F32(values(m * k, 1));
-            let b_t = CpuStorage::F32(values(n * k, 2));
-            let (a_mat, b_mat) = (Mat::rows(&a, m, k).unwrap(), Mat::rows(&b_t, n, k).unwrap().t().unwrap());
-            let ours = matmul(&a_mat, &b_mat).unwrap();
-            let CpuStorage::F32(b_values) = &b_t else { unreachable!() };
-            let (a_values, b_rows) = (values(m * k, 1), transpose(b_values, n, k));
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k).map(|l| a_values[i * k + l] as f64 * b_rows[l * n + j] as f64).sum();
-                    let got = ours[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                        "{m}x{k}x{n} ({i}, {j}): {got} vs {want}"
-                    );
                 }
             }
         }
