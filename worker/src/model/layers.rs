@@ -67,7 +67,7 @@ impl Linear {
             Weight::Nf4(Arc::new(w.take_nf4(&weight_name, [out_dim, in_dim])?))
         } else {
             let dense = w.take(&weight_name, &[out_dim, in_dim])?;
-            if lay_out {
+            if lay_out && w.lays_out() {
                 Weight::dense(dense)?
             } else {
                 Weight::Dense(dense)

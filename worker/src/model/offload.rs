@@ -47,7 +47,7 @@ impl Offloaded {
     /// Block `index` read from the checkpoint onto `device`, every tensor checked as a
     /// whole-model load checks it.
     pub(super) fn read(&self, index: usize, device: &Device) -> Result<Layers, ModelError> {
-        let mut w = self.source.block(index).expect("made from files, so readable again").onto(device);
+        let mut w = self.source.block(index).expect("made from files, so readable again").onto(device).keep_layout();
         Layers::load(&mut w, index, &self.cfg)
     }
 }

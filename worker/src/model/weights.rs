@@ -52,6 +52,8 @@ pub struct WeightMap {
     fused: Option<(String, Tensor)>,
     /// Whether block projections are taken as NF4 ([`WeightMap::quantize_blocks`]).
     nf4_blocks: bool,
+    /// Whether dense weights keep the checkpoint's layout ([`WeightMap::keep_layout`]).
+    as_stored: bool,
 }
 
 impl WeightMap {
@@ -66,6 +68,7 @@ impl WeightMap {
             device: device.clone(),
             fused: None,
             nf4_blocks: false,
+            as_stored: false,
         }
     }
 
@@ -81,6 +84,7 @@ impl WeightMap {
             device: device.clone(),
             fused: None,
             nf4_blocks: false,
+            as_stored: false,
         }
     }
 
@@ -90,6 +94,21 @@ impl WeightMap {
     pub fn quantize_blocks(mut self) -> Self {
         self.nf4_blocks = true;
         self
+    }
+
+    /// Keeps every dense weight in the checkpoint's layout instead of laying long-input block
+    /// weights out for the CPU's products ([`super::frozen::Weight::dense`]): a block read from the
+    /// checkpoint for each pass ([`super::offload`]) is used once, so the transposing copy would
+    /// cost more than it saves.
+    pub fn keep_layout(mut self) -> Self {
+        self.as_stored = true;
+        self
+    }
+
+    /// Whether dense block weights are laid out for the CPU's products (see
+    /// [`WeightMap::keep_layout`]).
+    pub fn lays_out(&self) -> bool {
+        !self.as_stored
     }
 
     /// Whether the projection weight `name` is to be taken as NF4 ([`WeightMap::quantize_blocks`]
@@ -122,6 +141,7 @@ impl WeightMap {
             device: device.clone(),
             fused: None,
             nf4_blocks: false,
+            as_stored: false,
         })
     }
 
@@ -148,6 +168,7 @@ impl WeightMap {
             device: self.device.clone(),
             fused: None,
             nf4_blocks: false,
+            as_stored: false,
         })
     }
 
