@@ -87,7 +87,7 @@ impl Decoder {
             }
             Linear::dense(embed_tokens.clone())
         } else {
-            Linear::load_head(&mut w, "lm_head", v, h, cfg.lm_head_bias)?
+            Linear::load(&mut w, "lm_head", v, h, cfg.lm_head_bias)?
         };
         w.finish(cfg.num_layers)?;
         let (device, dtype) = (embed_tokens.device().clone(), embed_tokens.dtype());

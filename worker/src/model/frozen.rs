@@ -39,16 +39,11 @@ impl Weight {
     /// (gemm is up to 2x faster so, [`super::kernels::ROW_MAJOR_RHS_MIN_K`]); as loaded
     /// elsewhere. The values are the same either way.
     pub fn dense(w: Tensor) -> candle_core::Result<Self> {
-        let (out_dim, in_dim) = w.dims2()?;
-        if !(w.device().is_cpu() && w.dtype() == DType::F32 && super::kernels::row_major_rhs_pays(in_dim)) {
-            return Ok(Weight::Dense(w));
+        let in_dim = w.dims2()?.1;
+        if w.device().is_cpu() && w.dtype() == DType::F32 && in_dim >= super::kernels::ROW_MAJOR_RHS_MIN_K {
+            return Ok(Weight::Dense(w.t()?.contiguous()?.t()?));
         }
-        let w = w.contiguous()?;
-        let (storage, layout) = w.storage_and_layout();
-        let values = super::kernels::f32_slice("dense weight", cpu_storage("dense weight", &storage)?, layout)?;
-        let transposed =
-            Tensor::from_vec(super::kernels::transpose(values, out_dim, in_dim), (in_dim, out_dim), &Device::Cpu)?;
-        Ok(Weight::Dense(transposed.t()?))
+        Ok(Weight::Dense(w))
     }
 
     /// `[out, in]`.

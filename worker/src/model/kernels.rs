@@ -9,7 +9,6 @@
 use std::cell::Cell;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
-use rayon::prelude::*;
 
 thread_local! {
     static STOCK_OPS: Cell<bool> = const { Cell::new(false) };
@@ -120,37 +119,6 @@ impl<'a> Mat<'a> {
 /// the memory model's ±15%.
 pub const ROW_MAJOR_RHS_MIN_K: usize = 768;
 
-/// Whether a product with inner dimension `k` runs faster with its right-hand operand stored
-/// row-major (see [`ROW_MAJOR_RHS_MIN_K`]).
-pub fn row_major_rhs_pays(k: usize) -> bool {
-    k >= ROW_MAJOR_RHS_MIN_K
-}
-
-/// The row-major `cols × rows` transpose of row-major `values` (`rows × cols`), tile by tile so
-/// that reads and writes both stay within a few cache lines, on rayon's threads.
-pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
-    assert_eq!(values.len(), rows * cols, "transpose: {rows}x{cols} needs {} values", rows * cols);
-    let mut out = vec![0f32; rows * cols];
-    if rows == 0 || cols == 0 {
-        return out;
-    }
-    // Each task writes TILE output rows (= TILE input columns).
-    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(task, dst)| {
-        let c0 = task * TILE;
-        let width = dst.len() / rows;
-        for r0 in (0..rows).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let src = &values[r * cols + c0..r * cols + c0 + width];
-                for (c, &v) in src.iter().enumerate() {
-                    dst[c * rows + r] = v;
-                }
-            }
-        }
-    });
-    out
-}
-
 /// `a b` as a row-major f32 vector: candle's CPU matmul (the gemm crate's kernels, on rayon's
 /// threads) reading both operands where they lie.
 pub fn matmul(a: &Mat, b: &Mat) -> candle_core::Result<Vec<f32>> {
@@ -164,28 +132,6 @@ pub fn matmul(a: &Mat, b: &Mat) -> candle_core::Result<Vec<f32>> {
         CpuStorage::F32(values) => Ok(values),
         other => {
             candle_core::bail!("matmul: f32 operands gave {:?}", candle_core::backend::BackendStorage::dtype(&other))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 31 + seed * 17) as f32 * 0.173).sin()).collect()
-    }
-
-    #[test]
-    fn transpose_moves_every_value_across_tile_edges() {
-        for (rows, cols) in [(1, 1), (3, 70), (70, 3), (33, 65), (64, 32)] {
-            let v = values(rows * cols, rows);
-            let t = transpose(&v, rows, cols);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(t[c * rows + r], v[r * cols + c], "{rows}x{cols} at ({r}, {c})");
-                }
-            }
         }
     }
 }

@@ -30,7 +30,8 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A block projection, a dense weight laid out for the CPU's products ([`Weight::dense`]).
+    /// A projection; a dense block weight is laid out for the CPU's products
+    /// ([`WeightMap::lays_out`]).
     pub(super) fn load(
         w: &mut WeightMap,
         name: &str,
@@ -38,36 +39,12 @@ impl Linear {
         in_dim: usize,
         bias: bool,
     ) -> Result<Self, ModelError> {
-        Self::load_laid_out(w, name, out_dim, in_dim, bias, true)
-    }
-
-    /// The LM head, a dense weight kept as the checkpoint stores it: its product (K = hidden, N =
-    /// vocabulary) runs as fast through the transposed view (`scripts/bench-gemm.sh`'s shapes), and
-    /// laying it out would hold a second copy of the model's largest matrix while loading.
-    pub(super) fn load_head(
-        w: &mut WeightMap,
-        name: &str,
-        out_dim: usize,
-        in_dim: usize,
-        bias: bool,
-    ) -> Result<Self, ModelError> {
-        Self::load_laid_out(w, name, out_dim, in_dim, bias, false)
-    }
-
-    fn load_laid_out(
-        w: &mut WeightMap,
-        name: &str,
-        out_dim: usize,
-        in_dim: usize,
-        bias: bool,
-        lay_out: bool,
-    ) -> Result<Self, ModelError> {
         let weight_name = format!("{name}.weight");
         let weight = if w.quantizes(&weight_name) {
             Weight::Nf4(Arc::new(w.take_nf4(&weight_name, [out_dim, in_dim])?))
         } else {
             let dense = w.take(&weight_name, &[out_dim, in_dim])?;
-            if lay_out && w.lays_out() {
+            if w.lays_out(&weight_name) {
                 Weight::dense(dense)?
             } else {
                 Weight::Dense(dense)

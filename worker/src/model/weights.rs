@@ -105,17 +105,20 @@ impl WeightMap {
         self
     }
 
-    /// Whether dense block weights are laid out for the CPU's products (see
-    /// [`WeightMap::keep_layout`]).
-    pub fn lays_out(&self) -> bool {
-        !self.as_stored
+    /// Whether the dense weight `name` is to be laid out for the CPU's products
+    /// ([`super::frozen::Weight::dense`]): a block projection, unless [`WeightMap::keep_layout`].
+    /// The LM head keeps the checkpoint's layout: its product (K = hidden, N = vocabulary) runs
+    /// as fast through the transposed view, and laying it out would hold a second copy of the
+    /// model's largest matrix while loading.
+    pub fn lays_out(&self, name: &str) -> bool {
+        !self.as_stored && is_block_weight(name)
     }
 
     /// Whether the projection weight `name` is to be taken as NF4 ([`WeightMap::quantize_blocks`]
     /// and a block projection; the LM head stays dense, as [`super::Decoder::quantize_nf4`] leaves
     /// it).
     pub fn quantizes(&self, name: &str) -> bool {
-        self.nf4_blocks && name.starts_with("model.layers.")
+        self.nf4_blocks && is_block_weight(name)
     }
 
     /// An HF directory's checkpoint (single file or shards), read tensor by tensor as the decoder
@@ -509,4 +512,10 @@ pub(crate) fn unfuse(tensors: &mut HashMap<String, Tensor>, cfg: &Config, origin
         tensors.remove(&fused);
     }
     Ok(())
+}
+
+/// Whether `name` is a decoder block's tensor (`model.layers.*`), as opposed to the embedding,
+/// the final norm and the LM head.
+fn is_block_weight(name: &str) -> bool {
+    name.starts_with("model.layers.")
 }
