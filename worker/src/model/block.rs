@@ -174,7 +174,7 @@ impl Block {
             return Ok(0);
         }
         let bytes = o.bytes();
-        self.weights = BlockWeights::Resident(Box::new(o.read(self.original_index, &self.device)?));
+        self.weights = BlockWeights::Resident(Box::new(o.read_to_hold(self.original_index, &self.device)?));
         Ok(bytes)
     }
 

@@ -44,10 +44,21 @@ impl Offloaded {
         self.bytes
     }
 
-    /// Block `index` read from the checkpoint onto `device`, every tensor checked as a
-    /// whole-model load checks it.
+    /// Block `index` read from the checkpoint onto `device` for one pass, every tensor checked as
+    /// a whole-model load checks it, in the checkpoint's layout ([`WeightMap::keep_layout`]).
     pub(super) fn read(&self, index: usize, device: &Device) -> Result<Layers, ModelError> {
-        let mut w = self.source.block(index).expect("made from files, so readable again").onto(device).keep_layout();
+        self.load(index, device, true)
+    }
+
+    /// Block `index` read onto `device` to keep ([`Block::hold`]): laid out as a whole-model
+    /// load lays it out, since it now serves every pass.
+    pub(super) fn read_to_hold(&self, index: usize, device: &Device) -> Result<Layers, ModelError> {
+        self.load(index, device, false)
+    }
+
+    fn load(&self, index: usize, device: &Device, keep_layout: bool) -> Result<Layers, ModelError> {
+        let w = self.source.block(index).expect("made from files, so readable again").onto(device);
+        let mut w = if keep_layout { w.keep_layout() } else { w };
         Layers::load(&mut w, index, &self.cfg)
     }
 }

@@ -57,35 +57,24 @@ pub struct WeightMap {
 }
 
 impl WeightMap {
+    /// A map over `store` that has `remaining` left to take, in `dtype` on `device`, with every
+    /// per-load setting (NF4 blocks, layout) at its default: what each constructor starts from.
+    fn over(store: Store, remaining: HashSet<String>, origin: String, dtype: DType, device: &Device) -> Self {
+        let device = device.clone();
+        WeightMap { store, remaining, origin, dtype, device, fused: None, nf4_blocks: false, as_stored: false }
+    }
+
     /// Wraps already-read tensors; [`WeightMap::take`] converts them to `dtype` on `device`.
     pub fn new(tensors: HashMap<String, Tensor>, origin: impl Into<String>, dtype: DType, device: &Device) -> Self {
         let remaining = tensors.keys().cloned().collect();
-        WeightMap {
-            store: Store::Memory(tensors),
-            remaining,
-            origin: origin.into(),
-            dtype,
-            device: device.clone(),
-            fused: None,
-            nf4_blocks: false,
-            as_stored: false,
-        }
+        WeightMap::over(Store::Memory(tensors), remaining, origin.into(), dtype, device)
     }
 
     /// A GGUF file's tensors ([`read_gguf`]), dequantized one at a time as the decoder takes them.
     pub fn from_gguf(tensors: GgufTensors, dtype: DType, device: &Device) -> Self {
         let remaining = tensors.names.keys().cloned().collect();
         let origin = tensors.path.display().to_string();
-        WeightMap {
-            store: Store::Gguf(tensors),
-            remaining,
-            origin,
-            dtype,
-            device: device.clone(),
-            fused: None,
-            nf4_blocks: false,
-            as_stored: false,
-        }
+        WeightMap::over(Store::Gguf(tensors), remaining, origin, dtype, device)
     }
 
     /// Takes the block projections (`model.layers.*` weights taken through
@@ -98,7 +87,7 @@ impl WeightMap {
 
     /// Keeps every dense weight in the checkpoint's layout instead of laying long-input block
     /// weights out for the CPU's products ([`super::frozen::Weight::dense`]): a block read from the
-    /// checkpoint for each pass ([`super::offload`]) is used once, so the transposing copy would
+    /// checkpoint for one pass ([`super::offload`]) is used once, so the transposing copy would
     /// cost more than it saves.
     pub fn keep_layout(mut self) -> Self {
         self.as_stored = true;
@@ -136,16 +125,8 @@ impl WeightMap {
             remaining.insert(split.part.clone());
             parts.insert(split.part.clone(), split);
         }
-        Ok(WeightMap {
-            store: Store::Files { files: Arc::new(files), parts: Arc::new(parts) },
-            remaining,
-            origin,
-            dtype,
-            device: device.clone(),
-            fused: None,
-            nf4_blocks: false,
-            as_stored: false,
-        })
+        let store = Store::Files { files: Arc::new(files), parts: Arc::new(parts) };
+        Ok(WeightMap::over(store, remaining, origin, dtype, device))
     }
 
     /// A map of block `index`'s tensors alone (`model.layers.{index}.*`, whether taken from this
@@ -163,16 +144,8 @@ impl WeightMap {
             .filter(|n| n.starts_with(&prefix))
             .map(str::to_string)
             .collect();
-        Some(WeightMap {
-            store: Store::Files { files: Arc::clone(files), parts: Arc::clone(parts) },
-            remaining,
-            origin: self.origin.clone(),
-            dtype: self.dtype,
-            device: self.device.clone(),
-            fused: None,
-            nf4_blocks: false,
-            as_stored: false,
-        })
+        let store = Store::Files { files: Arc::clone(files), parts: Arc::clone(parts) };
+        Some(WeightMap::over(store, remaining, self.origin.clone(), self.dtype, &self.device))
     }
 
     /// The dtype tensors are taken in.
