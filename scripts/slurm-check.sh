@@ -29,8 +29,8 @@ die() { log "FAIL: $*"; exit 1; }
 [[ -f "$c4" ]] || die "no C4 sample at $c4: set PRUNESWEEP_DATA to the shared data folder"
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   log "installing slurm-wlm and munge (Debian)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq slurm-wlm munge >/dev/null; }
+  "$root/scripts/apt-install.sh" slurm-wlm munge >/dev/null ||
+    die "slurm-wlm and munge could not be installed (scripts/apt-install.sh)"
 fi
 
 log "building the coordinator and the worker (debug profile, as the tests use)"

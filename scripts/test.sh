@@ -16,8 +16,7 @@ step() { echo "==> [$(( $(date +%s) - started ))s] $*"; }
 # down, install it when it is missing.
 ensure_postgres() {
   if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+    scripts/apt-install.sh postgresql >/dev/null
   fi
   local version
   version=$(ls /etc/postgresql | sort -V | tail -1)
@@ -36,17 +35,14 @@ step "promtool and chromium (Debian)"
 # promtool (Debian's prometheus package) checks the coordinator's /metrics in tests/metrics.rs; the
 # test skips that one step, saying so, where it cannot be installed.
 if ! command -v promtool >/dev/null; then
-  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1 ||
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1; }; } ||
+  scripts/apt-install.sh prometheus >/dev/null 2>&1 ||
     echo "test.sh: prometheus (promtool) could not be installed; tests/metrics.rs skips its promtool step"
 fi
 
 # Debian's headless chromium loads the sweep page in coordinator/tests/web.rs; that test skips,
 # saying so, where it cannot be installed.
 if ! command -v chromium >/dev/null; then
-  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 ||
-    { apt-get update -qq &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } ||
+  scripts/apt-install.sh --no-install-recommends chromium >/dev/null 2>&1 ||
     echo "test.sh: chromium could not be installed; coordinator/tests/web.rs skips its browser test"
 fi
 

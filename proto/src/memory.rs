@@ -270,20 +270,15 @@ const GRAPH_INTERMEDIATE: u64 = 6;
 const FUSED_GRAPH_HIDDEN: u64 = 8;
 /// See [`FUSED_GRAPH_HIDDEN`].
 const FUSED_GRAPH_INTERMEDIATE: u64 = 3;
-/// Copies of one block's attention scores `[mb, heads, T, T]` alive at the training peak. Fitted,
-/// not counted: `worker heal` (recomputation on, micro-batch 4, r 8 on the FFN) on a random
-/// 16-layer llama of width 256 with 8 heads peaks at 156, 308, 750 and 2,283 MiB at T = 128, 256,
-/// 512, 1024 (`/usr/bin/time`, `results/memory-model.txt`); the part growing as T² is 1.5–1.7 KB
-/// per T², 12–13 f32 copies of the scores (the scaled scores, the mask added, the softmax and its
-/// temporaries, dropout, and their gradients in the backward pass).
+/// f32 copies of one chunk of scores alive in the chunked training attention (`TrainedAttention`
+/// in `model/attention.rs`, every device): the scores, the probabilities, their gradient and the
+/// scores' gradient, one chunk (at most [`score_chunk_values`]) at a time. In bf16 the casts
+/// of the probabilities and the scores' gradient add two half-size copies (under 10 MiB at the
+/// chunk's 2 Mi values; not counted).
 ///
-/// That is the stock-op path, which CUDA and bf16 run; the CPU's f32 path replaced it with one
-/// chunked op after the fit (see [`CHUNKED_SCORE_COPIES`]).
-const GRAPH_SCORES: u64 = 13;
-
-/// Copies of one chunk of scores alive in the CPU's chunked training attention
-/// (`TrainedAttention` in `model/attention.rs`): the scores, the probabilities, their gradient and
-/// the scores' gradient, one chunk (at most `SCORES_PER_CHUNK` values) at a time.
+/// Before that op, a block's graph kept its scores `[mb, heads, T, T]`: fitted on `worker heal`
+/// runs of a random 16-layer llama (width 256, 8 heads, micro-batch 4) at T = 128 … 1024, 12–13
+/// f32 copies (`results/memory-model.txt`); 6.5 GiB a block for Llama-2-70B at 2,048 tokens in bf16.
 const CHUNKED_SCORE_COPIES: u64 = 4;
 
 /// Evaluation passes a worker runs at once, block by block across them, when the model's blocks
@@ -306,9 +301,18 @@ const ALLOCATOR_SLACK_PERCENT: u64 = 20;
 const FORWARD_HIDDEN: u64 = 5;
 /// See [`FORWARD_HIDDEN`].
 const FORWARD_INTERMEDIATE: u64 = 3;
-/// Attention scores computed at once per query chunk during inference, at most
-/// (`SCORES_PER_CHUNK` in `model/attention.rs`, 2 Mi values); held with their masked softmax.
-const INFERENCE_SCORE_VALUES: u64 = 2 << 20;
+/// Attention scores computed at once per query chunk, at most, on `placement`: in inference (held
+/// with their masked softmax) and in both passes of the training attention. The worker's
+/// `model::attention::scores_per_chunk` is this figure. 2 Mi values on a CPU (8 MB of f32, near
+/// its caches); 32 Mi on CUDA (128 MiB of f32), where a chunk is a handful of kernel launches and
+/// chunks of a few rows would leave most of the GPU idle (Llama-2-70B at 2,048 tokens: 256 query
+/// rows a chunk rather than 16).
+pub fn score_chunk_values(placement: Placement) -> u64 {
+    match placement {
+        Placement::Cpu => 2 << 20,
+        Placement::Cuda => 32 << 20,
+    }
+}
 
 /// The `(in, out)` widths of one block's adapted modules; an adapter has `r · (in + out)`
 /// parameters.
@@ -357,10 +361,10 @@ fn dropped_layers(job: &JobSpec, layers: u32) -> u64 {
 /// One inference forward pass of `rows` sequences of `tokens` after `prefix` cached ones (no
 /// graph): the widest point inside a block ([`FORWARD_HIDDEN`], [`FORWARD_INTERMEDIATE`], q/k/v
 /// twice, one chunk of scores and its softmax).
-fn forward_bytes(shape: &ModelShape, rows: u64, tokens: u64, prefix: u64, e: u64) -> u64 {
+fn forward_bytes(shape: &ModelShape, (rows, tokens, prefix): (u64, u64, u64), e: u64, placement: Placement) -> u64 {
     let (h, i) = (u64::from(shape.hidden), u64::from(shape.intermediate));
     let qkv = shape.q_width() + 2 * shape.kv_width();
-    let scores = (rows * u64::from(shape.heads) * tokens * (prefix + tokens)).min(INFERENCE_SCORE_VALUES);
+    let scores = (rows * u64::from(shape.heads) * tokens * (prefix + tokens)).min(score_chunk_values(placement));
     rows * tokens * (FORWARD_HIDDEN * h + FORWARD_INTERMEDIATE * i + 2 * qkv) * e + 2 * scores * e
 }
 
@@ -379,7 +383,12 @@ fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64, placemen
         // (`eval/mod.rs`).
         EvalTaskKind::C4Loss => {
             let t = u64::from(task.seq_len.unwrap_or(crate::defaults::C4_LOSS_SEQ_LEN));
-            (forward_bytes(shape, batch, t, 0, e), logit_copies * (batch * t).min(LOGIT_ROWS) * v * 4, 0, batch * t)
+            (
+                forward_bytes(shape, (batch, t, 0), e, placement),
+                logit_copies * (batch * t).min(LOGIT_ROWS) * v * 4,
+                0,
+                batch * t,
+            )
         }
         // Letter: the few-shot prefix runs once and its keys/values (every layer, k and v) are
         // shared by the batch's questions, which run packed end to end after it; one position per
@@ -388,17 +397,17 @@ fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64, placemen
             let prefix = 64 + u64::from(task.shots.unwrap_or(5)) * MMLU_SHOT_TOKENS;
             let kv = layers * 2 * prefix * shape.kv_width() * e;
             let tokens = batch * MMLU_QUESTION_TOKENS;
-            (forward_bytes(shape, 1, tokens, prefix, e), 2 * batch * v * e, kv, tokens)
+            (forward_bytes(shape, (1, tokens, prefix), e, placement), 2 * batch * v * e, kv, tokens)
         }
         // Cloze: `batch` questions a pass, each its context then its four continuations (assumed
         // up to `MMLU_CHOICE_TOKENS` each) packed end to end, every continuation token scored.
         EvalTaskKind::MmluCloze => {
             let tokens = batch * (MMLU_QUESTION_TOKENS + 4 * MMLU_CHOICE_TOKENS);
             let scored = (batch * 4 * MMLU_CHOICE_TOKENS).min(LOGIT_ROWS);
-            (forward_bytes(shape, 1, tokens, 0, e), logit_copies * scored * v * 4, 0, tokens)
+            (forward_bytes(shape, (1, tokens, 0), e, placement), logit_copies * scored * v * 4, 0, tokens)
         }
         EvalTaskKind::Boolq | EvalTaskKind::Unspecified => {
-            (forward_bytes(shape, batch, BOOLQ_TOKENS, 0, e), 2 * batch * v * e, 0, batch * BOOLQ_TOKENS)
+            (forward_bytes(shape, (batch, BOOLQ_TOKENS, 0), e, placement), 2 * batch * v * e, 0, batch * BOOLQ_TOKENS)
         }
     }
 }
@@ -465,7 +474,7 @@ pub fn predict(shape: &ModelShape, job: &JobSpec, placement: Placement) -> Resul
         let (samples, t) = (u64::from(c.samples), u64::from(c.seq_len));
         let batch = u64::from(c.batch_size.max(1)).min(samples.max(1));
         // Loaded: one batch's forward pass, plus the previous residual state (Block Influence).
-        let forward = forward_bytes(shape, batch, t, 0, e) + batch * t * h * e;
+        let forward = forward_bytes(shape, (batch, t, 0), e, placement) + batch * t * h * e;
         let slack = ("allocator", forward * ALLOCATOR_SLACK_PERCENT / 100);
         let mut parts = resident.clone();
         parts.extend([("activations", forward), slack]);

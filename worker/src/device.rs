@@ -19,6 +19,17 @@ pub const BUILT_COMPUTE_CAP: Option<&str> = option_env!("CUDA_COMPUTE_CAP");
 #[cfg(not(feature = "cuda"))]
 pub const BUILT_COMPUTE_CAP: Option<&str> = None;
 
+/// Where the memory model places a job on `device`: host memory for a CPU, device memory
+/// otherwise.
+pub fn placement(device: &Device) -> prunesweep_proto::memory::Placement {
+    use prunesweep_proto::memory::Placement;
+    if device.is_cpu() {
+        Placement::Cpu
+    } else {
+        Placement::Cuda
+    }
+}
+
 /// Whether this binary was built with CUDA (the `cuda` feature).
 pub fn cuda_compiled() -> bool {
     cfg!(feature = "cuda")

@@ -148,3 +148,19 @@ fn kept_graphs_trade_recomputation_for_their_activations() {
         assert_eq!(t.graphs_that_fit(30, cost(10) - 1), 9);
     }
 }
+
+#[test]
+fn a_blocks_graph_holds_no_attention_scores_on_any_device() {
+    // The chunked training attention keeps no `[mb, heads, T, T]` scores: a block's graph grows
+    // with T, on every placement and dtype.
+    let graph = |seq_len, e, placement| {
+        let q = QLoraSettings { seq_len, micro_batch_size: 1, ..QLoraSettings::paper() };
+        Training::new(&LLAMA2_70B, &q, e, placement).unwrap().block_graph_bytes()
+    };
+    for (e, placement) in [(2, Placement::Cuda), (4, Placement::Cpu), (2, Placement::Cpu)] {
+        assert_eq!(graph(4096, e, placement), 2 * graph(2048, e, placement), "{placement:?}, {e} bytes");
+    }
+    // The paper's step at seq 2048, micro-batch 1, holds one block's graph of ~2.1 GiB on an
+    // H200; the composed ops' 13 copies of the scores added 6.5 GiB.
+    assert!(graph(2048, 2, Placement::Cuda) < 5 << 29, "{}", gib(graph(2048, 2, Placement::Cuda)));
+}

@@ -2,9 +2,8 @@
 //! autograd graphs, and the logits.
 
 use super::{
-    adapted_modules, MemoryError, ModelShape, Placement, ALLOCATOR_SLACK_PERCENT, CHUNKED_SCORE_COPIES,
-    FUSED_GRAPH_HIDDEN, FUSED_GRAPH_INTERMEDIATE, GRAPH_HIDDEN, GRAPH_INTERMEDIATE, GRAPH_SCORES,
-    INFERENCE_SCORE_VALUES,
+    adapted_modules, score_chunk_values, MemoryError, ModelShape, Placement, ALLOCATOR_SLACK_PERCENT,
+    CHUNKED_SCORE_COPIES, FUSED_GRAPH_HIDDEN, FUSED_GRAPH_INTERMEDIATE, GRAPH_HIDDEN, GRAPH_INTERMEDIATE,
 };
 use crate::v1::{AdapterTargets, QLoraSettings};
 
@@ -88,9 +87,10 @@ impl Training {
     /// One block's autograd graph for the micro-batch, bytes, as the backward pass holds it.
     /// Off the CPU's f32 path an adapter is candle ops (`Lora::forward`), and the graph keeps, per
     /// adapted module and token, the dropout mask and the masked input (in-wide), `x Aᵀ` (r),
-    /// and the update, its scaled copy and the sum (out-wide), and the block's attention scores;
-    /// on that path each adapted projection is one op (`model/lora_product.rs`) whose output is
-    /// the block's own, and attention keeps no scores.
+    /// and the update, its scaled copy and the sum (out-wide); on that path each adapted
+    /// projection is one op (`model/lora_product.rs`) whose output is the block's own. Attention
+    /// keeps no scores on any device (`TrainedAttention` in `model/attention.rs`): a block's
+    /// graph grows with the tokens, not their square.
     pub fn block_graph_bytes(&self) -> u64 {
         let (h, i) = (u64::from(self.shape.hidden), u64::from(self.shape.intermediate));
         let tokens = self.micro_batch * self.seq_len;
@@ -99,22 +99,17 @@ impl Training {
         } else {
             let adapters: u64 = self.modules.iter().map(|(d_in, d_out)| 2 * d_in + self.rank + 3 * d_out).sum();
             tokens * (GRAPH_HIDDEN * h + GRAPH_INTERMEDIATE * i + adapters) * self.value_bytes
-                + GRAPH_SCORES * self.score_values() * self.value_bytes
         }
     }
 
     /// The micro-batch's activations over `blocks` blocks when the top `kept_graphs` of them keep
     /// their graphs for the backward pass and the others are recomputed (`heal/gradients.rs`):
     /// the recomputed blocks' inputs and the gradient flowing down, the kept graphs (or, with
-    /// none kept, the one block's being recomputed), and on the CPU's f32 path the chunk of
-    /// attention scores the backward pass recomputes at a time.
+    /// none kept, the one block's being recomputed), and the chunk of attention scores the
+    /// backward pass recomputes at a time (in f32 on every device).
     pub fn activation_bytes(&self, blocks: u64, kept_graphs: u64) -> u64 {
         let kept_graphs = kept_graphs.min(blocks);
-        let transient_scores = if self.fused() {
-            CHUNKED_SCORE_COPIES * self.score_values().min(INFERENCE_SCORE_VALUES) * self.value_bytes
-        } else {
-            0
-        };
+        let transient_scores = CHUNKED_SCORE_COPIES * self.score_values().min(score_chunk_values(self.placement)) * 4;
         (blocks - kept_graphs + 1) * self.block_input_bytes()
             + kept_graphs.max(1) * self.block_graph_bytes()
             + transient_scores

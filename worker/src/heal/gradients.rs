@@ -27,7 +27,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use prunesweep_proto::memory::{MemoryError, Placement, Training};
+use prunesweep_proto::memory::{MemoryError, Training};
 
 use super::loss::loss_from_hidden;
 use super::{HealConfig, HealError, Recompute};
@@ -85,7 +85,7 @@ pub fn graphs_that_fit(decoder: &Decoder, cfg: &HealConfig, modules: &[String], 
 
 /// The memory model's view of one micro-batch of `cfg` on `decoder`.
 fn training(decoder: &Decoder, cfg: &HealConfig, modules: &[String]) -> Result<Training, MemoryError> {
-    let placement = if decoder.device().is_cpu() { Placement::Cpu } else { Placement::Cuda };
+    let placement = crate::device::placement(decoder.device());
     let sizes = (cfg.micro_batch as u64, cfg.seq_len as u64, cfg.rank as u64);
     Training::with_modules(&decoder.cfg.shape(), sizes, modules, decoder.dtype().size_in_bytes() as u64, placement)
 }

@@ -1,8 +1,8 @@
 //! Self-attention: rotary position tables ([`Rotary`]), the prefix key/value cache ([`KvCache`]),
 //! grouped-query [`Attention`] with chunked scores, run span by span over a packed pass (the
-//! spans and their masks come from [`super::packing`]). While healing on a CPU, attention is one op
-//! (`TrainedAttention`) whose backward pass recomputes the scores chunk by chunk, so that no
-//! `[B, heads, T, T]` matrix is kept for backpropagation.
+//! spans and their masks come from [`super::packing`]). While healing, on every device and dtype,
+//! attention is one op (`TrainedAttention`) whose backward pass recomputes the scores chunk by
+//! chunk, so that no `[B, heads, T, T]` matrix is kept for backpropagation.
 //!
 //! Kept apart from [`super::decoder`] because it is the one part of a block with its own
 //! position, caching and memory logic; the decoder builds the rotary tables and the spans once per
@@ -10,11 +10,12 @@
 
 use rayon::prelude::*;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, D};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, D};
 
 use super::config::Config;
 use super::layers::Linear;
 use super::masked_softmax::masked_softmax;
+use super::op_storage::OpStorage;
 use super::packing::Span;
 use super::weights::WeightMap;
 use super::ModelError;
@@ -190,14 +191,14 @@ impl Attention {
             None => (k.clone(), v.clone()),
         };
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        if q.track_op() && prefix.is_none() && super::kernels::fused_cpu(q) {
-            // Training on CPU: one op that keeps no score matrix for the backward pass.
+        if q.track_op() && prefix.is_none() {
+            // Training: one op that keeps no score matrix for the backward pass.
             q.contiguous()?.apply_op3(&k, &v, TrainedAttention { mask: span.mask.clone(), chunk })
         } else {
             // Inference takes the queries in chunks whose scores stay near `chunk` values (long
             // prompts would otherwise materialise [B, nh, T, P+T] at once), reading only the keys
-            // up to a chunk's last row. Training elsewhere keeps one chunk (the graph holds every
-            // piece anyway).
+            // up to a chunk's last row. A tracked pass with a prefix (no caller trains one)
+            // keeps one chunk (the graph holds every piece anyway).
             let tracked = q.track_op();
             let rows = if tracked { t } else { rows_per_chunk(chunk, b, nh, p + t, t) };
             attend(q, &k, &v, &span.mask, p, rows, !tracked)
@@ -265,12 +266,16 @@ fn attend(
     }
 }
 
-/// Training attention on CPU, `softmax(q kᵀ + mask) v` as one op (`q` scaled, no prefix): the
-/// forward pass takes the queries in chunks and keeps nothing but its inputs and output; the
-/// backward pass recomputes each chunk's probabilities and turns them into the gradients of
-/// `q`, `k` and `v`. Through candle's ops autograd would keep the scores, the masked scores,
-/// their exponentials and the probabilities, each `[B, heads, T, T]`, for every block until
-/// the backward pass.
+/// Training attention, `softmax(q kᵀ + mask) v` as one op (`q` scaled, no prefix): the forward
+/// pass takes the queries in chunks and keeps nothing but its inputs and output; the backward
+/// pass recomputes each chunk's probabilities and turns them into the gradients of `q`, `k` and
+/// `v`. Through candle's ops autograd would keep the scores, the masked scores, their
+/// exponentials and the probabilities, each `[B, heads, T, T]`, for every block until the
+/// backward pass (13 such copies, fitted on CPU runs before this op: 6.5 GiB a block for
+/// Llama-2-70B at 2,048 tokens in bf16). Both passes are tensor ops, so the same
+/// code runs on every device ([`OpStorage`]); softmax and the scores' gradient are computed in
+/// f32, the products in the inputs' dtype, and `k`'s and `v`'s gradients summed over the chunks
+/// in f32.
 struct TrainedAttention {
     /// `[T, T]`, additive.
     mask: Tensor,
@@ -278,14 +283,27 @@ struct TrainedAttention {
     chunk: usize,
 }
 
-/// A contiguous f32 CPU buffer as a tensor (a copy, outside any graph).
-fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
-    Tensor::from_slice(super::kernels::f32_slice("trained-attention", storage, layout)?, layout.shape(), &Device::Cpu)
+impl TrainedAttention {
+    const NAME: &'static str = "trained-attention";
+
+    /// The forward pass on any backend: the inputs copied out of the graph, attention computed
+    /// chunk by chunk with tensor ops, the output handed back as storage.
+    fn fwd<S: OpStorage>(
+        &self,
+        (q, q_layout): (&S, &Layout),
+        (k, k_layout): (&S, &Layout),
+        (v, v_layout): (&S, &Layout),
+    ) -> candle_core::Result<(S, Shape)> {
+        let (q, k, v) = (q.detached(q_layout)?, k.detached(k_layout)?, v.detached(v_layout)?);
+        let (b, nh, t, _) = q.dims4()?;
+        let rows = rows_per_chunk(self.chunk, b, nh, k.dim(2)?, t);
+        S::owned(Self::NAME, &attend(&q, &k, &v, &self.mask, 0, rows, true)?)
+    }
 }
 
 impl CustomOp3 for TrainedAttention {
     fn name(&self) -> &'static str {
-        "trained-attention"
+        Self::NAME
     }
 
     fn cpu_fwd(
@@ -297,11 +315,19 @@ impl CustomOp3 for TrainedAttention {
         v: &CpuStorage,
         v_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (cpu_tensor(q, q_layout)?, cpu_tensor(k, k_layout)?, cpu_tensor(v, v_layout)?);
-        let (b, nh, t, _) = q.dims4()?;
-        let rows = rows_per_chunk(self.chunk, b, nh, k.dim(2)?, t);
-        let out = attend(&q, &k, &v, &self.mask, 0, rows, true)?;
-        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1()?), out.shape().clone()))
+        self.fwd((q, q_layout), (k, k_layout), (v, v_layout))
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        q_layout: &Layout,
+        k: &CudaStorage,
+        k_layout: &Layout,
+        v: &CudaStorage,
+        v_layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.fwd((q, q_layout), (k, k_layout), (v, v_layout))
     }
 
     fn bwd(
@@ -315,11 +341,13 @@ impl CustomOp3 for TrainedAttention {
         // With P = softmax(S), O = P V: dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)),
         // dQ = dS K, dK = dSᵀ Q; chunk by chunk, keys past a chunk's last row skipped (P = 0 there).
         let (q, k, v, out, grad) = (q.detach(), k.detach(), v.detach(), out.detach(), grad.detach().contiguous()?);
+        let dtype = q.dtype();
         let (b, nh, t, hd) = q.dims4()?;
         let (nkv, s) = (k.dim(1)?, k.dim(2)?);
         let rep = nh / nkv;
         let rows = rows_per_chunk(self.chunk, b, nh, s, t);
-        let (mut dq, mut dk, mut dv) = (Vec::with_capacity(t.div_ceil(rows)), k.zeros_like()?, v.zeros_like()?);
+        let sums = || Tensor::zeros((b, nkv, s, hd), DType::F32, q.device());
+        let (mut dq, mut dk, mut dv) = (Vec::with_capacity(t.div_ceil(rows)), sums()?, sums()?);
         for start in (0..t).step_by(rows) {
             let len = rows.min(t - start);
             let keys = (start + len).min(s);
@@ -329,18 +357,19 @@ impl CustomOp3 for TrainedAttention {
             let vc = v.narrow(2, 0, keys)?.contiguous()?;
             let qc = q.narrow(2, start, len)?.contiguous()?.reshape((b, nkv, rep * len, hd))?;
             let d_out_g = d_out.contiguous()?.reshape((b, nkv, rep * len, hd))?;
-            let probs_g = probs.reshape((b, nkv, rep * len, keys))?;
+            let probs_g = probs.to_dtype(dtype)?.reshape((b, nkv, rep * len, keys))?;
             let dv_c = probs_g.t()?.contiguous()?.matmul(&d_out_g)?;
-            let dp = d_out_g.matmul(&vc.t()?)?.reshape((b, nh, len, keys))?;
-            let delta = (d_out * out.narrow(2, start, len)?)?.sum_keepdim(3)?;
-            let ds = (probs * dp.broadcast_sub(&delta)?)?.reshape((b, nkv, rep * len, keys))?;
+            let dp = d_out_g.matmul(&vc.t()?)?.reshape((b, nh, len, keys))?.to_dtype(DType::F32)?;
+            let delta =
+                (d_out.to_dtype(DType::F32)? * out.narrow(2, start, len)?.to_dtype(DType::F32)?)?.sum_keepdim(3)?;
+            let ds = (probs * dp.broadcast_sub(&delta)?)?.to_dtype(dtype)?.reshape((b, nkv, rep * len, keys))?;
             dq.push(ds.matmul(&kc)?.reshape((b, nh, len, hd))?);
             let dk_c = ds.t()?.contiguous()?.matmul(&qc)?;
-            dk = (dk + dk_c.pad_with_zeros(2, 0, s - keys)?)?;
-            dv = (dv + dv_c.pad_with_zeros(2, 0, s - keys)?)?;
+            dk = (dk + dk_c.to_dtype(DType::F32)?.pad_with_zeros(2, 0, s - keys)?)?;
+            dv = (dv + dv_c.to_dtype(DType::F32)?.pad_with_zeros(2, 0, s - keys)?)?;
         }
         let dq = if dq.len() == 1 { dq.pop().expect("one chunk") } else { Tensor::cat(&dq, 2)? };
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok((Some(dq), Some(dk.to_dtype(dtype)?), Some(dv.to_dtype(dtype)?)))
     }
 }
 
@@ -354,30 +383,38 @@ fn output_projection_name(parallel: bool) -> &'static str {
     }
 }
 
-/// Attention scores computed at once per query chunk (inference, and training on a CPU), by
-/// default (8 MB of f32).
-pub const SCORES_PER_CHUNK: usize = 2 << 20;
+/// Attention scores computed at once per query chunk on `device`, by default (inference and
+/// training): 2 Mi values on a CPU, 32 Mi on CUDA, as the memory model counts them
+/// ([`prunesweep_proto::memory::score_chunk_values`]).
+pub fn scores_per_chunk(device: &Device) -> usize {
+    let values = prunesweep_proto::memory::score_chunk_values(crate::device::placement(device));
+    usize::try_from(values).unwrap_or(usize::MAX)
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Var;
 
-    #[test]
-    fn trained_attention_matches_candle_ops_in_value_and_gradient() {
+    /// The chunked op in `dtype` against candle's composed ops in f32 on the same (rounded)
+    /// inputs: output and the three gradients within `tol` of the largest reference value.
+    fn check_trained_attention(dtype: DType, tol: f32) {
         let dev = Device::Cpu;
         let (b, nh, nkv, t, hd) = (2, 4, 2, 7, 8);
         let tensor = |dims: (usize, usize, usize, usize), k: usize| {
             let n = dims.0 * dims.1 * dims.2 * dims.3;
             let values: Vec<f32> = (0..n).map(|i| ((i * 31 + k * 17) as f32 * 0.173).sin()).collect();
-            Tensor::from_vec(values, dims, &dev).unwrap()
+            Tensor::from_vec(values, dims, &dev).unwrap().to_dtype(dtype).unwrap()
         };
         let (q, k, v) = (tensor((b, nh, t, hd), 1), tensor((b, nkv, t, hd), 2), tensor((b, nkv, t, hd), 3));
-        let weights = tensor((b, nh, t, hd), 4);
+        let weights = tensor((b, nh, t, hd), 4).to_dtype(DType::F32).unwrap();
         let mask = super::super::packing::causal_mask(t, 0, Some(5), &dev).unwrap();
         let run = |ours: bool| {
-            let (q, k, v) =
-                (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+            let inputs = [&q, &k, &v].map(|x| {
+                let x = if ours { x.clone() } else { x.to_dtype(DType::F32).unwrap() };
+                Var::from_tensor(&x).unwrap()
+            });
+            let [q, k, v] = &inputs;
             let out = if ours {
                 // Two query rows per chunk: four chunks, the last one short.
                 let op = TrainedAttention { mask: mask.clone(), chunk: b * nh * t * 2 };
@@ -391,15 +428,33 @@ mod tests {
                 let scores = q.as_tensor().matmul(&k.t().unwrap()).unwrap().broadcast_add(&mask).unwrap();
                 candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&v).unwrap()
             };
-            let grads = (&out * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-            let g = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
-            [out.detach(), g(&q), g(&k), g(&v)]
+            assert_eq!(out.dtype(), q.dtype());
+            let loss = (out.to_dtype(DType::F32).unwrap() * &weights).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let g = |x: &Var| {
+                let g = grads.get(x.as_tensor()).unwrap();
+                assert_eq!(g.dtype(), x.dtype());
+                g.to_dtype(DType::F32).unwrap()
+            };
+            [out.detach().to_dtype(DType::F32).unwrap(), g(q), g(k), g(v)]
         };
         let (ours, reference) = (run(true), run(false));
         for (what, (a, r)) in ["output", "dq", "dk", "dv"].iter().zip(ours.iter().zip(&reference)) {
             let diff = (a - r).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             let scale = r.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(scale > 0.0 && diff <= 1e-5 * scale, "{what}: {diff} (largest value {scale})");
+            assert!(scale > 0.0 && diff <= tol * scale, "{dtype:?} {what}: {diff} (largest value {scale})");
         }
+    }
+
+    #[test]
+    fn trained_attention_matches_candle_ops_in_value_and_gradient() {
+        check_trained_attention(DType::F32, 1e-5);
+    }
+
+    /// CUDA trains in bf16 through the same op: products in bf16, softmax and the scores'
+    /// gradient in f32. Within a few bf16 roundings (2⁻⁸ relative each) of the f32 reference.
+    #[test]
+    fn trained_attention_in_bf16_stays_within_its_rounding() {
+        check_trained_attention(DType::BF16, 2e-2);
     }
 }

@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::attention::{KvCache, Rotary, SCORES_PER_CHUNK};
+use super::attention::{scores_per_chunk, KvCache, Rotary};
 use super::block::PassContexts;
 pub use super::block::{Block, BlockContext};
 use super::config::Config;
@@ -91,6 +91,7 @@ impl Decoder {
         };
         w.finish(cfg.num_layers)?;
         let (device, dtype) = (embed_tokens.device().clone(), embed_tokens.dtype());
+        let attention_chunk = scores_per_chunk(&device);
         Ok(Decoder {
             cfg,
             embed_tokens,
@@ -99,14 +100,14 @@ impl Decoder {
             lm_head,
             device,
             dtype,
-            attention_chunk: SCORES_PER_CHUNK,
+            attention_chunk,
             states: StateCache::default(),
             blocks_spread: false,
         })
     }
 
-    /// How many attention scores are computed at once, in inference and in training on a CPU
-    /// ([`SCORES_PER_CHUNK`] by default):
+    /// How many attention scores are computed at once, in inference and in training
+    /// ([`scores_per_chunk`] of the model's device by default):
     /// queries are taken in chunks of rows (at least one) that stay within this budget. Smaller
     /// saves memory on long prompts; the result does not depend on it.
     pub fn set_attention_chunk(&mut self, scores: usize) {

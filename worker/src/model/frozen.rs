@@ -7,21 +7,20 @@
 //! dense copy of an NF4 weight alive until the backward pass; this op keeps only the 4-bit codes
 //! and decodes them again for the backward product.
 //!
-//! The op's forward pass is one function for every backend ([`FrozenMatMul::fwd`]): it copies the
-//! input into a tensor outside the graph, computes the product with ordinary tensor ops on that
-//! device and hands back the result's storage. So the code CUDA runs is the code the CPU runs on
+//! The op's forward pass is one function for every backend ([`FrozenMatMul::fwd`], through
+//! [`super::op_storage`]): it copies the input into a tensor outside the graph, computes the
+//! product with ordinary tensor ops on that device and hands back the result's storage. So the code CUDA runs is the code the CPU runs on
 //! the stock path (bf16, or [`super::kernels::with_stock_ops`]), which the tests cover. The CPU's
 //! f32 path instead multiplies straight from the input's and the weight's values
 //! ([`super::kernels::matmul`]), as the fused LoRA product ([`super::lora_product`]) does.
 
 use std::sync::Arc;
 
-use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::kernels::{cpu_storage, matmul, Mat};
 use super::nf4::Nf4Matrix;
+use super::op_storage::OpStorage;
 
 /// A frozen projection weight `[out, in]`.
 #[derive(Debug, Clone)]
@@ -136,35 +135,14 @@ struct FrozenMatMul {
 
 impl FrozenMatMul {
     /// The forward pass on any backend `S`: the input copied into a tensor outside the graph, the
-    /// product computed with tensor ops there, and its storage handed back. `wrap` and `unwrap`
-    /// put `S` into a [`Storage`] and take it out.
-    fn fwd<S, D>(
-        &self,
-        x: &S,
-        layout: &Layout,
-        wrap: fn(S) -> Storage,
-        unwrap: fn(&Storage) -> Option<&S>,
-    ) -> candle_core::Result<(S, Shape)>
-    where
-        S: BackendStorage<Device = D>,
-        D: BackendDevice<Storage = S>,
-    {
-        let (n, cols) = layout.shape().dims2()?;
-        let (rows, in_dim) = self.weight.dims()?;
+    /// product computed with tensor ops there, and its storage handed back ([`OpStorage`]).
+    fn fwd<S: OpStorage>(&self, x: &S, layout: &Layout) -> candle_core::Result<(S, Shape)> {
+        let cols = layout.shape().dims2()?.1;
+        let in_dim = self.weight.dims()?.1;
         if cols != in_dim {
             candle_core::bail!("frozen-matmul: input has {cols} features, the weight expects {in_dim}");
         }
-        let mut copy = x.device().zeros_impl(layout.shape(), x.dtype())?;
-        x.copy_strided_src(&mut copy, 0, layout)?;
-        let x = Tensor::from_storage(wrap(copy), (n, cols), BackpropOp::none(), false);
-        let y = self.weight.product(&x, self.fused)?;
-        let (storage, y_layout) = y.storage_and_layout();
-        let y_storage =
-            unwrap(&storage).ok_or_else(|| candle_core::Error::Msg("frozen-matmul: device changed".into()))?;
-        let shape = Shape::from((n, rows));
-        let mut out = y_storage.device().zeros_impl(&shape, y_storage.dtype())?;
-        y_storage.copy_strided_src(&mut out, 0, y_layout)?;
-        Ok((out, shape))
+        S::owned("frozen-matmul", &self.weight.product(&x.detached(layout)?, self.fused)?)
     }
 }
 
@@ -184,23 +162,15 @@ impl CustomOp1 for FrozenMatMul {
             let y = self.weight.cpu_product(&Mat::new(storage, layout)?)?;
             return Ok((CpuStorage::F32(y), Shape::from((n, rows))));
         }
-        self.fwd(storage, layout, Storage::Cpu, |s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
+        self.fwd(storage, layout)
     }
 
-    // Not behind `feature = "cuda"`: without it candle's CudaStorage is a stand-in with the same
-    // traits, so CPU builds type-check exactly this code (it is never called there).
     fn cuda_fwd(
         &self,
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.fwd(storage, layout, Storage::Cuda, |s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
+        self.fwd(storage, layout)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -24,7 +24,9 @@
 //!   MLP's activation, and the log-normaliser of scored logits, each in one pass (inference on
 //!   CPU; `silu_mul` also in training, with its own backward pass); [`rms_norm`] and [`rope`]:
 //!   RMSNorm and rotary positions for training on CPU, each one op with its own backward pass.
-//! - [`kernels`]: when those fused CPU kernels run, and when the stock ops CUDA and bf16 run.
+//! - [`kernels`]: when those fused CPU kernels run, and when the stock ops CUDA and bf16 run;
+//!   [`op_storage`]: the forward pass of a custom op written once, with tensor ops, for every
+//!   device (the frozen product, the chunked training attention).
 
 mod adapters;
 pub mod attention;
@@ -46,6 +48,7 @@ mod nf4_device;
 #[cfg(test)]
 mod nf4_load;
 pub mod offload;
+pub mod op_storage;
 pub mod packing;
 pub mod rms_norm;
 pub mod rope;

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{Rotary, SCORES_PER_CHUNK};
+use super::attention::{scores_per_chunk, Rotary};
 use super::block::{BlockContext, Layers};
 use super::packing::Packing;
 use super::weights::{ModelSource, WeightMap};
@@ -100,7 +100,7 @@ impl StreamedDecoder {
             let layers = Layers::load(&mut self.weights, l, &self.cfg)?;
             for (i, (x, context)) in states.iter_mut().zip(&context).enumerate() {
                 observe(l, i, x)?;
-                *x = layers.forward(x, context, SCORES_PER_CHUNK, None, None)?;
+                *x = layers.forward(x, context, scores_per_chunk(&self.device), None, None)?;
             }
         }
         for (i, x) in states.iter().enumerate() {

@@ -61,7 +61,7 @@ pub fn budget(configured: u64, device: &Device, spec: Option<&JobSpec>, shape: M
 /// nothing (every block stays offloaded).
 pub fn resident_budget(device: &Device, spec: Option<&JobSpec>, shape: ModelShape, free: Option<u64>) -> u64 {
     let Some(free) = free else { return 0 };
-    let placement = if device.is_cpu() { Placement::Cpu } else { Placement::Cuda };
+    let placement = crate::device::placement(device);
     match spec.map(|spec| memory::predict(&shape, spec, placement)) {
         Some(Ok(predicted)) => (free / 10 * 9).saturating_sub(predicted.least_device_bytes),
         _ => free / 10 * 8,
