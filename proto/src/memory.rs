@@ -250,7 +250,7 @@ pub fn nf4_bytes(n: u64) -> u64 {
 }
 
 /// Per-token activation counts of one block's autograd graph while training, in units of the
-/// widths named (hidden, intermediate, and attention scores per head and key), counted from the
+/// widths named (hidden and intermediate; attention keeps no scores in the graph), counted from the
 /// ops `decoder.rs` records: the block input's norm, q/k/v and their rotated copies, the attention
 /// output and o, the residual sum, the second norm, gate, up, SiLU(gate)·up, down and the second
 /// residual sum (an adapter's own temporaries are counted apart, per module); the backward pass
@@ -261,7 +261,8 @@ const GRAPH_HIDDEN: u64 = 12;
 const GRAPH_INTERMEDIATE: u64 = 6;
 
 /// [`GRAPH_HIDDEN`] and [`GRAPH_INTERMEDIATE`] on the CPU's f32 path, where the norms, rotary,
-/// SiLU·up, attention and each adapted projection are single ops keeping only their outputs:
+/// SiLU·up and each adapted projection are single ops keeping only their outputs (as attention is
+/// on every device):
 /// hidden-wide ~8 (the norms, q and its rotated copy, k/v and theirs at a third each, the
 /// attention output, o, the residual sums), intermediate-wide 3 (gate, up, SiLU(gate)·up), each
 /// op's gradients freed as the backward pass walks on. Checked on the runs of
@@ -271,10 +272,9 @@ const FUSED_GRAPH_HIDDEN: u64 = 8;
 /// See [`FUSED_GRAPH_HIDDEN`].
 const FUSED_GRAPH_INTERMEDIATE: u64 = 3;
 /// f32 copies of one chunk of scores alive in the chunked training attention (`TrainedAttention`
-/// in `model/attention.rs`, every device): the scores, the probabilities, their gradient and the
-/// scores' gradient, one chunk (at most [`score_chunk_values`]) at a time. In bf16 the casts
-/// of the probabilities and the scores' gradient add two half-size copies (under 10 MiB at the
-/// chunk's 2 Mi values; not counted).
+/// in `model/attention.rs`, every device), one chunk (at most [`score_chunk_values`]) at a time:
+/// its backward pass holds at most the probabilities, `dP − rowsum(dO ⊙ O)`, their product and
+/// one product operand's copy (three f32 copies and a half-size cast in bf16), rounded up.
 ///
 /// Before that op, a block's graph kept its scores `[mb, heads, T, T]`: fitted on `worker heal`
 /// runs of a random 16-layer llama (width 256, 8 heads, micro-batch 4) at T = 128 … 1024, 12–13
@@ -360,12 +360,15 @@ fn dropped_layers(job: &JobSpec, layers: u32) -> u64 {
 
 /// One inference forward pass of `rows` sequences of `tokens` after `prefix` cached ones (no
 /// graph): the widest point inside a block ([`FORWARD_HIDDEN`], [`FORWARD_INTERMEDIATE`], q/k/v
-/// twice, one chunk of scores and its softmax).
+/// twice, one chunk of scores and its softmax). The scores are softmaxed in f32: the CPU's fused
+/// kernel holds the scores and the probabilities (8 bytes a value); candle's ops (CUDA, bf16)
+/// also the masked sum, then the probabilities' cast to the compute dtype (12 + `e`).
 fn forward_bytes(shape: &ModelShape, (rows, tokens, prefix): (u64, u64, u64), e: u64, placement: Placement) -> u64 {
     let (h, i) = (u64::from(shape.hidden), u64::from(shape.intermediate));
     let qkv = shape.q_width() + 2 * shape.kv_width();
     let scores = (rows * u64::from(shape.heads) * tokens * (prefix + tokens)).min(score_chunk_values(placement));
-    rows * tokens * (FORWARD_HIDDEN * h + FORWARD_INTERMEDIATE * i + 2 * qkv) * e + 2 * scores * e
+    let score_bytes = if placement == Placement::Cpu && e == 4 { 2 * 4 } else { 3 * 4 + e };
+    rows * tokens * (FORWARD_HIDDEN * h + FORWARD_INTERMEDIATE * i + 2 * qkv) * e + scores * score_bytes
 }
 
 /// An evaluation task's forward pass, scored logits and key/value cache: `(activations, logits,

@@ -4,9 +4,10 @@
 //! storage back. The ops whose point is their backward pass (the frozen product, the chunked
 //! training attention) compute their forward pass with ordinary tensor ops instead: the inputs are
 //! copied into tensors outside the graph ([`OpStorage::detached`]), and the result's values are
-//! handed back as fresh storage ([`OpStorage::owned`]). So what CUDA runs is the code the CPU
-//! runs on its stock path, which the tests cover. The copies are of the op's inputs and output
-//! only, never of the large intermediates the op exists to avoid keeping.
+//! handed back as fresh storage ([`OpStorage::owned`]). So the tensor ops CUDA runs are the ones
+//! the CPU's tests run (in f32 and bf16, and with candle's own kernels in place of the CPU's
+//! fused ones under [`super::kernels::with_stock_ops`]). The copies are of the op's inputs and
+//! output only, never of the large intermediates the op exists to avoid keeping.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::op::BackpropOp;
