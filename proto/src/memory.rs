@@ -179,6 +179,15 @@ pub enum Placement {
     Cuda,
 }
 
+impl Placement {
+    /// Whether the worker's fused CPU kernels run here with values of `value_bytes` bytes: on a
+    /// CPU in f32 (`model::kernels::fused_cpu`). Elsewhere (CUDA, bf16) candle's stock ops run,
+    /// with their temporaries.
+    fn fused_kernels(self, value_bytes: u64) -> bool {
+        self == Placement::Cpu && value_bytes == 4
+    }
+}
+
 /// A job's predicted peak memory, and what it is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MemoryEstimate {
@@ -367,7 +376,7 @@ fn forward_bytes(shape: &ModelShape, (rows, tokens, prefix): (u64, u64, u64), e:
     let (h, i) = (u64::from(shape.hidden), u64::from(shape.intermediate));
     let qkv = shape.q_width() + 2 * shape.kv_width();
     let scores = (rows * u64::from(shape.heads) * tokens * (prefix + tokens)).min(score_chunk_values(placement));
-    let score_bytes = if placement == Placement::Cpu && e == 4 { 2 * 4 } else { 3 * 4 + e };
+    let score_bytes = if placement.fused_kernels(e) { 2 * 4 } else { 3 * 4 + e };
     rows * tokens * (FORWARD_HIDDEN * h + FORWARD_INTERMEDIATE * i + 2 * qkv) * e + scores * score_bytes
 }
 
@@ -379,7 +388,7 @@ fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64, placemen
     // Scored rows' f32 logits: on a CPU in f32 their log-sum-exp is one fused pass over them
     // (`model/log_sum_exp.rs`); elsewhere the stock ops add the logits less their max and its
     // exponent.
-    let logit_copies = if placement == Placement::Cpu && e == 4 { 1 } else { 3 };
+    let logit_copies = if placement.fused_kernels(e) { 1 } else { 3 };
     let kind = EvalTaskKind::try_from(task.kind).unwrap_or(EvalTaskKind::Unspecified);
     match kind {
         // Every position is scored, the LM head over at most `LOGIT_ROWS` of them at a time
@@ -420,7 +429,7 @@ fn eval_bytes(shape: &ModelShape, task: &EvalTask, layers: u64, e: u64, placemen
 /// elsewhere tile by tile, at most 16 Mi values in the compute dtype (`e` bytes each). While
 /// loading, the one projection being quantized takes no more.
 fn nf4_decode_bytes(largest: u64, e: u64, placement: Placement) -> u64 {
-    if placement == Placement::Cpu && e == 4 {
+    if placement.fused_kernels(e) {
         largest * 4
     } else {
         largest.min(1 << 24) * e

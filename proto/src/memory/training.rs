@@ -66,7 +66,7 @@ impl Training {
     /// The CPU's f32 path, where norms, rotary, SiLU·up, the adapted projections and the
     /// cross-entropy are fused ops keeping only their outputs (attention is one on every device).
     fn fused(&self) -> bool {
-        self.placement == Placement::Cpu && self.value_bytes == 4
+        self.placement.fused_kernels(self.value_bytes)
     }
 
     /// Adapter parameters of one block: `r · (in + out)` per adapted module.

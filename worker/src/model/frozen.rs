@@ -9,10 +9,11 @@
 //!
 //! The op's forward pass is one function for every backend ([`FrozenMatMul::fwd`], through
 //! [`super::op_storage`]): it copies the input into a tensor outside the graph, computes the
-//! product with ordinary tensor ops on that device and hands back the result's storage. So the code CUDA runs is the code the CPU runs on
-//! the stock path (bf16, or [`super::kernels::with_stock_ops`]), which the tests cover. The CPU's
-//! f32 path instead multiplies straight from the input's and the weight's values
-//! ([`super::kernels::matmul`]), as the fused LoRA product ([`super::lora_product`]) does.
+//! product with ordinary tensor ops on that device and hands back the result's storage. So the
+//! code CUDA runs is the code the CPU runs on the stock path (bf16, or
+//! [`super::kernels::with_stock_ops`]), which the tests cover. The CPU's f32 path instead
+//! multiplies straight from the input's and the weight's values ([`super::kernels::matmul`]), as
+//! the fused LoRA product ([`super::lora_product`]) does.
 
 use std::sync::Arc;
 
