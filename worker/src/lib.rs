@@ -38,9 +38,15 @@ pub mod serve;
 ///   once instead of spinning 25,000 rounds for the next one. What usually comes next is a matrix
 ///   product on rayon's threads, which the spinning threads would be taking cores from
 ///   (scoring on 2 cores: 1,110 → 1,181 tok/s, `scripts/bench-score.sh`).
+/// - `RAYON_NUM_THREADS`: the thread count candle picks for its matrix products (the physical
+///   cores, or `CANDLE_CPU_MASK`'s), worked out once here. Unset, candle works it out again for
+///   every product by reading `/proc/cpuinfo` (~1% of a healing step's samples on 2 cores, more on
+///   a many-core host, where that file is larger); rayon's pool then has as many threads as the
+///   products use.
 pub fn set_cpu_runtime_defaults() {
-    const KNOBS: [(&str, &str); 1] = [("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0")];
-    for (key, value) in KNOBS {
+    let threads = candle_core::utils::get_num_threads().to_string();
+    let knobs = [("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0"), ("RAYON_NUM_THREADS", threads.as_str())];
+    for (key, value) in knobs {
         if std::env::var_os(key).is_none() {
             std::env::set_var(key, value);
         }

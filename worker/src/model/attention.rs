@@ -342,36 +342,42 @@ impl CustomOp3 for TrainedAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // With P = softmax(S), O = P V: dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)),
         // dQ = dS K, dK = dSᵀ Q; chunk by chunk, keys past a chunk's last row skipped (P = 0 there).
-        let (q, k, v, out, grad) = (q.detach(), k.detach(), v.detach(), out.detach(), grad.detach().contiguous()?);
+        let (q, k, v, out, grad) = (q.detach(), k.detach(), v.detach(), out.detach(), grad.detach());
         let dtype = q.dtype();
         let (b, nh, t, hd) = q.dims4()?;
         let (nkv, s) = (k.dim(1)?, k.dim(2)?);
         let rep = nh / nkv;
         let rows = rows_per_chunk(self.chunk, b, nh, s, t);
         let sums = || Tensor::zeros((b, nkv, s, hd), DType::F32, q.device());
-        let (mut dq, mut dk, mut dv) = (Vec::with_capacity(t.div_ceil(rows)), sums()?, sums()?);
+        let (mut dq, dk, dv) = (Vec::with_capacity(t.div_ceil(rows)), sums()?, sums()?);
+        // Adds a chunk's gradient, over keys `0 .. keys`, into the first `keys` rows of `sum`.
+        let accumulate = |sum: &Tensor, chunk: &Tensor, keys: usize| {
+            sum.slice_set(&(sum.narrow(2, 0, keys)? + chunk.to_dtype(DType::F32)?)?.contiguous()?, 2, 0)
+        };
+        // The products read their operands where they lie (candle's CPU and CUDA products take
+        // strided and transposed operands): transposing a chunk's probabilities or score
+        // gradients into a copy first was a serial strided copy of a scores-sized matrix, twice a
+        // chunk (10-14% of a SmolLM2 healing step at seq 256).
         for start in (0..t).step_by(rows) {
             let len = rows.min(t - start);
             let keys = (start + len).min(s);
             let probs = chunk_probs(&q, &k, &self.mask, start, len, keys)?;
-            let d_out = grad.narrow(2, start, len)?;
-            let kc = k.narrow(2, 0, keys)?.contiguous()?;
-            let vc = v.narrow(2, 0, keys)?.contiguous()?;
+            let d_out = grad.narrow(2, start, len)?.contiguous()?;
+            let (kc, vc) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?);
             let qc = q.narrow(2, start, len)?.contiguous()?.reshape((b, nkv, rep * len, hd))?;
-            let d_out_g = d_out.contiguous()?.reshape((b, nkv, rep * len, hd))?;
+            let d_out_g = d_out.reshape((b, nkv, rep * len, hd))?;
             // Each chunk-sized temporary is dropped as soon as it is used: at most the values of
             // four f32 copies of the chunk are alive at once (`CHUNKED_SCORE_COPIES`).
-            let dv_c =
-                probs.to_dtype(dtype)?.reshape((b, nkv, rep * len, keys))?.t()?.contiguous()?.matmul(&d_out_g)?;
+            let dv_c = probs.to_dtype(dtype)?.reshape((b, nkv, rep * len, keys))?.t()?.matmul(&d_out_g)?;
+            accumulate(&dv, &dv_c, keys)?;
+            drop(dv_c);
             let delta =
                 (d_out.to_dtype(DType::F32)? * out.narrow(2, start, len)?.to_dtype(DType::F32)?)?.sum_keepdim(3)?;
             let centered =
                 d_out_g.matmul(&vc.t()?)?.reshape((b, nh, len, keys))?.to_dtype(DType::F32)?.broadcast_sub(&delta)?;
             let ds = (probs * centered)?.to_dtype(dtype)?.reshape((b, nkv, rep * len, keys))?;
             dq.push(ds.matmul(&kc)?.reshape((b, nh, len, hd))?);
-            let dk_c = ds.t()?.contiguous()?.matmul(&qc)?;
-            dk = (dk + dk_c.to_dtype(DType::F32)?.pad_with_zeros(2, 0, s - keys)?)?;
-            dv = (dv + dv_c.to_dtype(DType::F32)?.pad_with_zeros(2, 0, s - keys)?)?;
+            accumulate(&dk, &ds.t()?.matmul(&qc)?, keys)?;
         }
         let dq = if dq.len() == 1 { dq.pop().expect("one chunk") } else { Tensor::cat(&dq, 2)? };
         Ok((Some(dq), Some(dk.to_dtype(dtype)?), Some(dv.to_dtype(dtype)?)))
