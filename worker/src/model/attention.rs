@@ -352,7 +352,7 @@ impl CustomOp3 for TrainedAttention {
         let (mut dq, dk, dv) = (Vec::with_capacity(t.div_ceil(rows)), sums()?, sums()?);
         // Adds a chunk's gradient, over keys `0 .. keys`, into the first `keys` rows of `sum`.
         let accumulate = |sum: &Tensor, chunk: &Tensor, keys: usize| {
-            sum.slice_set(&(sum.narrow(2, 0, keys)? + chunk.to_dtype(DType::F32)?)?.contiguous()?, 2, 0)
+            sum.slice_set(&(sum.narrow(2, 0, keys)? + chunk.to_dtype(DType::F32)?)?, 2, 0)
         };
         // The products read their operands where they lie (candle's CPU and CUDA products take
         // strided and transposed operands): transposing a chunk's probabilities or score
@@ -368,9 +368,7 @@ impl CustomOp3 for TrainedAttention {
             let d_out_g = d_out.reshape((b, nkv, rep * len, hd))?;
             // Each chunk-sized temporary is dropped as soon as it is used: at most the values of
             // four f32 copies of the chunk are alive at once (`CHUNKED_SCORE_COPIES`).
-            let dv_c = probs.to_dtype(dtype)?.reshape((b, nkv, rep * len, keys))?.t()?.matmul(&d_out_g)?;
-            accumulate(&dv, &dv_c, keys)?;
-            drop(dv_c);
+            accumulate(&dv, &probs.to_dtype(dtype)?.reshape((b, nkv, rep * len, keys))?.t()?.matmul(&d_out_g)?, keys)?;
             let delta =
                 (d_out.to_dtype(DType::F32)? * out.narrow(2, start, len)?.to_dtype(DType::F32)?)?.sum_keepdim(3)?;
             let centered =
