@@ -413,6 +413,54 @@ async fn concurrent_leases_never_share_a_job(store: &dyn JobStore) {
     assert_eq!(unique.len(), 20);
 }
 
+/// A reader that follows a sweep's events by sequence number, as `WatchSweep` does, sees every
+/// event once, in order, while workers write them concurrently. (On Postgres two transactions can
+/// take sequence numbers in one order and commit in the other: a follower that read the later
+/// number first would pass the earlier one for good.)
+async fn a_follower_of_the_events_misses_none(store: &dyn JobStore) {
+    let n: Vec<String> = (1..=60).map(|i| i.to_string()).collect();
+    let yaml = format!(
+        "name: follow\nmodels: [{{name: m, path: m.gguf}}]\nmethods: [deepest]\nn: [{}]\nbaseline: false\n",
+        n.join(", ")
+    );
+    submit(store, &SweepSpec::parse(&yaml, "follow.yaml").unwrap()).await;
+    let finished = std::sync::atomic::AtomicBool::new(false);
+    let workers = async {
+        futures::future::join_all((0..8).map(|i| async move {
+            let worker = format!("w{i}");
+            while let Some(l) = store.lease_next(&worker, &[], TTL, T0).await.unwrap() {
+                store.complete(&done(&l), T0 + 1).await.unwrap();
+            }
+        }))
+        .await;
+        finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let follower = async {
+        let (mut seen, mut after) = (Vec::new(), 0);
+        loop {
+            // Read the flag first: once it is set, every event is written, and one more read
+            // after it must bring the rest.
+            let last_read = finished.load(std::sync::atomic::Ordering::SeqCst);
+            let events = store.events("follow", after, 256).await.unwrap();
+            if let Some(e) = events.last() {
+                after = e.seq;
+            }
+            let caught_up = events.len() < 256;
+            seen.extend(events.into_iter().map(|e| e.seq));
+            if last_read && caught_up {
+                return seen;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let ((), seen) = tokio::join!(workers, follower);
+    let all: Vec<i64> = store.events("follow", 0, 10_000).await.unwrap().into_iter().map(|e| e.seq).collect();
+    assert_eq!(all.len(), 60 * 3, "each job's Pending, Leased and Succeeded");
+    let missed: Vec<_> = all.iter().filter(|s| !seen.contains(s)).collect();
+    assert!(missed.is_empty(), "the follower missed events {missed:?} of {}", all.len());
+    assert_eq!(seen, all, "every event once, in sequence order");
+}
+
 async fn batches_answer_each_call_in_order(store: &dyn JobStore) {
     let yaml = "name: two\nmodels:\n  - {name: a, path: a.gguf}\n  - {name: b, path: b.gguf}\n\
                 methods: [deepest]\nn: [1, 2]\nbaseline: false\n";
@@ -570,6 +618,7 @@ both_backends!(
     heartbeats_show_where_running_jobs_are,
     concurrent_submits_make_one_sweep,
     concurrent_leases_never_share_a_job,
+    a_follower_of_the_events_misses_none,
     batches_answer_each_call_in_order,
     a_job_too_big_for_a_worker_waits_for_a_bigger_one,
     a_small_worker_batched_with_a_big_one_reads_its_own_candidates,

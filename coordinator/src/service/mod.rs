@@ -216,15 +216,24 @@ impl pb::sweep_service_server::SweepService for Coordinator {
         let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let mut after = req.after_seq;
+            // Set once the sweep's counts said it is done: every event is written by then, so
+            // the next read of events brings the last of them, and an empty read ends the stream.
+            // (The events are read before the counts they are sent with, so a job that finished
+            // between the two reads has its event in the next read, not in this one.)
+            let mut done = false;
             loop {
                 let result = async {
                     let events = store.events(&req.sweep, after, 256).await?;
+                    if done && events.is_empty() {
+                        return Ok(None);
+                    }
                     let counts = store.sweep(&req.sweep).await?;
-                    Ok::<_, StoreError>((events, counts))
+                    Ok::<_, StoreError>(Some((events, counts)))
                 }
                 .await;
                 let (events, counts) = match result {
-                    Ok(x) => x,
+                    Ok(Some(x)) => x,
+                    Ok(None) => return, // done, and every event sent
                     Err(e) => {
                         let _ = tx.send(Err(Status::from(e))).await;
                         return;
@@ -247,10 +256,8 @@ impl pb::sweep_service_server::SweepService for Coordinator {
                         return; // the client went away
                     }
                 }
-                if caught_up && counts.is_done() {
-                    return;
-                }
-                if caught_up {
+                done = caught_up && counts.is_done();
+                if caught_up && !done {
                     tokio::select! {
                         _ = tokio::time::sleep(poll) => {}
                         _ = tx.closed() => return,

@@ -33,6 +33,12 @@ pub trait Dialect: Database<Arguments: IntoArguments<Self>> {
     /// state; `$2`: now. Columns: `id, sweep_id, state, attempts, max_attempts, worker_id, lease_id`.
     const SELECT_EXPIRED: &'static str;
 
+    /// A statement a transaction runs just before writing its events, so that events commit in
+    /// the order of their sequence numbers (see `sql::Tx`), or `None` where write transactions
+    /// already commit one at a time (SQLite). Taken last, after every row lock the transaction
+    /// holds, and held until it commits.
+    const ORDER_EVENTS: Option<&'static str>;
+
     /// Begins a transaction that will write (`BEGIN IMMEDIATE` on SQLite, so that two writers
     /// never deadlock upgrading a read lock).
     fn begin_write(pool: &Pool<Self>) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send;

@@ -443,7 +443,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn fail(&self, failure: &Failure, now: i64) -> Result<JobState, StoreError>;
     /// Return jobs whose lease expired before `now` to pending (or failed at max attempts).
     async fn reclaim_expired(&self, now: i64) -> Result<u32, StoreError>;
-    /// A sweep's events after `after_seq`, oldest first, at most `limit`.
+    /// A sweep's events after `after_seq`, oldest first, at most `limit`. Events commit in
+    /// sequence order, so a caller that passes the last sequence number it read misses none.
     async fn events(&self, sweep: &str, after_seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError>;
     /// A job.
     async fn job(&self, job_id: i64) -> Result<JobRow, StoreError>;

@@ -55,6 +55,15 @@ impl Dialect for Postgres {
     const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, state, attempts, max_attempts, worker_id, lease_id \
         FROM jobs WHERE state = $1 AND lease_expires_at < $2 ORDER BY id FOR UPDATE SKIP LOCKED";
 
+    /// A transaction-scoped advisory lock (key: "prunesweep" in ASCII, its first 8 bytes). Two
+    /// writers' events would otherwise take identity values in one order and could commit in the
+    /// other, and a follower that read the higher one first would never read the lower. With the
+    /// lock, the next writer takes its identity values after the last one committed. It is held
+    /// only for the events' `INSERT` and the commit; the insert's foreign-key checks share the
+    /// rows of jobs this transaction has already locked and of its sweep, which no one locks
+    /// `FOR UPDATE`, so waiting for it cannot deadlock.
+    const ORDER_EVENTS: Option<&'static str> = Some("SELECT pg_advisory_xact_lock(8102667796601861989)");
+
     fn begin_write(pool: &Pool<Self>) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send {
         pool.begin()
     }

@@ -66,6 +66,9 @@ impl Dialect for Sqlite {
     const SELECT_EXPIRED: &'static str = "SELECT id, sweep_id, state, attempts, max_attempts, worker_id, lease_id \
         FROM jobs WHERE state = $1 AND lease_expires_at < $2 ORDER BY id";
 
+    /// None: `BEGIN IMMEDIATE` write transactions run one at a time, in the order they commit.
+    const ORDER_EVENTS: Option<&'static str> = None;
+
     fn begin_write(pool: &Pool<Self>) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send {
         pool.begin_with("BEGIN IMMEDIATE")
     }

@@ -108,7 +108,7 @@ where
             worker_id: row.worker_id,
             message: Some(f.message.clone()),
         };
-        self.insert_events(&[event], now).await?;
+        self.record_events([event], now);
         if next.state == JobState::Failed {
             self.settle_dependents(f.job_id, Trigger::DependencyFailed, Some(&f.message), now).await?;
         }
@@ -156,7 +156,7 @@ where
         update.push(" WHERE ");
         push_ids(&mut update, events.iter().map(|e| e.job_id));
         update.build().execute(self.conn()).await?;
-        self.insert_events(&events, now).await?;
+        self.record_events(events, now);
         Ok(())
     }
 
@@ -223,7 +223,7 @@ where
                 message: None,
             })
             .collect();
-        self.insert_events(&events, now).await?;
+        self.record_events(events, now);
         Ok(())
     }
 

@@ -44,8 +44,9 @@ where
             push_ids(&mut update, chunk.iter().map(|e| e.job_id));
             update.build().execute(self.conn()).await?;
         }
-        self.insert_events(&events, now).await?;
-        Ok(events.len() as u32)
+        let cancelled = events.len() as u32;
+        self.record_events(events, now);
+        Ok(cancelled)
     }
 
     /// Reactivate the sweep and requeue its failed jobs (and cancelled ones, if asked) with fresh
@@ -77,8 +78,9 @@ where
             let message = Some("retry".to_string());
             events.push(NewEvent { sweep_id, job_id: id, state: next.state, worker_id: None, message });
         }
-        self.insert_events(&events, now).await?;
-        to_u32(events.len() as i64, "jobs requeued")
+        let requeued = events.len() as i64;
+        self.record_events(events, now);
+        to_u32(requeued, "jobs requeued")
     }
 
     /// Set the sweep's state; returns its id.

@@ -162,7 +162,7 @@ where
             let expires_at = now + requests[request].ttl_ms;
             leased[request] = Some(LeasedJob { lease_id, expires_at, job, distances: Vec::new() });
         }
-        self.insert_events(&events, now).await?;
+        self.record_events(events, now);
         self.attach_distances(&mut leased).await?;
         Ok(leased)
     }

@@ -74,23 +74,31 @@ pub(super) fn migrations<const N: usize>(sql: [(&'static str, &'static str); N])
 
 /// One transaction of the store. Each [`JobStore`] call opens one, runs its queries in it (the
 /// methods in this folder's files) and commits it, so a call's writes land together or not at all.
+///
+/// Its events are written last, just before the commit ([`Tx::commit`]), after
+/// [`Dialect::ORDER_EVENTS`]: a follower of a sweep's events reads them by sequence number
+/// (`WatchSweep`'s `after_seq`), which only works if no event commits after one with a higher
+/// number.
 pub(super) struct Tx<DB: Database> {
     tx: Transaction<'static, DB>,
+    /// Events recorded by the call, with their time, written by [`Tx::commit`].
+    events: Vec<(NewEvent, i64)>,
 }
 
 impl<DB: Dialect> Tx<DB> {
     /// A transaction that writes ([`Dialect::begin_write`]).
     async fn write(pool: &Pool<DB>) -> Result<Self, sqlx::Error> {
-        Ok(Self { tx: DB::begin_write(pool).await? })
+        Ok(Self { tx: DB::begin_write(pool).await?, events: Vec::new() })
     }
 
     /// A transaction that only reads: on SQLite its statements share one snapshot.
     async fn read(pool: &Pool<DB>) -> Result<Self, sqlx::Error> {
-        Ok(Self { tx: pool.begin().await? })
+        Ok(Self { tx: pool.begin().await?, events: Vec::new() })
     }
 
-    async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+    /// Records events (jobs' new states at `now`), to be written when the transaction commits.
+    pub(super) fn record_events(&mut self, events: impl IntoIterator<Item = NewEvent>, now: i64) {
+        self.events.extend(events.into_iter().map(|e| (e, now)));
     }
 
     /// The connection, to run a query on.
@@ -128,22 +136,29 @@ where
     String: Scalar<DB>,
     Option<String>: Scalar<DB>,
 {
-    /// Append events, many rows per statement.
-    pub(super) async fn insert_events(&mut self, events: &[NewEvent], now: i64) -> Result<(), sqlx::Error> {
-        for chunk in events.chunks(ROWS_PER_INSERT) {
-            let mut insert =
-                QueryBuilder::<DB>::new("INSERT INTO events (sweep_id, job_id, state, worker_id, message, at) ");
-            insert.push_values(chunk, |mut row, e| {
-                row.push_bind(e.sweep_id)
-                    .push_bind(e.job_id)
-                    .push_bind(e.state.as_str())
-                    .push_bind(e.worker_id.clone())
-                    .push_bind(e.message.clone())
-                    .push_bind(now);
-            });
-            insert.build().execute(self.conn()).await?;
+    /// Writes the recorded events (many rows per statement, after [`Dialect::ORDER_EVENTS`]) and
+    /// commits.
+    async fn commit(mut self) -> Result<(), sqlx::Error> {
+        if !self.events.is_empty() {
+            if let Some(order) = DB::ORDER_EVENTS {
+                sqlx::query(order).execute(self.conn()).await?;
+            }
+            let events = std::mem::take(&mut self.events);
+            for chunk in events.chunks(ROWS_PER_INSERT) {
+                let mut insert =
+                    QueryBuilder::<DB>::new("INSERT INTO events (sweep_id, job_id, state, worker_id, message, at) ");
+                insert.push_values(chunk, |mut row, (e, at)| {
+                    row.push_bind(e.sweep_id)
+                        .push_bind(e.job_id)
+                        .push_bind(e.state.as_str())
+                        .push_bind(e.worker_id.clone())
+                        .push_bind(e.message.clone())
+                        .push_bind(*at);
+                });
+                insert.build().execute(self.conn()).await?;
+            }
         }
-        Ok(())
+        self.tx.commit().await
     }
 
     /// The id of the sweep named `name`.

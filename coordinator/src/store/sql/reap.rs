@@ -63,7 +63,7 @@ where
                 message: Some(message),
             });
         }
-        self.insert_events(&events, now).await?;
+        self.record_events(events, now);
         for (id, message) in failed {
             self.settle_dependents(id, Trigger::DependencyFailed, Some(&message), now).await?;
         }

@@ -104,8 +104,9 @@ where
             };
             known.insert(job.key.as_str(), entry);
         }
-        self.insert_events(&events, now).await?;
-        to_u32(events.len() as i64, "jobs added")
+        let added = events.len() as i64;
+        self.record_events(events, now);
+        to_u32(added, "jobs added")
     }
 
     /// Create the sweep, or replace its spec; returns its id, whether it is new, and its state.
