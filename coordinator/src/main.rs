@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use pb::sweep_service_client::SweepServiceClient;
 use prunesweep_coordinator::auth::{self, Security, Tokens};
 use prunesweep_coordinator::export::{self, Format};
@@ -46,6 +45,7 @@ mod cli;
 use cli::figures::{plot_from_export, write_figures};
 use cli::local::run_local;
 use cli::tables::{eta, print_failed, print_running, print_table, print_workers};
+use cli::watch::watch;
 
 /// A `SweepService` client that sends the user's token on every call.
 type Client = SweepServiceClient<InterceptedService<Channel, Bearer>>;
@@ -240,36 +240,6 @@ async fn connect(args: &ClientArgs) -> Result<Client> {
     let channel =
         endpoint.connect().await.with_context(|| format!("connecting to the coordinator at {}", args.coordinator))?;
     Ok(SweepServiceClient::with_interceptor(channel, Bearer::new(token.as_deref())?))
-}
-
-async fn watch(client: &mut Client, sweep: &str) -> Result<()> {
-    let status = client.get_sweep(pb::GetSweepRequest { sweep: sweep.to_string() }).await?.into_inner();
-    let total =
-        |s: &pb::SweepStatus| u64::from(s.blocked + s.pending + s.leased + s.succeeded + s.failed + s.cancelled);
-    let done = |s: &pb::SweepStatus| u64::from(s.succeeded + s.failed + s.cancelled);
-    let bar = ProgressBar::new(total(&status));
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} jobs {msg}").expect("the template is valid"));
-    let show = |s: &pb::SweepStatus| {
-        bar.set_length(total(s));
-        bar.set_position(done(s));
-        bar.set_message(format!(
-            "blocked {} pending {} leased {} succeeded {} failed {} cancelled {}",
-            s.blocked, s.pending, s.leased, s.succeeded, s.failed, s.cancelled
-        ));
-    };
-    show(&status);
-    let mut stream =
-        client.watch_sweep(pb::WatchSweepRequest { sweep: sweep.to_string(), after_seq: 0 }).await?.into_inner();
-    while let Some(event) = stream.message().await? {
-        if let Some(s) = &event.status {
-            show(s);
-        }
-        if event.state() == pb::JobState::Failed {
-            bar.println(format!("job {} failed: {}", event.job_id, event.message.unwrap_or_default()));
-        }
-    }
-    bar.finish();
-    Ok(())
 }
 
 /// Waits for Ctrl-C or SIGTERM (what Slurm, Kubernetes and systemd send) and names it.

@@ -100,6 +100,16 @@ pub fn worker_process_config() -> Config {
 /// (`http://127.0.0.1:PORT`) and the handle that stops it.
 pub async fn start_server(store: Arc<dyn JobStore>, config: Config) -> (String, ServerHandle) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    start_server_on(listener, store, config)
+}
+
+/// [`start_server`] on a listener of the caller's (a restarted coordinator on the address of the
+/// one it replaces).
+pub fn start_server_on(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn JobStore>,
+    config: Config,
+) -> (String, ServerHandle) {
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {

@@ -347,6 +347,44 @@ async fn shutdown_ends_open_watch_streams(store: &TestStore) {
     assert!(status.message().contains("shutting down; watch again from after_seq"), "{status:?}");
 }
 
+/// `coordinator status --watch` (the binary) follows a sweep through a coordinator restart: it
+/// asks again from the last event it received, and exits 0 with the final counts once the
+/// sweep is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_follows_the_sweep_through_a_restart() {
+    let store = common::sqlite().await;
+    let (url, server) = common::start_server(store.store.clone(), common::fast_config()).await;
+    let (mut sweeps, _) = clients(&url).await;
+    sweeps.submit_sweep(submit_req(common::TINY)).await.unwrap();
+    let watch = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["status", "tiny", "--watch", "--coordinator", &url])
+        .env_remove("PRUNESWEEP_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The watch is open well within this (a process start and one local connection).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // refused at least once
+    let addr = url.trim_start_matches("http://");
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("the old coordinator's address");
+    let (_, server) = common::start_server_on(listener, store.store.clone(), common::fast_config());
+    fake_worker(url.clone(), "w1").await;
+    let out = tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(|| watch.wait_with_output()))
+        .await
+        .expect("the watch ends once the sweep is done")
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status --watch failed: {stderr}");
+    assert!(stderr.contains("the coordinator is unavailable"), "{stderr}");
+    assert!(stderr.contains("the coordinator is back; following tiny from event"), "{stderr}");
+    assert!(stderr.contains("tiny: 6 of 6 jobs finished (succeeded 6, failed 0, cancelled 0)"), "{stderr}");
+    server.shutdown().await;
+    store.cleanup().await;
+}
+
 both_backends!(
     shutdown_ends_open_watch_streams,
     two_workers_finish_the_sweep,

@@ -11,8 +11,9 @@ use prunesweep_coordinator::sweep::SweepSpec;
 use prunesweep_coordinator::Config;
 use prunesweep_proto::v1 as pb;
 
+use super::watch::watch;
 use crate::cli::figures::write_results;
-use crate::{connect, watch, ClientArgs};
+use crate::{connect, ClientArgs};
 
 /// `coordinator run`: serve on 127.0.0.1:0, submit, start the workers, follow the sweep, export.
 pub(crate) async fn run_local(
