@@ -34,6 +34,7 @@ use prunesweep_coordinator::plan;
 use prunesweep_coordinator::server::HttpListeners;
 use prunesweep_coordinator::store::{self, DEFAULT_DATABASE_URL};
 use prunesweep_coordinator::sweep::{self, SweepSpec};
+use prunesweep_coordinator::web::view::Counts;
 use prunesweep_coordinator::Config;
 use prunesweep_proto::client::{self, Bearer};
 use prunesweep_proto::v1 as pb;
@@ -287,7 +288,7 @@ async fn run(args: Args) -> Result<()> {
                     let sweeps = c.list_sweeps(pb::ListSweepsRequest {}).await?.into_inner().sweeps;
                     let mut etas = Vec::with_capacity(sweeps.len());
                     for s in &sweeps {
-                        let unfinished = s.blocked + s.pending + s.leased > 0;
+                        let unfinished = Counts::from_pb(s).unfinished() > 0;
                         etas.push(if unfinished {
                             eta(s, &export::fetch_results(&mut c, &s.name).await?)
                         } else {

@@ -48,7 +48,7 @@ pub(crate) fn print_table(sweeps: &[pb::SweepStatus], etas: &[Option<f64>]) {
         "SWEEP", "STATE", "BLOCKED", "PENDING", "LEASED", "SUCCEEDED", "FAILED", "CANCELLED", "TOTAL", "ETA"
     );
     for (i, s) in sweeps.iter().enumerate() {
-        let total = s.blocked + s.pending + s.leased + s.succeeded + s.failed + s.cancelled;
+        let total = Counts::from_pb(s).total();
         let eta = etas.get(i).copied().flatten().map_or("-".to_string(), duration);
         println!(
             "{:<24} {:<9} {:>7} {:>7} {:>6} {:>9} {:>6} {:>9} {:>6} {:>8}",

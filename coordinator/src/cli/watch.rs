@@ -2,14 +2,15 @@
 //! sweep's events until it is done, through coordinator restarts.
 //!
 //! A coordinator that shuts down ends every watch with UNAVAILABLE, one that is down refuses the
-//! connection with the same code, and one that was killed breaks the stream. Events commit in sequence order, so the watch asks again
-//! from the last sequence number it received and misses none; it gives up after
-//! [`RECONNECT_FOR`] without a coordinator.
+//! connection with the same code, and one that was killed breaks the stream. Events commit in
+//! sequence order, so the watch asks again from the last sequence number it received and misses
+//! none; it gives up after [`RECONNECT_FOR`] without a coordinator.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use prunesweep_coordinator::web::view::Counts;
 use prunesweep_proto::v1 as pb;
 use tonic::Code;
 
@@ -19,35 +20,40 @@ use crate::Client;
 /// before it fails.
 pub(crate) const RECONNECT_FOR: Duration = Duration::from_secs(600);
 
-/// The longest pause between two attempts (they start at one second and double).
+/// The pause before the first attempt after the coordinator went away; it doubles each time.
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+
+/// The longest pause between two attempts.
 const MAX_PAUSE: Duration = Duration::from_secs(15);
 
 /// Follows `sweep` with a progress bar until it is done; failed jobs are printed as they fail.
 pub(crate) async fn watch(client: &mut Client, sweep: &str) -> Result<()> {
     let status = client.get_sweep(pb::GetSweepRequest { sweep: sweep.to_string() }).await?.into_inner();
-    let bar = ProgressBar::new(total(&status));
+    let mut last = Counts::from_pb(&status);
+    let bar = ProgressBar::new(u64::from(last.total()));
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} jobs {msg}").expect("the template is valid"));
-    show(&bar, &status);
+    show(&bar, &last);
     // `bar.println` prints nothing where the bar is hidden (stderr not a terminal: a Slurm log, a
     // pipe); these lines must show there too.
     let say = |line: String| bar.suspend(|| eprintln!("{line}"));
-    let mut last = status;
     let mut after = 0;
-    let mut outage: Option<(Instant, Duration)> = None; // since when, and the next pause
+    let mut down_since: Option<Instant> = None;
+    let mut pause = FIRST_PAUSE;
     loop {
         let followed = async {
             let mut stream = client
                 .watch_sweep(pb::WatchSweepRequest { sweep: sweep.to_string(), after_seq: after })
                 .await?
                 .into_inner();
-            if outage.take().is_some() {
+            if down_since.take().is_some() {
+                pause = FIRST_PAUSE;
                 say(format!("the coordinator is back; following {sweep} from event {after}"));
             }
             while let Some(event) = stream.message().await? {
                 after = event.seq;
-                if let Some(s) = event.status.clone() {
-                    show(&bar, &s);
-                    last = s;
+                if let Some(s) = &event.status {
+                    last = Counts::from_pb(s);
+                    show(&bar, &last);
                 }
                 if event.state() == pb::JobState::Failed {
                     say(format!("job {} failed: {}", event.job_id, event.message.unwrap_or_default()));
@@ -59,7 +65,10 @@ pub(crate) async fn watch(client: &mut Client, sweep: &str) -> Result<()> {
         match followed {
             Ok(()) => break,
             Err(s) if coordinator_gone(&s) => {
-                let (since, pause) = *outage.get_or_insert((Instant::now(), Duration::from_secs(1)));
+                let since = *down_since.get_or_insert_with(|| {
+                    say(format!("the coordinator is unavailable ({}); trying again", s.message()));
+                    Instant::now()
+                });
                 if since.elapsed() >= RECONNECT_FOR {
                     bail!(
                         "the coordinator has been unavailable for {} s ({}); the sweep goes on without this \
@@ -68,11 +77,8 @@ pub(crate) async fn watch(client: &mut Client, sweep: &str) -> Result<()> {
                         s.message()
                     );
                 }
-                if pause == Duration::from_secs(1) {
-                    say(format!("the coordinator is unavailable ({}); trying again", s.message()));
-                }
                 tokio::time::sleep(pause).await;
-                outage = Some((since, (pause * 2).min(MAX_PAUSE)));
+                pause = (pause * 2).min(MAX_PAUSE);
             }
             Err(s) => return Err(s.into()),
         }
@@ -81,8 +87,8 @@ pub(crate) async fn watch(client: &mut Client, sweep: &str) -> Result<()> {
     // The outcome in words, where the bar is hidden too.
     eprintln!(
         "{sweep}: {} of {} jobs finished (succeeded {}, failed {}, cancelled {})",
-        last.succeeded + last.failed + last.cancelled,
-        total(&last),
+        last.done(),
+        last.total(),
         last.succeeded,
         last.failed,
         last.cancelled
@@ -100,17 +106,12 @@ fn coordinator_gone(status: &tonic::Status) -> bool {
         || (matches!(status.code(), Code::Unknown | Code::Internal | Code::Cancelled) && status.source().is_some())
 }
 
-/// All of a sweep's jobs.
-fn total(s: &pb::SweepStatus) -> u64 {
-    u64::from(s.blocked + s.pending + s.leased + s.succeeded + s.failed + s.cancelled)
-}
-
-/// The bar at `s`: finished jobs of all, and the count in each state.
-fn show(bar: &ProgressBar, s: &pb::SweepStatus) {
-    bar.set_length(total(s));
-    bar.set_position(u64::from(s.succeeded + s.failed + s.cancelled));
+/// The bar at `c`: finished jobs of all, and the count in each state.
+fn show(bar: &ProgressBar, c: &Counts) {
+    bar.set_length(u64::from(c.total()));
+    bar.set_position(u64::from(c.done()));
     bar.set_message(format!(
         "blocked {} pending {} leased {} succeeded {} failed {} cancelled {}",
-        s.blocked, s.pending, s.leased, s.succeeded, s.failed, s.cancelled
+        c.blocked, c.pending, c.leased, c.succeeded, c.failed, c.cancelled
     ));
 }
