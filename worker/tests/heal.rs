@@ -626,3 +626,29 @@ fn heal_runs_with_and_without_recomputation_reach_the_same_adapter() {
         }
     }
 }
+
+/// The worker starts itself again with glibc's malloc tuned to keep freed memory for reuse (a
+/// healing step's tensors are otherwise faulted in afresh every step), unless the environment
+/// sets tunables of its own or turns it off.
+#[test]
+fn the_worker_runs_with_malloc_tunables_unless_told_otherwise() {
+    let doctor = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
+        cmd.arg("doctor").env_remove("GLIBC_TUNABLES").env_remove("PRUNESWEEP_MALLOC").envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        stdout
+            .lines()
+            .find(|l| l.starts_with("malloc: "))
+            .unwrap_or_else(|| panic!("no malloc line: {stdout}"))
+            .to_string()
+    };
+    let tuned = doctor(&[]);
+    if cfg!(all(target_os = "linux", target_env = "gnu")) {
+        assert_eq!(tuned, format!("malloc: the worker's settings ({})", prunesweep_worker::GLIBC_MALLOC_TUNABLES));
+    }
+    assert_eq!(doctor(&[("PRUNESWEEP_MALLOC", "default")]), "malloc: glibc's defaults");
+    let own = doctor(&[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")]);
+    assert_eq!(own, "malloc: GLIBC_TUNABLES=glibc.malloc.arena_max=2 (the environment's)");
+}

@@ -7,6 +7,12 @@ use super::{
 };
 use crate::v1::{AdapterTargets, QLoraSettings};
 
+/// Logits the CPU's fused training loss computes at once (`heal/head_loss.rs`): as many rows as
+/// keep a chunk within 24 MiB of f32 (128 rows of SmolLM2's 49,152-word vocabulary, 47 of Llama
+/// 3's 128,256), below glibc's largest threshold for serving an allocation from fresh pages (32
+/// MiB), so that each chunk reuses the last one's memory.
+pub const TRAINING_LOGIT_VALUES: u64 = 6 << 20;
+
 /// One healing micro-batch as the memory model counts it: the model's shape, the micro-batch and
 /// the adapters, in a compute dtype on a placement. `predict` counts the heal phase from it, and
 /// the worker sizes how many blocks keep their autograd graphs with it (`heal/gradients.rs`).
@@ -115,14 +121,18 @@ impl Training {
             + transient_scores
     }
 
-    /// The micro-batch's logits `[mb, T, V]` and their gradient, in f32 (the fused cross-entropy
-    /// on a CPU); off the CPU candle-nn's composed loss makes about ten temporaries of that size.
+    /// The loss's share: on a CPU in f32 the LM head and the cross-entropy are one op
+    /// (`heal/head_loss.rs`) that holds one chunk of logits ([`TRAINING_LOGIT_VALUES`] at most, or
+    /// one row) and the head input's gradient `[mb, T, H]` with its scaled copy; off the CPU the
+    /// micro-batch's logits `[mb, T, V]` go through candle-nn's composed loss, about ten
+    /// temporaries of that size.
     pub fn logit_bytes(&self) -> u64 {
-        let values = self.micro_batch * self.seq_len * u64::from(self.shape.vocab);
+        let (tokens, v) = (self.micro_batch * self.seq_len, u64::from(self.shape.vocab));
         if self.fused() {
-            2 * values * 4
+            let rows = (TRAINING_LOGIT_VALUES / v.max(1)).clamp(1, tokens.max(1));
+            (rows * v + 2 * tokens * u64::from(self.shape.hidden)) * 4
         } else {
-            10 * values * self.value_bytes
+            10 * tokens * v * self.value_bytes
         }
     }
 

@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::model::kernels::vectorized;
@@ -28,11 +28,19 @@ pub fn next_token_loss(model: &Model, ids: &Tensor) -> candle_core::Result<Tenso
 
 /// [`next_token_loss`] from the last blocks' output `hidden` (`x^(L')`, `[B, T, H]`, pre-norm):
 /// final norm, LM head and cross-entropy. Activation recomputation starts its backward pass here.
+/// While training on the CPU in f32 the head's product and the cross-entropy are one op that
+/// keeps no logits ([`super::head_loss`]).
 pub fn loss_from_hidden(decoder: &Decoder, hidden: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
     let (b, t) = ids.dims2()?;
-    let logits = decoder.logits(&hidden.narrow(1, 0, t - 1)?)?;
-    let v = logits.dim(2)?;
     let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1::<u32>()?;
+    let normed = decoder.final_norm(&hidden.narrow(1, 0, t - 1)?)?;
+    let head = decoder.lm_head();
+    if crate::model::kernels::fused_cpu(&normed) && normed.track_op() && head.lora.is_none() {
+        let h = normed.dim(2)?;
+        return super::head_loss::head_cross_entropy(head, &normed.reshape((b * (t - 1), h))?, targets);
+    }
+    let logits = head.forward(&normed)?.to_dtype(DType::F32)?;
+    let v = logits.dim(2)?;
     cross_entropy(&logits.reshape((b * (t - 1), v))?, targets)
 }
 
@@ -40,17 +48,23 @@ pub fn loss_from_hidden(decoder: &Decoder, hidden: &Tensor, ids: &Tensor) -> can
 /// with respect to the logits. Off the CPU it falls back to candle-nn's composed version.
 pub fn cross_entropy(logits: &Tensor, targets: Vec<u32>) -> candle_core::Result<Tensor> {
     let (n, v) = logits.dims2()?;
+    check_targets(n, v, &targets)?;
+    if !crate::model::kernels::fused_cpu(logits) {
+        let t = Tensor::from_vec(targets, n, logits.device())?;
+        return candle_nn::loss::cross_entropy(logits, &t);
+    }
+    logits.contiguous()?.apply_op1(CrossEntropy { targets: Arc::new(targets), lse: Arc::new(Mutex::new(Vec::new())) })
+}
+
+/// An error unless there is one target per row (`n`), each inside the vocabulary (`v`).
+pub(super) fn check_targets(n: usize, v: usize, targets: &[u32]) -> candle_core::Result<()> {
     if targets.len() != n {
         candle_core::bail!("cross_entropy: {} targets for {n} rows", targets.len());
     }
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
         candle_core::bail!("cross_entropy: target {bad} is outside the vocabulary of {v}");
     }
-    if !crate::model::kernels::fused_cpu(logits) {
-        let t = Tensor::from_vec(targets, n, logits.device())?;
-        return candle_nn::loss::cross_entropy(logits, &t);
-    }
-    logits.contiguous()?.apply_op1(CrossEntropy { targets: Arc::new(targets), lse: Arc::new(Mutex::new(Vec::new())) })
+    Ok(())
 }
 
 /// Forward: `[n, V]` → `[]`, the mean of `lse_i − z_{i, t_i}`.

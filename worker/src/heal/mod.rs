@@ -22,6 +22,7 @@ pub mod adapter;
 pub mod checkpoint;
 mod config;
 pub mod gradients;
+pub mod head_loss;
 pub mod loss;
 pub mod optim;
 pub mod packing;

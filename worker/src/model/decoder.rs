@@ -315,7 +315,18 @@ impl Decoder {
 
     /// Final norm + LM head over pre-norm states `[..., H]` → logits `[..., V]` in f32.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        self.lm_head.forward(&self.norm.forward(hidden)?)?.to_dtype(DType::F32)
+        self.lm_head.forward(&self.final_norm(hidden)?)?.to_dtype(DType::F32)
+    }
+
+    /// The final norm of pre-norm states `[..., H]`: the LM head's input.
+    pub fn final_norm(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        self.norm.forward(hidden)
+    }
+
+    /// The LM head (`[V, H]`; the embedding when tied), for a training loss that fuses its
+    /// product with the cross-entropy (`heal/loss.rs`).
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
     }
 
     /// Logits for every position: `[B, T, V]`.
