@@ -33,7 +33,6 @@ fn print(case: &str, r: &EvalReport) {
 }
 
 fn main() -> anyhow::Result<()> {
-    prunesweep_worker::run_with_tuned_allocator();
     prunesweep_worker::set_cpu_runtime_defaults();
     let (model_path, data) = (common::smollm2(), common::shared_data());
     let batch = common::env_usize("BENCH_BATCH", 8);

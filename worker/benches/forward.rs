@@ -17,7 +17,6 @@ layer-pruning strategy for popular families of open-weight pretrained LLMs, find
 performance on different question-answering benchmarks until after a large fraction of the layers are removed. ";
 
 fn main() -> anyhow::Result<()> {
-    prunesweep_worker::run_with_tuned_allocator();
     prunesweep_worker::set_cpu_runtime_defaults();
     let path = common::smollm2();
     let tokens = common::env_usize("BENCH_TOKENS", 256);

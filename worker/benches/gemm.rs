@@ -18,7 +18,6 @@ use candle_core::{Device, Tensor};
 use prunesweep_worker::model::frozen::Weight;
 
 fn main() -> anyhow::Result<()> {
-    prunesweep_worker::run_with_tuned_allocator();
     prunesweep_worker::set_cpu_runtime_defaults();
     let (m, repeats) = (common::env_usize("BENCH_ROWS", 1024), common::env_usize("BENCH_REPEATS", 20));
     // q/o (576→576), k/v (576→192), gate/up (576→1536), down (1536→576), and a square reference.

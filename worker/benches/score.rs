@@ -17,7 +17,6 @@ use prunesweep_worker::model::Model;
 use prunesweep_worker::score::{score_layers, Calibration};
 
 fn main() -> anyhow::Result<()> {
-    prunesweep_worker::run_with_tuned_allocator();
     prunesweep_worker::set_cpu_runtime_defaults();
     let (model_path, data) = (common::smollm2(), common::shared_data());
     let c4 = data.join("c4/c4-en-train.00000-of-01024.first1000.jsonl");

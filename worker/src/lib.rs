@@ -17,6 +17,7 @@
 //! - [`provenance`]: what made a result (weights and data fingerprints, build, device, dtype).
 //! - [`serve`]: the worker side of the coordinator's contract (lease, run, heartbeat, report).
 
+pub mod allocator;
 pub mod data;
 pub mod device;
 pub mod eval;
@@ -30,42 +31,7 @@ pub mod prune;
 pub mod score;
 pub mod serve;
 
-/// glibc's `malloc` settings the worker runs with, as `GLIBC_TUNABLES` ([`run_with_tuned_allocator`]).
-///
-/// By default glibc serves an allocation from fresh pages once it is larger than a threshold that
-/// starts at 128 KiB, and hands the top of its heap back to the kernel whenever more than twice
-/// that is free. A healing step allocates and frees gigabytes of tensors of a few MiB each (the
-/// kept graphs, the products' outputs), so every step faulted all of them in again and the kernel
-/// cleared every page: a quarter of a CPU healing step's time was system time. Served from a heap
-/// that is never trimmed (allocations up to 32 MiB, glibc's largest threshold), they reuse the last
-/// step's memory; the peak is the same. Measured on SmolLM2 (`worker heal`, seq 256, micro-batch 4,
-/// 4 updates, 2 cores of a Zen 5): 0.64–1.11 M page faults → 0.52 M, system time 3.7–5.0 → 3.0–3.4
-/// s, tokens/s +7–20% (`results/bench-heal.txt`).
-pub const GLIBC_MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184";
-
-/// Runs this binary again, in place (same process id, arguments and environment), with
-/// [`GLIBC_MALLOC_TUNABLES`] — glibc reads its tunables only when a program starts — unless
-/// `GLIBC_TUNABLES` is already set (an operator's value wins; the re-run has it set) or
-/// `PRUNESWEEP_MALLOC=default`. Call it first thing in `main`, before any thread starts. Returns
-/// when it does not re-run, or when the re-run could not start (said on stderr; the worker then
-/// runs with glibc's defaults).
-pub fn run_with_tuned_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::os::unix::process::CommandExt;
-        if std::env::var_os("GLIBC_TUNABLES").is_some()
-            || std::env::var("PRUNESWEEP_MALLOC").is_ok_and(|v| v == "default")
-        {
-            return;
-        }
-        let Ok(exe) = std::env::current_exe() else { return };
-        let error = std::process::Command::new(&exe)
-            .args(std::env::args_os().skip(1))
-            .env("GLIBC_TUNABLES", GLIBC_MALLOC_TUNABLES)
-            .exec();
-        eprintln!("worker: running with glibc's default malloc settings: re-running {} failed: {error}", exe.display());
-    }
-}
+pub use allocator::run_with_tuned_allocator;
 
 /// Settles candle's CPU runtime knobs the way the worker runs best, each only where the
 /// environment leaves it unset (an operator's value wins). Call it first thing in `main`, before

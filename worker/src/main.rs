@@ -16,7 +16,10 @@ mod commands;
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    prunesweep_worker::run_with_tuned_allocator();
+    // Healing runs with glibc's malloc tuned for its churn of large tensors (allocator.rs).
+    if std::env::args_os().nth(1).is_some_and(|command| command == "heal") {
+        prunesweep_worker::run_with_tuned_allocator();
+    }
     prunesweep_worker::set_cpu_runtime_defaults();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))

@@ -627,28 +627,32 @@ fn heal_runs_with_and_without_recomputation_reach_the_same_adapter() {
     }
 }
 
-/// The worker starts itself again with glibc's malloc tuned to keep freed memory for reuse (a
-/// healing step's tensors are otherwise faulted in afresh every step), unless the environment
-/// sets tunables of its own or turns it off.
+/// `worker heal` starts itself again with glibc's malloc tuned to keep freed memory for reuse (a
+/// healing step's tensors are otherwise faulted in afresh every step) and records it, unless the
+/// environment sets tunables of its own or turns it off; other commands keep glibc's defaults.
 #[test]
-fn the_worker_runs_with_malloc_tunables_unless_told_otherwise() {
-    let doctor = |env: &[(&str, &str)]| {
+fn heal_runs_with_malloc_tunables_unless_told_otherwise() {
+    let (model, c4) = (fixture("tiny-llama"), c4_sample());
+    let heal = |env: &[(&str, &str)]| -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("run");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
-        cmd.arg("doctor").env_remove("GLIBC_TUNABLES").env_remove("PRUNESWEEP_MALLOC").envs(env.iter().copied());
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        stdout
-            .lines()
-            .find(|l| l.starts_with("malloc: "))
-            .unwrap_or_else(|| panic!("no malloc line: {stdout}"))
-            .to_string()
+        cmd.args(["heal", "--model", model.to_str().unwrap(), "--data", c4.to_str().unwrap()]);
+        cmd.args(["--steps", "1", "--batch", "2", "--seq-len", "16", "--rank", "2", "--out", out.to_str().unwrap()]);
+        cmd.env_remove("GLIBC_TUNABLES").env_remove("PRUNESWEEP_MALLOC").env_remove("PRUNESWEEP_MALLOC_RERUN");
+        let run = cmd.envs(env.iter().copied()).output().unwrap();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("prunesweep.json")).unwrap()).unwrap();
+        meta["malloc"].as_str().unwrap_or_else(|| panic!("no malloc entry: {meta}")).to_string()
     };
-    let tuned = doctor(&[]);
     if cfg!(all(target_os = "linux", target_env = "gnu")) {
-        assert_eq!(tuned, format!("malloc: the worker's settings ({})", prunesweep_worker::GLIBC_MALLOC_TUNABLES));
+        let tuned = format!("the worker's settings ({})", prunesweep_worker::allocator::GLIBC_MALLOC_TUNABLES);
+        assert_eq!(heal(&[]), tuned);
     }
-    assert_eq!(doctor(&[("PRUNESWEEP_MALLOC", "default")]), "malloc: glibc's defaults");
-    let own = doctor(&[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")]);
-    assert_eq!(own, "malloc: GLIBC_TUNABLES=glibc.malloc.arena_max=2 (the environment's)");
+    assert_eq!(heal(&[("PRUNESWEEP_MALLOC", "default")]), "glibc's defaults");
+    // The re-run never re-runs again (glibc drops GLIBC_TUNABLES for setuid programs).
+    assert_eq!(heal(&[("PRUNESWEEP_MALLOC_RERUN", "1")]), "glibc's defaults");
+    let own = heal(&[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")]);
+    assert_eq!(own, "GLIBC_TUNABLES=glibc.malloc.arena_max=2 (the environment's)");
 }

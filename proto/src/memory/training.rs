@@ -8,7 +8,7 @@ use super::{
 use crate::v1::{AdapterTargets, QLoraSettings};
 
 /// Logits the CPU's fused training loss computes at once (`heal/head_loss.rs`): as many rows as
-/// keep a chunk within 24 MiB of f32 (128 rows of SmolLM2's 49,152-word vocabulary, 47 of Llama
+/// keep a chunk within 24 MiB of f32 (128 rows of SmolLM2's 49,152-word vocabulary, 49 of Llama
 /// 3's 128,256), below glibc's largest threshold for serving an allocation from fresh pages (32
 /// MiB), so that each chunk reuses the last one's memory.
 pub const TRAINING_LOGIT_VALUES: u64 = 6 << 20;

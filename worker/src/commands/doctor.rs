@@ -36,11 +36,6 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
         ),
         _ => println!("cpu: memory unknown (no /proc/meminfo)"),
     }
-    match std::env::var("GLIBC_TUNABLES") {
-        Ok(t) if t == prunesweep_worker::GLIBC_MALLOC_TUNABLES => println!("malloc: the worker's settings ({t})"),
-        Ok(t) => println!("malloc: GLIBC_TUNABLES={t} (the environment's)"),
-        Err(_) => println!("malloc: glibc's defaults"),
-    }
     let devices = device::cuda_devices();
     match &devices {
         Ok(list) => {

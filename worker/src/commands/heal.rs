@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prunesweep_proto::defaults;
+use prunesweep_worker::allocator;
 use prunesweep_worker::data::file_sha256;
 use prunesweep_worker::heal::{self, HealConfig, HealEnd, HealSpec, Recompute, TargetSet, EXIT_PREEMPTED};
 use serde_json::json;
@@ -167,7 +168,10 @@ pub fn run(args: HealArgs) -> anyhow::Result<()> {
     let nf4 =
         if qp > 0 { json!({"params": qp, "bytes": qb, "bytes_per_param": qb as f64 / qp as f64}) } else { json!(null) };
     let kept_graphs = trainer.kept_graphs();
-    trainer.save_adapter(&args.out, json!({ "base": identity.clone(), "nf4": nf4, "kept_graphs": kept_graphs }))?;
+    trainer.save_adapter(
+        &args.out,
+        json!({ "base": identity.clone(), "nf4": nf4, "kept_graphs": kept_graphs, "malloc": allocator::describe() }),
+    )?;
     drop(trainer);
     if args.merge {
         model.decoder.merge_adapters()?;

@@ -55,6 +55,9 @@ fn head_cross_entropy_in_chunks(
         Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
     };
+    if let Some(len) = bias.as_ref().map(Vec::len).filter(|&len| len != v) {
+        candle_core::bail!("head-cross-entropy: the LM head's bias has {len} values for a vocabulary of {v}");
+    }
     let op = HeadCrossEntropy {
         weight: head.weight.clone(),
         bias,
@@ -101,9 +104,9 @@ impl CustomOp1 for HeadCrossEntropy {
             Ok(())
         })??;
         *self.input_grad.lock().expect("the lock is never poisoned") = input_grad;
-        // Summed in row order, as the composed loss sums them.
+        // Summed in row order, as the composed loss sums them (no rows: NaN, as theirs).
         let total: f64 = losses.iter().map(|&l| f64::from(l)).sum();
-        Ok((CpuStorage::F32(vec![(total / n.max(1) as f64) as f32]), Shape::from(())))
+        Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
     }
 
     fn bwd(&self, x: &Tensor, _loss: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -249,5 +252,8 @@ mod tests {
         assert!(e.contains("target 10 is outside the vocabulary of 10"), "{e}");
         let e = head_cross_entropy(&head, &random((2, 5), 11), vec![1, 2]).unwrap_err().to_string();
         assert!(e.contains("the input has 5 features, the LM head expects 4"), "{e}");
+        let short_bias = Linear { bias: Some(random((1, 9), 12).flatten_all().unwrap()), ..head };
+        let e = head_cross_entropy(&short_bias, &x, vec![1, 2]).unwrap_err().to_string();
+        assert!(e.contains("the LM head's bias has 9 values for a vocabulary of 10"), "{e}");
     }
 }
