@@ -18,8 +18,9 @@
 //!   AdamW moments (f32), and one micro-batch's training activations with every block recomputed
 //!   (`heal/gradients.rs`): every block's input kept, one block's graph at a time, and the logits
 //!   with their gradient (on a CPU in f32, where the head and the loss are one op, a chunk of
-//!   logits, [`TRAINING_LOGIT_VALUES`], and the head input's gradient). That is the least a heal runs in; a worker with more free memory keeps
-//!   the top blocks' graphs in it instead of recomputing them ([`Training::graphs_that_fit`]);
+//!   logits, [`TRAINING_LOGIT_VALUES`], and the head input's gradient). That is the least a heal
+//!   runs in; a worker with more free memory keeps the top blocks' graphs in it instead of
+//!   recomputing them ([`Training::graphs_that_fit`]);
 //! - **eval**: the model as healing left it (NF4 base and adapters, moments dropped) plus one
 //!   evaluation batch's forward pass, its scored logits and, for MMLU, the few-shot prefix's
 //!   key/value cache.
@@ -585,7 +586,7 @@ pub fn gib(bytes: u64) -> String {
 }
 
 mod training;
-pub use training::{Training, TRAINING_LOGIT_VALUES};
+pub use training::{training_logit_rows, Training, TRAINING_LOGIT_VALUES};
 
 #[cfg(test)]
 mod tests;

@@ -16,8 +16,9 @@ mod commands;
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    let cli = commands::Cli::parse();
     // Healing runs with glibc's malloc tuned for its churn of large tensors (allocator.rs).
-    if std::env::args_os().nth(1).is_some_and(|command| command == "heal") {
+    if cli.heals() {
         prunesweep_worker::run_with_tuned_allocator();
     }
     prunesweep_worker::set_cpu_runtime_defaults();
@@ -27,5 +28,5 @@ fn main() -> anyhow::Result<()> {
         // Colours only on a terminal: logs written to files (Slurm, Kubernetes) stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    commands::Cli::parse().run()
+    cli.run()
 }

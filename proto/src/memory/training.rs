@@ -13,6 +13,12 @@ use crate::v1::{AdapterTargets, QLoraSettings};
 /// MiB), so that each chunk reuses the last one's memory.
 pub const TRAINING_LOGIT_VALUES: u64 = 6 << 20;
 
+/// Rows of logits the CPU's fused training loss computes at once over a vocabulary of `vocab`
+/// words: as many as [`TRAINING_LOGIT_VALUES`] holds, at least one.
+pub fn training_logit_rows(vocab: u64) -> u64 {
+    (TRAINING_LOGIT_VALUES / vocab.max(1)).max(1)
+}
+
 /// One healing micro-batch as the memory model counts it: the model's shape, the micro-batch and
 /// the adapters, in a compute dtype on a placement. `predict` counts the heal phase from it, and
 /// the worker sizes how many blocks keep their autograd graphs with it (`heal/gradients.rs`).
@@ -129,7 +135,7 @@ impl Training {
     pub fn logit_bytes(&self) -> u64 {
         let (tokens, v) = (self.micro_batch * self.seq_len, u64::from(self.shape.vocab));
         if self.fused() {
-            let rows = (TRAINING_LOGIT_VALUES / v.max(1)).clamp(1, tokens.max(1));
+            let rows = training_logit_rows(v).min(tokens.max(1));
             (rows * v + 2 * tokens * u64::from(self.shape.hidden)) * 4
         } else {
             10 * tokens * v * self.value_bytes

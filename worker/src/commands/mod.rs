@@ -48,6 +48,11 @@ enum Command {
 }
 
 impl Cli {
+    /// Whether the chosen subcommand is `heal`.
+    pub fn heals(&self) -> bool {
+        matches!(self.command, Command::Heal(_))
+    }
+
     /// Runs the chosen subcommand.
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {

@@ -24,15 +24,13 @@ use crate::model::layers::Linear;
 use crate::model::log_sum_exp::row_log_sum_exp;
 use crate::model::masked_softmax::exp;
 
-/// Logits computed at once ([`prunesweep_proto::memory::TRAINING_LOGIT_VALUES`]).
-const LOGIT_VALUES_PER_CHUNK: usize = prunesweep_proto::memory::TRAINING_LOGIT_VALUES as usize;
-
 /// Mean cross-entropy of `head(x)` (`x`: `[n, H]` final-normed states, f32 on the CPU) against
 /// `targets` (`n` ids), differentiable with respect to `x`. The head must carry no adapter (its
 /// weight and bias are frozen).
 pub fn head_cross_entropy(head: &Linear, x: &Tensor, targets: Vec<u32>) -> candle_core::Result<Tensor> {
-    let vocab = head.weight.dims()?.0;
-    head_cross_entropy_in_chunks(head, x, targets, (LOGIT_VALUES_PER_CHUNK / vocab.max(1)).max(1))
+    // As many rows at a time as the memory model counts (`TRAINING_LOGIT_VALUES`).
+    let rows = prunesweep_proto::memory::training_logit_rows(head.weight.dims()?.0 as u64);
+    head_cross_entropy_in_chunks(head, x, targets, usize::try_from(rows).unwrap_or(usize::MAX))
 }
 
 /// [`head_cross_entropy`] with `chunk_rows` rows of logits at a time.
