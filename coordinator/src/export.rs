@@ -88,6 +88,10 @@ pub struct ExportRow {
     pub value: f64,
     /// Seconds the job took (sum of its phase timings).
     pub seconds: Option<f64>,
+    /// The worker process's peak resident host memory in the job (bytes; the largest of its
+    /// phases' peaks), where the worker measured it: a CPU job's to set against the memory
+    /// model's CPU prediction (`coordinator plan`).
+    pub peak_host_bytes: Option<u64>,
     /// The job's key (the hash of its resolved spec).
     pub key: String,
     /// The weights: `hf:org/name@<commit>` or `sha256:<hex>` (empty: not reported).
@@ -162,6 +166,7 @@ pub fn rows_from_pb(sweep: &str, jobs: &[pb::JobResult]) -> Vec<ExportRow> {
             m => m.name(),
         };
         let seconds = (!job.timings.is_empty()).then(|| job.timings.iter().map(|t| t.seconds).sum());
+        let peak_host_bytes = job.timings.iter().filter_map(|t| t.peak_host_bytes).max();
         let provenance = job.provenance.clone().unwrap_or_default();
         let data_fingerprints: std::collections::BTreeMap<_, _> = provenance.data_fingerprints.iter().collect();
         let data_fingerprints = serde_json::to_string(&data_fingerprints).expect("strings serialize");
@@ -186,6 +191,7 @@ pub fn rows_from_pb(sweep: &str, jobs: &[pb::JobResult]) -> Vec<ExportRow> {
                 metric: r.metric.clone(),
                 value: r.value,
                 seconds,
+                peak_host_bytes,
                 key: spec.key.clone(),
                 model_fingerprint: provenance.model_fingerprint.clone(),
                 data_fingerprints: data_fingerprints.clone(),
@@ -223,6 +229,7 @@ pub fn to_dataframe(rows: &[ExportRow]) -> Result<DataFrame, ExportError> {
         Column::new("metric".into(), col(rows, "metric", |r| r.metric.clone())),
         Column::new("value".into(), col(rows, "value", |r| r.value)),
         Column::new("seconds".into(), col(rows, "seconds", |r| r.seconds)),
+        Column::new("peak_host_bytes".into(), col(rows, "peak_host_bytes", |r| r.peak_host_bytes)),
         Column::new("key".into(), col(rows, "key", |r| r.key.clone())),
         Column::new("model_fingerprint".into(), col(rows, "model_fingerprint", |r| r.model_fingerprint.clone())),
         Column::new("data_fingerprints".into(), col(rows, "data_fingerprints", |r| r.data_fingerprints.clone())),
@@ -315,9 +322,10 @@ pub fn write_distances(rows: &[DistanceExportRow], path: &Path) -> Result<(), Ex
     write_frame(&mut DataFrame::new_infer_height(columns)?, Format::Csv, path)
 }
 
-/// The columns the export gained with provenance: an export made before them reads with them
-/// empty.
-const PROVENANCE_COLUMNS: [&str; 9] = [
+/// The columns the export gained with provenance, and the measured peak memory after them: an
+/// export made before them reads with them empty.
+const NEWER_COLUMNS: [&str; 10] = [
+    "peak_host_bytes",
     "key",
     "model_fingerprint",
     "data_fingerprints",
@@ -359,11 +367,11 @@ impl Columns<'_> {
         ExportError::Read { path: format!("{} (column `{name}`)", self.path.display()), source }
     }
 
-    /// The column as `dtype`. A provenance column an older export lacks reads as nulls (empty
+    /// The column as `dtype`. A newer column an older export lacks reads as nulls (empty
     /// strings, no numbers); any other missing column is an error.
     fn cast(&self, name: &str, dtype: &DataType) -> Result<Column, ExportError> {
         match self.df.column(name) {
-            Err(_) if PROVENANCE_COLUMNS.contains(&name) => Ok(Column::full_null(name.into(), self.df.height(), dtype)),
+            Err(_) if NEWER_COLUMNS.contains(&name) => Ok(Column::full_null(name.into(), self.df.height(), dtype)),
             column => column.and_then(|c| c.cast(dtype)).map_err(|e| self.error(name, e)),
         }
     }
@@ -401,6 +409,7 @@ pub fn read(path: &Path) -> Result<Vec<ExportRow>, ExportError> {
     let (fraction_dropped, task, metric, value) =
         (c.floats("fraction_dropped")?, c.strings("task")?, c.strings("metric")?, c.floats("value")?);
     let (seconds, key, model_fingerprint) = (c.floats("seconds")?, c.strings("key")?, c.strings("model_fingerprint")?);
+    let peak_host_bytes = c.ints("peak_host_bytes")?;
     let (data_fingerprints, worker_version, worker_commit) =
         (c.strings("data_fingerprints")?, c.strings("worker_version")?, c.strings("worker_commit")?);
     let (device, dtype, wall_seconds, spec) =
@@ -423,6 +432,7 @@ pub fn read(path: &Path) -> Result<Vec<ExportRow>, ExportError> {
             metric: metric[i].clone(),
             value: value[i].unwrap_or(f64::NAN),
             seconds: seconds[i],
+            peak_host_bytes: peak_host_bytes[i].and_then(|v| u64::try_from(v).ok()),
             key: key[i].clone(),
             model_fingerprint: model_fingerprint[i].clone(),
             data_fingerprints: data_fingerprints[i].clone(),
@@ -502,6 +512,7 @@ mod tests {
                 metric: "accuracy".into(),
                 value: 0.615,
                 seconds: Some(12.25),
+                peak_host_bytes: Some((5 << 30) + 123),
                 key: "k".into(),
                 model_fingerprint: "sha256:ab".into(),
                 data_fingerprints: "{\"a,b\":\"sha256:ff\"}".into(),

@@ -54,7 +54,7 @@ fn complete_req(worker_id: &str, lease: &pb::Lease) -> pb::CompleteJobRequest {
         lease_id: lease.lease_id.clone(),
         job_id: job.job_id,
         num_layers: Some(num_layers),
-        timings: vec![pb::PhaseTiming { phase: "eval".into(), seconds: 0.5 }],
+        timings: vec![pb::PhaseTiming { phase: "eval".into(), seconds: 0.5, peak_host_bytes: Some(3 << 30) }],
         ..Default::default()
     };
     match job.kind() {
@@ -162,6 +162,7 @@ async fn two_workers_finish_the_sweep(store: &TestStore) {
         assert_eq!(r.value, 3.0 + f64::from(n));
         assert_eq!((r.heal.as_str(), r.task.as_str(), r.metric.as_str()), ("none", "c4-loss", "loss"));
         assert_eq!(r.seconds, Some(0.5));
+        assert_eq!(r.peak_host_bytes, Some(3 << 30), "the phases' peak memory, through the store");
     }
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("tiny.csv");

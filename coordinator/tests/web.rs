@@ -152,7 +152,7 @@ impl FakeWorker {
                         value: 0.08 * f64::from(n) + 0.3 / f64::from(l + 2),
                     })
                     .collect();
-                req.timings = vec![pb::PhaseTiming { phase: "score".into(), seconds: 2.0 }];
+                req.timings = vec![pb::PhaseTiming { phase: "score".into(), seconds: 2.0, peak_host_bytes: None }];
             }
             kind => {
                 let dropped = match job.amount {
@@ -169,7 +169,10 @@ impl FakeWorker {
                 ];
                 let phases: &[(&str, f64)] =
                     if kind == pb::JobKind::Baseline { &[("eval", 1.5)] } else { &[("prune", 0.2), ("eval", 1.2)] };
-                req.timings = phases.iter().map(|(p, s)| pb::PhaseTiming { phase: (*p).into(), seconds: *s }).collect();
+                req.timings = phases
+                    .iter()
+                    .map(|(p, s)| pb::PhaseTiming { phase: (*p).into(), seconds: *s, peak_host_bytes: None })
+                    .collect();
             }
         }
         self.client.complete_job(req).await.unwrap();

@@ -25,13 +25,14 @@ pub mod forward;
 pub mod heal;
 pub mod job;
 pub mod model;
+pub mod peak_memory;
 pub mod plot;
 pub mod provenance;
 pub mod prune;
 pub mod score;
 pub mod serve;
 
-pub use allocator::run_with_tuned_allocator;
+pub use allocator::run_with_malloc_tunables;
 
 /// Settles candle's CPU runtime knobs the way the worker runs best, each only where the
 /// environment leaves it unset (an operator's value wins). Call it first thing in `main`, before

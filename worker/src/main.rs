@@ -17,9 +17,9 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let cli = commands::Cli::parse();
-    // Healing runs with glibc's malloc tuned for its churn of large tensors (allocator.rs).
-    if cli.heals() {
-        prunesweep_worker::run_with_tuned_allocator();
+    // `heal` and `serve` run with glibc's malloc set for them (allocator.rs).
+    if let Some(tunables) = cli.malloc_tunables() {
+        prunesweep_worker::run_with_malloc_tunables(tunables);
     }
     prunesweep_worker::set_cpu_runtime_defaults();
     tracing_subscriber::fmt()

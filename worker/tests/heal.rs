@@ -647,7 +647,7 @@ fn heal_runs_with_malloc_tunables_unless_told_otherwise() {
         meta["malloc"].as_str().unwrap_or_else(|| panic!("no malloc entry: {meta}")).to_string()
     };
     if cfg!(all(target_os = "linux", target_env = "gnu")) {
-        let tuned = format!("the worker's settings ({})", prunesweep_worker::allocator::GLIBC_MALLOC_TUNABLES);
+        let tuned = format!("the worker's settings ({})", prunesweep_worker::allocator::HEAL_MALLOC_TUNABLES);
         assert_eq!(heal(&[]), tuned);
     }
     assert_eq!(heal(&[("PRUNESWEEP_MALLOC", "default")]), "glibc's defaults");

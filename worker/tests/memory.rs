@@ -1,8 +1,9 @@
 //! The memory model (`prunesweep_proto::memory`) against measured peaks: a real coordinator (in
 //! this process, SQLite) and a real `worker serve` process run one heal cell — deepest cut,
-//! QLoRA on an NF4 base for one update, then c4-loss — and the process's peak resident memory
-//! (`VmHWM` in `/proc/<pid>/status`, read after the job and before the worker is stopped) is
-//! compared with the model's CPU prediction for that job, which `coordinator plan` shows.
+//! QLoRA on an NF4 base for one update, then c4-loss — and the job's peak resident memory (the
+//! largest of the peaks the worker reports with its phases, `PhaseTiming.peak_host_bytes`: the
+//! process's `VmHWM`, reset as each phase starts) is compared with the model's CPU prediction for
+//! that job, which `coordinator plan` shows; each phase's peak is printed beside it.
 //!
 //! - tiny-llama: the process's own memory, from which `CPU_RUNTIME_BYTES` was taken (a
 //!   calibration, not a check);
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use common::{c4_sample, fixture, shared_data, smollm2_gguf};
 use prunesweep_coordinator::job::JobKind;
-use prunesweep_coordinator::store::SqliteStore;
+use prunesweep_coordinator::store::{JobStore, SqliteStore};
 use prunesweep_coordinator::sweep::{JobMemory, SweepSpec};
 use prunesweep_coordinator::testing::{start_server, wait_until_done};
 use prunesweep_proto::memory::{gib, MemoryEstimate, ModelShape, Placement, Training};
@@ -49,7 +50,10 @@ struct Job {
 /// What a run measured, against what the model predicted.
 struct Run {
     predicted: MemoryEstimate,
+    /// The job's peak: the largest of its phases' peaks, as the worker reported them.
     measured: u64,
+    /// Each phase's reported peak.
+    phases: Vec<(String, u64)>,
     /// Whether the worker was made to read the model's blocks per pass: then the prediction is
     /// the least the job runs in (`least_device_bytes`), not the whole-model peak.
     offloaded: bool,
@@ -78,21 +82,15 @@ impl Run {
         } else {
             format!("peak in {}: {}", self.predicted.phase, parts.join(", "))
         };
+        let phases: Vec<String> = self.phases.iter().map(|(p, b)| format!("{p} {}", mib(*b))).collect();
         eprintln!(
-            "memory-model {what}: predicted {} ({peak}); measured VmHWM {}; measured/predicted − 1 = {:+.1}%",
+            "memory-model {what}: predicted {} ({peak}); measured {} (phases: {}); measured/predicted − 1 = {:+.1}%",
             mib(self.predicted_bytes()),
             mib(self.measured),
+            phases.join(", "),
             100.0 * self.error()
         );
     }
-}
-
-/// `VmHWM` of a live process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status (Linux)");
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/<pid>/status");
-    let kb: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmHWM in kB");
-    kb * 1024
 }
 
 /// Runs the heal cell of `job` on `model` (a path under `model_root`) in a fresh coordinator and
@@ -132,7 +130,8 @@ async fn run_sweep(tag: &str, yaml: String, model_root: &Path, kind: JobKind, wo
     // Leases of a minute: loading the 70B-shaped checkpoint on a busy machine can outlast the
     // harness's 3 s ones before the first heartbeat.
     let config = prunesweep_coordinator::Config::for_lease_ttl(Duration::from_secs(60));
-    let (url, server) = start_server(std::sync::Arc::new(store), config).await;
+    let store = std::sync::Arc::new(store);
+    let (url, server) = start_server(store.clone(), config).await;
     let mut client = SweepServiceClient::connect(url.clone()).await.unwrap();
     client.submit_sweep(SubmitSweepRequest { yaml, file_name: None }).await.unwrap();
     let mut worker = Command::new(env!("CARGO_BIN_EXE_worker"))
@@ -149,14 +148,21 @@ async fn run_sweep(tag: &str, yaml: String, model_root: &Path, kind: JobKind, wo
         .spawn()
         .expect("start worker serve");
     let status = wait_until_done(&url, &format!("mem-{tag}"), Duration::from_secs(1800)).await;
-    let measured = peak_rss(worker.id());
     worker.kill().unwrap();
     worker.wait().unwrap();
     server.shutdown().await;
     assert_eq!(status.succeeded as usize, planned.len(), "a job did not succeed: {status:?}");
+    let results = store.results(&format!("mem-{tag}")).await.unwrap();
+    let job = results.iter().map(|r| &r.job).find(|j| j.kind == kind).expect("the job of the kind");
+    let phases: Vec<(String, u64)> = job
+        .timings
+        .iter()
+        .map(|t| (t.phase.clone(), t.peak_host_bytes.expect("every phase reports its peak on Linux")))
+        .collect();
+    let measured = phases.iter().map(|(_, b)| *b).max().expect("the job reported phases");
     // A memory budget below the model makes the worker read its blocks per pass.
     let offloaded = worker_args.contains(&"--memory-budget-gib");
-    Run { predicted: cpu.clone(), measured, offloaded }
+    Run { predicted: cpu.clone(), measured, phases, offloaded }
 }
 
 /// Writes a random llama of `shape` as an HF folder (config, one safetensors file with the
@@ -339,7 +345,14 @@ async fn a_baseline_larger_than_the_budget_peaks_at_the_least_the_model_says() {
         model.display()
     );
     let run = run_sweep("offload", yaml, dir.path(), JobKind::Baseline, &["--memory-budget-gib", "0.0625"]).await;
-    check("random llama 6×1024 (ffn 4096, vocab 32000), baseline c4-loss 4×128, blocks read per pass", &run);
+    let what = "random llama 6×1024 (ffn 4096, vocab 32000), baseline c4-loss 4×128, blocks read per pass";
+    run.report(what);
+    // Never more than 15% over the least figure (what leasing compares with a worker's free
+    // memory); it may sit further under it, on the safe side: −4% on an Intel Xeon and −10% on a
+    // Zen 4 with glibc's arena per thread, −18% and −19% on the Zen 4 with `worker serve`'s one
+    // arena (allocator.rs), where the blocks read per pass reuse what the score job freed.
+    assert!(run.error() <= 0.15, "{what}: {} against the least {}", gib(run.measured), gib(run.predicted_bytes()));
+    assert!(run.error() >= -0.3, "{what}: {} far under the least {}", gib(run.measured), gib(run.predicted_bytes()));
     // Two of the six blocks held at a time (one running, the next being read): the peak stays
     // more than two blocks' bytes under the whole model's.
     let block = WIDE.block_params() * 4;

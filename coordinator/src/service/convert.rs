@@ -63,6 +63,18 @@ pub fn sweep_status(c: &SweepCounts) -> pb::SweepStatus {
     }
 }
 
+impl From<Timing> for pb::PhaseTiming {
+    fn from(t: Timing) -> Self {
+        pb::PhaseTiming { phase: t.phase, seconds: t.seconds, peak_host_bytes: t.peak_host_bytes }
+    }
+}
+
+impl From<pb::PhaseTiming> for Timing {
+    fn from(t: pb::PhaseTiming) -> Self {
+        Timing { phase: t.phase, seconds: t.seconds, peak_host_bytes: t.peak_host_bytes }
+    }
+}
+
 impl From<&RunningJob> for pb::RunningJob {
     fn from(r: &RunningJob) -> Self {
         pb::RunningJob {
@@ -208,7 +220,7 @@ pub fn job_result(j: JobResults, distances: &[DistanceRow]) -> pb::JobResult {
         spec: Some(spec),
         layers_dropped: j.job.layers_dropped,
         num_layers: j.job.num_layers,
-        timings: j.job.timings.into_iter().map(|t| pb::PhaseTiming { phase: t.phase, seconds: t.seconds }).collect(),
+        timings: j.job.timings.into_iter().map(pb::PhaseTiming::from).collect(),
         results: j
             .results
             .into_iter()
@@ -266,7 +278,7 @@ pub fn completion(req: pb::CompleteJobRequest) -> Result<Completion, Status> {
         distances,
         layers_dropped: req.layers_dropped,
         num_layers: req.num_layers,
-        timings: req.timings.into_iter().map(|t| Timing { phase: t.phase, seconds: t.seconds }).collect(),
+        timings: req.timings.into_iter().map(Timing::from).collect(),
         provenance: req.provenance.map(|p| Provenance {
             model_fingerprint: p.model_fingerprint,
             data_fingerprints: p.data_fingerprints.into_iter().collect(),

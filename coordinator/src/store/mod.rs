@@ -188,6 +188,10 @@ pub struct Timing {
     pub phase: String,
     /// Seconds.
     pub seconds: f64,
+    /// The worker process's peak resident host memory during the phase (bytes), where the worker
+    /// measured it (kept in the timings' JSON: rows from before it read as `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_host_bytes: Option<u64>,
 }
 
 /// One row of a distance table.

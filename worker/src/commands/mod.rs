@@ -48,9 +48,14 @@ enum Command {
 }
 
 impl Cli {
-    /// Whether the chosen subcommand is `heal`.
-    pub fn heals(&self) -> bool {
-        matches!(self.command, Command::Heal(_))
+    /// The glibc malloc tunables the chosen subcommand runs with, if any
+    /// ([`prunesweep_worker::allocator`]).
+    pub fn malloc_tunables(&self) -> Option<&'static str> {
+        match self.command {
+            Command::Heal(_) => Some(prunesweep_worker::allocator::HEAL_MALLOC_TUNABLES),
+            Command::Serve(_) => Some(prunesweep_worker::allocator::SERVE_MALLOC_TUNABLES),
+            _ => None,
+        }
     }
 
     /// Runs the chosen subcommand.

@@ -83,6 +83,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.name.unwrap_or_else(|| format!("{}:{}", host.unwrap_or_else(|| "worker".into()).trim(), args.device));
     let roots = Roots::new(&args.work_dir, &args.model_roots, &args.data_roots)?;
     tracing::info!(roots = %roots.describe(), "jobs may read only under these roots");
+    tracing::info!(malloc = %prunesweep_worker::allocator::describe(), "glibc malloc settings");
     let cfg = ServeConfig {
         roots,
         memory_budget: args.memory_budget_gib.map(|g| (g * (1u64 << 30) as f64) as u64),

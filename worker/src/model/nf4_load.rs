@@ -128,10 +128,8 @@ fn write_checkpoint(dir: &Path) -> usize {
 }
 
 /// `VmRSS` or `VmHWM` of this process, in bytes.
-fn status_bytes(key: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}"));
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+fn status_bytes(field: &str) -> u64 {
+    crate::peak_memory::status_bytes(field).unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
 }
 
 /// Run by [`loading_as_nf4_never_holds_the_dense_model`] in a child process: loads the checkpoint

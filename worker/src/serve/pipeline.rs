@@ -19,6 +19,7 @@ use crate::heal::{self, HealEnd, HealError, HealSpec, Recompute};
 use crate::job::{Cell, FileKind, Job, JobError, Work};
 use crate::model::weights::ModelSource;
 use crate::model::{default_dtype, streamed, Model, ModelError};
+use crate::peak_memory::PeakWindow;
 use crate::prune::{self, LayerScores, PruneError};
 use crate::score::{self, ScoreSpec};
 use crate::serve::roots::Roots;
@@ -125,8 +126,26 @@ struct Loaded {
     model: Model,
 }
 
-fn timing(phase: &str, since: Instant) -> PhaseTiming {
-    PhaseTiming { phase: phase.to_string(), seconds: since.elapsed().as_secs_f64() }
+/// A phase of a job being timed: its wall time and the process's peak resident memory over it.
+struct PhaseClock {
+    started: Instant,
+    peak: PeakWindow,
+}
+
+impl PhaseClock {
+    /// Starts timing a phase (and resets the process's peak memory: one phase at a time).
+    fn start() -> Self {
+        PhaseClock { started: Instant::now(), peak: PeakWindow::start() }
+    }
+
+    /// The phase's timing, as the contract reports it.
+    fn finish(self, phase: &str) -> PhaseTiming {
+        PhaseTiming {
+            phase: phase.to_string(),
+            seconds: self.started.elapsed().as_secs_f64(),
+            peak_host_bytes: self.peak.peak_bytes(),
+        }
+    }
 }
 
 fn model_failure(source: &str, e: ModelError) -> JobError {
@@ -281,10 +300,10 @@ impl Pipeline {
             return self.score_streamed(job, spec, progress, out);
         }
         progress.set("load", 0.0);
-        let t = Instant::now();
+        let t = PhaseClock::start();
         let nf4_base = matches!(&job.work, Work::Cell(c) if c.heal.as_ref().is_some_and(|h| h.config.quantize));
         let mut model = if too_big { self.offloaded_model(job)? } else { self.model(&job.model, job.dtype, nf4_base)? };
-        out.timings.push(timing("load", t));
+        out.timings.push(t.finish("load"));
         out.num_layers = Some(model.decoder.num_blocks() as u32);
         progress.check()?;
         match &job.work {
@@ -384,7 +403,7 @@ impl Pipeline {
         self.loaded = None;
         tracing::info!(model = %job.model, "the model does not fit the device's free memory: scoring it layer by layer");
         progress.set("score", 0.0);
-        let t = Instant::now();
+        let t = PhaseClock::start();
         let dtype = job.dtype.unwrap_or_else(|| default_dtype(&self.device));
         let (_, scores) = score::run_streamed(Path::new(&job.model), &self.device, dtype, spec, &mut |done, total| {
             progress.set("score", done as f64 / total.max(1) as f64)
@@ -392,7 +411,7 @@ impl Pipeline {
         .map_err(score_failure)?;
         out.num_layers = Some(scores.distances.num_layers as u32);
         report_scores(&scores, &mut out)?;
-        out.timings.push(timing("score", t));
+        out.timings.push(t.finish("score"));
         Ok(out)
     }
 
@@ -405,7 +424,7 @@ impl Pipeline {
         out: &mut JobOutput,
     ) -> Result<(), JobError> {
         progress.set("heal", 0.0);
-        let t = Instant::now();
+        let t = PhaseClock::start();
         // Per job key: a re-leased job (after preemption) resumes from its checkpoint.
         let dir = self.work_dir.join("jobs").join(&job.key).join("heal");
         let identity = serde_json::json!({ "job": job.key, "kept_layers": model.decoder.kept_layers() });
@@ -433,7 +452,7 @@ impl Pipeline {
         if end == HealEnd::Preempted {
             return Err(JobError::Stopped);
         }
-        out.timings.push(timing("heal", t));
+        out.timings.push(t.finish("heal"));
         Ok(())
     }
 }
@@ -449,7 +468,7 @@ fn score_failure(e: score::ScoreError) -> JobError {
 
 fn score_model(spec: &ScoreSpec, model: &Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobError> {
     progress.set("score", 0.0);
-    let t = Instant::now();
+    let t = PhaseClock::start();
     progress.set_tokens(0);
     let (_, scores) = score::run(&model.decoder, &model.tokenizer, spec, &mut |done, total| {
         progress.set("score", done as f64 / total.max(1) as f64);
@@ -457,7 +476,7 @@ fn score_model(spec: &ScoreSpec, model: &Model, progress: &Progress, out: &mut J
     })
     .map_err(score_failure)?;
     report_scores(&scores, out)?;
-    out.timings.push(timing("score", t));
+    out.timings.push(t.finish("score"));
     Ok(())
 }
 
@@ -488,12 +507,12 @@ fn report_scores(scores: &score::Scores, out: &mut JobOutput) -> Result<(), JobE
 }
 
 fn prune_model(cell: &Cell, model: &mut Model, out: &mut JobOutput) -> Result<(), JobError> {
-    let t = Instant::now();
+    let t = PhaseClock::start();
     let scores = LayerScores { distances: cell.distances.as_ref(), influence: cell.influence.as_ref() };
     let plan = cell.prune.plan(model.decoder.num_blocks(), scores).map_err(prune_failure)?;
     let dropped = prune::run(&mut model.decoder, &plan).map_err(|e| JobError::Unfit(e.to_string()))?;
     out.layers_dropped = dropped.iter().map(|&l| l as u32).collect();
-    out.timings.push(timing("prune", t));
+    out.timings.push(t.finish("prune"));
     Ok(())
 }
 
@@ -523,7 +542,7 @@ fn result_rows(task: Task, report: &EvalReport) -> Result<Vec<ResultRow>, JobErr
 
 /// Runs every evaluation task of the job and appends its metrics.
 fn evaluate(tasks: &[EvalSpec], model: &Model, progress: &Progress, out: &mut JobOutput) -> Result<(), JobError> {
-    let t = Instant::now();
+    let t = PhaseClock::start();
     for (i, spec) in tasks.iter().enumerate() {
         progress.check()?;
         progress.set("eval", i as f64 / tasks.len().max(1) as f64);
@@ -541,7 +560,7 @@ fn evaluate(tasks: &[EvalSpec], model: &Model, progress: &Progress, out: &mut Jo
         }
         out.results.extend(result_rows(spec.task, &report)?);
     }
-    out.timings.push(timing("eval", t));
+    out.timings.push(t.finish("eval"));
     Ok(())
 }
 
