@@ -83,7 +83,8 @@ fn names_binary(argv0: &OsStr, exe: &Path) -> bool {
     }
 }
 
-/// The process's malloc settings in words (`worker heal` records them in `prunesweep.json`).
+/// The process's malloc settings in words (`worker heal` records them in `prunesweep.json`,
+/// `worker serve` logs them at start).
 pub fn describe() -> String {
     match std::env::var("GLIBC_TUNABLES") {
         Ok(t) if [HEAL_MALLOC_TUNABLES, SERVE_MALLOC_TUNABLES].contains(&t.as_str()) => {

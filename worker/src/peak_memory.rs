@@ -1,12 +1,14 @@
 //! The process's peak resident memory over a stretch of work: `worker serve` reports it with each
 //! phase of a job (`PhaseTiming.peak_host_bytes`), so that what the memory model predicted for the
-//! job (`coordinator plan`) can be checked against what it took, job by job, on any machine.
+//! job (`coordinator plan`) can be checked against what it took, job by job, on any Linux machine.
 //!
 //! The kernel keeps the peak (`VmHWM` in `/proc/self/status`); writing `5` to
 //! `/proc/self/clear_refs` (Linux ≥ 4.0) sets it back to the current resident size, so a window's
 //! peak is the memory held when it starts (the loaded model, what the allocator kept) plus what
 //! the window added at most. Where the reset is refused, or there is no `/proc`, nothing is
-//! reported: the process's lifetime peak would be a figure about earlier jobs.
+//! reported: the process's lifetime peak would be a figure about earlier jobs. (After a reset,
+//! `getrusage` and `/usr/bin/time`'s maximum resident size no longer give the process's lifetime
+//! peak either.)
 
 /// A window over which the process's peak resident memory is measured ([`PeakWindow::start`]).
 /// One at a time: the peak is the process's, and starting a window resets it for every other.

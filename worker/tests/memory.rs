@@ -157,7 +157,9 @@ async fn run_sweep(tag: &str, yaml: String, model_root: &Path, kind: JobKind, wo
     let phases: Vec<(String, u64)> = job
         .timings
         .iter()
-        .map(|t| (t.phase.clone(), t.peak_host_bytes.expect("every phase reports its peak on Linux")))
+        .map(|t| (t.phase.clone(), t.peak_host_bytes.unwrap_or_else(|| {
+            panic!("phase {} reported no peak: the memory tests need Linux ≥ 4.0 with /proc/self/clear_refs writable", t.phase)
+        })))
         .collect();
     let measured = phases.iter().map(|(_, b)| *b).max().expect("the job reported phases");
     // A memory budget below the model makes the worker read its blocks per pass.
@@ -350,7 +352,7 @@ async fn a_baseline_larger_than_the_budget_peaks_at_the_least_the_model_says() {
     // Never more than 15% over the least figure (what leasing compares with a worker's free
     // memory); it may sit further under it, on the safe side: −4% on an Intel Xeon and −10% on a
     // Zen 4 with glibc's arena per thread, −18% and −19% on the Zen 4 with `worker serve`'s one
-    // arena (allocator.rs), where the blocks read per pass reuse what the score job freed.
+    // arena (allocator.rs), where the blocks read per pass reuse memory the sweep's other job freed.
     assert!(run.error() <= 0.15, "{what}: {} against the least {}", gib(run.measured), gib(run.predicted_bytes()));
     assert!(run.error() >= -0.3, "{what}: {} far under the least {}", gib(run.measured), gib(run.predicted_bytes()));
     // Two of the six blocks held at a time (one running, the next being read): the peak stays

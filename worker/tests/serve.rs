@@ -122,6 +122,11 @@ async fn two_workers_finish_the_tiny_sweep(store: Arc<dyn JobStore>) {
         assert!(p.data_fingerprints.get(&c4).is_some_and(|f| f.starts_with("sha256:")), "{p:?}");
         assert_eq!((p.device.as_str(), p.dtype.as_str()), ("cpu", "f32"));
         assert!(!p.worker_commit.is_empty() && !p.worker_version.is_empty() && p.wall_seconds > 0.0, "{p:?}");
+        // Each phase with the process's peak memory over it (Linux: /proc/self/clear_refs).
+        assert!(!job.timings.is_empty(), "{job:?}");
+        if cfg!(target_os = "linux") {
+            assert!(job.timings.iter().all(|t| t.peak_host_bytes.is_some_and(|b| b > 1 << 20)), "{:?}", job.timings);
+        }
         let spec_json = &job.spec.as_ref().unwrap().spec_json;
         assert!(spec_json.contains("\"kind\""), "the resolved spec: {spec_json}");
         let kind = JobKind::try_from(job.kind).unwrap();
@@ -152,6 +157,16 @@ async fn two_workers_finish_the_tiny_sweep(store: Arc<dyn JobStore>) {
     for w in &listed {
         let (total, free) = (w.memory_bytes.unwrap_or(0), w.free_memory_bytes.unwrap_or(0));
         assert!(total > 0 && free > 0 && free <= total, "{w:?}");
+    }
+    // `worker serve` re-ran itself with its malloc settings (allocator.rs), the same process.
+    let inherited = ["GLIBC_TUNABLES", "PRUNESWEEP_MALLOC"].iter().any(|v| std::env::var_os(v).is_some());
+    if cfg!(all(target_os = "linux", target_env = "gnu")) && !inherited {
+        let environ = std::fs::read(format!("/proc/{}/environ", w1.id())).unwrap();
+        let tunables = format!("GLIBC_TUNABLES={}", prunesweep_worker::allocator::SERVE_MALLOC_TUNABLES);
+        assert!(
+            environ.split(|&b| b == 0).any(|v| v == tunables.as_bytes()),
+            "no {tunables} in worker serve's environment"
+        );
     }
     assert_eq!(stop(w1), Some(0), "a worker stops cleanly on SIGTERM");
     server.shutdown().await;

@@ -249,9 +249,9 @@ impl Pipeline {
     /// held, which is what lets a QLoRA cell of a model larger than the device run); loaded once
     /// and cloned (weights are shared). The model held before is dropped first.
     fn model(&mut self, source: &str, dtype: Option<DType>, nf4: bool) -> Result<Model, JobError> {
+        self.release_unless(source, dtype, nf4);
         let dtype = dtype.unwrap_or_else(|| default_dtype(&self.device));
-        if !matches!(&self.loaded, Some(l) if l.source == source && l.dtype == dtype && l.nf4 == nf4) {
-            self.loaded = None;
+        if self.loaded.is_none() {
             let path = Path::new(source);
             let model = if nf4 {
                 Model::load_nf4(path, &self.device, dtype)
@@ -264,6 +264,14 @@ impl Pipeline {
         let model = &self.loaded.as_ref().expect("just loaded").model;
         state_room::fit(&model.decoder, self.state_cache, &self.device, self.expected.take().as_ref());
         Ok(model.clone())
+    }
+
+    /// Drops the held model unless it is `source` loaded as [`Pipeline::model`] would load it.
+    fn release_unless(&mut self, source: &str, dtype: Option<DType>, nf4: bool) {
+        let dtype = dtype.unwrap_or_else(|| default_dtype(&self.device));
+        if !matches!(&self.loaded, Some(l) if l.source == source && l.dtype == dtype && l.nf4 == nf4) {
+            self.loaded = None;
+        }
     }
 
     /// Runs one job to completion, or until `progress.stop` is set; the output carries its
@@ -300,8 +308,13 @@ impl Pipeline {
             return self.score_streamed(job, spec, progress, out);
         }
         progress.set("load", 0.0);
-        let t = PhaseClock::start();
         let nf4_base = matches!(&job.work, Work::Cell(c) if c.heal.as_ref().is_some_and(|h| h.config.quantize));
+        // A held model this job cannot use goes before the phase's peak is reset: the load
+        // phase's peak is this job's model, not the last job's.
+        if !too_big {
+            self.release_unless(&job.model, job.dtype, nf4_base);
+        }
+        let t = PhaseClock::start();
         let mut model = if too_big { self.offloaded_model(job)? } else { self.model(&job.model, job.dtype, nf4_base)? };
         out.timings.push(t.finish("load"));
         out.num_layers = Some(model.decoder.num_blocks() as u32);
@@ -309,12 +322,12 @@ impl Pipeline {
         match &job.work {
             Work::Score(spec) => score_model(spec, &model, progress, &mut out)?,
             Work::Baseline(tasks) => {
-                self.hold_what_fits(&mut model)?;
+                self.hold_what_fits(&mut model, &mut out)?;
                 evaluate(tasks, &model, progress, &mut out)?
             }
             Work::Cell(cell) => {
                 prune_model(cell, &mut model, &mut out)?;
-                self.hold_what_fits(&mut model)?;
+                self.hold_what_fits(&mut model, &mut out)?;
                 progress.check()?;
                 if let Some(spec) = &cell.heal {
                     self.heal(job, spec, &mut model, progress, &mut out)?;
@@ -365,13 +378,13 @@ impl Pipeline {
 
     /// Reads into device memory as many of `model`'s offloaded blocks as the free memory holds
     /// beside the job's evaluation ([`state_room::resident_budget`]); the others are read from the
-    /// checkpoint for each pass. Nothing to do for a model loaded whole.
-    fn hold_what_fits(&self, model: &mut Model) -> Result<(), JobError> {
+    /// checkpoint for each pass. Timed as the phase `hold`; nothing to do for a model loaded whole.
+    fn hold_what_fits(&self, model: &mut Model, out: &mut JobOutput) -> Result<(), JobError> {
         let offloaded = model.decoder.offloaded_blocks();
         if offloaded == 0 {
             return Ok(());
         }
-        let t = Instant::now();
+        let t = PhaseClock::start();
         let budget = state_room::resident_budget(
             &self.device,
             self.expected.as_ref(),
@@ -384,10 +397,11 @@ impl Pipeline {
             held,
             held_gib = format!("{:.2}", bytes as f64 / f64::from(1u32 << 30)),
             read_per_pass = offloaded - held,
-            seconds = format!("{:.1}", t.elapsed().as_secs_f64()),
+            seconds = format!("{:.1}", t.started.elapsed().as_secs_f64()),
             "the model does not fit the device's free memory whole: blocks that do not fit are read from the \
              checkpoint for each evaluation pass"
         );
+        out.timings.push(t.finish("hold"));
         Ok(())
     }
 
