@@ -43,6 +43,25 @@ pub fn status_bytes(field: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Runs this test binary's `#[ignore]`d test `name` alone in a child process, with `env` (a
+/// process's peak is its own: other tests' threads would move it), and returns the figures it
+/// printed as `key=value` words (a value that is not a number, such as `none`, is left out).
+#[cfg(test)]
+pub(crate) fn figures_from_child(name: &str, env: &[(&str, String)]) -> std::collections::HashMap<String, u64> {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--ignored", "--nocapture", "--test-threads=1"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{name} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+        .split_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,8 +77,8 @@ mod tests {
         std::hint::black_box(&v);
     }
 
-    /// Run by [`a_window_sees_what_it_touched_and_not_what_came_before`] in a child process (the
-    /// peak is the process's: other tests' threads would move it): prints the peaks it measures.
+    /// Run by [`a_window_sees_what_it_touched_and_not_what_came_before`] in a child process:
+    /// prints the peaks it measures (`none` where the window has none).
     #[test]
     #[ignore = "a child process of a_window_sees_what_it_touched_and_not_what_came_before"]
     fn window_in_child() {
@@ -70,7 +89,8 @@ mod tests {
         touch(64 << 20);
         let peak = window.peak_bytes();
         let resident = status_bytes("VmRSS:").unwrap();
-        println!("figures lifetime={lifetime} start={start:?} peak={peak:?} resident={resident} end");
+        let shown = |v: Option<u64>| v.map_or("none".to_string(), |v| v.to_string());
+        println!("lifetime={lifetime} start={} peak={} resident={resident}", shown(start), shown(peak));
     }
 
     #[test]
@@ -79,25 +99,15 @@ mod tests {
             eprintln!("no /proc/self/status: peak resident memory is measured on Linux only");
             return;
         }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "peak_memory::tests::window_in_child", "--ignored", "--nocapture", "--test-threads=1"])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "child failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        let figures = stdout.split("figures ").nth(1).and_then(|s| s.split(" end").next()).expect("figures");
-        let value = |name: &str| -> Option<u64> {
-            let v = figures.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{name}=")[..]))?;
-            v.trim_start_matches("Some(").trim_end_matches(')').parse().ok()
-        };
-        let (lifetime, resident) = (value("lifetime").unwrap(), value("resident").unwrap());
-        let (Some(start), Some(peak)) = (value("start"), value("peak")) else {
-            eprintln!("/proc/self/clear_refs refused here: no window peaks ({figures})");
+        let figures = figures_from_child("peak_memory::tests::window_in_child", &[]);
+        let (lifetime, resident) = (figures["lifetime"], figures["resident"]);
+        let (Some(&start), Some(&peak)) = (figures.get("start"), figures.get("peak")) else {
+            eprintln!("/proc/self/clear_refs refused here: no window peaks ({figures:?})");
             return;
         };
         // The 256 MiB freed before the window count in the process's peak, not the window's; the
         // 64 MiB freed inside it do.
-        assert!(lifetime >= start + 200 * MIB, "{figures}");
-        assert!(peak >= resident + 60 * MIB && peak < start + 100 * MIB, "{figures}");
+        assert!(lifetime >= start + 200 * MIB, "{figures:?}");
+        assert!(peak >= resident + 60 * MIB && peak < start + 100 * MIB, "{figures:?}");
     }
 }

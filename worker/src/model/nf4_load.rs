@@ -140,31 +140,23 @@ fn status_bytes(field: &str) -> u64 {
 fn load_in_child() {
     let arg = std::env::var("PRUNESWEEP_NF4_CHILD").expect("run by loading_as_nf4_never_holds_the_dense_model");
     let (mode, dir) = arg.split_once(':').unwrap();
-    // Reset the peak to the current resident size (Linux ≥ 4.0); if that is refused, the peak
-    // only overstates the load's growth.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    // Where the peak cannot be reset, the process's own only overstates the load's growth.
+    let window = crate::peak_memory::PeakWindow::start();
     let before = status_bytes("VmRSS:");
     let model = match mode {
         "nf4" => Model::load_nf4(Path::new(dir), &Device::Cpu, DType::F32),
         _ => Model::load_as(Path::new(dir), &Device::Cpu, DType::F32),
     }
     .unwrap();
-    let peak = status_bytes("VmHWM:");
+    let peak = window.peak_bytes().unwrap_or_else(|| status_bytes("VmHWM:"));
     println!("peak_growth={}", peak.saturating_sub(before));
     drop(model);
 }
 
 fn peak_growth(mode: &str, dir: &Path) -> u64 {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "model::nf4_load::load_in_child", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("PRUNESWEEP_NF4_CHILD", format!("{mode}:{}", dir.display()))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{mode} child failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    // The line is `test … ... peak_growth=N` (the harness prints the test's name first).
-    let after = stdout.split("peak_growth=").nth(1).unwrap_or_else(|| panic!("no peak_growth in:\n{stdout}"));
-    after.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+    let env = [("PRUNESWEEP_NF4_CHILD", format!("{mode}:{}", dir.display()))];
+    let figures = crate::peak_memory::figures_from_child("model::nf4_load::load_in_child", &env);
+    *figures.get("peak_growth").unwrap_or_else(|| panic!("no peak_growth from the {mode} child: {figures:?}"))
 }
 
 #[test]

@@ -392,16 +392,17 @@ impl Pipeline {
             self.free_memory(),
         );
         let (held, bytes) = model.decoder.make_resident(budget).map_err(|e| model_failure(&model.describe(), e))?;
+        let timing = t.finish("hold");
         tracing::info!(
             model = %model.describe(),
             held,
             held_gib = format!("{:.2}", bytes as f64 / f64::from(1u32 << 30)),
             read_per_pass = offloaded - held,
-            seconds = format!("{:.1}", t.started.elapsed().as_secs_f64()),
+            seconds = format!("{:.1}", timing.seconds),
             "the model does not fit the device's free memory whole: blocks that do not fit are read from the \
              checkpoint for each evaluation pass"
         );
-        out.timings.push(t.finish("hold"));
+        out.timings.push(timing);
         Ok(())
     }
 
